@@ -1,0 +1,10 @@
+"""ldm: text-to-image diffusion (Stable Diffusion and Imagen) that is correct, fast and pleasant to change."""
+
+__version__ = "0.1.0"
+
+
+def load_pipeline(model=None, *, device=None, dtype=None, allow_pickle=False):
+    """Load a model (path, hub id, or the bundled default) into a pipeline: `load_pipeline(p)("a cat", seed=0)`."""
+    from ldm.pipeline.load import load_pipeline as _load
+
+    return _load(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
