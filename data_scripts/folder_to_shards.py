@@ -1,0 +1,126 @@
+"""Pack a folder of captioned images into img2dataset-layout shards (key, jpg/png/webp, txt, json).
+
+Captions come from `metadata.jsonl` or `metadata.csv` at the folder's root (columns `file_name` and `text` or
+`caption`, the Hugging Face imagefolder convention), else from a `.txt` file beside each image (same stem).
+Images keep their bytes unless --max-size asks for a resize; other formats (bmp, gif, tiff) become PNG.
+Images without a caption and unreadable images are skipped and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from ldm.atomic import atomic_write_text
+from ldm.data.shards import AtomicShardWriter, encode_image, make_record
+from ldm.data.transforms import CorruptImage, decode_image
+from ldm.errors import LdmError
+
+IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": None, ".gif": None, ".tif": None, ".tiff": None}
+CAPTION_COLUMNS = ("text", "caption")
+
+
+def read_metadata(root: Path) -> dict[str, str] | None:
+    """{relative file name: caption} from metadata.jsonl or metadata.csv, or None when neither exists."""
+    rows: list[dict] = []
+    if (root / "metadata.jsonl").is_file():
+        for number, line in enumerate((root / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise LdmError(f"{root / 'metadata.jsonl'} line {number} is not JSON: {e}") from e
+    elif (root / "metadata.csv").is_file():
+        with open(root / "metadata.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        return None
+    captions = {}
+    for row in rows:
+        column = next((c for c in CAPTION_COLUMNS if c in row), None)
+        if "file_name" not in row or column is None:
+            raise LdmError(f"metadata in {root} needs columns file_name and one of {CAPTION_COLUMNS}; got {sorted(row)}")
+        captions[str(Path(row["file_name"]))] = str(row[column])
+    return captions
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under root, sorted by relative path."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def caption_for(path: Path, root: Path, metadata: dict[str, str] | None) -> str | None:
+    """The image's caption (metadata first, else the .txt beside it), stripped; None when there is none."""
+    if metadata is not None:
+        text = metadata.get(str(path.relative_to(root)))
+    else:
+        txt = path.with_suffix(".txt")
+        text = txt.read_text(encoding="utf-8") if txt.is_file() else None
+    return text.strip() if text and text.strip() else None
+
+
+def convert(root: Path, out: Path, samples_per_shard: int = 1000, max_size: int | None = None,
+            image_format: str | None = None, progress: bool = True) -> dict:
+    """Write shards of every captioned, readable image under root; returns counts."""
+    if not root.is_dir():
+        raise LdmError(f"input folder {root} not found")
+    metadata = read_metadata(root)
+    images = find_images(root)
+    if not images:
+        raise LdmError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    counts: Counter = Counter()
+    with AtomicShardWriter(out, samples_per_shard) as writer:
+        for path in tqdm(images, desc="images", unit="img", disable=not progress):
+            caption = caption_for(path, root, metadata)
+            if caption is None:
+                counts["skipped_no_caption"] += 1
+                continue
+            data = path.read_bytes()
+            try:
+                image = decode_image(data)
+            except CorruptImage:
+                counts["skipped_corrupt"] += 1
+                continue
+            original = image.size
+            ext = IMAGE_SUFFIXES[path.suffix.lower()]
+            if max_size is not None and min(image.size) > max_size:
+                scale = max_size / min(image.size)
+                image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+                ext = None
+            if ext is None or (image_format is not None and image_format != ext):
+                ext = image_format or "png"
+                data = encode_image(image, ext)
+            meta = {"width": image.width, "height": image.height, "original_width": original[0],
+                    "original_height": original[1], "file_name": str(path.relative_to(root)), "status": "success"}
+            writer.write(make_record(f"{counts['written']:09d}", data, ext, caption, meta))
+            counts["written"] += 1
+    stats = {**counts, "shards": len(writer.shards)}
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="folder of images with captions")
+    parser.add_argument("--out", required=True, help="output folder for NNNNN.tar shards and stats.json")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--max-size", type=int, default=None, help="downscale so the shorter side is at most this")
+    parser.add_argument("--image-format", default=None, choices=["jpg", "png", "webp"], help="re-encode every image")
+    args = parser.parse_args(argv)
+    try:
+        stats = convert(Path(args.input), Path(args.out), args.samples_per_shard, args.max_size, args.image_format)
+    except LdmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(stats, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
