@@ -1,0 +1,84 @@
+"""Denoisers: a network plus a parameterisation, spoken to as `denoiser(x, sigma, cond) -> x0`.
+
+x = x0 + sigma * noise (variance-exploding coordinates), sigma a (b,) tensor, cond a dict of network keyword
+arguments or None. The network is any callable `network(x_in, c_noise, **cond)`; it is never imported here.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ldm.diffusion.scalings import EDMScaling, scaling_for
+from ldm.diffusion.schedules import DiscreteSchedule
+
+
+def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(b,) -> (b, 1, ..., 1) with `ndim` dimensions, to broadcast against x."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+    """A float, 0-dim or (b,) sigma as a (b,) float tensor on x's device."""
+    sigma = torch.as_tensor(sigma, device=x.device)
+    if not sigma.is_floating_point():
+        sigma = sigma.float()
+    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+
+
+class Denoiser(nn.Module):
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, eq. 7)."""
+
+    def __init__(self, network, scaling):
+        super().__init__()
+        self.network = network
+        self.scaling = scaling
+
+    def noise_input(self, c_noise: torch.Tensor) -> torch.Tensor:
+        """The network's noise-level input for the scaling's c_noise."""
+        return c_noise
+
+    def forward_with_variance(self, x: torch.Tensor, sigma, cond: dict | None = None):
+        """(x0, variance output or None): a network with 2x the channels of x returns [output, variance] halves."""
+        sigma = batch_sigma(sigma, x)
+        c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in self.scaling(sigma))
+        out = self.network((x * c_in).to(x.dtype), self.noise_input(c_noise.flatten()), **(cond or {}))
+        if not torch.is_tensor(out):  # diffusers-style output objects
+            out = out.sample
+        variance = None
+        if out.shape[1] == 2 * x.shape[1]:  # learned variance (Nichol & Dhariwal 2021): [eps | v]
+            out, variance = out.chunk(2, dim=1)
+        return (c_skip * x + c_out * out).to(x.dtype), variance
+
+    def forward(self, x: torch.Tensor, sigma, cond: dict | None = None) -> torch.Tensor:
+        return self.forward_with_variance(x, sigma, cond)[0]
+
+
+class DiscreteDenoiser(Denoiser):
+    """A network trained on discrete timesteps (eps / v / x0), called as `network(x * c_in, t, **cond)`.
+
+    t = schedule.sigma_to_t(sigma) is a float32 timestep, an exact integer at the training sigmas.
+    """
+
+    def __init__(self, network, schedule: DiscreteSchedule, prediction: str = "epsilon"):
+        super().__init__(network, scaling_for(prediction))
+        self.schedule = schedule
+        self.prediction = prediction
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
+    def noise_input(self, c_noise: torch.Tensor) -> torch.Tensor:
+        return self.schedule.sigma_to_t(c_noise).float()
+
+
+class EDMDenoiser(Denoiser):
+    """A network with EDM preconditioning: `network(x * c_in, log(sigma) / 4, **cond)` (Karras et al. 2022, Table 1)."""
+
+    def __init__(self, network, sigma_data: float = 0.5):
+        super().__init__(network, EDMScaling(sigma_data))
+        self.sigma_data = sigma_data

@@ -1,0 +1,137 @@
+"""Sampling plans: the sigmas, initial noise scale and final scale that make a sampler reproduce diffusers' scheduler.
+
+The pipeline does `x = randn(shape, generator) * plan.init_noise_scale; x = sampler(denoiser, x, plan.sigmas, cond);
+latents = x * plan.final_scale`. Each sampler follows the timestep selection of the diffusers scheduler it mirrors
+(read from diffusers 0.42): DDIMScheduler (ddim), DDPMScheduler (ddpm), EulerDiscreteScheduler (euler),
+EulerAncestralDiscreteScheduler (euler_a), HeunDiscreteScheduler (heun) and DPMSolverMultistepScheduler with
+algorithm_type "dpmsolver++" / "sde-dpmsolver++" (dpmpp_2m / dpmpp_2m_sde, final_sigmas_type "zero").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig, karras_sigmas
+from ldm.errors import ConfigError
+
+# Each diffusers scheduler's own default timestep_spacing, used when the config does not name one.
+DEFAULT_SPACING = {
+    "ddim": "leading",
+    "ddpm": "leading",
+    "euler": "linspace",
+    "euler_a": "linspace",
+    "heun": "linspace",
+    "dpmpp_2m": "linspace",
+    "dpmpp_2m_sde": "linspace",
+}
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What a sampler needs to start and finish: x_T = randn * init_noise_scale, result = x * final_scale."""
+
+    sigmas: torch.Tensor  # (steps + 1,) float32, decreasing, ending with 0 or DDIM's final sigma
+    init_noise_scale: float  # std of the initial noise in VE coordinates (diffusers' init_noise_sigma, mapped)
+    final_scale: float  # maps the sampler's VE output back to diffusers' output scale
+    timesteps: torch.Tensor  # the (steps,) diffusers timesteps, for reference
+    sampler_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the sampler (DDIM's sigmas_next)
+
+    def skip(self, start: int) -> "SamplingPlan":
+        """The plan without its first `start` steps (img2img starts part-way down the schedule)."""
+        kwargs = {k: v[start:] for k, v in self.sampler_kwargs.items()}
+        return replace(self, sigmas=self.sigmas[start:], timesteps=self.timesteps[start:], sampler_kwargs=kwargs)
+
+
+def _timesteps(spacing: str, steps: int, num_train: int, steps_offset: int) -> np.ndarray:
+    """diffusers' timestep selection shared by DDIM, DDPM, Euler and Heun (Lin et al. 2023, Table 2)."""
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, steps)[::-1].copy()
+    if spacing == "leading":
+        ratio = num_train // steps
+        return (np.arange(0, steps) * ratio).round()[::-1].copy() + steps_offset
+    ratio = num_train / steps  # trailing
+    return np.round(np.arange(num_train, 0, -ratio)) - 1
+
+
+def _dpm_timesteps(spacing: str, steps: int, num_train: int, steps_offset: int) -> np.ndarray:
+    """DPMSolverMultistepScheduler's own variant: steps + 1 points with the last one dropped."""
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, steps + 1).round()[::-1][:-1].copy()
+    if spacing == "leading":
+        ratio = num_train // (steps + 1)
+        return (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].copy() + steps_offset
+    ratio = num_train / steps  # trailing
+    return np.arange(num_train, 0, -ratio).round() - 1
+
+
+def _interp_sigmas(schedule: DiscreteSchedule, timesteps: np.ndarray) -> np.ndarray:
+    """sigma at (float) timesteps, linear in t: `np.interp(t, arange, sigmas)` as diffusers computes it."""
+    table = schedule.sigmas.numpy()
+    return np.interp(timesteps, np.arange(len(table)), table)
+
+
+def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: str, steps: int) -> SamplingPlan:
+    """The sigmas, initial noise scale and final scale with which `sampler` reproduces its diffusers scheduler.
+
+    DDIM note: diffusers' DDIM steps from t to t - T // steps, which with "linspace" spacing or a "trailing" step
+    count that does not divide T is not the next timestep it evaluates; the plan then carries
+    `sampler_kwargs={"sigmas_next": ...}` for `sample_ddim` to do the same (pass `**plan.sampler_kwargs`).
+    Zero terminal SNR: alpha_bar_T is taken as 2**-24 (diffusers does so for Euler and DPM-Solver; its DDIM and DDPM
+    use 0, a difference of ~2e-4 in the first step's x0 estimate).
+    """
+    if not isinstance(schedule_config, ScheduleConfig):
+        schedule_config = ScheduleConfig.from_diffusers(schedule_config)
+    if sampler not in DEFAULT_SPACING:
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(DEFAULT_SPACING)}")
+    num_train = schedule_config.num_train_timesteps
+    if not 1 <= steps <= num_train:
+        raise ConfigError(f"steps must lie in [1, {num_train}] (the training timesteps), got {steps}")
+    spacing = schedule_config.timestep_spacing or DEFAULT_SPACING[sampler]
+    offset = schedule_config.steps_offset
+    schedule = DiscreteSchedule.from_config(schedule_config)
+    table = schedule.sigmas.numpy()
+    kwargs = {}
+
+    if sampler in ("ddim", "ddpm"):
+        timesteps = _timesteps(spacing, steps, num_train, offset).astype(np.int64)
+        if timesteps.max() >= num_train or timesteps.min() < 0:
+            raise ConfigError(f"steps_offset {offset} with {steps} {spacing} steps leaves the training timesteps")
+        sigmas = table[timesteps].astype(np.float64)
+        if sampler == "ddpm":
+            last = 0.0  # DDPMScheduler: the step after the last timestep has alpha_bar = 1
+        else:
+            prev = int(timesteps[-1]) - num_train // steps
+            alpha_to_one = schedule_config.set_alpha_to_one is not False  # DDIMScheduler's default is True
+            last = float(table[prev]) if prev >= 0 else (0.0 if alpha_to_one else float(table[0]))
+        sigmas = np.append(sigmas, last).astype(np.float32)
+        if sampler == "ddim":
+            # diffusers' DDIM steps from t to t - T // steps, which is not always the next timestep it evaluates.
+            prev = timesteps - num_train // steps
+            targets = np.append(table[np.clip(prev[:-1], 0, None)], last).astype(np.float32)
+            if not np.array_equal(targets, sigmas[1:]):
+                kwargs = {"sigmas_next": torch.from_numpy(targets)}
+        # DDIM / DDPM start from a unit-variance VP x_T and return a VP sample.
+        init = math.sqrt(1 + float(sigmas[0]) ** 2)
+        final = 1 / math.sqrt(1 + float(sigmas[-1]) ** 2)
+    elif sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+        timesteps = _dpm_timesteps(spacing, steps, num_train, offset).astype(np.int64)
+        sigmas = np.append(_interp_sigmas(schedule, timesteps), 0.0).astype(np.float32)
+        init, final = math.sqrt(1 + float(sigmas.max()) ** 2), 1.0  # VP x_T with init_noise_sigma = 1
+    else:  # euler, euler_a, heun: VE samplers with float timesteps
+        timesteps = _timesteps(spacing, steps, num_train, offset).astype(np.float32)
+        sigmas = np.append(_interp_sigmas(schedule, timesteps), 0.0).astype(np.float32)
+        top = float(sigmas.max())
+        # diffusers' init_noise_sigma: sigma_max for linspace / trailing, sqrt(sigma_max^2 + 1) for leading.
+        init = top if spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
+        final = 1.0
+    return SamplingPlan(torch.from_numpy(sigmas), init, final, torch.from_numpy(timesteps.copy()), kwargs)
+
+
+def edm_sampling_plan(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> SamplingPlan:
+    """Karras sigmas for a continuous-sigma (EDM) model: x_T = randn * sigma_max (Karras et al. 2022, Alg. 1 line 1)."""
+    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
+    return SamplingPlan(sigmas, float(sigmas[0]), 1.0, sigmas[:-1].clone())

@@ -1,0 +1,240 @@
+"""Samplers: plain functions `sample_X(denoiser, x, sigmas, cond=None, *, generator=None, callback=None) -> x`.
+
+x = x0 + sigma * noise (variance-exploding coordinates); `x` starts at noise level sigmas[0] and the samplers walk the
+decreasing `sigmas`, which end with 0 or a small final sigma. `callback` receives a dict with x, i, sigma,
+sigma_hat and denoised after each step. Noise is `torch.randn(..., generator=generator)` drawn on the generator's
+device (the same stream diffusers draws), then moved to x's device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import trange
+
+from ldm.diffusion.learned_variance import interpolate_log_variance, log_variance_bounds, posterior
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
+def _sigma_list(sigmas) -> list[float]:
+    return sigmas.tolist() if torch.is_tensor(sigmas) else [float(s) for s in sigmas]
+
+
+def _sigma_in(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """sigma as a (b,) tensor: float32 (float64 for float64 x) whatever the sample's precision."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.full((x.shape[0],), sigma, device=x.device, dtype=dtype)
+
+
+def _call(denoiser, x: torch.Tensor, sigma: float, cond) -> torch.Tensor:
+    return denoiser(x, _sigma_in(x, sigma), cond)
+
+
+def _report(callback: Callable | None, x, i, sigma, sigma_hat, denoised) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up): the deterministic target and the fresh-noise std of an ancestral step.
+
+    With eta = 1 this is the DDPM posterior q(x_prev | x, x0) (Ho et al. 2020, eq. 7); with eta it is DDIM's
+    sigma_t(eta) (Song et al. 2021, eq. 16), both in VE units.
+    """
+    if eta == 0 or sigma_to == 0:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
+    return math.sqrt(sigma_to**2 - sigma_up**2), sigma_up
+
+
+def _churn(x, sigma, n, s_churn, s_tmin, s_tmax, s_noise, generator):
+    """EDM Alg. 2 lines 4-6: raise the noise level to sigma_hat = (1 + gamma) sigma by adding fresh noise."""
+    gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (1 + gamma)
+    if gamma > 0:
+        x = x + _noise(x, generator) * s_noise * math.sqrt(sigma_hat**2 - sigma**2)
+    return x, sigma_hat
+
+
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
+                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 3)."""
+    sigmas = _sigma_list(sigmas)
+    n = len(sigmas) - 1
+    for i in trange(n, disable=disable_progress):
+        x, sigma_hat = _churn(x, sigmas[i], n, s_churn, s_tmin, s_tmax, s_noise, generator)
+        denoised = _call(denoiser, x, sigma_hat, cond)
+        d = (x - denoised) / sigma_hat
+        x = x + d * (sigmas[i + 1] - sigma_hat)
+        _report(callback, x, i, sigmas[i], sigma_hat, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
+                s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Heun's 2nd-order method, with optional churn (Karras et al. 2022, Alg. 1 and 2); Euler on the step to 0."""
+    sigmas = _sigma_list(sigmas)
+    n = len(sigmas) - 1
+    for i in trange(n, disable=disable_progress):
+        x, sigma_hat = _churn(x, sigmas[i], n, s_churn, s_tmin, s_tmax, s_noise, generator)  # lines 4-6
+        denoised = _call(denoiser, x, sigma_hat, cond)  # line 7
+        d = (x - denoised) / sigma_hat
+        dt = sigmas[i + 1] - sigma_hat
+        x_next = x + d * dt  # line 8
+        if sigmas[i + 1] != 0:  # lines 9-11: second-order correction
+            denoised_next = _call(denoiser, x_next, sigmas[i + 1], cond)
+            d_next = (x_next - denoised_next) / sigmas[i + 1]
+            x_next = x + (d + d_next) / 2 * dt
+        x = x_next
+        _report(callback, x, i, sigmas[i], sigma_hat, denoised)
+    return x
+
+
+def _ancestral(denoiser, x, sigmas, cond, eta, s_noise, generator, callback, disable_progress):
+    sigmas = _sigma_list(sigmas)
+    for i in trange(len(sigmas) - 1, disable=disable_progress):
+        denoised = _call(denoiser, x, sigmas[i], cond)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
+        if sigma_up > 0:
+            x = x + _noise(x, generator) * s_noise * sigma_up
+        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
+                           eta=1.0, s_noise=1.0):
+    """Euler step down to sigma_down, then fresh noise of std sigma_up (k-diffusion's ancestral sampler)."""
+    return _ancestral(denoiser, x, sigmas, cond, eta, s_noise, generator, callback, disable_progress)
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True, eta=0.0,
+                sigmas_next=None):
+    """DDIM (Song et al. 2021, eq. 12): x_prev = x0 + sqrt(sigma_prev^2 - sigma_t(eta)^2) eps + sigma_t(eta) z.
+
+    In VE coordinates DDIM with eta = 0 is exactly Euler's method; a nonzero final sigma (DDIM's alpha_bar_0 when
+    set_alpha_to_one is false) is simply the last noise level reached. `sigmas_next[i]`, when given, is the level
+    step i moves to before its VP sample is read as being at sigmas[i + 1] (diffusers' DDIM with "linspace" or
+    uneven "trailing" spacing steps to t - T // steps, not to the next timestep; `sampling_plan` provides it).
+    """
+    sigmas = _sigma_list(sigmas)
+    if sigmas_next is None:
+        return _ancestral(denoiser, x, sigmas, cond, eta, 1.0, generator, callback, disable_progress)
+    sigmas_next = _sigma_list(sigmas_next)
+    for i in trange(len(sigmas) - 1, disable=disable_progress):
+        denoised = _call(denoiser, x, sigmas[i], cond)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas_next[i], eta)
+        x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
+        if sigma_up > 0:
+            x = x + _noise(x, generator) * sigma_up
+        # The VP sample at sigmas_next[i] is taken to be at sigmas[i + 1]: rescale x_ve = x_vp sqrt(1 + sigma^2).
+        x = x * math.sqrt((1 + sigmas[i + 1] ** 2) / (1 + sigmas_next[i] ** 2))
+        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True):
+    """Ancestral sampling from p(x_prev | x) = q(x_prev | x, x0_hat) (Ho et al. 2020, Alg. 2, in VE coordinates).
+
+    The variance is the posterior's beta_tilde, or the learned interpolation between beta and beta_tilde
+    (Nichol & Dhariwal 2021, eq. 15) when the denoiser returns a variance output from `forward_with_variance`.
+    """
+    sigmas = _sigma_list(sigmas)
+    with_variance = getattr(denoiser, "forward_with_variance", None)
+    for i in trange(len(sigmas) - 1, disable=disable_progress):
+        sigma, sigma_prev = sigmas[i], sigmas[i + 1]
+        s_in = _sigma_in(x, sigma)
+        if with_variance is not None:
+            denoised, v = with_variance(x, s_in, cond)
+        else:
+            denoised, v = denoiser(x, s_in, cond), None
+        x, variance = posterior(denoised, x, sigma, sigma_prev)  # Alg. 2 line 4: the mean and beta_tilde of eq. 7
+        if sigma_prev > 0:
+            if v is None:
+                std = math.sqrt(variance)
+            else:
+                bounds = log_variance_bounds(*torch.tensor([sigma, sigma_prev], dtype=torch.float64))
+                log_var = interpolate_log_variance(v.float(), *(float(b) for b in bounds))
+                std = (0.5 * log_var).exp().to(x.dtype)
+            x = x + std * _noise(x, generator)
+        _report(callback, x, i, sigma, sigma, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in log-SNR time lambda = -log sigma; first order on the first step
+    and on the step to sigma = 0 (diffusers' lower_order_final)."""
+    sigmas = _sigma_list(sigmas)
+    old_denoised, h_last = None, None
+    for i in trange(len(sigmas) - 1, disable=disable_progress):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = _call(denoiser, x, sigma, cond)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)  # lambda_next - lambda
+            if old_denoised is None:
+                d = denoised  # DPM-Solver++(1) = DDIM
+            else:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_next / sigma) * x - math.expm1(-h) * d
+            h_last = h
+        old_denoised = denoised
+        _report(callback, x, i, sigma, sigma, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
+                        eta=1.0, s_noise=1.0, solver_type="midpoint"):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, Appendix; diffusers' "sde-dpmsolver++"); eta = 0 gives the ODE solver."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    sigmas = _sigma_list(sigmas)
+    old_denoised, h_last = None, None
+    for i in trange(len(sigmas) - 1, disable=disable_progress):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = _call(denoiser, x, sigma, cond)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            eta_h = eta * h
+            phi = -math.expm1(-h - eta_h)  # 1 - e^{-(1 + eta) h}
+            x = (sigma_next / sigma) * math.exp(-eta_h) * x + phi * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "midpoint":
+                    x = x + 0.5 * phi * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + (1 - phi / (h + eta_h)) * (1 / r) * (denoised - old_denoised)
+            if eta:
+                x = x + _noise(x, generator) * sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
+            h_last = h
+        old_denoised = denoised
+        _report(callback, x, i, sigma, sigma, denoised)
+    return x
+
+
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+}

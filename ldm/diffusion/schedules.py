@@ -1,0 +1,180 @@
+"""Noise schedules: beta schedules, zero-terminal-SNR rescaling, Karras sigmas, and discrete timestep <-> sigma maps."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from ldm.config import from_dict
+from ldm.errors import ConfigError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# The terminal alpha_cumprod that stands in for 0 under zero terminal SNR (diffusers' Euler/DPM choice, fp16's
+# smallest subnormal): it keeps the first sigma finite (~4096) in variance-exploding coordinates.
+ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+
+
+def linear_betas(n: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Betas spaced linearly (Ho et al. 2020, Sec. 4)."""
+    return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+
+
+def scaled_linear_betas(n: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Square roots of the betas spaced linearly: the Latent Diffusion / Stable Diffusion schedule."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+
+
+def cosine_alpha_bar(t: float, s: float = 0.008) -> float:
+    """alpha_bar(t) = cos^2(((t + s) / (1 + s)) * pi / 2) for t in [0, 1] (Nichol & Dhariwal 2021, eq. 17)."""
+    return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+
+
+def cosine_betas(n: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """beta_t = min(1 - alpha_bar(t/T) / alpha_bar((t-1)/T), max_beta) (Nichol & Dhariwal 2021, Sec. 3.2)."""
+    betas = [min(1 - cosine_alpha_bar((i + 1) / n, s) / cosine_alpha_bar(i / n, s), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alpha_bar): SNR 0 at the last step, the first unchanged (Lin et al. 2023, Alg. 1)."""
+    sqrt_ab = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alphas_bar = sqrt_ab**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """n noise levels spaced uniformly in sigma^(1/rho) (Karras et al. 2022, eq. 5), followed by a final 0: (n+1,)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+@dataclass
+class ScheduleConfig:
+    """A discrete-time training schedule, with the keys (and meaning) of a diffusers scheduler config."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"  # linear | scaled_linear | cosine (= diffusers' squaredcos_cap_v2)
+    trained_betas: list[float] | None = None  # explicit betas override beta_schedule
+    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
+    rescale_betas_zero_snr: bool = False
+    timestep_spacing: str | None = None  # leading | trailing | linspace; None = each sampler's diffusers default
+    steps_offset: int = 0
+    set_alpha_to_one: bool | None = None  # DDIM's final alpha; None = diffusers' default (True)
+    clip_sample: bool = False
+
+    def __post_init__(self):
+        if self.beta_schedule not in ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2"):
+            raise ConfigError(
+                f"schedule: unknown beta_schedule {self.beta_schedule!r}; use linear, scaled_linear or cosine"
+            )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(
+                f"schedule: unknown prediction_type {self.prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
+            )
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ConfigError(f"schedule: unknown timestep_spacing {self.timestep_spacing!r}; "
+                              f"use one of {', '.join(TIMESTEP_SPACINGS)}")
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> "ScheduleConfig":
+        """Read a diffusers `scheduler_config.json` dict, ignoring keys that do not describe the schedule."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return from_dict(cls, {k: v for k, v in config.items() if k in names}, where="scheduler config")
+
+    def betas(self) -> torch.Tensor:
+        """The (num_train_timesteps,) betas this config describes, float32 as diffusers builds them."""
+        n = self.num_train_timesteps
+        if self.trained_betas is not None:
+            betas = torch.tensor(self.trained_betas, dtype=torch.float32)
+        elif self.beta_schedule == "linear":
+            betas = linear_betas(n, self.beta_start, self.beta_end)
+        elif self.beta_schedule == "scaled_linear":
+            betas = scaled_linear_betas(n, self.beta_start, self.beta_end)
+        else:
+            betas = cosine_betas(n)
+        return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
+
+
+class DiscreteSchedule:
+    """The sigmas of a model trained on discrete timesteps, with t <-> sigma maps that are exact inverses.
+
+    sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (variance-exploding form of the VP process, Karras et al. 2022
+    Table 1). Between integer t, sigma is interpolated linearly in t (as diffusers' `np.interp(t, arange, sigmas)`),
+    so a float timestep -> sigma -> timestep round trip is exact. An alpha_bar of 0 (zero terminal SNR) is replaced
+    by 2**-24, as diffusers' Euler and DPM-Solver schedulers do, so every sigma is finite.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().cpu().clone()
+        if alphas_cumprod.ndim != 1 or len(alphas_cumprod) < 2:
+            raise ValueError("alphas_cumprod must be a 1-D tensor of at least two timesteps")
+        alphas_cumprod[alphas_cumprod <= 0] = ZERO_SNR_ALPHA_CUMPROD
+        self.alphas_cumprod = alphas_cumprod
+        # sigma in the dtype alpha_bar came in (float32 for diffusers parity), interpolated in float64.
+        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+        if not bool((self.sigmas[1:] > self.sigmas[:-1]).all()):
+            raise ValueError("sigmas must increase strictly with t (alphas_cumprod must decrease)")
+        self._table = self.sigmas.double()
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, config: ScheduleConfig) -> "DiscreteSchedule":
+        """Build the schedule a `ScheduleConfig` describes."""
+        return cls(torch.cumprod(1 - config.betas(), dim=0))
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def _sigmas_on(self, device: torch.device) -> torch.Tensor:
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        if device not in self._tables:
+            self._tables[device] = self._table.to(device=device, dtype=dtype)
+        return self._tables[device]
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma at (float) timestep t, linear in t between training timesteps; float64 (float32 on MPS)."""
+        t = torch.as_tensor(t)
+        table = self._sigmas_on(t.device)
+        t = t.to(table.dtype).clamp(0, self.num_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_timesteps - 2)
+        w = t - low
+        return table[low] + w * (table[low + 1] - table[low])
+
+    def sigma_to_t(self, sigma: torch.Tensor, snap: float = 1e-4) -> torch.Tensor:
+        """The exact inverse of `t_to_sigma` (piecewise linear in sigma); t within `snap` of an integer is rounded."""
+        sigma = torch.as_tensor(sigma)
+        table = self._sigmas_on(sigma.device)
+        s = sigma.to(table.dtype)
+        low = (torch.searchsorted(table, s.contiguous(), right=True) - 1).clamp(0, self.num_timesteps - 2)
+        t = low + (s - table[low]) / (table[low + 1] - table[low])
+        t = t.clamp(0, self.num_timesteps - 1)
+        # A float32 sigma of an integer timestep comes back within ~1e-5 of it: give the integer back exactly.
+        nearest = t.round()
+        return torch.where((t - nearest).abs() < snap, nearest, t)
+
+    def sigma_prev(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma of the training timestep before integer t (0 before t = 0): the DDPM chain's next noise level."""
+        t = torch.as_tensor(t).long()
+        table = self._sigmas_on(t.device)
+        prev = table[(t - 1).clamp(min=0)]
+        return torch.where(t > 0, prev, torch.zeros_like(prev))
