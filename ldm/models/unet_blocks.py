@@ -1,0 +1,99 @@
+"""U-Net parts with CompVis key names: time embedding, ResBlock, Down/Upsample (Ho et al. 2020; ADM 2021)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding `b -> b dim`, cosines first (CompVis order; Vaswani et al. 2017 sec. 3.5)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back, whatever the dtype of input and parameters (CompVis, 32 groups)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
+    """The 32-group norm used everywhere in the U-Net."""
+    return GroupNorm32(32, channels, eps=eps)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters, so a residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def maybe_checkpoint(module: nn.Module, fn, *args):
+    """Run `fn(*args)` under non-reentrant gradient checkpointing when `module.use_checkpoint` and training."""
+    if module.use_checkpoint and module.training and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the time embedding: `b c h w, b e -> b c' h w`."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
+                 use_checkpoint: bool = False):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_checkpoint = use_checkpoint
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return maybe_checkpoint(self, self._forward, x, emb)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 conv (`op`), or average pooling when `use_conv=False`."""
+
+    def __init__(self, channels: int, use_conv: bool = True):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution (nearest), then a 3x3 conv (`conv`) when `use_conv=True`."""
+
+    def __init__(self, channels: int, use_conv: bool = True):
+        super().__init__()
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.use_conv else x
