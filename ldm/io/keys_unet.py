@@ -146,6 +146,8 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
         "dropout": c.dropout,
         "upcast_attention": False,
     }
+    if c.sample_size is not None:
+        out["sample_size"] = c.sample_size
     out.update(_FIXED)
     return out
 
@@ -219,4 +221,5 @@ def unet_config_from_diffusers(cfg: dict, learn_sigma: bool = False) -> UNetConf
         adm_in_channels=cfg.get("projection_class_embeddings_input_dim") if projection else None,
         learn_sigma=learn_sigma,
         dropout=float(cfg.get("dropout", 0.0)),
+        sample_size=cfg.get("sample_size"),
     )

@@ -37,6 +37,7 @@ class UNetConfig:
     adm_in_channels: int | None = None  # pooled-embedding width projected and added to the time embedding (sgm)
     learn_sigma: bool = False  # output 2 * out_channels: eps and the variance interpolation (Nichol & Dhariwal 2021)
     dropout: float = 0.0
+    sample_size: int | None = 64  # latent size the model was trained at: the default generation size (SD-1: 64)
     use_checkpoint: bool = False  # gradient checkpointing of ResBlocks and transformer blocks while training
     conv_resample: bool = True  # convolutions in Downsample/Upsample (False: avg-pool / plain nearest)
 

@@ -1,0 +1,67 @@
+"""ldm-convert: Stable Diffusion weights between the original single file, diffusers folders and the native format."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ldm.errors import LdmError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ldm-convert",
+        description="Convert Stable Diffusion weights. SRC: an original .safetensors/.ckpt, a diffusers pipeline "
+                    "folder, a native ldm folder, or a Hugging Face Hub id (needs network access).")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST", help="output: a *.safetensors file for --to original, else a folder")
+    p.add_argument("--to", required=True, choices=("original", "diffusers", "native"), help="output format")
+    p.add_argument("--config", help="original-layout YAML describing a single-file SRC (default: read the "
+                                    "architecture from the tensor shapes)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow .ckpt files that need arbitrary Python objects; only for files you trust")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="cast the weights (default: keep)")
+    p.add_argument("--prediction-type", help="epsilon | v_prediction | sample (SD-2 768-v models: v_prediction); "
+                                             "the weights cannot tell")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    return p
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    """Convert as `args` say; returns the notes to show."""
+    from ldm.io.formats import load_model, save
+
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise LdmError(f"{dst} exists; pass --overwrite to replace it")
+    if args.to == "original" and dst.suffix.lower() != ".safetensors":
+        raise LdmError(f"{dst}: --to original writes one .safetensors file; name DST *.safetensors")
+    prediction = args.prediction_type
+    if prediction is not None:
+        prediction = _PREDICTION_ALIASES.get(prediction, prediction)
+        if prediction not in PREDICTION_TYPES:
+            raise LdmError(f"--prediction-type {args.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+    components = load_model(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle, config=args.config,
+                            prediction_type=prediction)
+    save(components, dst, args.to)
+    return components.notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        notes = run(args)
+    except LdmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {args.dst} ({args.to})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

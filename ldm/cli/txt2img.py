@@ -1,0 +1,75 @@
+"""ldm-txt2img: generate images for a prompt (or a file of prompts) into a folder with metadata.jsonl."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ldm.cli.common import cli_main
+from ldm.errors import LdmError
+
+SAMPLER_NAMES = ["ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldm-txt2img", description=__doc__)
+    p.add_argument("prompt", nargs="?", default=None, help='the prompt ("" = unconditional)')
+    p.add_argument("--prompts", type=Path, help="a file with one prompt per line")
+    p.add_argument("--model", default=None, help="a native/diffusers folder, an original .safetensors/.ckpt, or a hub id "
+                   "(default: the bundled model)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of {', '.join(SAMPLER_NAMES)}")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1 disables it)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 rescale factor")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--out", type=Path, default=Path("outputs"))
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    prompts = []
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            raise LdmError(f"--prompts file not found: {args.prompts}")
+        prompts += [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise LdmError(f"--prompts file {args.prompts} holds no prompt")
+    if args.prompt is not None:
+        prompts.insert(0, args.prompt)
+    if not prompts:
+        raise LdmError('give a prompt (use "" for unconditional) or --prompts FILE')
+    return prompts
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.sampler not in SAMPLER_NAMES:
+        raise LdmError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    if args.steps <= 0:
+        raise LdmError(f"--steps must be a positive number of sampling steps, got {args.steps}")
+    prompts = read_prompts(args)
+
+    from ldm.pipeline.generate import generate_to_folder
+    from ldm.pipeline.load import load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    records = generate_to_folder(
+        pipe, prompts, args.out, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+        guidance_rescale=args.guidance_rescale, seed=args.seed,
+        n_per_prompt=args.n, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+    )
+    for r in records:
+        print(args.out / r["file_name"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

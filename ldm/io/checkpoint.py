@@ -1,0 +1,178 @@
+"""Reading and writing weight files safely: `.safetensors`, `.ckpt`/`.pt`/`.pth`/`.bin`, strict state-dict checks."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ldm.atomic import atomic_path
+from ldm.errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+
+# Globals that training frameworks store next to the weights (callbacks, hyper-parameters, numpy scalars of
+# metrics). They are replaced by inert placeholders so that CompVis/Lightning `.ckpt` files load with
+# `weights_only=True`; no code from the file runs, and the placeholders are dropped with everything that is
+# not the state dict. Any other non-tensor global still needs --allow-pickle.
+_METADATA_MODULE_ROOTS = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "numpy")
+
+_PICKLE_HINT = (
+    "pass --allow-pickle (allow_pickle=True) only if you trust where the file came from, "
+    "or convert it once to .safetensors"
+)
+
+
+def _placeholder(name: str) -> type:
+    """An inert class standing in for a training-framework global: it stores its arguments and runs nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    return type(name.rsplit(".", 1)[-1], (), {"__new__": __new__, "__init__": __init__, "__setstate__": __setstate__})
+
+
+def _load_pickle(path: Path, allow_pickle: bool) -> object:
+    if allow_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (non-zip) files: let weights_only loading decide
+        unsafe = []
+    foreign = [g for g in unsafe if g.split(".", 1)[0] not in _METADATA_MODULE_ROOTS]
+    if foreign:
+        raise CheckpointError(
+            f"{path}: the checkpoint holds Python objects that a safe load refuses ({', '.join(foreign[:3])}); "
+            + _PICKLE_HINT
+        )
+    stubs = [(_placeholder(g), g) for g in unsafe]
+    try:
+        with torch.serialization.safe_globals(stubs):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"{path}: a safe (weights-only) load failed; {_PICKLE_HINT}") from e
+        raise
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Unwrap Lightning's {'state_dict': ...} (possibly nested) and check that every value is a tensor."""
+    while isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), "
+                              f"found {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}; is this a model checkpoint?")
+    return {str(k): v for k, v in obj.items()}
+
+
+def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a weights file into a CPU state dict; never runs pickled code unless `allow_pickle`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError, OSError, ...
+            raise CheckpointError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
+    if suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown weights format {suffix!r}; expected one of {list(WEIGHT_SUFFIXES)}")
+    try:
+        obj = _load_pickle(path, allow_pickle)
+    except CheckpointError:
+        raise
+    except Exception as e:  # garbage bytes make the unpickler fail in arbitrary ways (IndexError, KeyError, ...)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+    return _unwrap(obj, path)
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata in a `.safetensors` header ({} for other formats or none)."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _first(names: Iterable[str], n: int = 5) -> str:
+    names = list(names)
+    more = f" ... and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Raise CheckpointError naming `source` and the first missing / unexpected / misshapen keys."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    misshapen = [
+        f"{k} (file {tuple(sd[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_first(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
+    if misshapen:
+        problems.append(f"{len(misshapen)} key(s) with the wrong shape: {_first(misshapen, 3)}")
+    if problems:
+        raise CheckpointError(
+            f"{source}: the weights do not fit the model config; " + "; ".join(problems)
+            + ". Check that the checkpoint and the config (or --config) describe the same architecture."
+        )
+
+
+def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str) -> nn.Module:
+    """Load `sd` into `module` after a strict check of names and shapes (never a silent partial load)."""
+    check_state_dict(module.state_dict(), sd, source=source)
+    module.load_state_dict(dict(sd), strict=True)
+    return module
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | Path,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write a state dict to `.safetensors` atomically (contiguous CPU tensors; shared storage copied apart)."""
+    from safetensors.torch import save_file
+
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        t = t.detach().to("cpu")
+        key = _storage_key(t)
+        whole = t.is_contiguous() and t.storage_offset() == 0 and t.numel() * t.element_size() == key[1]
+        if key in seen or not whole:
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(_storage_key(t))
+        out[name] = t
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=meta or None)

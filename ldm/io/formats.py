@@ -1,0 +1,74 @@
+"""One entry point for every weights format users have: `load_model`, and `save_native/diffusers/original`.
+
+Formats: (a) a diffusers pipeline folder, (b) an original single-file `.safetensors` / `.ckpt` (CompVis /
+Stability), (c) the native ldm folder, (d) a Hugging Face Hub id (downloaded when online).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ldm.errors import CheckpointError, ConfigError
+from ldm.io.checkpoint import WEIGHT_SUFFIXES
+from ldm.io.components import SDComponents
+from ldm.io.diffusers_format import is_diffusers_folder, load_diffusers, save_diffusers
+from ldm.io.hub import looks_like_hub_id, resolve_hub_id
+from ldm.io.native_format import is_native_folder, load_native, save_native
+from ldm.io.original_format import load_original, original_config, save_original
+
+__all__ = ["SDComponents", "load_model", "detect_format", "save_native", "save_diffusers", "save_original",
+           "original_config", "FORMATS"]
+
+FORMATS = ("original", "diffusers", "native")
+
+
+def detect_format(path: Path) -> str:
+    """'diffusers', 'native' or 'original' for a local path; CheckpointError if it is none of them."""
+    if is_native_folder(path):
+        return "native"
+    if is_diffusers_folder(path):
+        return "diffusers"
+    if path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES:
+        return "original"
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder that is neither a diffusers pipeline (model_index.json, unet/...) "
+                              "nor a native ldm folder (config.yaml + unet.safetensors)")
+    if path.is_file():
+        raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; "
+                              f"expected one of {list(WEIGHT_SUFFIXES)}")
+    raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+               allow_pickle: bool = False, config: str | Path | Mapping | None = None,
+               prediction_type: str | None = None) -> SDComponents:
+    """Load a Stable Diffusion model from any supported format (dtype None keeps the stored precision).
+
+    `config`: an original-layout YAML (path or dict) for single-file checkpoints; `prediction_type`
+    ("epsilon" | "v_prediction" | "sample") overrides the schedule's (weights cannot tell eps from v).
+    """
+    text = str(path_or_id)
+    path = Path(text).expanduser()
+    if not path.exists() and looks_like_hub_id(text):
+        path = resolve_hub_id(text)
+    kind = detect_format(path)
+    if config is not None and kind != "original":
+        raise ConfigError(f"--config/config= describes single-file checkpoints; {path} is a {kind} folder that "
+                          "carries its own config")
+    if kind == "native":
+        return load_native(path, device=device, dtype=dtype, prediction_type=prediction_type)
+    if kind == "diffusers":
+        return load_diffusers(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                              prediction_type=prediction_type)
+    return load_original(path, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
+                         prediction_type=prediction_type)
+
+
+def save(components: SDComponents, dst: str | Path, to: str) -> None:
+    """Write `components` in format `to` ('original' | 'diffusers' | 'native')."""
+    writers = {"original": save_original, "diffusers": save_diffusers, "native": save_native}
+    if to not in writers:
+        raise ConfigError(f"unknown format {to!r}; use one of {list(writers)}")
+    writers[to](components, dst)

@@ -1,0 +1,70 @@
+"""Hugging Face Hub ids: fetch only the files a diffusers pipeline folder needs, or fail at once when offline."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ldm.errors import CheckpointError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^\s]+)?$")
+_WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """`owner/name` (a pipeline repo) or `owner/name/path/file.safetensors` (one file in a repo)."""
+    if text.startswith((".", "/", "~")) or "\\" in text or os.path.exists(text):
+        return False
+    if not _HUB_ID.match(text):
+        return False
+    parts = text.split("/")
+    return len(parts) > 2 or not parts[-1].lower().endswith(_WEIGHT_SUFFIXES)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hint(repo_id: str) -> str:
+    return (
+        f"cannot fetch {repo_id!r} from the Hugging Face Hub ({{why}}), and no local path of that name exists. "
+        "Download it where there is network access "
+        f"(e.g. `hf download {repo_id} --local-dir ./{repo_id.split('/')[-1]}`) and pass the local "
+        "folder, or pass a local .safetensors/.ckpt file"
+    )
+
+
+def _pick_files(files: list[str]) -> list[str]:
+    """The configs, tokenizer and one weights file per component (safetensors preferred, no fp16 variants)."""
+    keep = [f for f in files if f == "model_index.json" or f.startswith(("tokenizer/", "scheduler/"))]
+    keep += [f for f in files if f.split("/")[0] in _COMPONENTS and f.endswith("config.json") and f.count("/") == 1]
+    for comp in _COMPONENTS:
+        names = ("diffusion_pytorch_model", "model")
+        for ext in (".safetensors", ".bin"):
+            found = [f"{comp}/{n}{ext}" for n in names if f"{comp}/{n}{ext}" in files]
+            if found:
+                keep.append(found[0])
+                break
+    return keep
+
+
+def resolve_hub_id(text: str, *, revision: str | None = None) -> Path:
+    """Return a local path (cached snapshot folder or file) for a hub id; CheckpointError if it cannot be had."""
+    parts = text.split("/")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    try:
+        import huggingface_hub as hub
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError(_hint(repo_id).format(why="huggingface_hub is not installed")) from e
+    offline = _offline()
+    try:
+        if filename is not None:
+            return Path(hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline))
+        if offline:
+            return Path(hub.snapshot_download(repo_id, revision=revision, local_files_only=True))
+        files = hub.HfApi().list_repo_files(repo_id, revision=revision)
+        return Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=_pick_files(files)))
+    except Exception as e:  # offline cache miss, network error, unknown repo, gated repo ...
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
+        raise CheckpointError(_hint(repo_id).format(why=why)) from e

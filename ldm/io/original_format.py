@@ -1,0 +1,132 @@
+"""The original single-file format of CompVis / Stability (`.ckpt` / `.safetensors` with prefixed keys)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ldm.config import load_yaml, save_yaml, to_plain
+from ldm.diffusion.schedules import ScheduleConfig
+from ldm.errors import CheckpointError, ConfigError, LdmError
+from ldm.io.checkpoint import read_safetensors_metadata, read_state_dict, write_safetensors
+from ldm.io.components import (SDComponents, autoencoder_config, make_components, text_config,
+                               text_config_from_dims, unet_config)
+from ldm.io.infer import (CLIP_PREFIX, OPENCLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, infer_original_config,
+                          infer_text_encoder, normalize_text_keys, original_config_from_sections,
+                          sections_from_original_config, select_ema, strip_prefix)
+
+METADATA_KEY = "ldm_config"  # resolved config stored in the header of the files we write
+
+
+def _text_weights(sd: Mapping[str, torch.Tensor], kind: str, notes: list[str]) -> dict[str, torch.Tensor]:
+    text = strip_prefix(sd, TEXT_PREFIX)
+    text.pop("transformer.text_model.embeddings.position_ids", None)  # a buffer transformers 5 no longer saves
+    if kind == "openclip":
+        visual = [k for k in text if k.startswith("model.visual.")]
+        if visual:
+            notes.append(f"ignored {len(visual)} OpenCLIP image-tower weights (only the text tower is used)")
+            text = {k: v for k, v in text.items() if not k.startswith("model.visual.")}
+    return text
+
+
+def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: bool = False,
+                  config: str | Path | Mapping | None = None, prediction_type: str | None = None) -> SDComponents:
+    """Load an original single-file checkpoint.
+
+    The architecture comes from, in order: `config` (an original YAML), the config ldm stores in the files it
+    writes, a `<name>.yaml` beside the file, or the tensor shapes (`ldm.io.infer`). EMA U-Net weights are preferred.
+    """
+    path = Path(path)
+    raw = read_state_dict(path, allow_pickle=allow_pickle)
+    sd, used_ema = select_ema(normalize_text_keys(raw))
+    notes = []
+    if any(k.startswith("model_ema.") for k in raw):
+        notes.append("EMA weights found and used for the U-Net" if used_ema
+                     else "EMA weights found but incomplete; using the non-EMA U-Net weights")
+    if not any(k.startswith(UNET_PREFIX) for k in sd):
+        raise CheckpointError(f"{path}: no `model.diffusion_model.*` keys; not an original Stable Diffusion "
+                              "single-file checkpoint (a diffusers folder or a native folder is loaded by its path)")
+    ignored = [k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX))]
+    if ignored:
+        notes.append(f"ignored {len(ignored)} key(s) outside the three networks, e.g. {ignored[0]} "
+                     "(training-time buffers such as the noise schedule)")
+    metadata = read_safetensors_metadata(path).get(METADATA_KEY)
+    beside = path.with_suffix(".yaml")
+    if config is None and metadata is None and beside.is_file():
+        config = beside  # the convention of SD web UIs: `model.yaml` next to `model.safetensors`
+    try:
+        if config is not None:
+            where = str(config) if not isinstance(config, Mapping) else "original config"
+            original = load_yaml(config) if not isinstance(config, Mapping) else config
+            sections = sections_from_original_config(original, where=where, prediction_type=prediction_type)
+            dims = infer_text_encoder(sd)
+            if dims["type"] != sections["text_encoder"]["type"]:
+                raise ConfigError(f"{where}: cond_stage_config is {sections['text_encoder']['type']} but {path} holds "
+                                  f"{dims['type']} text-encoder weights")
+            text = text_config_from_dims(dims, layer=sections["text_encoder"]["layer"],
+                                         max_length=sections["text_encoder"].get("max_length"))
+            notes.append(f"architecture from {where}; text-encoder sizes read from the weights")
+            built = {"unet": unet_config(sections["unet"]), "autoencoder": autoencoder_config(sections["autoencoder"]),
+                     "text_encoder": text, "scheduler": ScheduleConfig.from_diffusers(sections["scheduler"])}
+        elif metadata is not None:
+            resolved = json.loads(metadata)
+            notes.append(f"architecture from the config stored in {path.name} by ldm")
+            built = {"unet": unet_config(resolved["unet"]), "autoencoder": autoencoder_config(resolved["autoencoder"]),
+                     "text_encoder": text_config(resolved["text_encoder"]),
+                     "scheduler": ScheduleConfig.from_diffusers(resolved["scheduler"])}
+        else:
+            original, inferred = infer_original_config(sd, prediction_type=prediction_type)
+            notes += inferred
+            sections = sections_from_original_config(original)
+            built = {"unet": unet_config(sections["unet"]), "autoencoder": autoencoder_config(sections["autoencoder"]),
+                     "text_encoder": text_config_from_dims(infer_text_encoder(sd)),
+                     "scheduler": ScheduleConfig.from_diffusers(sections["scheduler"])}
+    except (ConfigError, CheckpointError) as e:
+        raise type(e)(f"{path}: {e}") from e
+    except (KeyError, IndexError) as e:  # a weight the shape reading relies on is absent
+        raise CheckpointError(f"{path}: cannot read the architecture from the weights (no {e}); the file is "
+                              "incomplete or not Stable Diffusion; pass an original YAML with --config") from e
+    kind = built["text_encoder"].type
+    vae = strip_prefix(sd, VAE_PREFIX)
+    loss = [k for k in vae if k.startswith("loss.")]
+    if loss:  # the autoencoder's training loss (LPIPS, discriminator) sometimes ships inside the checkpoint
+        notes.append(f"ignored {len(loss)} autoencoder training-loss weights (first_stage_model.loss.*)")
+        vae = {k: v for k, v in vae.items() if not k.startswith("loss.")}
+    weights = {"unet": strip_prefix(sd, UNET_PREFIX), "autoencoder": vae,
+               "text_encoder": _text_weights(sd, kind, notes)}
+    sources = {"unet": f"{path} (U-Net, {UNET_PREFIX}*)", "autoencoder": f"{path} (autoencoder, {VAE_PREFIX}*)",
+               "text_encoder": f"{path} (text encoder, {CLIP_PREFIX if kind == 'clip' else OPENCLIP_PREFIX}*)"}
+    return make_components(built, weights, source=str(path), sources=sources, device=device, dtype=dtype,
+                           prediction_type=prediction_type, notes=notes)
+
+
+def original_config(components: SDComponents) -> dict:
+    """The components' architecture in the original CompVis YAML layout."""
+    text = components.config["text_encoder"]
+    if text["type"] not in ("clip", "openclip"):
+        raise LdmError(f"the original single-file format holds CLIP or OpenCLIP text encoders, not {text['type']!r}")
+    return original_config_from_sections(components.config["unet"], components.config["autoencoder"], text["type"],
+                                         text["layer"] or "last", components.config["scheduler"])
+
+
+def original_state_dict(components: SDComponents) -> dict[str, torch.Tensor]:
+    """All weights under their original prefixes."""
+    sd = {UNET_PREFIX + k: v for k, v in components.unet.state_dict().items()}
+    sd.update({VAE_PREFIX + k: v for k, v in components.autoencoder.state_dict().items()})
+    sd.update({TEXT_PREFIX + k: v for k, v in components.text_encoder.state_dict().items()})
+    return sd
+
+
+def save_original(components: SDComponents, path: str | Path, *, write_yaml: bool = True) -> None:
+    """Write one `.safetensors` with the original key prefixes (+ `<name>.yaml`, the original config, beside it)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise LdmError(f"{path}: the original single-file export is written as .safetensors; "
+                       "name the file *.safetensors")
+    config = original_config(components)  # fails before anything is written
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(to_plain(components.config))}
+    write_safetensors(original_state_dict(components), path, metadata=metadata)
+    if write_yaml:
+        save_yaml(config, path.with_suffix(".yaml"))

@@ -1,0 +1,148 @@
+"""ldm-txt2img and the Python API on a tiny random native model: outputs, metadata, modes and bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.cli.txt2img import main
+from ldm.config import from_dict
+from ldm.diffusion.schedules import ScheduleConfig
+from ldm.io.components import SDComponents
+from ldm.io.native_format import save_native
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
+from ldm.models.unet import UNetConfig, UNetModel
+from ldm.pipeline import load_pipeline
+from ldm.pipeline.images import read_png_parameters
+
+SECTIONS = {
+    "unet": dict(model_channels=32, attention_resolutions=[2], num_res_blocks=1, channel_mult=[1, 2], num_heads=2,
+                 context_dim=32),
+    "autoencoder": dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32, scale_factor=0.5),
+    "text_encoder": dict(type="clip", hf_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=1, num_attention_heads=2,
+                                                     max_position_embeddings=77, projection_dim=32)),
+    "scheduler": dict(beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False),
+}
+
+
+def write_model(folder, in_channels=4):
+    torch.manual_seed(0)
+    sections = {k: dict(v) for k, v in SECTIONS.items()}
+    sections["unet"]["in_channels"] = in_channels
+    components = SDComponents(
+        unet=UNetModel(from_dict(UNetConfig, sections["unet"])),
+        autoencoder=AutoencoderKL(from_dict(AutoencoderConfig, sections["autoencoder"])),
+        text_encoder=build_text_encoder(from_dict(TextEncoderConfig, sections["text_encoder"])),
+        schedule=from_dict(ScheduleConfig, sections["scheduler"]),
+        config=sections, source="test",
+    )
+    save_native(components, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return load_pipeline(model_dir, device="cpu")
+
+
+def run(argv):
+    return main([str(a) for a in argv])
+
+
+def test_cli_writes_pngs_and_imagefolder_metadata(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    out = tmp_path / "out"
+    code = run(["--prompts", prompts, "--model", model_dir, "--steps", 2, "--n", 2, "--height", 16, "--width", 16,
+                "--sampler", "euler", "--seed", 5, "--guidance", 3, "--out", out])
+    assert code == 0
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert [r["seed"] for r in records] == [5, 5, 6, 6]
+    for r in records:
+        assert {"file_name", "text", "seed", "sampler", "steps", "guidance", "model"} <= set(r)
+        image = Image.open(out / r["file_name"])
+        assert image.size == (16, 16)
+        assert read_png_parameters(out / r["file_name"]) == r
+    assert records[0]["sampler"] == "euler" and records[0]["steps"] == 2 and records[0]["guidance"] == 3.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["x", "--sampler", "plms"], "unknown sampler"),
+    (["x", "--steps", "0"], "positive"),
+    (["x", "--height", "18"], "multiple"),
+    (["x", "--model", "/nonexistent/model"], "nonexistent"),
+])
+def test_bad_input_exit_2_and_nothing_written(model_dir, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    if "--model" not in argv:
+        argv = argv + ["--model", str(model_dir)]
+    assert run(argv + ["--out", out, "--steps" if "--steps" not in argv else "--n", "1"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_same_seed_same_image_and_empty_prompt_allowed(pipe):
+    a = pipe("a cat", seed=3, steps=2, height=16, width=16, sampler="ddim")[0]
+    b = pipe("a cat", seed=3, steps=2, height=16, width=16, sampler="ddim")[0]
+    c = pipe("a cat", seed=4, steps=2, height=16, width=16, sampler="ddim")[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    assert pipe("", seed=0, steps=1, height=16, width=16)[0].size == (16, 16)
+
+
+def test_long_prompt_is_truncated_with_a_warning_naming_dropped_words(pipe):
+    prompt = " ".join(["apple"] * 80 + ["zebra", "giraffe"])
+    with pytest.warns(UserWarning, match="zebra giraffe"):
+        pipe(prompt, seed=0, steps=1, height=16, width=16, guidance=1.0)
+
+
+def test_img2img_runs_the_strength_fraction_of_the_steps(pipe):
+    init = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8"))
+    seen = []
+    pipe("a cat", init_image=init, strength=0.5, seed=0, steps=10, sampler="euler", height=16, width=16,
+         callback=lambda info: seen.append(float(info["sigma"])))
+    assert len(seen) == 5
+    full = []
+    pipe("a cat", seed=0, steps=10, sampler="euler", height=16, width=16, callback=lambda i: full.append(1))
+    assert len(full) == 10
+
+
+def test_inpainting_by_blending_keeps_the_unmasked_latent(pipe):
+    init = Image.fromarray((np.random.default_rng(1).random((16, 16, 3)) * 255).astype("uint8"))
+    mask = np.zeros((16, 16), dtype="uint8")
+    mask[:, 8:] = 255  # repaint the right half
+    denoised = []
+    pipe("a cat", init_image=init, mask_image=Image.fromarray(mask), strength=1.0, seed=0, steps=3, sampler="euler",
+         height=16, width=16, guidance=1.0, callback=lambda info: denoised.append(info["denoised"]))
+    from ldm.pipeline.images import from_pil
+
+    known = pipe.autoencoder.encode_latents(from_pil(init), sample=False)
+    last = denoised[-1]
+    assert torch.allclose(last[..., :4], known[..., :4], atol=1e-5)  # left half (latent width 8 -> first 4 columns)
+    assert not torch.allclose(last[..., 4:], known[..., 4:], atol=1e-2)
+
+
+def test_nine_channel_inpainting_checkpoint_gets_mask_and_masked_image(tmp_path):
+    pipe = load_pipeline(write_model(tmp_path / "inpaint", in_channels=9), device="cpu")
+    seen = []
+    original = pipe.unet.forward
+
+    def spy(x, t, **kw):
+        seen.append(x.shape[1])
+        return original(x, t, **kw)
+
+    pipe.unet.forward = spy
+    init = Image.new("RGB", (16, 16), (200, 10, 10))
+    mask = Image.new("L", (16, 16), 255)
+    image = pipe("a cat", init_image=init, mask_image=mask, seed=0, steps=2, height=16, width=16)[0]
+    assert image.size == (16, 16)
+    assert seen and set(seen) == {9}
