@@ -1,0 +1,222 @@
+"""ldm-eval: CLIP score (and FID / FD_CLIP to a reference) of an image folder, or of a model over a settings sweep."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm.errors import LdmError
+
+
+def _split(values: list[str]) -> list[str]:
+    """Accept both `--samplers a b` and `--samplers a,b`."""
+    return [v for item in values for v in item.split(",") if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldm-eval", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", metavar="DIR", help="folder of images with metadata.jsonl (file_name, text per line)")
+    src.add_argument("--model", metavar="M", help="model to generate with (path or id), together with --prompts")
+    g = p.add_argument_group("generation sweep (with --model)")
+    g.add_argument("--prompts", metavar="FILE", help="prompt set: .txt, .jsonl or a bundled name such as ldm_eval_v1")
+    g.add_argument("--samplers", nargs="+", default=["euler"], help="samplers to sweep (space or comma separated)")
+    g.add_argument("--steps", nargs="+", default=["30"], help="step counts to sweep")
+    g.add_argument("--guidance", nargs="+", default=["7.5"], help="guidance scales to sweep")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--n-per-prompt", type=int, default=1)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--dtype", default=None, help="generation dtype, e.g. float16, bfloat16")
+    g.add_argument("--reuse-samples", action="store_true", help="score existing sample folders instead of regenerating")
+    m = p.add_argument_group("metrics")
+    m.add_argument("--ref", metavar="DIR|NPZ", help="reference images or statistics: adds FID (or FD_CLIP)")
+    m.add_argument(
+        "--distance",
+        choices=["auto", "fid", "fd_clip"],
+        default="auto",
+        help="auto: FID when Inception weights are available, else Frechet distance in CLIP space",
+    )
+    m.add_argument("--kid", action="store_true", help="also KID (needs a folder as --ref)")
+    m.add_argument("--inception-weights", metavar="FILE", help="weights-inception-2015-12-05-6726825d.pth")
+    m.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture name or model config .json")
+    m.add_argument(
+        "--clip-pretrained",
+        metavar="NAME_OR_FILE",
+        help="open_clip tag (e.g. openai; downloads), local weights file, or 'none' (random, for tests)",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="where report.json, index.html, tradeoff.png go")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    return p
+
+
+def _load_generate():
+    """The pipeline's generate_to_folder, imported lazily (ldm.eval never imports the pipeline layer)."""
+    try:
+        from ldm.pipeline.generate import generate_to_folder
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name not in ("ldm.pipeline", "ldm.pipeline.generate"):
+            raise  # a dependency of the pipeline is missing: show the real traceback
+        raise LdmError(
+            f"--model needs ldm.pipeline.generate.generate_to_folder, which this installation lacks ({e}); "
+            "generate images yourself and score them with --images DIR"
+        ) from e
+    return generate_to_folder
+
+
+def _generate_folder(args, texts: list[str], folder: Path, sampler: str, steps: int, guidance: float) -> None:
+    """Generate one setting's images into `folder` atomically (no half-written folder survives a crash)."""
+    from ldm.atomic import atomic_path
+
+    generate_to_folder = _load_generate()
+    if getattr(args, "_pipeline", None) is None:  # load the model once for the whole sweep
+        from ldm.pipeline.load import load_pipeline
+
+        args._pipeline = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        generate_to_folder(
+            args._pipeline,
+            texts,
+            tmp,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            seed=args.seed,
+            n_per_prompt=args.n_per_prompt,
+            height=args.height,
+            width=args.width,
+            negative_prompt=args.negative_prompt,
+            device=args.device,
+            dtype=args.dtype,
+        )
+
+
+def _sweep(args) -> list[tuple[dict, Path]]:
+    """(settings, folder) per sampler x steps x guidance, generating what is missing."""
+    from ldm.eval.prompts import load_prompts
+
+    try:
+        steps_list = [int(s) for s in _split(args.steps)]
+        guidance_list = [float(g) for g in _split(args.guidance)]
+    except ValueError as e:
+        raise LdmError(f"--steps takes integers and --guidance numbers: {e}") from e
+    texts = [p.text for p in load_prompts(args.prompts)]
+    runs = []
+    for sampler, steps, guidance in itertools.product(_split(args.samplers), steps_list, guidance_list):
+        folder = Path(args.out) / "samples" / f"{sampler}-steps{steps}-cfg{guidance:g}"
+        if not (args.reuse_samples and (folder / "metadata.jsonl").is_file()):
+            print(f"generating {folder}", file=sys.stderr)
+            _generate_folder(args, texts, folder, sampler, steps, guidance)
+        settings = {
+            "sampler": sampler,
+            "steps": steps,
+            "guidance": guidance,
+            "seed": args.seed,
+            "n_per_prompt": args.n_per_prompt,
+            "height": args.height,
+            "width": args.width,
+            "negative_prompt": args.negative_prompt,
+            "images": str(folder),
+        }
+        runs.append((settings, folder))
+    return runs
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ldm.eval.clip_score import ClipModel
+    from ldm.eval.evaluate import Reference, score_folder
+    from ldm.eval.inception import InceptionExtractor, MissingWeightsError
+    from ldm.eval.prompts import load_prompts
+    from ldm.eval.report import plot_tradeoff, write_index_html, write_report_json
+
+    if args.model and not args.prompts:
+        raise LdmError("--model needs --prompts FILE (or a bundled set such as ldm_eval_v1)")
+    if args.images and args.prompts:
+        raise LdmError("--prompts is for --model; with --images the prompts come from metadata.jsonl")
+    if args.kid and not args.ref:
+        raise LdmError("--kid needs --ref DIR")
+    if args.model:
+        _load_generate()  # fail before loading anything else
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    notes = []
+    # Load everything that can fail before generating anything.
+    clip = ClipModel(args.clip_model, args.clip_pretrained, device=device)
+    if clip.random_weights:
+        notes.append("CLIP has random weights (--clip-pretrained none): CLIP scores and FD_CLIP are meaningless")
+    ref = Reference(args.ref, batch_size=args.batch_size, num_workers=args.num_workers) if args.ref else None
+    if args.kid and ref.npz is not None:
+        raise LdmError(f"--kid needs reference images; {args.ref} holds only statistics")
+    distance = None
+    if ref is not None:
+        if args.distance == "fd_clip":
+            distance = clip
+        else:
+            try:
+                distance = InceptionExtractor(args.inception_weights, device=device)
+            except MissingWeightsError as e:
+                if args.distance == "fid":
+                    raise
+                notes.append(f"no Inception weights, reporting FD_CLIP instead of FID ({e})")
+                print(f"warning: {notes[-1]}", file=sys.stderr)
+                distance = clip
+    runs = [({"images": str(Path(args.images))}, Path(args.images))] if args.images else _sweep(args)
+    categories = {p.text: p.category for p in load_prompts(args.prompts)} if args.prompts else {}
+    results = []
+    for settings, folder in runs:
+        result = score_folder(
+            folder,
+            clip,
+            ref=ref,
+            distance=distance,
+            with_kid=args.kid,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+        )
+        for item in result["per_image"]:
+            if "category" not in item and categories.get(item["text"]):
+                item["category"] = categories[item["text"]]
+        results.append({"settings": settings, "fid": None, "fd_clip": None, **result})
+        summary = ", ".join(
+            f"{k} {results[-1][k]:.4f}" for k in ("clip_score", "fid", "fd_clip") if results[-1][k] is not None
+        )
+        print(f"{folder}: {summary}", file=sys.stderr)
+    report = {
+        "clip_model": clip.describe(),
+        "distance": None if distance is None else ("fd_clip" if distance is clip else "fid"),
+        "distance_extractor": None if distance is None else distance.name,
+        "ref": args.ref,
+        "model": args.model,
+        "prompts": args.prompts,
+        "notes": notes,
+        "runs": results,
+    }
+    if len(results) == 1:  # a single run's fields also at the top level
+        report.update({k: v for k, v in results[0].items()})
+    out = Path(args.out)
+    write_report_json(out, report)
+    write_index_html(out, report)
+    plot_tradeoff(out, results)
+    print(f"wrote {out / 'report.json'}, {out / 'index.html'}, {out / 'tradeoff.png'}", file=sys.stderr)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except LdmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

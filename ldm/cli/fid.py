@@ -1,0 +1,112 @@
+"""ldm-fid: FID between two image folders or pytorch-fid style .npz statistics (TF-compatible Inception features).
+
+Several GPUs: `accelerate launch -m ldm.cli.fid A B` (each process takes a share of the
+images; their feature moments are gathered and merged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm.errors import LdmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldm-fid", description=__doc__.split("\n")[0])
+    p.add_argument("path1", help="folder of images or .npz with mu and sigma")
+    p.add_argument("path2", nargs="?", help="folder of images or .npz (may be left out with --save-stats)")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="write PATH1's statistics (pytorch-fid compatible .npz)")
+    p.add_argument(
+        "--inception-weights",
+        metavar="FILE",
+        help="weights-inception-2015-12-05-6726825d.pth (default: $LDM_INCEPTION_WEIGHTS, torch hub cache, download)",
+    )
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--recursive", action="store_true", help="also take images from subfolders")
+    return p
+
+
+def _accelerator(device: str | None):
+    """An Accelerator when launched on several processes (one GPU each, or gloo on CPUs), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
+def run(args: argparse.Namespace) -> float | None:
+    from ldm.eval.features import compute_features
+    from ldm.eval.frechet import fid, load_stats, save_stats
+    from ldm.eval.imagefolder import list_images
+    from ldm.eval.inception import InceptionExtractor
+
+    if args.path2 is None and args.save_stats is None:
+        raise LdmError("give two paths to compare, or one path with --save-stats OUT.npz")
+    if args.batch_size < 1:
+        raise LdmError(f"--batch-size must be positive, got {args.batch_size}")
+    paths = [Path(p) for p in (args.path1, args.path2) if p is not None]
+    for p in paths:  # check both inputs before spending minutes on the first
+        if p.suffix == ".npz":
+            if not p.is_file():
+                raise LdmError(f"{p}: no such statistics file")
+        else:
+            list_images(p, args.recursive)
+    accelerator = _accelerator(args.device)
+    device = (
+        accelerator.device
+        if accelerator
+        else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    )
+    main_process = accelerator is None or accelerator.is_main_process
+    extractor = None
+    stats = []
+    for p in paths:
+        if p.suffix == ".npz":
+            stats.append(load_stats(p))
+            continue
+        if extractor is None:
+            extractor = InceptionExtractor(args.inception_weights, device=device)
+        images = list_images(p, args.recursive)
+        feats = compute_features(
+            images,
+            extractor,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            keep=False,
+            accelerator=accelerator,
+            desc=p.name,
+        )
+        stats.append(feats.moments.to_stats(extractor.name))
+        if main_process:
+            print(f"{p}: {stats[-1].n} images", file=sys.stderr)
+    if args.save_stats and main_process:
+        save_stats(args.save_stats, stats[0])
+        print(f"wrote statistics of {paths[0]} to {args.save_stats}", file=sys.stderr)
+    if len(stats) < 2:
+        return None
+    value = fid(stats[0], stats[1])
+    if main_process:
+        print(f"{value:.8g}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except LdmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

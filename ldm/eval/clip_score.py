@@ -1,0 +1,111 @@
+"""CLIP score (Hessel et al. 2021, w = 100 as in text-to-image reports) and an open_clip feature extractor."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ldm.errors import CheckpointError, LdmError
+
+DEFAULT_CLIP_MODEL = "ViT-B-32"
+RANDOM_WEIGHTS = "none"  # --clip-pretrained none: seeded random weights, for tests only
+
+
+def clip_score(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
+    """Per pair 100 * max(cos(image, text), 0): `b d, b d -> b`."""
+    if img_emb.shape != txt_emb.shape:
+        raise LdmError(f"image and text embeddings differ in shape: {tuple(img_emb.shape)} vs {tuple(txt_emb.shape)}")
+    cos = F.cosine_similarity(img_emb.double(), txt_emb.double(), dim=-1)
+    return 100 * cos.clamp(min=0)
+
+
+def _model_name(name: str) -> str:
+    """A built-in open_clip architecture name, or a path to a model config .json (registered on the fly)."""
+    import open_clip
+
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise LdmError(f"--clip-model {name}: config file does not exist")
+        open_clip.add_model_config(path)
+        return path.stem
+    if name not in open_clip.list_models():
+        raise LdmError(
+            f"--clip-model {name}: unknown open_clip architecture; see open_clip.list_models() or pass a config .json"
+        )
+    return name
+
+
+class ClipModel:
+    """An open_clip model as a `FeatureExtractor` of image embeddings, plus text embeddings for the CLIP score."""
+
+    dim: int
+
+    def __init__(
+        self, model: str = DEFAULT_CLIP_MODEL, pretrained: str | None = None, device: torch.device | str = "cpu"
+    ):
+        import open_clip
+
+        if pretrained is None:
+            raise LdmError(
+                f"choose the CLIP weights with --clip-pretrained: a tag such as 'openai' (downloads; tags for {model}: "
+                "open_clip.list_pretrained_tags_by_model), a local weights file, or 'none' for random weights "
+                "(meaningless numbers, for tests)"
+            )
+        arch = _model_name(model)
+        self.model_name, self.pretrained, self.random_weights = model, pretrained, pretrained.lower() == RANDOM_WEIGHTS
+        if not self.random_weights and not Path(pretrained).is_file():
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            if pretrained not in tags:
+                raise LdmError(
+                    f"--clip-pretrained {pretrained}: neither a file nor a known tag for {arch} "
+                    f"(tags: {', '.join(tags) or 'none'})"
+                )
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # random weights are reproducible
+                net, _, preprocess = open_clip.create_model_and_transforms(
+                    arch, pretrained=None if self.random_weights else pretrained, device=device
+                )
+        except RuntimeError as e:
+            where = "a local weights file" if not Path(pretrained).is_file() else "another file"
+            raise CheckpointError(
+                f"cannot load CLIP {arch} weights {pretrained!r}: {e}. Offline, download them elsewhere "
+                f"and pass {where} "
+                "with --clip-pretrained"
+            ) from e
+        self.net, self.preprocess = net.eval(), preprocess
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.device = torch.device(device)
+        self.dim = int(self.encode_texts(["a"]).shape[-1])
+        tag = (
+            RANDOM_WEIGHTS
+            if self.random_weights
+            else (os.path.basename(pretrained) if Path(pretrained).is_file() else pretrained)
+        )
+        self.name = f"clip:{arch}:{tag}"
+
+    def describe(self) -> dict:
+        """How the score was measured: always part of a report."""
+        return {"name": self.model_name, "pretrained": self.pretrained, "random_weights": self.random_weights}
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> the model's preprocessed `3 h w` (resize, centre crop, normalise)."""
+        return self.preprocess(image)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """Image embeddings `b 3 h w -> b d` (not normalised)."""
+        return self.net.encode_image(batch).float()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Text embeddings `n d` (float32, CPU); prompts longer than the context are truncated by the tokenizer."""
+        out = [
+            self.net.encode_text(self.tokenizer(texts[i : i + batch_size]).to(self.device)).float().cpu()
+            for i in range(0, len(texts), batch_size)
+        ]
+        return torch.cat(out)

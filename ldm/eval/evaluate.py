@@ -1,0 +1,115 @@
+"""Score a captioned image folder: CLIP score per image, and FID or FD_CLIP (optionally KID) to a reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ldm.errors import LdmError
+from ldm.eval.clip_score import ClipModel, clip_score
+from ldm.eval.features import FeatureExtractor, compute_features
+from ldm.eval.frechet import GaussianStats, fid, load_stats
+from ldm.eval.imagefolder import list_images, read_metadata
+from ldm.eval.inception import EXTRACTOR_NAME as INCEPTION_NAME
+from ldm.eval.kid import kid
+
+
+class Reference:
+    """Reference images (a folder) or statistics (.npz), with features computed once per extractor and cached."""
+
+    def __init__(self, path: str | os.PathLike, *, batch_size: int = 50, num_workers: int = 0, recursive: bool = False):
+        self.path = Path(path)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.npz = load_stats(self.path) if self.path.suffix == ".npz" else None
+        self.images = None if self.npz is not None else list_images(self.path, recursive)
+        self._cache: dict[str, tuple[GaussianStats, torch.Tensor | None]] = {}
+
+    def _compute(self, extractor: FeatureExtractor, keep: bool) -> tuple[GaussianStats, torch.Tensor | None]:
+        cached = self._cache.get(extractor.name)
+        if cached is None or (keep and cached[1] is None):
+            feats = compute_features(
+                self.images,
+                extractor,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                keep=keep,
+                desc=f"reference {extractor.name}",
+            )
+            cached = self._cache[extractor.name] = (feats.moments.to_stats(extractor.name), feats.values)
+        return cached
+
+    def stats(self, extractor: FeatureExtractor) -> GaussianStats:
+        """Reference statistics in the feature space of `extractor`."""
+        if self.npz is None:
+            return self._compute(extractor, keep=False)[0]
+        # pytorch-fid files carry no extractor name: they hold Inception statistics.
+        space = self.npz.extractor or INCEPTION_NAME
+        if space != extractor.name or self.npz.dim != extractor.dim:
+            raise LdmError(
+                f"{self.path}: holds {self.npz.dim}-d statistics of {space!r}, "
+                f"but {extractor.name!r} ({extractor.dim}-d) "
+                "is being measured; pass a folder of reference images, or an .npz made with the same extractor"
+            )
+        return self.npz
+
+    def features(self, extractor: FeatureExtractor) -> torch.Tensor:
+        """Per-image reference features (folders only: KID needs them)."""
+        if self.npz is not None:
+            raise LdmError(f"{self.path}: KID needs reference images, not an .npz of statistics")
+        return self._compute(extractor, keep=True)[1]
+
+
+def score_folder(
+    folder: str | os.PathLike,
+    clip: ClipModel,
+    *,
+    ref: Reference | None = None,
+    distance: FeatureExtractor
+    | None = None,  # the extractor of the distance to `ref`: Inception (FID) or `clip` (FD_CLIP)
+    with_kid: bool = False,
+    batch_size: int = 50,
+    num_workers: int = 0,
+) -> dict:
+    """Metrics of a folder with metadata.jsonl: {clip_score, fid | fd_clip, [kid], n_images, per_image}."""
+    rows = read_metadata(folder)
+    img = compute_features(
+        [r.path for r in rows],
+        clip,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        keep=True,
+        desc=f"CLIP {Path(folder).name}",
+    )
+    txt = clip.encode_texts([r.text for r in rows])
+    scores = clip_score(img.values, txt)  # b
+    result: dict = {"n_images": len(rows), "clip_score": float(scores.mean())}
+    if ref is not None and distance is not None:
+        key = "fd_clip" if distance is clip else "fid"
+        feats = (
+            img
+            if distance is clip
+            else compute_features(
+                [r.path for r in rows],
+                distance,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                keep=with_kid,
+                desc=f"Inception {Path(folder).name}",
+            )
+        )
+        result[key] = fid(feats.moments.to_stats(distance.name), ref.stats(distance))
+        if with_kid:
+            mean, std = kid(feats.values, ref.features(distance), subset_size=1000)
+            result["kid" if key == "fid" else "kid_clip"] = {"mean": mean, "std": std}
+    result["per_image"] = [
+        {
+            "file_name": r.file_name,
+            "text": r.text,
+            "clip_score": float(s),
+            **({"category": r.category} if r.category else {}),
+        }
+        for r, s in zip(rows, scores)
+    ]
+    return result

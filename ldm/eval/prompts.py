@@ -1,0 +1,61 @@
+"""Prompt sets: plain text (one prompt a line) or jsonl (`{"text": ..., "category": ...}`), by path or bundled name."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm.errors import LdmError
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt and its category (None for plain-text sets)."""
+
+    text: str
+    category: str | None = None
+
+
+def bundled_prompt_sets() -> list[str]:
+    """Names of the prompt sets shipped with ldm (usable in place of a path)."""
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*") if p.suffix in (".txt", ".jsonl"))
+
+
+def _resolve(path_or_name: str | os.PathLike) -> Path:
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    for suffix in (".jsonl", ".txt"):
+        candidate = BUNDLED_DIR / f"{path_or_name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise LdmError(
+        f"prompt set {str(path_or_name)!r}: no such file, nor a bundled set ({', '.join(bundled_prompt_sets())})"
+    )
+
+
+def load_prompts(path_or_name: str | os.PathLike) -> list[Prompt]:
+    """Read a prompt set; in .txt files blank lines and lines starting with `#` are skipped."""
+    path = _resolve(path_or_name)
+    prompts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or (path.suffix != ".jsonl" and stripped.startswith("#")):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(stripped)
+            except json.JSONDecodeError as e:
+                raise LdmError(f"{path}:{lineno}: not valid JSON ({e})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise LdmError(f'{path}:{lineno}: each line needs a non-empty string "text" field')
+            prompts.append(Prompt(row["text"].strip(), row.get("category")))
+        else:
+            prompts.append(Prompt(stripped))
+    if not prompts:
+        raise LdmError(f"{path}: the prompt set is empty")
+    return prompts

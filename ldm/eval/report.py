@@ -1,0 +1,111 @@
+"""Evaluation outputs: report.json, an index.html grid of images with prompts and scores, and trade-off plots."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import urllib.parse
+from collections import defaultdict
+from pathlib import Path
+
+from ldm.atomic import atomic_write_bytes, atomic_write_text
+
+DISTANCES = ("fid", "fd_clip")  # the first one present in a run is plotted
+
+
+def write_report_json(out_dir: str | os.PathLike, report: dict) -> Path:
+    """Write `report.json` atomically."""
+    path = Path(out_dir) / "report.json"
+    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=True) + "\n")
+    return path
+
+
+def _label(settings: dict) -> str:
+    label = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None and k != "images")
+    return label or str(settings.get("images", ""))
+
+
+def _metrics_line(run: dict) -> str:
+    parts = [f"CLIP score {run['clip_score']:.2f}"]
+    parts += [f"{k.upper()} {run[k]:.3f}" for k in DISTANCES if run.get(k) is not None]
+    return " &middot; ".join(html.escape(p) for p in parts) + f" &middot; {run['n_images']} images"
+
+
+def write_index_html(out_dir: str | os.PathLike, report: dict) -> Path:
+    """Write `index.html`: per run a heading with settings and metrics, then the images with prompts and scores."""
+    out_dir = Path(out_dir)
+    model = report["clip_model"]
+    head = f"CLIP model {model['name']} / {model['pretrained']}" + (
+        " (RANDOM weights: scores are meaningless)" if model.get("random_weights") else ""
+    )
+    parts = [
+        "<!doctype html>\n<html><head><meta charset='utf-8'><title>ldm evaluation</title><style>"
+        "body{font-family:sans-serif;margin:1em} .grid{display:flex;flex-wrap:wrap;gap:8px}"
+        "figure{margin:0;width:200px} img{width:200px;height:auto} figcaption{font-size:12px}"
+        "</style></head><body>",
+        f"<h1>ldm evaluation</h1><p>{html.escape(head)}</p>",
+    ]
+    for run in report["runs"]:
+        parts.append(f"<h2>{html.escape(_label(run['settings']))}</h2><p>{_metrics_line(run)}</p><div class='grid'>")
+        for item in run["per_image"]:
+            rel = os.path.relpath(Path(run["settings"]["images"]) / item["file_name"], out_dir)
+            src = urllib.parse.quote(Path(rel).as_posix(), safe="/")
+            text = html.escape(item["text"])
+            parts.append(
+                f"<figure><img src='{src}' alt='{text}' loading='lazy'>"
+                f"<figcaption>{text}<br>CLIP {item['clip_score']:.2f}</figcaption></figure>"
+            )
+        parts.append("</div>")
+    parts.append("</body></html>\n")
+    path = out_dir / "index.html"
+    atomic_write_text(path, "\n".join(parts))
+    return path
+
+
+def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict]) -> Path:
+    """Write `tradeoff.png`: FID (or FD_CLIP) against CLIP score, one line per sampler and step count over guidance.
+
+    Without a reference distance it plots CLIP score against guidance scale instead.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    distance = next((k for k in DISTANCES if all(r.get(k) is not None for r in runs)), None)
+    lines = defaultdict(list)
+    for i, run in enumerate(runs):
+        s = run["settings"]
+        key = f"{s.get('sampler', 'images')}" + (f", {s['steps']} steps" if s.get("steps") is not None else "")
+        lines[key].append((s.get("guidance") if s.get("guidance") is not None else i, run))
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, points in lines.items():
+        points.sort(key=lambda p: p[0])
+        if distance is not None:
+            xs = [r["clip_score"] for _, r in points]
+            ys = [r[distance] for _, r in points]
+        else:
+            xs = [g for g, _ in points]
+            ys = [r["clip_score"] for _, r in points]
+        ax.plot(xs, ys, marker="o", label=key)
+        if distance is not None:
+            for (g, _), x, y in zip(points, xs, ys):
+                ax.annotate(f"{g:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if distance is not None:
+        ax.set_xlabel("CLIP score (higher is better)")
+        ax.set_ylabel(f"{distance.upper()} (lower is better)")
+        ax.set_title("Guidance trade-off (labels: guidance scale)")
+    else:
+        ax.set_xlabel("guidance scale")
+        ax.set_ylabel("CLIP score")
+        ax.set_title("CLIP score against guidance (no reference given)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    path = Path(out_dir) / "tradeoff.png"
+    atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -1,0 +1,29 @@
+"""ldm-eval --model: generate a sweep with the real pipeline, then score every setting."""
+import json
+
+from ldm.cli.eval import main
+from test_eval_clip import TINY_CLIP
+from test_txt2img import write_model
+
+
+def test_generate_sweep_then_score(tmp_path):
+    model = write_model(tmp_path / "model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    clip = tmp_path / "ldm-test-tiny-clip.json"
+    clip.write_text(json.dumps(TINY_CLIP))
+    out = tmp_path / "eval"
+    code = main(["--model", str(model), "--prompts", str(prompts), "--samplers", "euler,ddim", "--steps", "2",
+                 "--guidance", "1,3", "--height", "16", "--width", "16", "--clip-model", str(clip),
+                 "--clip-pretrained", "none", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    runs = report["runs"] if "runs" in report else report["settings"]
+    assert len(runs) == 4  # 2 samplers x 2 guidance scales
+    for run in runs:
+        assert len(run["per_image"]) == 2
+        assert {r["text"] for r in run["per_image"]} == {"a red circle", "a blue square"}
+        scores = [r["clip_score"] for r in run["per_image"]]
+        assert all(0.0 <= s <= 100.0 for s in scores)
+        assert abs(run["clip_score"] - sum(scores) / len(scores)) < 1e-6
+    assert (out / "index.html").is_file()
