@@ -155,6 +155,8 @@ def test_eval_sweep_calls_generator_once_per_setting(tiny_clip_config, tmp_path,
     monkeypatch.setitem(
         sys.modules, "ldm.pipeline.generate", types.SimpleNamespace(generate_to_folder=generate_to_folder)
     )
+    loads = []
+    monkeypatch.setattr("ldm.pipeline.load.load_pipeline", lambda model, **kw: loads.append(model) or f"loaded:{model}")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"text": "a red cube", "category": "colours"}\n{"text": "three cats", "category": "counts"}\n')
     ref = _captioned_folder(tmp_path / "ref", ["x"] * 3, seed=10)
@@ -193,7 +195,9 @@ def test_eval_sweep_calls_generator_once_per_setting(tiny_clip_config, tmp_path,
         ("heun", 1.0),
         ("heun", 3.5),
     ]
-    assert all(c["model"] == "my-model" and c["steps"] == 4 and c["n"] == 2 for c in calls)
+    # the model is loaded once for the whole sweep, and that pipeline is handed to every setting
+    assert loads == ["my-model"]
+    assert all(c["model"] == "loaded:my-model" and c["steps"] == 4 and c["n"] == 2 for c in calls)
     report = json.loads((out / "report.json").read_text())
     assert len(report["runs"]) == 4 and "per_image" not in report  # a sweep: one entry per setting
     run = report["runs"][1]

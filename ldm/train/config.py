@@ -1,0 +1,144 @@
+"""TrainConfig: one dataclass per section of a training YAML (model, data, loss, optim, ema, sampling, run)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ldm.data.config import DataConfig
+from ldm.errors import ConfigError
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+LOGGERS = ("tensorboard", "wandb", "none")
+INPUTS = ("images", "latents")
+SIGMA_SAMPLERS = ("discrete", "lognormal")
+WEIGHTINGS = ("auto", "eps", "v", "x0", "edm", "min_snr")
+
+
+@dataclass
+class PretrainedConfig:
+    """Weights to start from: anything `ldm.io.formats.load_model` reads, or a `.safetensors` of native keys."""
+
+    autoencoder: str | None = None  # required for real runs: the autoencoder is frozen, never trained here
+    text_encoder: str | None = None  # CLIP / OpenCLIP weights (frozen); None = the encoder's own `pretrained` setting
+    unet: str | None = None  # fine-tune from these U-Net weights; None = random init (training from scratch)
+
+
+@dataclass
+class ModelConfig:
+    """The latent diffusion model; each section is the component's own config dataclass, as a mapping."""
+
+    unet: dict = field(default_factory=dict)  # ldm.models.unet.UNetConfig (use_checkpoint = gradient checkpointing)
+    autoencoder: dict = field(default_factory=dict)  # ldm.models.autoencoder.AutoencoderConfig (with scale_factor)
+    text_encoder: dict = field(default_factory=dict)  # ldm.models.text_encoders.TextEncoderConfig (its `freeze`
+    # decides whether it trains with the U-Net: by default only the small encoder does)
+    schedule: dict = field(default_factory=dict)  # ldm.diffusion.schedules.ScheduleConfig (diffusers keys)
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
+    random_autoencoder: bool = False  # allow a frozen random autoencoder (tests only: its latents mean nothing)
+
+
+@dataclass
+class LossConfig:
+    """What the network learns: which noise levels, how they are weighted, and from which inputs."""
+
+    sigma_sampler: str = "discrete"  # "discrete": uniform over the schedule's timesteps (DDPM); "lognormal" (EDM)
+    p_mean: float = -1.2  # lognormal: mean of log(sigma) (Karras et al. 2022, table 1)
+    p_std: float = 1.2  # lognormal: std of log(sigma)
+    weighting: str = "auto"  # "auto" (the prediction type's own MSE: eps / v / x0), "min_snr", "edm", "eps", "v", "x0"
+    min_snr_gamma: float = 5.0  # min-SNR-gamma weighting (Hang et al. 2023)
+    sigma_data: float = 0.5  # "edm" weighting
+    vlb_weight: float = 0.001  # learn_sigma U-Nets: L_simple + vlb_weight * L_vlb (Nichol & Dhariwal 2021)
+    offset_noise: float = 0.0  # per-channel constant added to the noise (Guttenberg 2023); 0 = off
+    inputs: str = "images"  # "images": encode pixels with the frozen autoencoder; "latents": precomputed latent shards
+
+    def __post_init__(self):
+        if self.inputs not in INPUTS:
+            raise ConfigError(f"loss.inputs must be one of {list(INPUTS)}, got {self.inputs!r}")
+        if self.sigma_sampler not in SIGMA_SAMPLERS:
+            raise ConfigError(f"loss.sigma_sampler must be one of {list(SIGMA_SAMPLERS)}, got {self.sigma_sampler!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"loss.weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (Loshchilov & Hutter 2019) with linear warm-up and a decay schedule."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    fused: bool | None = None  # fused AdamW kernel; None = on CUDA only
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None = no clipping
+    lr_schedule: str = "constant"  # "constant" | "cosine" | "linear" (after the warm-up)
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from lr / warmup_steps to lr
+    decay_steps: int | None = None  # steps over which cosine/linear decay; None = max_steps
+    min_lr_ratio: float = 0.0  # final lr / lr for cosine and linear
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"optim.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0 or self.lr <= 0:
+            raise ConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trained weights; the exported model uses it."""
+
+    enabled: bool = True
+    decay: float = 0.9999  # the (maximum) decay per optimizer step
+    warmup: bool = False  # decay_n = min(decay, 1 - (1 + n / inv_gamma) ** -power) for the n-th update
+    inv_gamma: float = 1.0
+    power: float = 2 / 3  # 2/3 suits ~1M steps, 3/4 ~100k steps (k-diffusion's EMAWarmup)
+
+    def __post_init__(self):
+        if not 0.0 <= self.decay < 1.0:
+            raise ConfigError(f"ema.decay must lie in [0, 1), got {self.decay}")
+
+
+@dataclass
+class SamplingConfig:
+    """Sample grids drawn with the EMA weights during training (PNG into DIR/samples/ and the logs)."""
+
+    every: int = 0  # optimizer steps between grids; 0 = only at the end of the run
+    at_end: bool = True
+    prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])
+    n_per_prompt: int = 2
+    sampler: str = "euler"  # a key of ldm.diffusion.samplers.SAMPLERS
+    steps: int = 20
+    guidance: float = 5.0  # classifier-free guidance scale (<= 1 disables it)
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; `tools/train.py --config X.yaml key=value ...` builds it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    output_dir: str = "runs/default"
+    max_steps: int = 1000  # optimizer steps (each of grad_accum micro-batches per rank)
+    grad_accum: int = 1  # micro-batches of data.batch_size per optimizer step and rank
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (autocast; weights and optimizer stay float32)
+    seed: int = 0  # model init, and with the rank the per-sample noise seeds
+    checkpoint_every: int = 1000  # optimizer steps between checkpoints (the end of a run always writes one)
+    checkpoints_total_limit: int | None = 3  # keep the newest N checkpoints; None = keep all
+    log_every: int = 10  # optimizer steps between logged scalars
+    log_with: str = "tensorboard"  # "tensorboard" | "wandb" | "none"
+    attention_backend: str = "sdpa"  # "sdpa" | "xformers" (falls back to sdpa with a warning) | "math"
+    allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+    progress: bool = True  # tqdm bar on the main process
+
+    def __post_init__(self):
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        if self.log_with not in LOGGERS:
+            raise ConfigError(f"log_with must be one of {list(LOGGERS)}, got {self.log_with!r}")
+        if self.max_steps < 0 or self.grad_accum < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+            raise ConfigError("max_steps must be >= 0, grad_accum, checkpoint_every and log_every >= 1")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError("checkpoints_total_limit must be >= 1 or null")

@@ -1,0 +1,287 @@
+"""The training loop of a latent text-to-image diffusion model, readable top to bottom (after EDM's training_loop.py).
+
+One optimizer step = `grad_accum` micro-batches of `data.batch_size` on each of the accelerate processes. The
+noise of sample i of rank r comes from its own generator seeded by (seed, r, i): a step over batch 2b equals two
+accumulated micro-steps over b, and a resumed run draws exactly the noise the uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ldm.config import save_yaml, to_plain
+from ldm.errors import LdmError
+from ldm.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from ldm.train.config import TrainConfig
+from ldm.train.ema import EMA
+from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_parts, check_latent_batch,
+                             latents_from_posterior, sample_seed, text_conditioning)
+from ldm.train.optim import lr_at, make_optimizer, set_lr
+from ldm.train.tracking import RunLogger, tracker_name
+
+TRAIN_CONFIG = "train_config.yaml"  # the resolved run config; DIR/config.yaml is the exported model's (native format)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides tensors: the step and where the data stream stands."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # loader epoch being read
+    batch_in_epoch: int = 0  # batches of that epoch consumed
+    samples: int = 0  # samples consumed by each rank (they number the per-sample noise seeds)
+    skipped: int = 0  # corrupt samples the loaders skipped, all ranks
+    filtered: int = 0  # samples the metadata filters dropped, all ranks
+
+
+def batch_stream(loader, state: TrainState) -> Iterator[dict]:
+    """Batches from the data position in `state` on, advancing it; a resumed run replays the epoch to its position."""
+    while True:
+        loader.set_epoch(state.epoch)  # shard draws, shuffles, crops and caption dropout are seeded per epoch
+        if state.batch_in_epoch < len(loader):
+            for index, batch in enumerate(loader):
+                if index < state.batch_in_epoch:
+                    continue
+                state.batch_in_epoch = index + 1
+                yield batch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def randn_per_sample(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """`b *shape` standard normal noise, row i from generator i."""
+    return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+
+
+@torch.no_grad()
+def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: DiffusionObjective, config: TrainConfig,
+                   state: TrainState, rank: int, device: torch.device) -> dict:
+    """A loader batch -> the objective's arguments: clean latents x0, sigma, noise, and cond or captions."""
+    captions = list(batch["caption"])
+    seeds = [sample_seed(config.seed, rank, state.samples + j) for j in range(len(captions))]
+    state.samples += len(captions)
+    if config.loss.inputs == "latents":
+        check_latent_batch(batch)
+        mean, std = batch["latent_mean"].to(device).float(), batch["latent_std"].to(device).float()
+    else:
+        posterior = parts.autoencoder.encode(batch["image"].to(device))
+        mean, std = posterior.mean.float(), posterior.std.float()
+    # Per-sample generators: noise on the device, sigma on the CPU (one copy per batch, no sync per sample).
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    sigma = torch.cat([objective.sigma_sampler(1, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    shape = tuple(mean.shape[1:])  # c h w
+    x0 = latents_from_posterior(parts.autoencoder.config, mean, std, randn_per_sample(generators, shape, device))
+    noise = randn_per_sample(generators, shape, device)
+    if config.loss.offset_noise:  # a per-channel constant shift teaches the model to change mean brightness
+        noise = noise + config.loss.offset_noise * randn_per_sample(generators, (shape[0], 1, 1), device)
+    inputs = dict(x0=x0, sigma=sigma.to(device, torch.float32), noise=noise)
+    if parts.train_text_encoder:
+        return {**inputs, "captions": captions}
+    if config.loss.inputs == "latents":
+        cond = {"context": latent_text_tokens(batch, parts, device)}
+    else:
+        cond = text_conditioning(parts.text_encoder.encode(captions), parts.unet.config, objective.use_mask)
+    return {**inputs, "cond": {k: v.to(device) for k, v in cond.items()}}
+
+
+def latent_text_tokens(batch: dict, parts: LatentDiffusionParts, device: torch.device) -> torch.Tensor:
+    """Precomputed `b n d` text tokens, with the loader's caption-dropout rows swapped for the empty prompt's."""
+    if parts.unet.config.adm_in_channels is not None:
+        raise LdmError("loss.inputs=latents is not yet supported for U-Nets with pooled text input (adm_in_channels)")
+    tokens = batch["text_tokens"].to(device).float()
+    dropped = batch.get("drop_mask")
+    if dropped is not None and bool(dropped.any()):
+        empty = parts.text_encoder.encode([""]).tokens.to(device, tokens.dtype)
+        tokens = torch.where(dropped.to(device)[:, None, None], empty, tokens)
+    return tokens
+
+
+def train(config: TrainConfig, resume: str | None = None) -> Path:
+    """Train the model of `config` into `config.output_dir`; returns that folder, which then holds the final model."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from ldm.data.loader import make_loader
+    from ldm.models.attention import set_attention_backend
+
+    out = Path(config.output_dir)
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
+    accelerator = Accelerator(
+        cpu=multi_cpu,  # without it accelerate runs each CPU process alone (DistributedType.NO)
+        mixed_precision=config.mixed_precision,  # autocast in the wrapped forward; weights stay float32
+        log_with=tracker_name(config.log_with),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    set_attention_backend(config.attention_backend)
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # The model: identical random init on every rank (DDP broadcasts rank 0's weights anyway).
+    torch.manual_seed(config.seed)
+    parts = build_parts(config.model)
+    resolved = {**to_plain(config), "model": {**to_plain(config.model), **parts.resolved()}}
+    if accelerator.is_main_process:
+        save_yaml(resolved, out / TRAIN_CONFIG)
+    objective = DiffusionObjective(parts, config.loss)
+    ema = None
+    if config.ema.enabled:  # on the unwrapped parameters, never DDP's
+        e = config.ema
+        ema = EMA(objective, e.decay, warmup=e.warmup, inv_gamma=e.inv_gamma, power=e.power).to(device)
+    optimizer = make_optimizer(objective.parameters(), config.optim, device)
+    model, optimizer = accelerator.prepare(objective, optimizer)
+    parts.autoencoder.to(device)  # float32 weights: the exported model keeps the pretrained precision
+    parts.text_encoder.to(device)
+
+    # The data: not passed to accelerator.prepare (it would re-split the webdataset stream); batches moved here.
+    loader = make_loader(config.data, rank=rank, world_size=world)
+    state = TrainState()
+    checkpoint = resolve_resume(out, resume)
+    if checkpoint is not None:
+        saved = load_checkpoint(accelerator, checkpoint, ema)
+        state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    batches = batch_stream(loader, state)
+    logger = RunLogger(accelerator, config.log_with, out)
+    latent_size = config.data.resolution // parts.autoencoder.downsample_factor  # of the sample grids
+
+    saved_step = state.step if checkpoint is not None else None
+
+    def checkpoint_now() -> None:
+        nonlocal saved_step
+        sync_counts()
+        save_checkpoint(accelerator, out, state.step, dataclasses.asdict(state), ema, config.checkpoints_total_limit)
+        saved_step = state.step
+
+    pending = torch.zeros(3, device=device)  # loss sum, skipped, filtered since the last log (this rank)
+    loss_count, timer_start, timer_step = 0, time.perf_counter(), state.step
+
+    def sync_counts() -> torch.Tensor:
+        """Sum the pending counts over ranks (a collective: every rank calls it at the same steps)."""
+        nonlocal pending
+        total = accelerator.reduce(pending.clone(), reduction="sum")
+        state.skipped += int(total[1])
+        state.filtered += int(total[2])
+        pending = torch.zeros_like(pending)
+        return total
+
+    progress = None
+    if config.progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=config.max_steps, initial=state.step, desc="train", unit="step")
+
+    model.train()
+    while state.step < config.max_steps:
+        lr = lr_at(state.step, config.optim, config.max_steps)
+        set_lr(optimizer, lr)
+        for micro in range(config.grad_accum):
+            batch = next(batches)
+            pending[1] += int(batch.get("num_skipped", 0))
+            pending[2] += int(batch.get("num_filtered", 0))
+            with accelerator.autocast():  # the frozen encoders run in the autocast dtype, their weights stay float32
+                inputs = prepare_inputs(batch, parts, objective, config, state, rank, device)
+            last = micro == config.grad_accum - 1
+            with accelerator.no_sync(model) if not last else contextlib.nullcontext():  # all-reduce once per step
+                loss = model(**inputs).mean()
+                accelerator.backward(loss / config.grad_accum)
+            pending[0] += loss.detach().float()
+            loss_count += 1
+        grad_norm = None
+        if config.optim.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(objective.parameters(), config.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(objective)
+        state.step += 1
+        if progress is not None:
+            progress.update(1)
+
+        if state.step % config.log_every == 0 or state.step == config.max_steps:
+            total = sync_counts()
+            elapsed = time.perf_counter() - timer_start
+            images = (state.step - timer_step) * config.grad_accum * config.data.batch_size * world
+            values = {"loss": float(total[0]) / max(1, loss_count * world), "lr": lr, "img_per_s": images / elapsed,
+                      "skipped": state.skipped, "filtered": state.filtered, "epoch": state.epoch}
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            if ema is not None:
+                values["ema_decay"] = ema.current_decay()
+            if not math.isfinite(values["loss"]):
+                raise LdmError(f"the loss became {values['loss']} at step {state.step}; lower optim.lr, or use "
+                               "mixed_precision=bf16 instead of fp16")
+            logger.scalars(values, state.step)
+            if progress is not None:
+                progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.1f}")
+            else:  # headless runs (batch jobs) get a plain line instead of the bar
+                accelerator.print(f"step {state.step} loss {values['loss']:.4f} lr {lr:.3g} "
+                                  f"img/s {values['img_per_s']:.1f} skipped {state.skipped}")
+            loss_count, timer_start, timer_step = 0, time.perf_counter(), state.step
+        sampled = bool(config.sampling.every) and state.step % config.sampling.every == 0
+        if sampled:
+            log_samples(parts, ema, objective, config, latent_size, device, logger, state.step, accelerator)
+        if state.step % config.checkpoint_every == 0:
+            checkpoint_now()
+        if sampled or state.step % config.checkpoint_every == 0:  # img/s measures training, not these pauses
+            timer_start, timer_step = time.perf_counter(), state.step
+
+    # The end: a checkpoint (so `--max-steps` can grow and `--resume latest` go on), samples, the EMA model.
+    if progress is not None:
+        progress.close()
+    if saved_step != state.step:
+        checkpoint_now()
+    if config.sampling.at_end:
+        log_samples(parts, ema, objective, config, latent_size, device, logger, state.step, accelerator)
+    if accelerator.is_main_process:
+        export_model(parts, ema, objective, out)
+    accelerator.wait_for_everyone()
+    logger.close()
+    return out
+
+
+def _ema_weights(ema: EMA | None, objective: DiffusionObjective):
+    return ema.swapped_in(objective) if ema is not None else contextlib.nullcontext()
+
+
+def log_samples(parts, ema, objective, config, latent_size, device, logger, step, accelerator) -> None:
+    """A grid of EMA samples for the configured prompts, drawn on the main process."""
+    if not accelerator.is_main_process or not config.sampling.prompts:
+        return
+    from ldm.eval.grid import make_grid
+    from ldm.train.samples import sample_images
+
+    s = config.sampling
+    prompts = [p for p in s.prompts for _ in range(s.n_per_prompt)]
+    with _ema_weights(ema, objective), accelerator.autocast():
+        images = sample_images(parts, prompts, s, latent_size, device)
+    logger.grid("samples", make_grid(images, ncols=s.n_per_prompt, captions=prompts), step)
+
+
+def export_model(parts, ema, objective, out: Path) -> None:
+    """Write the EMA weights in the native format into `out`, loadable with `ldm-txt2img --model out`."""
+    from ldm.io.components import SDComponents, resolved_config
+    from ldm.io.formats import save_native
+
+    model_config = resolved_config(parts.unet.config, parts.autoencoder.config, parts.text_encoder_config,
+                                   parts.schedule)
+    staging = out / ".export.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    with _ema_weights(ema, objective):
+        components = SDComponents(unet=parts.unet, autoencoder=parts.autoencoder, text_encoder=parts.text_encoder,
+                                  schedule=parts.schedule, config=model_config, source=str(out))
+        save_native(components, staging / "model")  # save_native swaps in a whole folder: stage it, then move
+    entries = sorted((staging / "model").iterdir(), key=lambda p: p.name == "config.yaml")  # config.yaml last
+    for entry in entries:
+        if (out / entry.name).is_dir():
+            shutil.rmtree(out / entry.name)
+        os.replace(entry, out / entry.name)
+    shutil.rmtree(staging, ignore_errors=True)

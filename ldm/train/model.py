@@ -1,0 +1,190 @@
+"""The model a training run builds: a trainable U-Net denoiser, a frozen autoencoder, a text encoder."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.config import from_dict, to_plain
+from ldm.diffusion.denoiser import DiscreteDenoiser
+from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
+from ldm.errors import ConfigError, LdmError
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.unet import UNetConfig, UNetModel
+from ldm.train.config import LossConfig, ModelConfig
+
+PREFIXES = {"unet": "model.diffusion_model.", "autoencoder": "first_stage_model.", "text_encoder": "cond_stage_model."}
+
+
+@dataclass
+class LatentDiffusionParts:
+    """The built networks and their resolved configs (the dataclasses, defaults filled in)."""
+
+    unet: UNetModel
+    autoencoder: AutoencoderKL
+    text_encoder: nn.Module
+    schedule: ScheduleConfig
+    text_encoder_config: Any  # ldm.models.text_encoders.TextEncoderConfig
+
+    @property
+    def train_text_encoder(self) -> bool:
+        """Whether the text encoder trains with the U-Net (TextEncoderConfig.freeze; by default the small one does)."""
+        return not getattr(self.text_encoder, "frozen", True)
+
+    def resolved(self) -> dict:
+        """The model section with every default written out, as saved in DIR/train_config.yaml."""
+        return {"unet": to_plain(self.unet.config), "autoencoder": to_plain(self.autoencoder.config),
+                "text_encoder": to_plain(self.text_encoder_config), "schedule": to_plain(self.schedule)}
+
+
+def _load_weights(kind: str, module: nn.Module, path: str) -> nn.Module:
+    """Weights for one component from a file: its native keys, or a whole original SD checkpoint (its part taken).
+
+    Of an original checkpoint with both, the trained (non-EMA) U-Net weights are taken, the usual start of a fine-tune.
+    """
+    from ldm.io.checkpoint import load_into, read_state_dict
+    from ldm.io.infer import normalize_text_keys, strip_prefix
+
+    sd = read_state_dict(path)
+    prefix = PREFIXES[kind]
+    if any(k.startswith(prefix) for k in sd):
+        sd = strip_prefix(normalize_text_keys(sd) if kind == "text_encoder" else sd, prefix)
+    if kind == "text_encoder":  # a buffer transformers 5 no longer has, and OpenCLIP's unused image tower
+        sd.pop("transformer.text_model.embeddings.position_ids", None)
+        sd = {k: v for k, v in sd.items() if not k.startswith("model.visual.")}
+    return load_into(module, sd, source=f"model.pretrained.{kind}={path}")
+
+
+def _pretrained(kind: str, module: nn.Module, path: str | None) -> tuple[nn.Module, dict | None]:
+    """The component with `path`'s weights, and the model config when `path` was a whole model (its config wins)."""
+    if path is None:
+        return module, None
+    if Path(path).is_file():
+        return _load_weights(kind, module, path), None
+    from ldm.io.formats import load_model  # a native / diffusers folder or a hub id
+
+    components = load_model(path)
+    return getattr(components, kind), components.config
+
+
+def build_parts(config: ModelConfig) -> LatentDiffusionParts:
+    """Build (and load) the networks a ModelConfig describes, in float32; the autoencoder is always frozen."""
+    from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
+
+    unet_config = from_dict(UNetConfig, config.unet, where="model.unet")
+    unet = UNetModel(unet_config)
+    autoencoder = AutoencoderKL(from_dict(AutoencoderConfig, config.autoencoder, where="model.autoencoder"))
+    text_config = from_dict(TextEncoderConfig, config.text_encoder, where="model.text_encoder")
+    text_encoder = build_text_encoder(text_config)
+    schedule = from_dict(ScheduleConfig, config.schedule, where="model.schedule")
+
+    if config.pretrained.autoencoder is None and not config.random_autoencoder:
+        raise ConfigError("model.pretrained.autoencoder is required: the autoencoder is frozen, so it must be a "
+                          "trained one (an SD checkpoint, a native/diffusers model folder, or a .safetensors of its "
+                          "weights); model.random_autoencoder=true allows a random one for tests")
+    unet, _ = _pretrained("unet", unet, config.pretrained.unet)
+    autoencoder, _ = _pretrained("autoencoder", autoencoder, config.pretrained.autoencoder)
+    text_encoder, whole = _pretrained("text_encoder", text_encoder, config.pretrained.text_encoder)
+    if whole is not None:
+        from ldm.io.components import text_config as text_config_from
+
+        text_config = text_config_from(whole["text_encoder"])
+    for module in (unet, autoencoder, text_encoder):
+        module.float()  # stored fp16 weights would break float32 training; autocast picks the compute dtype
+    unet.requires_grad_(True).train()
+    unet.set_gradient_checkpointing(unet_config.use_checkpoint)  # also for a U-Net loaded from a model folder
+
+    autoencoder.requires_grad_(False).eval()
+    context_dim = getattr(text_encoder, "dim", None)
+    if unet.config.context_dim is not None and context_dim is not None and context_dim != unet.config.context_dim:
+        raise ConfigError(f"model.unet.context_dim={unet.config.context_dim} but the text encoder gives "
+                          f"{context_dim}-wide embeddings; make them equal")
+    if unet.config.in_channels < autoencoder.latent_channels:
+        raise ConfigError(f"model.unet.in_channels={unet.config.in_channels} is fewer than the autoencoder's "
+                          f"{autoencoder.latent_channels} latent channels")
+    return LatentDiffusionParts(unet, autoencoder, text_encoder, schedule, text_config)
+
+
+def text_conditioning(embeddings, unet_config: UNetConfig, use_mask: bool) -> dict[str, torch.Tensor]:
+    """TextEmbeddings -> the U-Net's keyword arguments (context, pooled `y` for ADM-style U-Nets, mask for T5)."""
+    cond = {"context": embeddings.tokens}
+    if unet_config.adm_in_channels is not None and embeddings.pooled is not None:
+        cond["y"] = embeddings.pooled
+    if use_mask and embeddings.mask is not None:
+        cond["context_mask"] = embeddings.mask
+    return cond
+
+
+PREDICTION_WEIGHTING = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def make_weighting(loss: LossConfig, prediction_type: str):
+    """The loss weighting of sigma; "auto" is the MSE of what the network predicts (eps, v or x0)."""
+    from ldm.diffusion.losses import get_weighting
+
+    name = PREDICTION_WEIGHTING[prediction_type] if loss.weighting == "auto" else loss.weighting
+    kwargs = {"min_snr": {"gamma": loss.min_snr_gamma}, "edm": {"sigma_data": loss.sigma_data}}.get(name, {})
+    return get_weighting(name, **kwargs)
+
+
+class DiffusionObjective(nn.Module):
+    """What DDP wraps and the optimizer trains: the U-Net denoiser (plus a trained text encoder); returns `b` losses."""
+
+    def __init__(self, parts: LatentDiffusionParts, loss: LossConfig):
+        super().__init__()
+        from ldm.diffusion.losses import DiscreteSigmaSampler, LogNormalSigmaSampler
+
+        schedule = DiscreteSchedule.from_config(parts.schedule)
+        self.denoiser = DiscreteDenoiser(parts.unet, schedule, parts.schedule.prediction_type)
+        self.text_encoder = parts.text_encoder if parts.train_text_encoder else None
+        self.use_mask = parts.text_encoder_config.type == "t5"
+        self.weighting = make_weighting(loss, parts.schedule.prediction_type)
+        self.vlb_weight = loss.vlb_weight
+        self.learned_variance = parts.unet.config.learn_sigma
+        if loss.sigma_sampler == "discrete":
+            self.sigma_sampler = DiscreteSigmaSampler(schedule)
+        elif self.learned_variance:
+            raise ConfigError("a learned-variance U-Net (learn_sigma) needs loss.sigma_sampler=discrete")
+        else:
+            self.sigma_sampler = LogNormalSigmaSampler(loss.p_mean, loss.p_std)
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.denoiser.network
+
+    def forward(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond: dict | None = None,
+                captions: list[str] | None = None) -> torch.Tensor:
+        """Per-sample loss `b` of denoising x0 + sigma * noise; a trained text encoder encodes `captions` here."""
+        from ldm.diffusion.losses import denoising_loss, hybrid_loss
+
+        if self.text_encoder is not None:
+            cond = text_conditioning(self.text_encoder.encode(captions), self.unet.config, self.use_mask)
+        if self.learned_variance:
+            return hybrid_loss(self.denoiser, x0, sigma, cond, weighting=self.weighting, vlb_weight=self.vlb_weight,
+                               noise=noise)
+        return denoising_loss(self.denoiser, x0, sigma, cond, self.weighting, noise=noise)
+
+
+def sample_seed(*parts: Any) -> int:
+    """A 63-bit seed from (seed, rank, sample index, ...), identical in every process and Python run."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def latents_from_posterior(config: AutoencoderConfig, mean: torch.Tensor, std: torch.Tensor,
+                           eps: torch.Tensor) -> torch.Tensor:
+    """A posterior draw in diffusion space, (mean + std * eps - shift_factor) * scale_factor (AutoencoderConfig)."""
+    return (mean + std * eps - config.shift_factor) * config.scale_factor
+
+
+def check_latent_batch(batch: dict) -> None:
+    """Latent shards need `latent_mean`, `latent_std` and `text_tokens` from the loader; say so clearly otherwise."""
+    missing = [k for k in ("latent_mean", "latent_std", "text_tokens") if k not in batch]
+    if missing:
+        raise LdmError(f"loss.inputs=latents is not yet supported with this data: the loader gave no {missing} "
+                       f"(it gave {sorted(batch)}). Latent shards need data.sample_format set to the format that "
+                       "data_scripts/precompute_latents.py registers; or train from images with loss.inputs=images.")

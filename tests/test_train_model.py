@@ -1,0 +1,81 @@
+"""Building the trainable model: pretrained weights from a single-file checkpoint, the SD-1/SD-2 training configs."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.config import from_dict, load_yaml
+from ldm.errors import ConfigError
+from ldm.models.unet import UNetConfig
+from ldm.train.config import ModelConfig, TrainConfig
+from ldm.train.model import build_parts, latents_from_posterior
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)
+TINY = dict(
+    unet=dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_heads=-1,
+              num_head_channels=16, context_dim=32),
+    autoencoder=dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, resolution=32, norm_groups=8, scale_factor=0.5),
+    text_encoder=dict(type="clip", hf_config=TINY_CLIP),
+)
+
+
+def test_pretrained_components_from_an_original_checkpoint(tmp_path):
+    from ldm.io.components import SDComponents, resolved_config
+    from ldm.io.original_format import save_original
+
+    torch.manual_seed(1)
+    source = build_parts(from_dict(ModelConfig, {**TINY, "random_autoencoder": True}))
+    components = SDComponents(source.unet, source.autoencoder, source.text_encoder, source.schedule,
+                              resolved_config(source.unet.config, source.autoencoder.config,
+                                              source.text_encoder_config, source.schedule), "test")
+    save_original(components, tmp_path / "sd.safetensors", write_yaml=False)
+
+    torch.manual_seed(2)  # different random init: every weight must come from the file
+    path = str(tmp_path / "sd.safetensors")
+    parts = build_parts(from_dict(ModelConfig, {**TINY, "pretrained": {"unet": path, "autoencoder": path,
+                                                                      "text_encoder": path}}))
+    for name in ("unet", "autoencoder", "text_encoder"):
+        expected, got = getattr(source, name).state_dict(), getattr(parts, name).state_dict()
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), name
+    assert parts.unet.training and all(p.requires_grad for p in parts.unet.parameters())
+    assert not any(p.requires_grad for p in parts.autoencoder.parameters())
+    assert not parts.train_text_encoder  # CLIP stays frozen
+
+
+def test_random_autoencoder_needs_an_explicit_switch():
+    with pytest.raises(ConfigError, match="pretrained.autoencoder is required"):
+        build_parts(from_dict(ModelConfig, TINY))
+
+
+def test_context_dim_must_match_the_text_encoder():
+    bad = {**TINY, "unet": {**TINY["unet"], "context_dim": 64}, "random_autoencoder": True}
+    with pytest.raises(ConfigError, match="context_dim"):
+        build_parts(from_dict(ModelConfig, bad))
+
+
+def test_latents_from_posterior_applies_shift_and_scale():
+    from ldm.models.autoencoder import AutoencoderConfig
+
+    cfg = AutoencoderConfig(scale_factor=0.5, shift_factor=0.1)
+    mean, std, eps = torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([0.5])
+    assert latents_from_posterior(cfg, mean, std, eps).item() == pytest.approx((1.0 + 2.0 * 0.5 - 0.1) * 0.5)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_sd_training_configs_match_the_published_architectures(version):
+    config = from_dict(TrainConfig, load_yaml(ROOT / "configs" / f"sd-{version}.yaml"))
+    unet = from_dict(UNetConfig, config.model.unet)
+    original = load_yaml(ROOT / "configs" / f"sd-{version}-inference.yaml")["model"]["params"]
+    params = original["unet_config"]["params"]
+    for key in ("model_channels", "attention_resolutions", "num_res_blocks", "channel_mult", "context_dim"):
+        assert list(getattr(unet, key)) == list(params[key]) if isinstance(params[key], list) \
+            else getattr(unet, key) == params[key], key
+    assert unet.heads_for(320) == ((8, 40) if version == "v1" else (5, 64))
+    assert unet.use_linear_in_transformer == (version == "v2") and unet.use_checkpoint
+    assert config.model.autoencoder["scale_factor"] == original["scale_factor"]
+    assert config.model.text_encoder["type"] == ("clip" if version == "v1" else "openclip")
+    assert config.model.schedule["beta_start"] == original["linear_start"]
+    assert config.model.pretrained.autoencoder is None and not config.model.random_autoencoder  # must be given

@@ -1,0 +1,157 @@
+"""Training building blocks with known answers: EMA closed forms, the LR schedule, atomic and rotated checkpoints."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ldm.errors import CheckpointError, ConfigError
+from ldm.train import checkpointing as ckpt
+from ldm.train.config import OptimConfig, TrainConfig
+from ldm.train.ema import EMA, ema_decay
+from ldm.train.optim import lr_at
+
+
+def _params_sequence(k: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 2, generator=g) for _ in range(k)]
+
+
+def test_ema_constant_decay_closed_form():
+    # shadow_k = d^k theta_0 + sum_i (1 - d) d^(k - i) theta_i
+    model = nn.Linear(2, 3, bias=False)
+    theta0 = model.weight.detach().clone()
+    d, k = 0.9, 7
+    ema = EMA(model, decay=d)
+    thetas = _params_sequence(k)
+    for theta in thetas:
+        model.weight.data.copy_(theta)
+        ema.update(model)
+    expected = d**k * theta0 + sum((1 - d) * d ** (k - i) * thetas[i - 1] for i in range(1, k + 1))
+    torch.testing.assert_close(ema.shadow["weight"], expected, rtol=0, atol=1e-6)
+    assert ema.num_updates == k
+
+
+def test_ema_warmup_decay_closed_form():
+    # decay_n = min(d, 1 - (1 + n / inv_gamma)^-power)
+    # shadow_k = prod_j d_j theta_0 + sum_i (1 - d_i) prod_{j>i} d_j theta_i
+    model = nn.Linear(2, 3, bias=False)
+    theta0 = model.weight.detach().clone()
+    d, k, inv_gamma, power = 0.75, 8, 1.0, 0.75
+    decays = [min(d, 1 - (1 + n / inv_gamma) ** -power) for n in range(k)]
+    assert decays[0] == 0.0 and decays[1] == pytest.approx(1 - 2**-0.75) and decays[-1] == d
+    ema = EMA(model, decay=d, warmup=True, inv_gamma=inv_gamma, power=power)
+    thetas = _params_sequence(k, seed=2)
+    for theta in thetas:
+        model.weight.data.copy_(theta)
+        ema.update(model)
+    expected = math.prod(decays) * theta0
+    for i, theta in enumerate(thetas):
+        expected = expected + (1 - decays[i]) * math.prod(decays[i + 1:]) * theta
+    torch.testing.assert_close(ema.shadow["weight"], expected, rtol=0, atol=1e-6)
+    assert ema_decay(10**9, d, warmup=True) == d
+
+
+def test_ema_swap_state_dict_and_frozen_params():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].requires_grad_(False)
+    ema = EMA(model, decay=0.5)
+    assert ema.names == ["0.weight", "0.bias"]  # only trained parameters are averaged
+    trained = model[0].weight.detach().clone()
+    ema.shadow["0.weight"].fill_(3.0)
+    with ema.swapped_in(model):
+        assert torch.all(model[0].weight == 3.0)
+    torch.testing.assert_close(model[0].weight, trained, rtol=0, atol=0)
+    other = EMA(model, decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert torch.all(other.shadow["0.weight"] == 3.0) and other.num_updates == 0
+    with pytest.raises(KeyError):
+        EMA(nn.Linear(3, 3), decay=0.5).load_state_dict(ema.state_dict())
+
+
+def test_lr_schedules():
+    warm = OptimConfig(lr=1.0, warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert [lr_at(s, warm, 104) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, warm, 104) == pytest.approx(1.0)
+    assert lr_at(54, warm, 104) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert lr_at(104, warm, 104) == pytest.approx(0.1) and lr_at(500, warm, 104) == pytest.approx(0.1)
+    linear = OptimConfig(lr=2.0, lr_schedule="linear", decay_steps=10)
+    assert lr_at(5, linear, 1000) == pytest.approx(1.0) and lr_at(10, linear, 1000) == pytest.approx(0.0)
+    assert lr_at(123, OptimConfig(lr=3.0), 10) == 3.0
+    with pytest.raises(ConfigError):
+        OptimConfig(lr_schedule="step")
+
+
+def test_train_config_rejects_unknown_keys():
+    from ldm.config import from_dict
+
+    with pytest.raises(ConfigError, match="lr_shedule"):
+        from_dict(TrainConfig, {"optim": {"lr_shedule": "cosine"}})
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        from_dict(TrainConfig, {"mixed_precision": "fp8"})
+    cfg = from_dict(TrainConfig, {"data": {"batch_size": 3}, "optim": {"betas": [0.9, 0.99]}})
+    assert cfg.data.batch_size == 3 and cfg.optim.betas == (0.9, 0.99)
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+
+@pytest.fixture()
+def accel_setup():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = _Model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.lin.weight.grad = torch.ones_like(model.lin.weight)
+    optimizer.step()
+    return accelerator, model, optimizer
+
+
+def test_checkpoint_roundtrip_rotation_and_latest(tmp_path, accel_setup):
+    accelerator, model, optimizer = accel_setup
+    ema = EMA(model, decay=0.5)
+    for step in (2, 4, 6):
+        ckpt.save_checkpoint(accelerator, tmp_path, step, {"epoch": 0, "samples": step * 10}, ema, total_limit=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 6]  # step 2 rotated away
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    latest = ckpt.resolve_resume(tmp_path, "latest")
+    assert latest.name == "step-000006"
+    saved_weight = model.lin.weight.detach().clone()
+    saved_moment = optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    with torch.no_grad():
+        model.lin.weight.add_(1.0)
+    ema.shadow["lin.weight"].zero_()
+    state = ckpt.load_checkpoint(accelerator, latest, ema)
+    assert state == {"epoch": 0, "samples": 60, "step": 6}
+    torch.testing.assert_close(model.lin.weight, saved_weight, rtol=0, atol=0)
+    torch.testing.assert_close(optimizer.state_dict()["state"][0]["exp_avg"], saved_moment, rtol=0, atol=0)
+    torch.testing.assert_close(ema.shadow["lin.weight"], saved_weight, rtol=0, atol=0)
+    assert ckpt.resolve_resume(tmp_path / "elsewhere", "latest") is None  # fresh start
+    with pytest.raises(CheckpointError):
+        ckpt.resolve_resume(tmp_path, str(tmp_path / "nope"))
+
+
+def test_crash_mid_save_leaves_no_half_checkpoint(tmp_path, accel_setup, monkeypatch):
+    accelerator, model, _ = accel_setup
+    ema = EMA(model, decay=0.5)
+    ckpt.save_checkpoint(accelerator, tmp_path, 2, {"epoch": 0}, ema)
+
+    def broken_writer(*args, **kwargs):  # the EMA file is written after accelerate's files: a crash in between
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken_writer)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(accelerator, tmp_path, 4, {"epoch": 0}, ema)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]  # no step-4, no temp dir
+    assert ckpt.resolve_resume(tmp_path, "latest").name == "step-000002"
+    # a folder that a killed process left without its state file is never taken for a checkpoint
+    (tmp_path / "checkpoints" / "step-000008").mkdir()
+    (tmp_path / "checkpoints" / "step-000008" / "model.safetensors").write_bytes(b"half")
+    assert ckpt.resolve_resume(tmp_path, "latest").name == "step-000002"
+    assert json.loads((tmp_path / "checkpoints" / "step-000002" / ckpt.STATE_FILE).read_text())["step"] == 2
