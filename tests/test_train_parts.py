@@ -155,3 +155,18 @@ def test_crash_mid_save_leaves_no_half_checkpoint(tmp_path, accel_setup, monkeyp
     (tmp_path / "checkpoints" / "step-000008" / "model.safetensors").write_bytes(b"half")
     assert ckpt.resolve_resume(tmp_path, "latest").name == "step-000002"
     assert json.loads((tmp_path / "checkpoints" / "step-000002" / ckpt.STATE_FILE).read_text())["step"] == 2
+
+
+def test_parameter_fingerprint_sees_any_single_change():
+    import torch
+
+    from ldm.train.loop import parameter_fingerprint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    before = parameter_fingerprint(model)
+    assert torch.equal(before, parameter_fingerprint(model))
+    with torch.no_grad():
+        w = model[1].weight
+        w[0, 0], w[0, 1] = w[0, 1].item(), w[0, 0].item()  # a swap keeps the plain sum: the weighted sum catches it
+    after = parameter_fingerprint(model)
+    assert after[0].item() == pytest.approx(before[0].item()) and after[1] != before[1]

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -86,22 +87,46 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
     if parts.train_text_encoder:
         return {**inputs, "captions": captions}
     if config.loss.inputs == "latents":
-        cond = {"context": latent_text_tokens(batch, parts, device)}
+        cond = latent_text_conditioning(batch, parts, objective.use_mask, device)
     else:
         cond = text_conditioning(parts.text_encoder.encode(captions), parts.unet.config, objective.use_mask)
     return {**inputs, "cond": {k: v.to(device) for k, v in cond.items()}}
 
 
-def latent_text_tokens(batch: dict, parts: LatentDiffusionParts, device: torch.device) -> torch.Tensor:
-    """Precomputed `b n d` text tokens, with the loader's caption-dropout rows swapped for the empty prompt's."""
-    if parts.unet.config.adm_in_channels is not None:
-        raise LdmError("loss.inputs=latents is not yet supported for U-Nets with pooled text input (adm_in_channels)")
+_EMPTY_PROMPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # frozen text encoder -> its "" embedding
+
+
+def empty_prompt_embedding(text_encoder: torch.nn.Module):
+    """The frozen encoder's embedding of "" (what caption dropout swaps in), encoded once per encoder."""
+    if text_encoder not in _EMPTY_PROMPT:
+        _EMPTY_PROMPT[text_encoder] = text_encoder.encode([""])
+    return _EMPTY_PROMPT[text_encoder]
+
+
+def latent_text_conditioning(batch: dict, parts: LatentDiffusionParts, use_mask: bool, device: torch.device) -> dict:
+    """Precomputed text embeddings -> U-Net arguments; the loader's caption-dropout rows get the empty prompt's."""
+    from ldm.models.text_encoders import TextEmbeddings
+
     tokens = batch["text_tokens"].to(device).float()
+    mask, pooled = batch.get("text_mask"), batch.get("text_pooled")
+    mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.to(device)
+    pooled = None if pooled is None else pooled.to(device).float()
+    if parts.unet.config.adm_in_channels is not None and pooled is None:
+        raise LdmError("loss.inputs=latents with a U-Net taking pooled text (adm_in_channels) needs `text_pooled` "
+                       "from the loader; precompute the latents with a text encoder that has a pooled output")
     dropped = batch.get("drop_mask")
     if dropped is not None and bool(dropped.any()):
-        empty = parts.text_encoder.encode([""]).tokens.to(device, tokens.dtype)
-        tokens = torch.where(dropped.to(device)[:, None, None], empty, tokens)
-    return tokens
+        empty, rows = empty_prompt_embedding(parts.text_encoder), dropped.to(device)
+        tokens = torch.where(rows[:, None, None], empty.tokens.to(device, tokens.dtype), tokens)
+        mask = torch.where(rows[:, None], empty.mask.to(device), mask)
+        if pooled is not None:
+            pooled = torch.where(rows[:, None], empty.pooled.to(device, pooled.dtype), pooled)
+    return text_conditioning(TextEmbeddings(tokens, pooled, mask), parts.unet.config, use_mask)
+
+
+def latent_text_tokens(batch: dict, parts: LatentDiffusionParts, device: torch.device) -> torch.Tensor:
+    """Precomputed `b n d` text tokens, with the loader's caption-dropout rows swapped for the empty prompt's."""
+    return latent_text_conditioning(batch, parts, False, device)["context"]
 
 
 def train(config: TrainConfig, resume: str | None = None) -> Path:
@@ -128,6 +153,12 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     # The model: identical random init on every rank (DDP broadcasts rank 0's weights anyway).
     torch.manual_seed(config.seed)
     parts = build_parts(config.model)
+    if config.data.sample_format == "latent":  # precomputed shards: refuse ones made by other encoders, at once
+        from ldm.data.latents import check_latent_shards
+
+        if config.loss.inputs != "latents":
+            raise LdmError("data.sample_format=latent gives precomputed latents: set loss.inputs=latents")
+        check_latent_shards(config.data, parts.autoencoder, parts.text_encoder)
     resolved = {**to_plain(config), "model": {**to_plain(config.model), **parts.resolved()}}
     if accelerator.is_main_process:
         save_yaml(resolved, out / TRAIN_CONFIG)
@@ -239,6 +270,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         progress.close()
     if saved_step != state.step:
         checkpoint_now()
+    check_replicas_in_sync(accelerator, objective)
     if config.sampling.at_end:
         log_samples(parts, ema, objective, config, latent_size, device, logger, state.step, accelerator)
     if accelerator.is_main_process:
@@ -246,6 +278,31 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     accelerator.wait_for_everyone()
     logger.close()
     return out
+
+
+def parameter_fingerprint(module: torch.nn.Module) -> torch.Tensor:
+    """Two float64 numbers that differ when any trained parameter differs: the sum and a position-weighted sum."""
+    total = torch.zeros(2, dtype=torch.float64)
+    offset = 0
+    for p in module.parameters():
+        if p.requires_grad:
+            flat = p.detach().double().flatten().cpu()
+            weights = torch.arange(offset + 1, offset + flat.numel() + 1, dtype=torch.float64) % 9973
+            total += torch.stack([flat.sum(), (flat * weights).sum()])
+            offset += flat.numel()
+    return total
+
+
+def check_replicas_in_sync(accelerator, objective: torch.nn.Module) -> None:
+    """Under DDP every rank must end with identical weights; say so in the log, and fail loudly if not."""
+    if accelerator.num_processes == 1:
+        return
+    mine = parameter_fingerprint(objective).to(accelerator.device)
+    every = accelerator.gather(mine[None]).cpu()
+    if not torch.equal(every, every[:1].expand_as(every)):
+        raise RuntimeError(f"DDP replicas diverged: parameter fingerprints per rank {every.tolist()}")
+    accelerator.print(f"parameters identical on all {accelerator.num_processes} ranks (fingerprint "
+                      f"{every[0, 0].item():.6e}, {every[0, 1].item():.6e})")
 
 
 def _ema_weights(ema: EMA | None, objective: DiffusionObjective):
