@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.cli.common import cli_main
 from ldm.errors import LdmError
 
 
@@ -208,13 +209,9 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except LdmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    run(build_parser().parse_args(argv))
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.cli.common import cli_main
 from ldm.errors import LdmError
 
 
@@ -98,13 +99,9 @@ def run(args: argparse.Namespace) -> float | None:
     return value
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except LdmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    run(build_parser().parse_args(argv))
     return 0
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 import torch
 
 from ldm.errors import LdmError
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+from ldm.io.components import DTYPES
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
