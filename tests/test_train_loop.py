@@ -206,3 +206,45 @@ def test_learned_variance_unet_trains_with_the_hybrid_loss(shards, tmp_path):
     out_conv = trained["denoiser.network.out.2.weight"]
     assert out_conv.shape[0] == 8  # eps and the variance interpolation
     assert out_conv[4:].abs().max() > 0  # the variance half got gradients (from L_vlb only)
+
+
+def test_training_on_corrupt_shards_skips_and_reports_them(tmp_path):
+    """A truncated JPEG, garbage bytes named .jpg and a caption-less sample: training goes on and counts them."""
+    from test_data_loader import _bad_shard
+
+    folder = _bad_shard(tmp_path / "bad", good=5)
+    out = train(tiny_config(str(folder), tmp_path / "run", "max_steps=3", "data.batch_size=2",
+                            "data.shuffle_buffer=0"))
+    state = read_trainer_state(out / "checkpoints" / "step-000003")
+    assert state["step"] == 3
+    # each pass over the shard meets the truncated and the garbage JPEG before its first good sample
+    assert state["skipped"] >= 2
+
+
+def test_evaluation_inside_training_logs_clip_score_fd_and_grid(shards, tmp_path, capsys):
+    """sampling.eval_prompts: the prompt set is generated at each grid, scored with CLIP, compared with ref stats."""
+    import json as _json
+
+    from test_eval_clip import TINY_CLIP
+
+    from ldm.eval.clip_score import ClipModel
+    from ldm.eval.features import compute_features
+    from ldm.eval.frechet import save_stats
+    from ldm.data.synthetic import generate_shapes
+
+    clip_cfg = tmp_path / "ldm-test-tiny-clip.json"
+    clip_cfg.write_text(_json.dumps(TINY_CLIP))
+    clip = ClipModel(str(clip_cfg), "none")
+    refs = [s.image for s in generate_shapes(8, seed=5, image_size=32)]
+    ref_path = tmp_path / "ref.npz"
+    save_stats(ref_path, compute_features(refs, clip, progress=False).moments.to_stats(clip.name))
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\n")
+    out = train(tiny_config(shards, tmp_path / "run", "max_steps=2", "sampling.at_end=true", "sampling.steps=2",
+                            f"sampling.eval_prompts={prompts}", f"sampling.clip_model={clip_cfg}",
+                            "sampling.clip_pretrained=none", f"sampling.ref_stats={ref_path}"))
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if " eval " in line)
+    values = dict(zip(line.split()[3::2], map(float, line.split()[4::2])))
+    assert 0.0 <= values["clip_score"] <= 100.0 and values["fd_clip"] > 0.0
+    assert (out / "samples" / "eval-000002.png").is_file()

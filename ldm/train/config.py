@@ -108,6 +108,14 @@ class SamplingConfig:
     steps: int = 20
     guidance: float = 5.0  # classifier-free guidance scale (<= 1 disables it)
     seed: int = 0
+    # Evaluation at every grid (issue: "evaluation inside training"): CLIP score of the generated prompt set, and a
+    # Frechet distance when reference statistics are given (FID for Inception .npz stats, FD_CLIP for CLIP stats).
+    eval_prompts: str | None = None  # a prompt-set name (ldm_eval_v1) or file; None = no evaluation
+    eval_max_prompts: int = 64  # the first N prompts of the set
+    clip_model: str = "ViT-B-32"  # open_clip architecture name or config .json
+    clip_pretrained: str | None = None  # tag, local weights file, or "none" (random: for tests only)
+    ref_stats: str | None = None  # .npz with mu/sigma (ldm-fid --save-stats)
+    inception_weights: str | None = None  # for FID against Inception statistics
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from ldm.config import save_yaml, to_plain
-from ldm.errors import LdmError
+from ldm.errors import ConfigError, LdmError
 from ldm.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from ldm.train.config import TrainConfig
 from ldm.train.ema import EMA
@@ -310,7 +310,7 @@ def _ema_weights(ema: EMA | None, objective: DiffusionObjective):
 
 
 def log_samples(parts, ema, objective, config, latent_size, device, logger, step, accelerator) -> None:
-    """A grid of EMA samples for the configured prompts, drawn on the main process."""
+    """A grid of EMA samples for the configured prompts (and the evaluation metrics), drawn on the main process."""
     if not accelerator.is_main_process or not config.sampling.prompts:
         return
     from ldm.eval.grid import make_grid
@@ -321,6 +321,44 @@ def log_samples(parts, ema, objective, config, latent_size, device, logger, step
     with _ema_weights(ema, objective), accelerator.autocast():
         images = sample_images(parts, prompts, s, latent_size, device)
     logger.grid("samples", make_grid(images, ncols=s.n_per_prompt, captions=prompts), step)
+    if s.eval_prompts:
+        evaluate_in_training(parts, ema, objective, s, latent_size, device, logger, step, accelerator)
+
+
+_EVALUATORS: dict = {}  # the CLIP model and reference statistics, loaded once per run
+
+
+def evaluate_in_training(parts, ema, objective, s, latent_size, device, logger, step, accelerator) -> None:
+    """Generate the evaluation prompt set with the EMA weights; log its CLIP score (and FID / FD_CLIP) and grid."""
+    from ldm.eval.clip_score import ClipModel
+    from ldm.eval.frechet import load_stats
+    from ldm.eval.in_training import evaluate_generations
+    from ldm.eval.prompts import load_prompts
+    from ldm.train.samples import sample_images
+
+    key = (s.eval_prompts, s.clip_model, s.clip_pretrained, s.ref_stats)
+    if key not in _EVALUATORS:
+        if s.clip_pretrained is None:
+            raise ConfigError("sampling.eval_prompts needs sampling.clip_pretrained (a tag, a weights file, or 'none')")
+        ref = load_stats(s.ref_stats) if s.ref_stats else None
+        inception = None
+        if ref is not None and not ref.extractor.startswith("clip:"):  # Inception statistics: FID
+            from ldm.eval.inception import InceptionExtractor
+
+            inception = InceptionExtractor(s.inception_weights, device=device)
+        texts = [p.text for p in load_prompts(s.eval_prompts)][: s.eval_max_prompts]
+        _EVALUATORS.clear()
+        _EVALUATORS[key] = (ClipModel(s.clip_model, s.clip_pretrained, device=device), ref, inception, texts)
+    clip, ref, inception, texts = _EVALUATORS[key]
+
+    def generate(batch: list[str]):
+        with _ema_weights(ema, objective), accelerator.autocast():
+            return sample_images(parts, batch, s, latent_size, device)
+
+    metrics, grid = evaluate_generations(generate, texts, clip, ref_stats=ref, fid_extractor=inception)
+    logger.scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
+    logger.grid("eval", grid, step)
+    accelerator.print(f"step {step} eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
 def export_model(parts, ema, objective, out: Path) -> None:
