@@ -157,5 +157,5 @@ def test_data_config_from_yaml_dict(tmp_path):
     assert cfg.sizes == [(32, 64), (64, 32)] and DataConfig(resolution=48).sizes == [(48, 48)]
     with pytest.raises(ConfigError, match="shuffle_bufer"):
         from_dict(DataConfig, {"shuffle_bufer": 10})
-    with pytest.raises(ConfigError, match="latent"):
-        make_loader(config(write_uneven_shards(tmp_path, [1])[0], sample_format="latent"))
+    with pytest.raises(ConfigError, match="no_such_format"):
+        make_loader(config(write_uneven_shards(tmp_path, [1])[0], sample_format="no_such_format"))
