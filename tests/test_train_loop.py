@@ -156,7 +156,7 @@ def test_cli_rejects_unknown_keys_with_exit_code_2(shards, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("LDM_TEST_DDP"), reason="set LDM_TEST_DDP=1: 2 CPU processes, ~30 s")
+@pytest.mark.skipif(bool(os.environ.get("LDM_SKIP_DDP")), reason="LDM_SKIP_DDP is set (2 CPU processes, ~30 s)")
 def test_ddp_on_two_cpu_processes_resumes_exactly(shards, tmp_path):
     def run(out, *args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tools" / "train.py"),
