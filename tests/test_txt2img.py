@@ -146,3 +146,30 @@ def test_nine_channel_inpainting_checkpoint_gets_mask_and_masked_image(tmp_path)
     image = pipe("a cat", init_image=init, mask_image=mask, seed=0, steps=2, height=16, width=16)[0]
     assert image.size == (16, 16)
     assert seen and set(seen) == {9}
+
+
+def test_cli_img2img_and_inpainting_record_their_inputs(model_dir, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype("uint8")).save(init)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((16, 16), 255, dtype="uint8")).save(mask)
+    out = tmp_path / "out"
+    assert run(["a cat", "--model", model_dir, "--init-image", init, "--strength", 0.5, "--steps", 4,
+                "--height", 16, "--width", 16, "--out", out]) == 0
+    assert run(["a cat", "--model", model_dir, "--init-image", init, "--mask", mask, "--steps", 2,
+                "--height", 16, "--width", 16, "--out", out]) == 0
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert records[0]["init_image"] == str(init) and records[0]["strength"] == 0.5
+    assert records[1]["mask_image"] == str(mask) and records[1]["strength"] is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init-image", "/nonexistent.png"], "image not found"),
+    (["--mask", "/nonexistent.png"], "--mask needs --init-image"),
+    (["--init-image", __file__], "cannot read image"),
+])
+def test_cli_bad_mode_inputs_exit_2_and_nothing_written(model_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert run(["a cat", "--model", model_dir, "--steps", 2, "--out", out, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

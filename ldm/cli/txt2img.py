@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("outputs"))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image (with --strength)")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img: fraction of the schedule to run (0, 1]")
+    p.add_argument("--mask", type=Path, default=None, help="inpainting: white pixels of this image are repainted "
+                   "(9-channel inpainting checkpoints use it natively, other models by masked blending)")
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
     return p
 
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe, prompts, args.out, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
         guidance_rescale=args.guidance_rescale, seed=args.seed,
         n_per_prompt=args.n, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+        init_image=args.init_image, strength=args.strength, mask_image=args.mask,
     )
     for r in records:
         print(args.out / r["file_name"])

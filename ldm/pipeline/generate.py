@@ -18,6 +18,32 @@ def _slug(text: str, limit: int = 40) -> str:
     return slug[:limit] or "unconditional"
 
 
+def _load_mode_images(init_image, mask_image, strength: float) -> dict:
+    """Open the img2img / inpainting inputs up front, with errors that name the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ldm.errors import LdmError
+
+    if mask_image is not None and init_image is None:
+        raise LdmError("--mask needs --init-image (the image to inpaint)")
+    if init_image is not None and not 0.0 < strength <= 1.0:
+        raise LdmError(f"--strength must lie in (0, 1], got {strength}")
+    out = {}
+    for key, path in (("init_image", init_image), ("mask_image", mask_image)):
+        if path is None:
+            continue
+        try:
+            with Image.open(path) as image:
+                out[key] = image.copy()
+        except FileNotFoundError as e:
+            raise LdmError(f"image not found: {path}") from e
+        except (UnidentifiedImageError, OSError) as e:
+            raise LdmError(f"cannot read image {path}: {e}") from e
+    if init_image is not None:
+        out["strength"] = strength
+    return out
+
+
 def generate_to_folder(
     model,
     prompts: list[str],
@@ -35,6 +61,9 @@ def generate_to_folder(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
+    init_image: str | os.PathLike | None = None,  # img2img / inpainting source image
+    strength: float = 0.8,  # img2img: the fraction of the noise schedule that is run
+    mask_image: str | os.PathLike | None = None,  # inpainting: white = repaint
 ) -> list[dict]:
     """Generate `n_per_prompt` images per prompt; return the metadata records written to `out_dir/metadata.jsonl`.
 
@@ -49,6 +78,7 @@ def generate_to_folder(
     from ldm.pipeline.stable_diffusion import GenerationSettings, check_settings
 
     check_settings(GenerationSettings(**settings), pipe.factor)  # fail before anything is written
+    modes = _load_mode_images(init_image, mask_image, strength)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata_path = out_dir / "metadata.jsonl"
@@ -58,7 +88,8 @@ def generate_to_folder(
     start = len(records)
     bar = tqdm(prompts, desc="prompts", disable=not progress or len(prompts) < 2)
     for i, prompt in enumerate(bar):
-        images = pipe(prompt, negative_prompt, seed=seed + i, progress=progress and len(prompts) < 2, **settings)
+        images = pipe(prompt, negative_prompt, seed=seed + i, progress=progress and len(prompts) < 2, **modes,
+                      **settings)
         for j, image in enumerate(images):
             file_name = f"{len(records):05d}-{_slug(prompt)}.png"
             record = {
@@ -75,6 +106,9 @@ def generate_to_folder(
                 "width": image.width,
                 "model": pipe.model_name,
             }
+            if init_image is not None:
+                record.update(init_image=str(init_image), strength=strength if mask_image is None else None,
+                              mask_image=str(mask_image) if mask_image is not None else None)
             save_png(image, out_dir / file_name, record)
             records.append(record)
         # Rewrite the whole index atomically after each prompt: an interrupted run leaves a consistent folder.
