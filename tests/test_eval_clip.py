@@ -199,7 +199,10 @@ def test_eval_sweep_calls_generator_once_per_setting(tiny_clip_config, tmp_path,
     assert loads == ["my-model"]
     assert all(c["model"] == "loaded:my-model" and c["steps"] == 4 and c["n"] == 2 for c in calls)
     report = json.loads((out / "report.json").read_text())
-    assert len(report["runs"]) == 4 and "per_image" not in report  # a sweep: one entry per setting
+    assert len(report["runs"]) == 4  # a sweep: one entry per setting, and the same fields at the top level as lists
+    assert [s["guidance"] for s in report["settings"]] == [1.0, 3.5, 1.0, 3.5]
+    assert report["clip_score"] == [r["clip_score"] for r in report["runs"]]
+    assert len(report["per_image"]) == 8 and {i["sampler"] for i in report["per_image"]} == {"euler", "heun"}
     run = report["runs"][1]
     assert run["settings"]["sampler"] == "euler" and run["settings"]["guidance"] == 3.5
     assert (out / "samples" / "euler-steps4-cfg3.5" / "00000.png").is_file()

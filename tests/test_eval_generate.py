@@ -18,7 +18,7 @@ def test_generate_sweep_then_score(tmp_path):
                  "--clip-pretrained", "none", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    runs = report["runs"] if "runs" in report else report["settings"]
+    runs = report["runs"]
     assert len(runs) == 4  # 2 samplers x 2 guidance scales
     for run in runs:
         assert len(run["per_image"]) == 2
@@ -27,3 +27,24 @@ def test_generate_sweep_then_score(tmp_path):
         assert all(0.0 <= s <= 100.0 for s in scores)
         assert abs(run["clip_score"] - sum(scores) / len(scores)) < 1e-6
     assert (out / "index.html").is_file()
+    assert len(report["per_image"]) == 8 and len(report["settings"]) == 4
+
+
+def test_reference_of_another_feature_space_fails_before_generating(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    monkeypatch.delenv("LDM_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached Inception weights
+    model = write_model(tmp_path / "model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    clip = tmp_path / "ldm-test-tiny-clip.json"
+    clip.write_text(json.dumps(TINY_CLIP))
+    ref = tmp_path / "inception_stats.npz"  # a pytorch-fid file: Inception statistics, no extractor name
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    out = tmp_path / "eval"
+    code = main(["--model", str(model), "--prompts", str(prompts), "--steps", "2", "--height", "16", "--width", "16",
+                 "--clip-model", str(clip), "--clip-pretrained", "none", "--ref", str(ref), "--out", str(out)])
+    assert code == 2
+    assert "Inception" in capsys.readouterr().err
+    assert not (out / "samples").exists()  # nothing was generated

@@ -139,7 +139,7 @@ def test_gradient_accumulation_equals_large_batch(shards, tmp_path):
 
 
 def test_latent_inputs_without_latent_fields_is_a_clear_error(shards, tmp_path):
-    with pytest.raises(LdmError, match="not yet supported"):
+    with pytest.raises(LdmError, match="needs latent shards"):
         train(tiny_config(shards, tmp_path, "max_steps=1", "loss.inputs=latents"))
 
 

@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     notes = []
     # Load everything that can fail before generating anything.
+    categories = {p.text: p.category for p in load_prompts(args.prompts)} if args.prompts else {}
     clip = ClipModel(args.clip_model, args.clip_pretrained, device=device)
     if clip.random_weights:
         notes.append("CLIP has random weights (--clip-pretrained none): CLIP scores and FD_CLIP are meaningless")
@@ -163,13 +164,15 @@ def run(args: argparse.Namespace) -> dict:
             try:
                 distance = InceptionExtractor(args.inception_weights, device=device)
             except MissingWeightsError as e:
-                if args.distance == "fid":
+                # Inception statistics (.npz) can only be compared with Inception features: no fallback then.
+                if args.distance == "fid" or (ref.npz is not None and not ref.npz.extractor.startswith("clip:")):
                     raise
                 notes.append(f"no Inception weights, reporting FD_CLIP instead of FID ({e})")
                 print(f"warning: {notes[-1]}", file=sys.stderr)
                 distance = clip
+    if ref is not None and ref.npz is not None:
+        ref.stats(distance)  # a statistics file of another feature space fails here, not after generating
     runs = [({"images": str(Path(args.images))}, Path(args.images))] if args.images else _sweep(args)
-    categories = {p.text: p.category for p in load_prompts(args.prompts)} if args.prompts else {}
     results = []
     for settings, folder in runs:
         result = score_folder(
@@ -201,6 +204,15 @@ def run(args: argparse.Namespace) -> dict:
     }
     if len(results) == 1:  # a single run's fields also at the top level
         report.update({k: v for k, v in results[0].items()})
+    else:  # a sweep: the same top-level fields, as lists over the settings and one flat per-image list
+        report.update({
+            "settings": [r["settings"] for r in results],
+            "clip_score": [r["clip_score"] for r in results],
+            "fid": [r["fid"] for r in results],
+            "fd_clip": [r["fd_clip"] for r in results],
+            "per_image": [{**item, **{k: v for k, v in r["settings"].items() if k != "images"}}
+                          for r in results for item in r["per_image"]],
+        })
     out = Path(args.out)
     write_report_json(out, report)
     write_index_html(out, report)

@@ -132,7 +132,7 @@ def latent_text_tokens(batch: dict, parts: LatentDiffusionParts, device: torch.d
 def train(config: TrainConfig, resume: str | None = None) -> Path:
     """Train the model of `config` into `config.output_dir`; returns that folder, which then holds the final model."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     from ldm.data.loader import make_loader
     from ldm.models.attention import set_attention_backend
@@ -144,6 +144,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         mixed_precision=config.mixed_precision,  # autocast in the wrapped forward; weights stay float32
         log_with=tracker_name(config.log_with),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # DDP as measured in docs/multi-gpu.md: 100 MB buckets, gradients viewed in place (no extra copy)
+        kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=100, gradient_as_bucket_view=True)],
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     set_attention_backend(config.attention_backend)
@@ -252,7 +254,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                                "mixed_precision=bf16 instead of fp16")
             logger.scalars(values, state.step)
             if progress is not None:
-                progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.1f}")
+                progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.1f}",
+                                     skipped=state.skipped)
             else:  # headless runs (batch jobs) get a plain line instead of the bar
                 accelerator.print(f"step {state.step} loss {values['loss']:.4f} lr {lr:.3g} "
                                   f"img/s {values['img_per_s']:.1f} skipped {state.skipped}")

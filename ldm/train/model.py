@@ -185,6 +185,6 @@ def check_latent_batch(batch: dict) -> None:
     """Latent shards need `latent_mean`, `latent_std` and `text_tokens` from the loader; say so clearly otherwise."""
     missing = [k for k in ("latent_mean", "latent_std", "text_tokens") if k not in batch]
     if missing:
-        raise LdmError(f"loss.inputs=latents is not yet supported with this data: the loader gave no {missing} "
-                       f"(it gave {sorted(batch)}). Latent shards need data.sample_format set to the format that "
-                       "data_scripts/precompute_latents.py registers; or train from images with loss.inputs=images.")
+        raise LdmError(f"loss.inputs=latents needs latent shards, but the loader gave no {missing} "
+                       f"(it gave {sorted(batch)}): make them with data_scripts/precompute_latents.py and set "
+                       "data.sample_format=latent; or train from images with loss.inputs=images.")
