@@ -126,3 +126,16 @@ def test_load_into_is_strict_and_names_keys():
     assert "1.weight (file (2, 5), model (2, 4))" in msg
     # nothing was loaded: no silent partial load
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_unreachable_hub_fails_at_once_with_the_local_path_hint(monkeypatch):
+    import time
+
+    import ldm.io.hub as hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="local"):
+        hub.resolve_hub_id("someone/not-cached-model")
+    assert time.perf_counter() - start < 5

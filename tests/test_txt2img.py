@@ -32,8 +32,13 @@ def write_model(folder, in_channels=4):
     torch.manual_seed(0)
     sections = {k: dict(v) for k, v in SECTIONS.items()}
     sections["unet"]["in_channels"] = in_channels
+    unet = UNetModel(from_dict(UNetConfig, sections["unet"]))
+    with torch.no_grad():  # zero-initialised layers (output conv, transformer proj_out) would hide the prompt
+        for p in unet.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(std=0.05)
     components = SDComponents(
-        unet=UNetModel(from_dict(UNetConfig, sections["unet"])),
+        unet=unet,
         autoencoder=AutoencoderKL(from_dict(AutoencoderConfig, sections["autoencoder"])),
         text_encoder=build_text_encoder(from_dict(TextEncoderConfig, sections["text_encoder"])),
         schedule=from_dict(ScheduleConfig, sections["scheduler"]),
@@ -173,3 +178,36 @@ def test_cli_bad_mode_inputs_exit_2_and_nothing_written(model_dir, tmp_path, cap
     assert run(["a cat", "--model", model_dir, "--steps", 2, "--out", out, *extra]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_negative_prompt_guidance_rescale_and_wrappers_change_the_image(pipe):
+    from functools import partial
+
+    from ldm.diffusion.guidance import dynamic_threshold
+
+    kw = dict(seed=1, steps=3, height=16, width=16, sampler="euler", guidance=6.0)
+    base = np.asarray(pipe("a red circle", **kw)[0], dtype=float)
+    negative = np.asarray(pipe("a red circle", "a blue square", **kw)[0], dtype=float)
+    rescaled = np.asarray(pipe("a red circle", guidance_rescale=0.7, **kw)[0], dtype=float)
+    thresholded = np.asarray(pipe("a red circle", wrappers=[partial(dynamic_threshold, percentile=0.5)], **kw)[0],
+                             dtype=float)
+    for other in (negative, rescaled, thresholded):
+        assert np.isfinite(other).all() and np.abs(other - base).mean() > 0.1
+
+
+def test_strength_that_leaves_no_step_exits_2_and_writes_nothing(model_dir, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(init)
+    out = tmp_path / "out"
+    assert run(["a cat", "--model", model_dir, "--init-image", init, "--strength", 0.05, "--steps", 10,
+                "--height", 16, "--width", 16, "--out", out]) == 2
+    assert "leaves no step" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_non_finite_images_are_an_error_not_a_black_png():
+    from ldm.errors import LdmError
+    from ldm.pipeline.images import to_pil
+
+    with pytest.raises(LdmError, match="NaN"):
+        to_pil(torch.full((1, 3, 4, 4), float("nan")))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ldm.diffusion.scalings import EDMScaling, scaling_for
-from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
 
 
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -77,8 +77,20 @@ class DiscreteDenoiser(Denoiser):
 
 
 class EDMDenoiser(Denoiser):
-    """A network with EDM preconditioning: `network(x * c_in, log(sigma) / 4, **cond)` (Karras et al. 2022, Table 1)."""
+    """A network with EDM preconditioning: `network(x * c_in, log(sigma) / 4, **cond)` (Karras et al. 2022, Table 1).
 
-    def __init__(self, network, sigma_data: float = 0.5):
+    sigma_min / sigma_max are the model's sampling range (as `DiscreteDenoiser` has its training sigmas' range).
+    """
+
+    def __init__(self, network, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
         super().__init__(network, EDMScaling(sigma_data))
         self.sigma_data = sigma_data
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+
+def build_denoiser(network, schedule_config: ScheduleConfig) -> Denoiser:
+    """The denoiser of a model's schedule: EDM preconditioning for "edm", else its discrete timesteps (eps / v / x0)."""
+    c = schedule_config
+    if c.is_edm:
+        return EDMDenoiser(network, c.sigma_data, c.sigma_min, c.sigma_max)
+    return DiscreteDenoiser(network, DiscreteSchedule.from_config(c), c.prediction_type)

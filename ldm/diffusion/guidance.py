@@ -69,7 +69,8 @@ def rescale_guidance(x0_cfg, x0_cond, x, c_skip, c_out, rescale: float):
     f_cfg = (x0_cfg - c_skip * x) / c_out
     f_cond = (x0_cond - c_skip * x) / c_out
     dims = list(range(1, x.ndim))
-    ratio = f_cond.std(dim=dims, keepdim=True) / f_cfg.std(dim=dims, keepdim=True)
+    # A constant guided output (std 0) would give 0/0: leave such a sample unscaled instead of NaN.
+    ratio = f_cond.std(dim=dims, keepdim=True) / f_cfg.std(dim=dims, keepdim=True).clamp_min(1e-12)
     f = rescale * (f_cfg * ratio) + (1 - rescale) * f_cfg
     return c_skip * x + c_out * f
 

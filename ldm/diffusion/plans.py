@@ -77,6 +77,9 @@ def _interp_sigmas(schedule: DiscreteSchedule, timesteps: np.ndarray) -> np.ndar
 def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: str, steps: int) -> SamplingPlan:
     """The sigmas, initial noise scale and final scale with which `sampler` reproduces its diffusers scheduler.
 
+    An EDM schedule (prediction_type "edm") gets `edm_sampling_plan` for every sampler: Karras sigmas from
+    sigma_max to sigma_min, x_T = randn * sigma_max, no final rescaling.
+
     DDIM note: diffusers' DDIM steps from t to t - T // steps, which with "linspace" spacing or a "trailing" step
     count that does not divide T is not the next timestep it evaluates; the plan then carries
     `sampler_kwargs={"sigmas_next": ...}` for `sample_ddim` to do the same (pass `**plan.sampler_kwargs`).
@@ -87,6 +90,11 @@ def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: 
         schedule_config = ScheduleConfig.from_diffusers(schedule_config)
     if sampler not in DEFAULT_SPACING:
         raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(DEFAULT_SPACING)}")
+    if schedule_config.is_edm:  # continuous sigma: every sampler walks the same Karras sigmas
+        if steps < 1:
+            raise ConfigError(f"steps must be at least 1, got {steps}")
+        c = schedule_config
+        return edm_sampling_plan(steps, c.sigma_min, c.sigma_max, c.rho)
     num_train = schedule_config.num_train_timesteps
     if not 1 <= steps <= num_train:
         raise ConfigError(f"steps must lie in [1, {num_train}] (the training timesteps), got {steps}")

@@ -11,7 +11,9 @@ import torch
 from ldm.config import from_dict
 from ldm.errors import ConfigError
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm")
+# Fields only an EDM (continuous-sigma) model uses, with EDM's defaults (Karras et al. 2022, Table 1 and Sec. 5).
+EDM_DEFAULTS = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "rho": 7.0}
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # The terminal alpha_cumprod that stands in for 0 under zero terminal SNR (diffusers' Euler/DPM choice, fp16's
 # smallest subnormal): it keeps the first sigma finite (~4096) in variance-exploding coordinates.
@@ -59,19 +61,29 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 
 @dataclass
 class ScheduleConfig:
-    """A discrete-time training schedule, with the keys (and meaning) of a diffusers scheduler config."""
+    """A model's noise schedule, with the keys (and meaning) of a diffusers scheduler config.
+
+    prediction_type "epsilon" | "v_prediction" | "sample": a network trained on `num_train_timesteps` discrete
+    timesteps of the beta schedule. "edm": a continuous-sigma network with EDM preconditioning (Karras et al. 2022,
+    Table 1), described by sigma_min, sigma_max, sigma_data and rho alone; the beta/timestep fields are then unused.
+    The four EDM fields are None (unused) for the discrete types and default to EDM's values for "edm".
+    """
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"  # linear | scaled_linear | cosine (= diffusers' squaredcos_cap_v2)
     trained_betas: list[float] | None = None  # explicit betas override beta_schedule
-    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
+    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample | edm
     rescale_betas_zero_snr: bool = False
     timestep_spacing: str | None = None  # leading | trailing | linspace; None = each sampler's diffusers default
     steps_offset: int = 0
     set_alpha_to_one: bool | None = None  # DDIM's final alpha; None = diffusers' default (True)
     clip_sample: bool = False
+    sigma_min: float | None = None  # edm: lowest sampling sigma (default 0.002)
+    sigma_max: float | None = None  # edm: highest sampling sigma = std of the initial noise (default 80)
+    sigma_data: float | None = None  # edm: std of the training data, sets the preconditioning (default 0.5)
+    rho: float | None = None  # edm: Karras sigma spacing exponent (default 7)
 
     def __post_init__(self):
         if self.beta_schedule not in ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2"):
@@ -85,11 +97,45 @@ class ScheduleConfig:
         if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ConfigError(f"schedule: unknown timestep_spacing {self.timestep_spacing!r}; "
                               f"use one of {', '.join(TIMESTEP_SPACINGS)}")
+        if self.prediction_type != "edm":
+            given = [name for name in EDM_DEFAULTS if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(f"schedule: {', '.join(given)} only apply to prediction_type edm (a continuous-sigma "
+                                  f"model); remove them, or set prediction_type: edm")
+            return
+        for name, default in EDM_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        if not (0 < self.sigma_min < self.sigma_max and self.sigma_data > 0 and self.rho > 0):
+            raise ConfigError(f"schedule: edm needs 0 < sigma_min < sigma_max, sigma_data > 0 and rho > 0; got "
+                              f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
+                              f"sigma_data={self.sigma_data}, rho={self.rho}")
+
+    @property
+    def is_edm(self) -> bool:
+        """Whether this is a continuous-sigma EDM model (no discrete timesteps)."""
+        return self.prediction_type == "edm"
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> "ScheduleConfig":
-        """Read a diffusers `scheduler_config.json` dict, ignoring keys that do not describe the schedule."""
+        """Read a diffusers `scheduler_config.json` dict, ignoring keys that do not describe the schedule.
+
+        diffusers' EDM schedulers (EDMEulerScheduler, EDMDPMSolverMultistepScheduler) become prediction_type "edm"
+        with their sigma_min / sigma_max / sigma_data / rho (their "epsilon" is EDM's preconditioned F); sampling
+        uses Karras sigmas whatever their sigma_schedule. Other schedulers' sigma_min / sigma_max (diffusers' Euler
+        has them for Karras sigmas at inference) do not describe the trained model and are dropped.
+        """
+        config = dict(config)
+        class_name = str(config.get("_class_name", ""))
+        if class_name.startswith("EDM"):
+            prediction = config.get("prediction_type", "epsilon")
+            if prediction != "epsilon":
+                raise ConfigError(f"scheduler config: {class_name} with prediction_type {prediction!r} is not "
+                                  "supported; only EDM's own preconditioning (diffusers' 'epsilon') is")
+            config["prediction_type"] = "edm"
         names = {f.name for f in dataclasses.fields(cls)}
+        if config.get("prediction_type") != "edm":
+            names -= set(EDM_DEFAULTS)
         return from_dict(cls, {k: v for k, v in config.items() if k in names}, where="scheduler config")
 
     def betas(self) -> torch.Tensor:
@@ -130,7 +176,10 @@ class DiscreteSchedule:
 
     @classmethod
     def from_config(cls, config: ScheduleConfig) -> "DiscreteSchedule":
-        """Build the schedule a `ScheduleConfig` describes."""
+        """Build the schedule a `ScheduleConfig` describes (a discrete one: an EDM model has no timesteps)."""
+        if config.is_edm:
+            raise ConfigError("schedule: prediction_type edm is a continuous-sigma model with no discrete timesteps; "
+                              "use ldm.diffusion.denoiser.build_denoiser / plans.sampling_plan, which handle it")
         return cls(torch.cumprod(1 - config.betas(), dim=0))
 
     @property

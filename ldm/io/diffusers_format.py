@@ -112,6 +112,8 @@ def load_diffusers(folder: str | Path, *, device="cpu", dtype=None, allow_pickle
         raise CheckpointError(f"{folder}: {e}") from e
     tokenizer = folder / "tokenizer"
     tokenizer_dir = tokenizer if text_cfg.type == "clip" and tokenizer.is_dir() else None
+    if text_cfg.type == "clip" and tokenizer_dir is None:
+        notes.append("no tokenizer/ folder; using the CLIP BPE tokenizer that open_clip ships (SD-1 padding)")
     sections = {"unet": unet_cfg, "autoencoder": vae_cfg, "text_encoder": text_cfg, "scheduler": schedule}
     return make_components(sections, weights, source=str(folder), sources={"unet": unet_src, "autoencoder": vae_src,
                            "text_encoder": text_src}, device=device, dtype=dtype, prediction_type=prediction_type,
@@ -149,8 +151,17 @@ def _text_encoder_files(components: SDComponents) -> tuple[dict, dict[str, torch
     return hf_config, weights, clip_tokenizer(pad_token="!")  # diffusers' SD-2 tokenizer pads with "!" (id 0)
 
 
+def scheduler_class(schedule: ScheduleConfig) -> str:
+    """The diffusers scheduler class that can run this schedule."""
+    return "EDMEulerScheduler" if schedule.is_edm else "DDIMScheduler"
+
+
 def scheduler_config_dict(schedule: ScheduleConfig) -> dict:
-    """A diffusers DDIMScheduler config for the schedule (None entries left to diffusers' defaults)."""
+    """A diffusers scheduler config for the schedule (None entries left to diffusers' defaults)."""
+    if schedule.is_edm:  # diffusers' EDM schedulers call the EDM preconditioned network "epsilon"
+        return {"_class_name": "EDMEulerScheduler", "_diffusers_version": DIFFUSERS_VERSION, "prediction_type": "epsilon",
+                "sigma_min": schedule.sigma_min, "sigma_max": schedule.sigma_max, "sigma_data": schedule.sigma_data,
+                "rho": schedule.rho, "num_train_timesteps": schedule.num_train_timesteps}
     cfg = {k: v for k, v in to_plain(schedule).items() if v is not None}
     if cfg.get("beta_schedule") == "cosine":
         cfg["beta_schedule"] = "squaredcos_cap_v2"
@@ -173,7 +184,7 @@ def save_diffusers(components: SDComponents, folder: str | Path) -> None:
     pipeline = "StableDiffusionInpaintPipeline" if unet_cfg.in_channels == 9 else "StableDiffusionPipeline"
     index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION, "feature_extractor": [None, None],
              "image_encoder": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "scheduler": ["diffusers", scheduler_class(components.schedule)], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"]}
     with atomic_path(folder) as tmp:

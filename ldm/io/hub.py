@@ -26,6 +26,19 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's host: without network this fails in seconds, not after minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hint(repo_id: str) -> str:
     return (
         f"cannot fetch {repo_id!r} from the Hugging Face Hub ({{why}}), and no local path of that name exists. "
@@ -58,6 +71,12 @@ def resolve_hub_id(text: str, *, revision: str | None = None) -> Path:
     except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
         raise CheckpointError(_hint(repo_id).format(why="huggingface_hub is not installed")) from e
     offline = _offline()
+    if not offline and not _hub_reachable():
+        try:  # a snapshot cached earlier still works without network
+            return Path(hub.snapshot_download(repo_id, revision=revision, local_files_only=True)) if filename is None \
+                else Path(hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
+        except Exception as e:
+            raise CheckpointError(_hint(repo_id).format(why="the hub cannot be reached (no network)")) from e
     try:
         if filename is not None:
             return Path(hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline))

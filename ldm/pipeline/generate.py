@@ -44,6 +44,19 @@ def _load_mode_images(init_image, mask_image, strength: float) -> dict:
     return out
 
 
+def _check_plan(pipe, sampler: str, steps: int, img2img: bool, strength: float) -> None:
+    """Schedule problems (more steps than training timesteps, a strength that leaves no step) before any file exists."""
+    from ldm.diffusion.plans import sampling_plan
+    from ldm.errors import LdmError
+
+    try:
+        sampling_plan(pipe.schedule_config, sampler, steps)
+    except (ValueError, IndexError) as e:
+        raise LdmError(f"cannot sample {steps} steps with {sampler} on this model's schedule: {e}") from e
+    if img2img and min(int(steps * strength), steps) < 1:
+        raise LdmError(f"--strength {strength} with --steps {steps} leaves no step to run; raise either")
+
+
 def generate_to_folder(
     model,
     prompts: list[str],
@@ -79,6 +92,7 @@ def generate_to_folder(
 
     check_settings(GenerationSettings(**settings), pipe.factor)  # fail before anything is written
     modes = _load_mode_images(init_image, mask_image, strength)
+    _check_plan(pipe, sampler, steps, init_image is not None and mask_image is None, strength)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata_path = out_dir / "metadata.jsonl"

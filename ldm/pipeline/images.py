@@ -15,6 +15,11 @@ from ldm.atomic import atomic_path
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """`b 3 h w` in [-1, 1] -> PIL images, rounded as diffusers' image processor rounds them."""
+    if not torch.isfinite(images).all():
+        from ldm.errors import LdmError
+
+        raise LdmError("the decoded images hold NaN/inf values (a numerical failure, often fp16 overflow in the "
+                       "autoencoder); try --dtype fp32 or bf16")
     images = (images.float() / 2 + 0.5).clamp(0, 1)
     arrays = images.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arrays]

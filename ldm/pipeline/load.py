@@ -1,6 +1,8 @@
 """Load a model from a path or hub id into a ready-to-sample pipeline."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ldm.errors import LdmError
@@ -38,4 +40,6 @@ def load_pipeline(model=None, *, device: str | None = None, dtype=None, allow_pi
         model = default_model_path()
     device = resolve_device(device)
     components = load_model(str(model), allow_pickle=allow_pickle)
+    for note in components.notes[1:]:  # the first note only names the format; the rest say what was assumed
+        print(f"note: {note}", file=sys.stderr)
     return StableDiffusion(components, device=device, dtype=resolve_dtype(dtype, device))

@@ -7,11 +7,11 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm.diffusion.denoiser import DiscreteDenoiser
+from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.guidance import cfg
 from ldm.diffusion.plans import sampling_plan
 from ldm.diffusion.samplers import SAMPLERS
-from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
+from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import LdmError
 from ldm.pipeline.images import from_pil, mask_from_pil, to_pil
 
@@ -37,6 +37,8 @@ def check_settings(s: GenerationSettings, factor: int) -> None:
         raise LdmError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if s.steps <= 0:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {s.steps}")
+    if not 0.0 <= s.guidance_rescale <= 1.0:
+        raise LdmError(f"--guidance-rescale must lie in [0, 1], got {s.guidance_rescale}")
     if s.n <= 0:
         raise LdmError(f"--n must be positive, got {s.n}")
     for name, value in (("height", s.height), ("width", s.width)):
@@ -79,9 +81,9 @@ class StableDiffusion:
         self.schedule_config: ScheduleConfig = components.schedule
         self.device = torch.device(device)
         self.dtype = dtype
-        self.schedule = DiscreteSchedule.from_config(self.schedule_config)
         self.network = _ConcatNetwork(self.unet)
-        self.denoiser = DiscreteDenoiser(self.network, self.schedule, self.schedule_config.prediction_type)
+        self.denoiser = build_denoiser(self.network, self.schedule_config)  # discrete (eps / v / x0) or EDM
+        self.schedule = getattr(self.denoiser, "schedule", None)  # the DiscreteSchedule; None for an EDM model
 
     @property
     def factor(self) -> int:
@@ -132,6 +134,7 @@ class StableDiffusion:
         init_image: Image.Image | None = None,  # img2img / inpainting source
         strength: float = 0.8,  # img2img: fraction of the noise schedule to run
         mask_image: Image.Image | None = None,  # inpainting: white = repaint
+        wrappers: tuple = (),  # denoiser -> denoiser, applied after CFG: dynamic_threshold, classifier_guidance ...
         progress: bool = False,
         callback: Callable | None = None,
         **settings,
@@ -176,6 +179,8 @@ class StableDiffusion:
                 plan = plan.skip(start)
                 x = known + plan.sigmas[0].to(self.device) * noise
 
+        for wrap in wrappers:  # e.g. partial(dynamic_threshold, percentile=0.995) or classifier guidance
+            denoiser = wrap(denoiser)
         sampler = SAMPLERS[s.sampler]
         extra = dict(plan.sampler_kwargs)
         if s.sampler == "ddim":

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ldm.config import from_dict, to_plain
-from ldm.diffusion.denoiser import DiscreteDenoiser
-from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
+from ldm.diffusion.denoiser import build_denoiser
+from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import ConfigError, LdmError
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.unet import UNetConfig, UNetModel
@@ -119,16 +119,41 @@ def text_conditioning(embeddings, unet_config: UNetConfig, use_mask: bool) -> di
     return cond
 
 
-PREDICTION_WEIGHTING = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+PREDICTION_WEIGHTING = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "edm": "edm"}
 
 
-def make_weighting(loss: LossConfig, prediction_type: str):
-    """The loss weighting of sigma; "auto" is the MSE of what the network predicts (eps, v or x0)."""
+def make_weighting(loss: LossConfig, schedule: ScheduleConfig):
+    """The loss weighting of sigma; "auto" is the MSE of what the network predicts (eps, v or x0), EDM's for edm.
+
+    EDM's lambda(sigma) uses the model's own sigma_data under "auto", loss.sigma_data when named explicitly.
+    """
     from ldm.diffusion.losses import get_weighting
 
-    name = PREDICTION_WEIGHTING[prediction_type] if loss.weighting == "auto" else loss.weighting
-    kwargs = {"min_snr": {"gamma": loss.min_snr_gamma}, "edm": {"sigma_data": loss.sigma_data}}.get(name, {})
+    auto = loss.weighting == "auto"
+    name = PREDICTION_WEIGHTING[schedule.prediction_type] if auto else loss.weighting
+    sigma_data = schedule.sigma_data if auto and schedule.is_edm else loss.sigma_data
+    kwargs = {"min_snr": {"gamma": loss.min_snr_gamma}, "edm": {"sigma_data": sigma_data}}.get(name, {})
     return get_weighting(name, **kwargs)
+
+
+def make_sigma_sampler(loss: LossConfig, schedule: ScheduleConfig, denoiser):
+    """Training noise levels: log-normal for an EDM model, the training timesteps' sigmas for a discrete one.
+
+    A discrete model has sigmas only in [sigma_1, sigma_T] (~0.03 to ~14.6 for SD's schedule): log-normal draws
+    outside it would be clamped to the end timesteps (~2.6% of them with EDM's P_mean, P_std), so they are refused.
+    An EDM model has no timesteps to draw from, so it always trains with log-normal sigmas.
+    """
+    from ldm.diffusion.losses import DiscreteSigmaSampler, LogNormalSigmaSampler
+
+    if schedule.is_edm:
+        return LogNormalSigmaSampler(loss.p_mean, loss.p_std)
+    if loss.sigma_sampler == "lognormal":
+        raise ConfigError(f"loss.sigma_sampler=lognormal draws continuous sigmas, but model.schedule.prediction_type="
+                          f"{schedule.prediction_type} is a discrete model whose {schedule.num_train_timesteps} "
+                          f"timesteps cover only sigma in [{denoiser.sigma_min:.3g}, {denoiser.sigma_max:.3g}] (the "
+                          "rest would be clamped); set model.schedule.prediction_type=edm to train a continuous-sigma "
+                          "EDM model, or loss.sigma_sampler=discrete")
+    return DiscreteSigmaSampler(denoiser.schedule)
 
 
 class DiffusionObjective(nn.Module):
@@ -136,21 +161,16 @@ class DiffusionObjective(nn.Module):
 
     def __init__(self, parts: LatentDiffusionParts, loss: LossConfig):
         super().__init__()
-        from ldm.diffusion.losses import DiscreteSigmaSampler, LogNormalSigmaSampler
-
-        schedule = DiscreteSchedule.from_config(parts.schedule)
-        self.denoiser = DiscreteDenoiser(parts.unet, schedule, parts.schedule.prediction_type)
+        self.learned_variance = parts.unet.config.learn_sigma
+        if self.learned_variance and parts.schedule.is_edm:
+            raise ConfigError("a learned-variance U-Net (learn_sigma) trains with the discrete hybrid loss; it cannot "
+                              "be an EDM model (model.schedule.prediction_type=edm): set model.unet.learn_sigma=false")
+        self.denoiser = build_denoiser(parts.unet, parts.schedule)
         self.text_encoder = parts.text_encoder if parts.train_text_encoder else None
         self.use_mask = parts.text_encoder_config.type == "t5"
-        self.weighting = make_weighting(loss, parts.schedule.prediction_type)
+        self.weighting = make_weighting(loss, parts.schedule)
         self.vlb_weight = loss.vlb_weight
-        self.learned_variance = parts.unet.config.learn_sigma
-        if loss.sigma_sampler == "discrete":
-            self.sigma_sampler = DiscreteSigmaSampler(schedule)
-        elif self.learned_variance:
-            raise ConfigError("a learned-variance U-Net (learn_sigma) needs loss.sigma_sampler=discrete")
-        else:
-            self.sigma_sampler = LogNormalSigmaSampler(loss.p_mean, loss.p_std)
+        self.sigma_sampler = make_sigma_sampler(loss, parts.schedule, self.denoiser)
 
     @property
     def unet(self) -> UNetModel:

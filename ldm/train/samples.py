@@ -5,11 +5,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.diffusion.denoiser import DiscreteDenoiser
+from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.guidance import cfg
 from ldm.diffusion.plans import sampling_plan
 from ldm.diffusion.samplers import SAMPLERS
-from ldm.diffusion.schedules import DiscreteSchedule
 from ldm.errors import ConfigError
 from ldm.train.config import SamplingConfig
 from ldm.train.model import LatentDiffusionParts, text_conditioning
@@ -31,7 +30,7 @@ def sample_images(parts: LatentDiffusionParts, prompts: list[str], config: Sampl
     was_training = unet.training
     unet.eval()
     try:
-        denoiser = DiscreteDenoiser(unet, DiscreteSchedule.from_config(parts.schedule), parts.schedule.prediction_type)
+        denoiser = build_denoiser(unet, parts.schedule)  # discrete (eps / v / x0) or EDM
         use_mask = parts.text_encoder_config.type == "t5"
         cond = text_conditioning(parts.text_encoder.encode(list(prompts)), unet.config, use_mask)
         cond = {k: v.to(device) for k, v in cond.items()}
