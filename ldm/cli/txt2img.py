@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=0.8, help="img2img: fraction of the schedule to run (0, 1]")
     p.add_argument("--mask", type=Path, default=None, help="inpainting: white pixels of this image are repainted "
                    "(9-channel inpainting checkpoints use it natively, other models by masked blending)")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],
+                   help="attention backend (xformers falls back to sdpa with a warning without a CUDA build)")
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
     return p
 
@@ -42,7 +44,13 @@ def read_prompts(args) -> list[str]:
     if args.prompts is not None:
         if not args.prompts.is_file():
             raise LdmError(f"--prompts file not found: {args.prompts}")
-        prompts += [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        lines = args.prompts.read_text().splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
+        content = [i for i, line in enumerate(lines) if line.strip()]
+        blank = sum(1 for line in lines[: content[-1]] if not line.strip()) if content else 0  # trailing ones are fine
+        if blank:
+            print(f"note: skipped {blank} blank line(s) in {args.prompts}; for an unconditional image pass \"\" "
+                  "as the prompt argument", file=sys.stderr)
         if not prompts:
             raise LdmError(f"--prompts file {args.prompts} holds no prompt")
     if args.prompt is not None:
@@ -61,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {args.steps}")
     prompts = read_prompts(args)
 
+    from ldm.models.attention import set_attention_backend
     from ldm.pipeline.generate import generate_to_folder
     from ldm.pipeline.load import load_pipeline
+
+    set_attention_backend(args.attention)
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     records = generate_to_folder(
