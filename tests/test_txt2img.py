@@ -151,6 +151,9 @@ def test_nine_channel_inpainting_checkpoint_gets_mask_and_masked_image(tmp_path)
     image = pipe("a cat", init_image=init, mask_image=mask, seed=0, steps=2, height=16, width=16)[0]
     assert image.size == (16, 16)
     assert seen and set(seen) == {9}
+    seen.clear()  # strength < 1 runs that fraction of the steps (diffusers' inpainting rule), with the mask channels
+    pipe("a cat", init_image=init, mask_image=mask, strength=0.5, seed=0, steps=4, height=16, width=16, guidance=1.0)
+    assert seen == [9, 9]
 
 
 def test_cli_img2img_and_inpainting_record_their_inputs(model_dir, tmp_path):
@@ -165,7 +168,7 @@ def test_cli_img2img_and_inpainting_record_their_inputs(model_dir, tmp_path):
                 "--height", 16, "--width", 16, "--out", out]) == 0
     records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert records[0]["init_image"] == str(init) and records[0]["strength"] == 0.5
-    assert records[1]["mask_image"] == str(mask) and records[1]["strength"] is None
+    assert records[1]["mask_image"] == str(mask) and records[1]["strength"] == 1.0  # inpainting's default
 
 
 @pytest.mark.parametrize("extra, message", [

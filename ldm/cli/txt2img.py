@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image (with --strength)")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: fraction of the schedule to run (0, 1]")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpainting: fraction of the schedule to run, (0, 1] (default 0.8; 1.0 with --mask)")
     p.add_argument("--mask", type=Path, default=None, help="inpainting: white pixels of this image are repainted "
                    "(9-channel inpainting checkpoints use it natively, other models by masked blending)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],

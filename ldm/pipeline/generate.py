@@ -26,6 +26,8 @@ def _load_mode_images(init_image, mask_image, strength: float) -> dict:
 
     if mask_image is not None and init_image is None:
         raise LdmError("--mask needs --init-image (the image to inpaint)")
+    if strength is None:
+        strength = 1.0 if mask_image is not None else 0.8
     if init_image is not None and not 0.0 < strength <= 1.0:
         raise LdmError(f"--strength must lie in (0, 1], got {strength}")
     out = {}
@@ -75,7 +77,7 @@ def generate_to_folder(
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
     init_image: str | os.PathLike | None = None,  # img2img / inpainting source image
-    strength: float = 0.8,  # img2img: the fraction of the noise schedule that is run
+    strength: float | None = None,  # fraction of the schedule that is run (default 0.8 img2img, 1.0 inpainting)
     mask_image: str | os.PathLike | None = None,  # inpainting: white = repaint
 ) -> list[dict]:
     """Generate `n_per_prompt` images per prompt; return the metadata records written to `out_dir/metadata.jsonl`.
@@ -92,7 +94,7 @@ def generate_to_folder(
 
     check_settings(GenerationSettings(**settings), pipe.factor)  # fail before anything is written
     modes = _load_mode_images(init_image, mask_image, strength)
-    _check_plan(pipe, sampler, steps, init_image is not None and mask_image is None, strength)
+    _check_plan(pipe, sampler, steps, init_image is not None, modes.get("strength", 1.0))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata_path = out_dir / "metadata.jsonl"
@@ -121,7 +123,7 @@ def generate_to_folder(
                 "model": pipe.model_name,
             }
             if init_image is not None:
-                record.update(init_image=str(init_image), strength=strength if mask_image is None else None,
+                record.update(init_image=str(init_image), strength=modes["strength"],
                               mask_image=str(mask_image) if mask_image is not None else None)
             save_png(image, out_dir / file_name, record)
             records.append(record)

@@ -132,7 +132,7 @@ class StableDiffusion:
         negative_prompt: str | None = None,
         *,
         init_image: Image.Image | None = None,  # img2img / inpainting source
-        strength: float = 0.8,  # img2img: fraction of the noise schedule to run
+        strength: float | None = None,  # fraction of the noise schedule to run: default 0.8 img2img, 1.0 inpainting
         mask_image: Image.Image | None = None,  # inpainting: white = repaint
         wrappers: tuple = (),  # denoiser -> denoiser, applied after CFG: dynamic_threshold, classifier_guidance ...
         progress: bool = False,
@@ -142,6 +142,8 @@ class StableDiffusion:
         """Generate `n` images for one prompt (txt2img, img2img with `init_image`, inpainting with `mask_image`)."""
         s = GenerationSettings(**settings)
         check_settings(s, self.factor)
+        if strength is None:  # diffusers' defaults: img2img 0.8, inpainting 1.0 (start from pure noise)
+            strength = 1.0 if mask_image is not None else 0.8
         if init_image is not None and not 0.0 < strength <= 1.0:
             raise LdmError(f"strength must lie in (0, 1], got {strength}")
         if mask_image is not None and init_image is None:
@@ -171,8 +173,9 @@ class StableDiffusion:
                 else:
                     keep = 1 - torch.nn.functional.interpolate(mask, size=shape[2:])
                     denoiser = _blend_known(denoiser, known, keep)
-            if mask_image is None or in_channels != 2 * shape[1] + 1:
-                # img2img (diffusers' rule): skip the first (1 - strength) of the steps, noise the image to that sigma.
+            if mask_image is None or strength < 1.0:
+                # img2img and partial inpainting (diffusers' rule): skip the first (1 - strength) of the steps and
+                # noise the image to that sigma; inpainting at strength 1 starts from pure noise like txt2img.
                 start = s.steps - min(int(s.steps * strength), s.steps)
                 if start >= s.steps:
                     raise LdmError(f"strength {strength} with {s.steps} steps leaves no step to run; raise either")
