@@ -26,6 +26,7 @@ from ldm.atomic import atomic_write_text
 from ldm.data.emoji import SOURCES, EmojiRecord, datasource_records, emoji_caption, emojibase_labels, openmoji_records, split_of
 from ldm.data.shards import AtomicShardWriter, encode_image, make_record
 from ldm.data.transforms import to_rgb
+from ldm.cli.common import cli_main
 from ldm.errors import LdmError
 
 NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -195,6 +196,7 @@ def build(args: argparse.Namespace) -> dict:
     return stats
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (gets train/, validation/, stats.json)")
@@ -208,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--font", default=NOTO_FONT, help="Noto Color Emoji font for the noto-font source")
     parser.add_argument("--limit", type=int, default=None, help="at most this many emoji per source (quick runs)")
     args = parser.parse_args(argv)
-    try:
-        stats = build(args)
-    except LdmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    stats = build(args)
     print(json.dumps(stats, indent=2, sort_keys=True))
     return 0
 

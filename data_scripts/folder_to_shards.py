@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ldm.atomic import atomic_write_text
 from ldm.data.shards import AtomicShardWriter, encode_image, make_record
 from ldm.data.transforms import CorruptImage, decode_image
+from ldm.cli.common import cli_main
 from ldm.errors import LdmError
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": None, ".gif": None, ".tif": None, ".tiff": None}
@@ -105,6 +106,7 @@ def convert(root: Path, out: Path, samples_per_shard: int = 1000, max_size: int 
     return stats
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="folder of images with captions")
@@ -113,11 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-size", type=int, default=None, help="downscale so the shorter side is at most this")
     parser.add_argument("--image-format", default=None, choices=["jpg", "png", "webp"], help="re-encode every image")
     args = parser.parse_args(argv)
-    try:
-        stats = convert(Path(args.input), Path(args.out), args.samples_per_shard, args.max_size, args.image_format)
-    except LdmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    stats = convert(Path(args.input), Path(args.out), args.samples_per_shard, args.max_size, args.image_format)
     print(json.dumps(stats, sort_keys=True))
     return 0
 

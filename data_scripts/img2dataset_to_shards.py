@@ -24,6 +24,7 @@ from ldm.data.loader import expand_shards
 from ldm.data.samples import SkipSample, read_caption, read_meta
 from ldm.data.shards import AtomicShardWriter, image_member, iter_raw_samples
 from ldm.data.transforms import CorruptImage, decode_image
+from ldm.cli.common import cli_main
 from ldm.errors import LdmError
 
 
@@ -96,6 +97,7 @@ def revalidate(shards: list[str], out: Path, sample_filter: SampleFilter, sample
     return stats
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -125,12 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     sample_filter = SampleFilter(args.min_size, args.max_aspect_ratio, args.min_similarity, args.max_watermark,
                                  args.max_punsafe, args.min_aesthetic)
     out = Path(args.out)
-    try:
-        source_shards = str(download(args.url_list, out, args)) if args.url_list else args.input
-        stats = revalidate(expand_shards(source_shards), out, sample_filter, args.samples_per_shard, args.caption_key)
-    except LdmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    source_shards = str(download(args.url_list, out, args)) if args.url_list else args.input
+    stats = revalidate(expand_shards(source_shards), out, sample_filter, args.samples_per_shard, args.caption_key)
     print(json.dumps(stats, sort_keys=True))
     return 0
 
