@@ -57,14 +57,17 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm block: self-attention (attn1), cross-attention (attn2, absent when context_dim is None), GEGLU MLP."""
+    """Pre-norm block: self-attention (attn1, absent when self_attention=False), cross-attention (attn2, absent when
+    context_dim is None), GEGLU MLP."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None, dropout: float = 0.0,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, self_attention: bool = True):
         super().__init__()
         self.use_checkpoint = use_checkpoint
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
-        self.norm1 = nn.LayerNorm(dim)
+        self.has_self_attention = self_attention
+        if self_attention:
+            self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+            self.norm1 = nn.LayerNorm(dim)
         if context_dim is not None:
             self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
             self.norm2 = nn.LayerNorm(dim)
@@ -77,7 +80,8 @@ class BasicTransformerBlock(nn.Module):
         return maybe_checkpoint(self, self._forward, x, context, context_mask)
 
     def _forward(self, x, context, context_mask):
-        x = x + self.attn1(self.norm1(x))
+        if self.has_self_attention:
+            x = x + self.attn1(self.norm1(x))
         if self.has_cross_attention:
             if context is None:
                 raise ValueError("this U-Net has cross-attention (context_dim is set): pass `context` (b n d)")
@@ -89,7 +93,8 @@ class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map: `b c h w -> b (h w) c -> blocks -> b c h w`, residual."""
 
     def __init__(self, in_channels: int, heads: int, dim_head: int, depth: int = 1, context_dim: int | None = None,
-                 dropout: float = 0.0, use_linear: bool = False, use_checkpoint: bool = False):
+                 dropout: float = 0.0, use_linear: bool = False, use_checkpoint: bool = False,
+                 self_attention: bool = True):
         super().__init__()
         inner_dim = heads * dim_head
         self.use_linear = use_linear
@@ -101,7 +106,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(in_channels, inner_dim, 1)
             self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, 1))
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner_dim, heads, dim_head, context_dim, dropout, use_checkpoint)
+            BasicTransformerBlock(inner_dim, heads, dim_head, context_dim, dropout, use_checkpoint, self_attention)
             for _ in range(depth)
         )
 

@@ -12,7 +12,9 @@ from ldm.models.unet_blocks import (
     Downsample,
     ResBlock,
     Upsample,
+    batch_timesteps,
     normalization,
+    set_gradient_checkpointing,
     timestep_embedding,
     zero_module,
 )
@@ -151,17 +153,12 @@ class UNetModel(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Switch gradient checkpointing of every ResBlock and transformer block (takes effect in training mode)."""
-        for module in self.modules():
-            if hasattr(module, "use_checkpoint"):
-                module.use_checkpoint = enabled
+        set_gradient_checkpointing(self, enabled)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Output for x `b c h w` at timesteps `b` (or a scalar), text `context` `b n d`, `y`, `context_mask` `b n`."""
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        t_emb = timestep_embedding(timesteps, self.config.model_channels)
+        t_emb = timestep_embedding(batch_timesteps(timesteps, x), self.config.model_channels)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         if hasattr(self, "label_emb"):
             if y is None:

@@ -40,6 +40,19 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def batch_timesteps(timesteps: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Timesteps (or any per-sample scalar) as a `b` tensor on x's device; a scalar is repeated over the batch."""
+    timesteps = torch.as_tensor(timesteps, device=x.device)
+    return timesteps.expand(x.shape[0]) if timesteps.ndim == 0 else timesteps
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool = True) -> None:
+    """Switch gradient checkpointing of every block of `model` that has `use_checkpoint` (training mode only)."""
+    for module in model.modules():
+        if hasattr(module, "use_checkpoint"):
+            module.use_checkpoint = enabled
+
+
 def maybe_checkpoint(module: nn.Module, fn, *args):
     """Run `fn(*args)` under non-reentrant gradient checkpointing when `module.use_checkpoint` and training."""
     if module.use_checkpoint and module.training and torch.is_grad_enabled():
@@ -48,13 +61,18 @@ def maybe_checkpoint(module: nn.Module, fn, *args):
 
 
 class ResBlock(nn.Module):
-    """Residual block conditioned on the time embedding: `b c h w, b e -> b c' h w`."""
+    """Residual block conditioned on the time embedding: `b c h w, b e -> b c' h w`.
+
+    `skip_scale` multiplies the sum of shortcut and residual branch: 1/sqrt(2) keeps its variance that of each
+    branch (Efficient U-Net, Saharia et al. 2022 App. B; NCSN++'s skip_rescale); 1 (SD's U-Net) leaves it out.
+    """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, skip_scale: float = 1.0):
         super().__init__()
         out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
+        self.skip_scale = skip_scale
         self.in_layers = nn.Sequential(
             normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
@@ -71,28 +89,35 @@ class ResBlock(nn.Module):
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
         h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        out = self.skip_connection(x) + self.out_layers(h)
+        return out if self.skip_scale == 1.0 else out * self.skip_scale
 
 
 class Downsample(nn.Module):
-    """Halve the resolution with a stride-2 3x3 conv (`op`), or average pooling when `use_conv=False`."""
+    """Halve the resolution with a stride-2 3x3 conv (`op`) to `out_channels`, or average pooling (`use_conv=False`)."""
 
-    def __init__(self, channels: int, use_conv: bool = True):
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
+        out_channels = out_channels or channels
+        if not use_conv and out_channels != channels:
+            raise ValueError(f"Downsample without a conv cannot change channels ({channels} -> {out_channels})")
+        self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
 
 
 class Upsample(nn.Module):
-    """Double the resolution (nearest), then a 3x3 conv (`conv`) when `use_conv=True`."""
+    """Double the resolution (nearest), then a 3x3 conv (`conv`) to `out_channels` when `use_conv=True`."""
 
-    def __init__(self, channels: int, use_conv: bool = True):
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
         super().__init__()
+        out_channels = out_channels or channels
+        if not use_conv and out_channels != channels:
+            raise ValueError(f"Upsample without a conv cannot change channels ({channels} -> {out_channels})")
         self.use_conv = use_conv
         if use_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+            self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
