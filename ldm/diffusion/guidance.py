@@ -106,10 +106,12 @@ def dynamic_threshold(denoiser, percentile: float = 0.995, max_value: float = fl
 
     def thresholded(x, sigma, cond, with_variance):
         x0, variance = _run(denoiser, x, sigma, cond, with_variance)
-        flat = x0.flatten(1).float()
-        s = torch.quantile(flat.abs(), percentile, dim=1).clamp(min=1.0, max=max_value)
-        s = append_dims(s, x0.ndim).to(x0.dtype)
-        return torch.maximum(torch.minimum(x0, s), -s) / s, variance
+        # In float32 whatever x0's dtype: torch.quantile rejects half precision (imagen-pytorch's version fails on
+        # fp16 there), and one rounding at the end keeps fp16/bf16 outputs within half an ulp of the maths.
+        x0_32 = x0.float()
+        s = torch.quantile(x0_32.flatten(1).abs(), percentile, dim=1).clamp(min=1.0, max=max_value)
+        s = append_dims(s, x0.ndim)
+        return (torch.maximum(torch.minimum(x0_32, s), -s) / s).to(x0.dtype), variance
 
     return _Wrapped(denoiser, thresholded)
 
