@@ -3,6 +3,8 @@ import math
 import pytest
 import torch
 
+from ldm.diffusion import build_denoiser, cfg, dynamic_threshold, karras_sigmas, sample_euler
+from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import ConfigError
 from ldm.models.efficient_unet import EfficientUNet, EfficientUNetConfig, masked_mean
 from ldm.models.transformer import SpatialTransformer
@@ -215,3 +217,21 @@ def test_config_errors_and_wrong_inputs():
         net(x, t, context, y=torch.zeros(2, 4), aug_level=0.1)
     with pytest.raises(ValueError, match="context"):
         net(x, t, aug_level=0.1)
+
+
+def test_drives_the_denoiser_contract_with_guidance_and_thresholding():
+    net = _network(in_channels=3)
+    denoiser = build_denoiser(net, ScheduleConfig(beta_schedule="cosine", prediction_type="epsilon"))
+    _, _, context = _inputs()
+    mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3])
+    level = torch.full((2,), 0.25)
+    cond = {"cond": {"context": context, "context_mask": mask, "aug_level": level},
+            "uncond": {"context": torch.zeros_like(context), "context_mask": mask, "aug_level": level}}
+    guided = dynamic_threshold(cfg(denoiser, 4.0), percentile=0.9)
+    sigmas = karras_sigmas(3, denoiser.sigma_min, denoiser.sigma_max)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        x = sample_euler(guided, torch.randn(2, 3, 16, 16, generator=g) * sigmas[0], sigmas, cond)
+    # Euler's last step lands on the thresholded x0: in [-1, 1], the bound reached by the clipped 10%
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+    assert x.abs().max() <= 1.0 + 1e-6 and x.abs().amax(dim=(1, 2, 3)).min() > 0.99
