@@ -11,9 +11,9 @@ from ldm.models.transformer import SpatialTransformer
 from ldm.models.unet_blocks import Downsample, ResBlock, Upsample
 
 CONTEXT_DIM = 32
-TINY_SR = dict(in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=(1, 2, 3),
-               attention_levels=(2,), cross_attention_levels=(1, 2), num_head_channels=16, context_dim=CONTEXT_DIM,
-               aug_level_conditioning=True)
+TINY_SR = {"in_channels": 6, "out_channels": 3, "model_channels": 32, "channel_mult": (1, 2, 2),
+           "num_res_blocks": (1, 2, 3), "attention_levels": (2,), "cross_attention_levels": (1, 2),
+           "num_head_channels": 16, "context_dim": CONTEXT_DIM, "aug_level_conditioning": True}
 
 
 def _network(**overrides) -> EfficientUNet:

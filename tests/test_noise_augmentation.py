@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from ldm.config import from_dict
-from ldm.errors import ConfigError, LdmError
 from ldm.diffusion.noise_augmentation import (
     StageConfig,
     aug_alpha_sigma,
@@ -18,6 +17,7 @@ from ldm.diffusion.noise_augmentation import (
     training_conditioning_image,
     upsample,
 )
+from ldm.errors import ConfigError, LdmError
 
 
 def _images(seed=0, shape=(3, 3, 32, 32)):

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ldm.errors import ConfigError, LdmError
 from ldm.diffusion.schedules import cosine_betas
+from ldm.errors import ConfigError, LdmError
 
 RESIZE_MODES = ("bicubic", "bilinear", "nearest")
 

@@ -186,7 +186,8 @@ class EfficientUNet(nn.Module):
             self.up_blocks.append(TimestepEmbedSequential(*layers))
             ch = ch_next
 
-        # The full-resolution features of the input conv reach the output through one last ResBlock.
+        # The input conv's full-resolution features reach the output through one last ResBlock (imagen-pytorch's
+        # final_resnet_block): with every level downsampling first, nothing else runs at full resolution.
         self.final_block = res_block(ch + mc, mc)
         self.out = nn.Sequential(normalization(mc), nn.SiLU(), zero_module(nn.Conv2d(mc, c.out_channels, 3, padding=1)))
 
