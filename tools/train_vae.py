@@ -1,7 +1,7 @@
 """Train the KL-regularised autoencoder of latent diffusion (VAE + LPIPS + PatchGAN).
 
     accelerate launch tools/train_vae.py --config configs/vae-sd.yaml --train-data 'shards/{00000..00999}.tar' \\
-        --output-dir runs/vae [--max-steps N] [--resume latest|PATH] [key.sub=value ...]
+        --output-dir runs/vae [--max-steps N] [--resume latest|PATH | --overwrite] [key.sub=value ...]
     python tools/train_vae.py --config configs/vae-tiny.yaml --train-data shards/ --output-dir runs/vae-tiny  # CPU
 
 The resolved config goes to DIR/config.yaml, checkpoints to DIR/checkpoints/step-NNNNNN/, reconstruction grids to
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     config = resolve_config(args)
     from ldm.train.vae_loop import train_autoencoder
 
-    out = train_autoencoder(config, resume=args.resume)
+    out = train_autoencoder(config, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # once, not per process
         print(f"autoencoder written to {out}/autoencoder.safetensors (+ autoencoder.yaml)")
     return 0

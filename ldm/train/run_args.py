@@ -20,8 +20,11 @@ def run_parser(prog: str, doc: str, config_help: str, overrides_example: str,
         p.add_argument("--val-data", default=None, help="held-out shards for validation metrics (validation.shards)")
     p.add_argument("--output-dir", default=None, help="run folder (output_dir)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps to train up to (max_steps)")
-    p.add_argument("--resume", default=None, help="'latest' (the newest checkpoint in the run folder, or a fresh start "
-                   "when there is none) or a checkpoint folder")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", default=None, help="'latest' (the newest complete checkpoint in the run folder, or a "
+                     "fresh start when there is none) or a checkpoint folder")
+    run.add_argument("--overwrite", action="store_true", help="delete the run already in --output-dir and start "
+                     "again (without it or --resume, a fresh run needs an empty or new folder)")
     p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {overrides_example}")
     return p
 
