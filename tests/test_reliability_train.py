@@ -97,8 +97,20 @@ def test_cli_output_dir_that_is_a_file_is_an_error_line_with_exit_2(name, tmp_pa
     for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
         code = tool(name).main(["--config", str(config), "--train-data", str(tmp_path), "--output-dir", str(out)])
         err = capsys.readouterr().err
-        assert code == 2 and err.startswith("error: --output-dir") and "is a file" in err, err
+        assert code == 2 and err.startswith(f"error: --output-dir {out}") and "is a file" in err, err
     assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(shards, tmp_path, monkeypatch):
+    import ldm.train.run_folder as run_folder
+
+    def denied(*args, **kwargs):  # what a read-only mount or a folder of another user gives (root passes os.access)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_folder.tempfile, "TemporaryFile", denied)
+    with pytest.raises(LdmError, match=r"--output-dir .*/run cannot be written \(Permission denied\)"):
+        train(tiny_config(shards, tmp_path / "run", "max_steps=1"))
+    assert list((tmp_path / "run").iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["train", "train_vae"])
@@ -110,6 +122,21 @@ def test_cli_refuses_a_used_folder_and_resume_with_overwrite(name, tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         tool(name).main(["--config", str(config), "--output-dir", str(tmp_path), "--resume", "latest", "--overwrite"])
     assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_error_line_ends_the_launcher_summary(tmp_path):
+    """torchrun (what `accelerate launch --multi_gpu` runs) ends with the child's error line, not a stock hint."""
+    import subprocess
+
+    (tmp_path / "taken").write_text("x")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(ROOT / "tools" / "train.py"),
+           "--config", str(ROOT / "configs" / "tiny.yaml"), "--output-dir", str(tmp_path / "taken")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip() and set(line.strip()) != {"="}]
+    assert lines[-1].strip() == f"traceback : error: --output-dir {tmp_path / 'taken'} is a file, not a folder; " \
+                                "choose another path"
 
 
 # --- damaged checkpoints ------------------------------------------------------------------------------------------
@@ -212,6 +239,19 @@ def test_the_next_start_tidies_what_kills_left_and_resumes(shards, two_steps, tm
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000001", "step-000002"]
     # step 2 was restored and resumed from (nothing left to train): it is the uninterrupted run's
     assert_same_weights(ckpts / "step-000002", two_steps / "checkpoints" / "step-000002")
+
+
+def test_a_kill_during_the_export_is_redone_by_the_next_start(shards, two_steps, tmp_path):
+    from ldm.io.formats import load_model
+
+    run = copy_run(two_steps, tmp_path / "run")
+    checkpoint = run / "checkpoints" / "step-000002" / "trainer_state.json"
+    written = checkpoint.stat().st_mtime_ns
+    for path in run.glob("*.safetensors"):  # the exported weights, as a kill before they were all written leaves them
+        path.unlink()
+    train(tiny_config(shards, run, "max_steps=2"), resume="latest")
+    assert checkpoint.stat().st_mtime_ns == written  # 0 steps trained, the checkpoint untouched
+    assert load_model(run) is not None  # the export is whole again (loading checks it)
 
 
 # --- one batch stream, skip counts by reason -----------------------------------------------------------------------

@@ -20,7 +20,8 @@ def check_output_dir(out: str | Path, resume: str | None, overwrite: bool) -> No
         raise LdmError("--resume continues the run in --output-dir and --overwrite deletes it: give only one")
     existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))  # "." or "/" at the latest
     if not existing.is_dir():
-        raise LdmError(f"--output-dir {out}: {existing} is a file, not a folder; choose a folder path")
+        where = f"{out} is a file" if existing == out else f"{out}: {existing} is a file, so no folder can be made there"
+        raise LdmError(f"--output-dir {where}, not a folder; choose another path")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if entries and resume is None and not overwrite:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
