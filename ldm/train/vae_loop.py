@@ -10,11 +10,13 @@ and copy the second into its `model.autoencoder`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
 import warnings
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -24,15 +26,26 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ldm.config import from_dict, save_yaml, to_plain
+from ldm.atomic import atomic_write_text
+from ldm.config import from_dict, load_yaml, save_yaml, to_plain
 from ldm.data.config import DataConfig
+from ldm.data.loader import make_loader
 from ldm.errors import ConfigError, LdmError
+from ldm.eval.features import compute_features
+from ldm.eval.frechet import fid
+from ldm.eval.grid import make_grid
+from ldm.eval.inception import InceptionExtractor, resolve_inception_weights
+from ldm.io.checkpoint import load_into, read_state_dict, write_safetensors
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldm.train.autoencoder_loss import AutoencoderLoss, AutoencoderLossConfig
 from ldm.seeds import derive_seed
+from ldm.train.autoencoder_loss import AutoencoderLoss, AutoencoderLossConfig
 from ldm.train.batches import DataCounts, TrainState, batch_stream
+from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.train.config import EMAConfig, OptimConfig
+from ldm.train.ema import EMA
+from ldm.train.optim import lr_at, make_optimizer, set_lr
 from ldm.train.run_folder import check_output_dir, prepare_run_folder
+from ldm.train.tracking import RunLogger, tracker_name
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -128,8 +141,6 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
 
 def validation_images(config: VAETrainConfig) -> Iterator[torch.Tensor]:
     """Batches of the held-out set, one pass, centre crops, at most `validation.max_images` images."""
-    from ldm.data.loader import make_loader
-
     v = config.validation
     data = dataclasses.replace(config.data, shards=v.shards, batch_size=v.batch_size, resampled=False, crop="center",
                                flip_prob=0.0, shuffle_buffer=0, caption_dropout=0.0, buckets=None)
@@ -174,10 +185,6 @@ def reconstruction_fid(reals: list[Image.Image], recs: list[Image.Image], weight
                        device: torch.device) -> float | None:
     """FID between real and reconstructed images (ldm.eval); None with a warning when Inception is unavailable."""
     try:
-        from ldm.eval.features import compute_features
-        from ldm.eval.frechet import fid
-        from ldm.eval.inception import InceptionExtractor, resolve_inception_weights
-
         extractor = InceptionExtractor(resolve_inception_weights(weights, download=False), device=device)
     except (ImportError, LdmError) as e:
         warnings.warn(f"rFID skipped: {e}", stacklevel=2)
@@ -189,8 +196,6 @@ def reconstruction_fid(reals: list[Image.Image], recs: list[Image.Image], weight
 
 def export_autoencoder(autoencoder: AutoencoderKL, scale_factor: float, out: Path) -> None:
     """`out/autoencoder.safetensors` (native keys) and `out/autoencoder.yaml` (its AutoencoderConfig, measured scale)."""
-    from ldm.io.checkpoint import write_safetensors
-
     config = dataclasses.replace(autoencoder.config, scale_factor=scale_factor)
     write_safetensors(autoencoder.state_dict(), out / "autoencoder.safetensors",
                       metadata={"format": "ldm-native-autoencoder", "config": to_plain(config)})
@@ -199,9 +204,6 @@ def export_autoencoder(autoencoder: AutoencoderKL, scale_factor: float, out: Pat
 
 def load_autoencoder(folder: str | Path) -> AutoencoderKL:
     """The autoencoder a run exported into `folder` (autoencoder.yaml + autoencoder.safetensors)."""
-    from ldm.config import load_yaml
-    from ldm.io.checkpoint import load_into, read_state_dict
-
     folder = Path(folder)
     model = AutoencoderKL(from_dict(AutoencoderConfig, load_yaml(folder / "autoencoder.yaml"), where="autoencoder.yaml"))
     return load_into(model, read_state_dict(folder / "autoencoder.safetensors"), source=str(folder))
@@ -209,8 +211,6 @@ def load_autoencoder(folder: str | Path) -> AutoencoderKL:
 
 def load_pretrained(autoencoder: AutoencoderKL, path: str) -> AutoencoderKL:
     """Weights to fine-tune from: native keys, or the `first_stage_model.` part of a whole SD checkpoint."""
-    from ldm.io.checkpoint import load_into, read_state_dict
-
     sd = read_state_dict(path)
     prefix = "first_stage_model."
     if any(k.startswith(prefix) for k in sd):
@@ -220,8 +220,6 @@ def load_pretrained(autoencoder: AutoencoderKL, path: str) -> AutoencoderKL:
 
 def first_images(config: VAETrainConfig) -> torch.Tensor:
     """The grid's images: the first held-out ones, else the first batch of the training stream's epoch 0."""
-    from ldm.data.loader import make_loader
-
     if config.validation.shards:
         x = next(validation_images(config))
     else:
@@ -244,17 +242,8 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
 
     A fresh run needs an empty folder; `resume` continues the run there and `overwrite` deletes it first.
     """
-    import contextlib
-
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-
-    from ldm.data.loader import make_loader
-    from ldm.eval.grid import make_grid
-    from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_resume, save_checkpoint
-    from ldm.train.ema import EMA
-    from ldm.train.optim import lr_at, make_optimizer, set_lr
-    from ldm.train.tracking import RunLogger, tracker_name
 
     out = Path(config.output_dir)
     check_output_dir(out, resume, overwrite)
@@ -407,8 +396,6 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
                    **metrics, **state.data_counts(), "perceptual_weight": config.loss.perceptual_weight,
                    **({"notes": notes} if notes else {})}
         logger.scalars({"scale_factor": scale}, state.step)
-        from ldm.atomic import atomic_write_text
-
         atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))
     accelerator.wait_for_everyone()
@@ -419,10 +406,6 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
 @torch.no_grad()
 def measure_scale_factor(autoencoder: AutoencoderKL, config: VAETrainConfig, device: torch.device, autocast) -> float:
     """1 / std of posterior samples of `scale_batches` training batches (their own seeded stream, not the run's)."""
-    from itertools import islice
-
-    from ldm.data.loader import make_loader
-
     loader = make_loader(dataclasses.replace(config.data, batches_per_epoch=config.scale_batches), 0, 1)
     loader.set_epoch(0)
     generator = torch.Generator(device).manual_seed(config.seed)
