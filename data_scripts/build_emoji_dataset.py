@@ -55,16 +55,36 @@ def npm_package(name: str, cache: Path) -> Path:
     return unpacked
 
 
+def package_text(path: Path) -> str:
+    """A text file of an unpacked package as UTF-8; a damaged one is an LdmError naming the file, line and way out."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise LdmError(f"{path} line {line} is not UTF-8 text (byte {e.start}): the cached download is damaged; "
+                       "delete its package folder under --cache-dir to fetch it again") from e
+
+
+def package_json(path: Path):
+    """A JSON file of an unpacked package; a damaged one is an LdmError naming the file."""
+    try:
+        return json.loads(package_text(path))
+    except ValueError as e:
+        raise LdmError(f"{path} is not valid JSON ({e}): the cached download is damaged; delete its package folder "
+                       "under --cache-dir to fetch it again") from e
+
+
 def package_version(folder: Path) -> str:
     """The `version` field of an unpacked npm package."""
-    return json.loads((folder / "package.json").read_text()).get("version", "?")
+    return package_json(folder / "package.json").get("version", "?")
 
 
 def load_labels(cache: Path) -> dict:
     """{hexcode: (label, tags)} from emojibase-data, else from the `emoji` PyPI package, else {} (names from the source)."""
     try:
         folder = npm_package("emojibase-data", cache)
-        return emojibase_labels(json.loads((folder / "en" / "data.json").read_text()))
+        return emojibase_labels(package_json(folder / "en" / "data.json"))
     except LdmError as e:
         print(f"warning: {e}; trying the emoji PyPI package for labels", file=sys.stderr)
     try:
@@ -90,7 +110,7 @@ def square(image: Image.Image, resolution: int, background: tuple[int, int, int]
 def datasource_images(name: str, cache: Path, labels: dict, limit: int | None):
     """(record, RGBA image or skip reason) pairs from emoji-datasource-<name>."""
     folder = npm_package(f"emoji-datasource-{name}", cache)
-    records = datasource_records(json.loads((folder / "emoji.json").read_text()), name, labels)[:limit]
+    records = datasource_records(package_json(folder / "emoji.json"), name, labels)[:limit]
     for record in records:
         path = folder / "img" / name / "64" / record.image
         yield record, (Image.open(path) if path.is_file() else "missing_image")
@@ -116,7 +136,7 @@ def openmoji_images(cache: Path, resolution: int, limit: int | None):
     except (ImportError, OSError) as e:
         raise LdmError(f"openmoji ships SVGs only: install cairosvg (pip install cairosvg) to render them ({e})") from e
     folder = npm_package("openmoji", cache)
-    records = [r for r in openmoji_records((folder / "data" / "openmoji.csv").read_text()) if (folder / r.image).is_file()]
+    records = [r for r in openmoji_records(package_text(folder / "data" / "openmoji.csv")) if (folder / r.image).is_file()]
     for record in records[:limit]:
         try:
             png = cairosvg.svg2png(bytestring=strip_openmoji_grid((folder / record.image).read_bytes()), output_width=resolution, output_height=resolution)

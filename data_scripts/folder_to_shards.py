@@ -3,7 +3,7 @@
 Captions come from `metadata.jsonl` or `metadata.csv` at the folder's root (columns `file_name` and `text` or
 `caption`, the Hugging Face imagefolder convention), else from a `.txt` file beside each image (same stem).
 Images keep their bytes unless --max-size asks for a resize; other formats (bmp, gif, tiff) become PNG.
-Images without a caption and unreadable images are skipped and counted.
+Images without a caption, captions that are not UTF-8 and unreadable images are skipped and counted (stats.json).
 """
 from __future__ import annotations
 
@@ -27,18 +27,33 @@ IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp",
 CAPTION_COLUMNS = ("text", "caption")
 
 
-def read_metadata(root: Path) -> dict[str, str] | None:
+NOT_UTF8 = object()  # the caption of a sample whose text is not UTF-8: skipped and counted, not a crash
+
+
+def _decoded(text: str) -> str | object:
+    """`text` as read with errors="surrogateescape", or NOT_UTF8 when it held bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return NOT_UTF8
+    return text
+
+
+def read_metadata(root: Path) -> dict[str, str | object] | None:
     """{relative file name: caption} from metadata.jsonl or metadata.csv, or None when neither exists."""
     rows: list[dict] = []
+    # surrogateescape: one caption that is not UTF-8 spoils its own sample, not the file (and the file names,
+    # decoded the same way, still match the paths found on disk)
     if (root / "metadata.jsonl").is_file():
-        for number, line in enumerate((root / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+        text = (root / "metadata.jsonl").read_text(encoding="utf-8", errors="surrogateescape")
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except ValueError as e:
                     raise LdmError(f"{root / 'metadata.jsonl'} line {number} is not JSON: {e}") from e
     elif (root / "metadata.csv").is_file():
-        with open(root / "metadata.csv", newline="", encoding="utf-8") as f:
+        with open(root / "metadata.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
             rows = list(csv.DictReader(f))
     else:
         return None
@@ -47,7 +62,7 @@ def read_metadata(root: Path) -> dict[str, str] | None:
         column = next((c for c in CAPTION_COLUMNS if c in row), None)
         if "file_name" not in row or column is None:
             raise LdmError(f"metadata in {root} needs columns file_name and one of {CAPTION_COLUMNS}; got {sorted(row)}")
-        captions[str(Path(row["file_name"]))] = str(row[column])
+        captions[str(Path(row["file_name"]))] = _decoded(str(row[column]))
     return captions
 
 
@@ -56,13 +71,15 @@ def find_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def caption_for(path: Path, root: Path, metadata: dict[str, str] | None) -> str | None:
-    """The image's caption (metadata first, else the .txt beside it), stripped; None when there is none."""
+def caption_for(path: Path, root: Path, metadata: dict[str, str | object] | None) -> str | object | None:
+    """The image's caption (metadata first, else the .txt beside it), stripped; None when there is none, NOT_UTF8."""
     if metadata is not None:
         text = metadata.get(str(path.relative_to(root)))
     else:
         txt = path.with_suffix(".txt")
-        text = txt.read_text(encoding="utf-8") if txt.is_file() else None
+        text = _decoded(txt.read_text(encoding="utf-8", errors="surrogateescape")) if txt.is_file() else None
+    if text is NOT_UTF8:
+        return NOT_UTF8
     return text.strip() if text and text.strip() else None
 
 
@@ -81,6 +98,9 @@ def convert(root: Path, out: Path, samples_per_shard: int = 1000, max_size: int 
             caption = caption_for(path, root, metadata)
             if caption is None:
                 counts["skipped_no_caption"] += 1
+                continue
+            if caption is NOT_UTF8:
+                counts["skipped_caption_not_utf8"] += 1
                 continue
             data = path.read_bytes()
             try:

@@ -16,7 +16,7 @@ from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig, karras_sig
 from ldm.errors import ConfigError
 from ldm.pipeline import load_pipeline
 from ldm.train import loop
-from ldm.train.model import sample_seed
+from ldm.seeds import derive_seed
 
 
 def test_edm_schedule_config_defaults_validation_and_diffusers_mapping(tmp_path):
@@ -135,7 +135,7 @@ def test_training_an_edm_model_uses_lognormal_sigmas_edm_weighting_and_exports_i
     assert objective.weighting(torch.tensor([1.0])).item() == pytest.approx((1 + 0.25) / 0.25)
     # sample j's sigma is exp(P_mean + P_std z) with z from its own seed (seed 0, rank 0, sample j)
     got = torch.cat(sigmas)
-    z = torch.cat([torch.randn(1, generator=torch.Generator().manual_seed(sample_seed(0, 0, j))) for j in range(4)])
+    z = torch.cat([torch.randn(1, generator=torch.Generator().manual_seed(derive_seed(0, 0, j))) for j in range(4)])
     torch.testing.assert_close(got, (-0.5 + 1.2 * z).exp())
     assert (out / "samples" / "samples-000002.png").is_file()  # sampled with the EDM plan (train/samples.py)
     exported = load_pipeline(out, device="cpu")  # the run's model folder is an EDM model

@@ -1,7 +1,7 @@
 """Train a latent text-to-image diffusion model.
 
     accelerate launch tools/train.py --config configs/sd-v1.yaml --train-data 'shards/{00000..00999}.tar' \\
-        --output-dir runs/sd1 [--max-steps N] [--resume latest|PATH] [key.sub=value ...]
+        --output-dir runs/sd1 [--max-steps N] [--resume latest|PATH | --overwrite] [key.sub=value ...]
     python tools/train.py --config configs/tiny.yaml --train-data shards/ --output-dir runs/tiny   # one CPU process
 
 The resolved config goes to DIR/train_config.yaml, checkpoints to DIR/checkpoints/step-NNNNNN/, sample grids to
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.cli.common import cli_main  # noqa: E402
-from ldm.train.run_args import resolve_run_config, run_parser  # noqa: E402
+from ldm.train.run_args import report_to_launcher, resolve_run_config, run_parser  # noqa: E402
 
 
 def build_parser():
@@ -26,13 +26,14 @@ def build_parser():
 
 
 @cli_main
+@report_to_launcher
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides may come before and after the flags
     from ldm.train.config import TrainConfig
     from ldm.train.loop import train
 
     config = resolve_run_config(args, TrainConfig)
-    out = train(config, resume=args.resume)
+    out = train(config, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         prompt = config.sampling.prompts[0] if config.sampling.prompts else "a photo"
         print(f'model written to {out}; try: ldm-txt2img --model {out} "{prompt}"')

@@ -1,7 +1,7 @@
 """Train the KL-regularised autoencoder of latent diffusion (VAE + LPIPS + PatchGAN).
 
     accelerate launch tools/train_vae.py --config configs/vae-sd.yaml --train-data 'shards/{00000..00999}.tar' \\
-        --output-dir runs/vae [--max-steps N] [--resume latest|PATH] [key.sub=value ...]
+        --output-dir runs/vae [--max-steps N] [--resume latest|PATH | --overwrite] [key.sub=value ...]
     python tools/train_vae.py --config configs/vae-tiny.yaml --train-data shards/ --output-dir runs/vae-tiny  # CPU
 
 The resolved config goes to DIR/config.yaml, checkpoints to DIR/checkpoints/step-NNNNNN/, reconstruction grids to
@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.cli.common import cli_main  # noqa: E402
-from ldm.train.run_args import resolve_run_config, run_parser  # noqa: E402
+from ldm.train.run_args import report_to_launcher, resolve_run_config, run_parser  # noqa: E402
 
 
 def build_parser():
@@ -35,12 +35,13 @@ def resolve_config(args):
 
 
 @cli_main
+@report_to_launcher
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     config = resolve_config(args)
     from ldm.train.vae_loop import train_autoencoder
 
-    out = train_autoencoder(config, resume=args.resume)
+    out = train_autoencoder(config, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # once, not per process
         print(f"autoencoder written to {out}/autoencoder.safetensors (+ autoencoder.yaml)")
     return 0

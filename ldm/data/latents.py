@@ -27,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ldm.atomic import atomic_write_bytes, atomic_write_text
+from ldm.data.loader import REMOTE_PREFIXES, expand_shards
 from ldm.data.samples import SkipSample, FilteredSample, image_sample, read_caption, read_meta, register_sample_format
 from ldm.errors import ConfigError, LdmError
 
@@ -154,8 +155,6 @@ def read_text_embedding(path: str | os.PathLike, sha1: str) -> dict[str, torch.T
 
 def _local_folder(url: str) -> Path:
     """The folder of a local shard URL; latent shards need random access to their text files, so nothing remote."""
-    from ldm.data.loader import REMOTE_PREFIXES
-
     if url.startswith(REMOTE_PREFIXES):
         raise LdmError(f"latent shard {url} is not a local file: latent shards resolve their text embeddings from "
                        "text-NNNNN.safetensors beside them, which needs local (or mounted) files")
@@ -225,8 +224,6 @@ def read_latents_meta(folder: str | os.PathLike) -> dict:
 
 def check_latent_shards(config: "DataConfig", autoencoder: "nn.Module", text_encoder: "nn.Module") -> list[dict]:
     """Refuse latent shards made by another autoencoder or text encoder, or at other sizes; returns their metas."""
-    from ldm.data.loader import expand_shards
-
     if config.flip_prob > 0:
         raise ConfigError("data.flip_prob > 0 cannot apply to precomputed latents (the image was encoded unflipped); "
                           "set data.flip_prob=0, or train from images")

@@ -16,13 +16,12 @@ Why this design (webdataset #75, #188, #250, #303, #379, #406):
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 import webdataset as wds
@@ -33,6 +32,7 @@ from ldm.data.captions import drop_captions
 from ldm.data.config import DataConfig
 from ldm.data.samples import FilteredSample, SkipSample, collate, get_sample_format
 from ldm.errors import LdmError
+from ldm.seeds import derive_seed
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
 
@@ -73,12 +73,6 @@ def shard_partition(urls: list[str], rank: int, world_size: int, worker: int, nu
     if len(urls) >= streams or not resampled:
         return urls[index::streams]
     return list(urls)
-
-
-def stream_seed(*parts: Any) -> int:
-    """A 63-bit seed from (seed, epoch, rank, worker, ...), the same in every process and Python run."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def shuffled(items: Iterable, buffer_size: int, rng: random.Random) -> Iterator:
@@ -196,7 +190,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        seed = stream_seed(self.config.seed, self.epoch, self.rank, worker)
+        seed = derive_seed(self.config.seed, self.epoch, self.rank, worker)
         rng = random.Random(seed)
         generator = torch.Generator().manual_seed(seed)
         shards = shard_partition(self.urls, self.rank, self.world_size, worker, num_workers, self.config.resampled)

@@ -42,14 +42,14 @@ class FilteredSample(Exception):
 
 
 def read_caption(raw: dict, key: str) -> str:
-    """The caption text of a raw sample, or SkipSample("no_caption") when missing, empty or not utf-8."""
+    """The caption text of a raw sample; SkipSample "no_caption" when missing or empty, "caption_not_utf8" when so."""
     value = raw.get(key)
     if value is None:
         raise SkipSample("no_caption")
     try:
         text = value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
     except UnicodeDecodeError as e:
-        raise SkipSample("no_caption", str(e)) from e
+        raise SkipSample("caption_not_utf8", str(e)) from e
     text = text.strip()
     if not text:
         raise SkipSample("no_caption", "empty")

@@ -6,6 +6,20 @@ RNG states of python/numpy/torch/cuda for every rank as `random_states_<rank>.pk
 accelerate's automatic naming counts saves in `project_configuration.iteration`, which `load_state()` does not
 restore (accelerate #1601, #3306). The EMA is saved as safetensors rather than registered with accelerate, whose
 custom-object loader unpickles with `weights_only=False`.
+
+Checkpoint life cycle and what a kill at each point leaves (docs/reliability.md):
+- Written into `.step-NNNNNN.tmp/`, every file fsynced, then `files.json` (name -> size of every file) and
+  `trainer_state.json` last, then renamed to `step-NNNNNN/`: a folder with that name is complete when written.
+- Rotation renames a folder to `.step-NNNNNN.deleting` before deleting it, so a half-deleted checkpoint never looks
+  complete; `tidy_checkpoints` (at the next start) removes what a kill left: `.tmp`, `.deleting`, `step-*` without
+  `trainer_state.json`, and restores a `.old` (the same step being saved again) whose replacement never arrived.
+- Before resuming, `checkpoint_problem` checks every file against `files.json` and every safetensors header, so a
+  truncated or deleted file is found before accelerate reads it; `--resume latest` then falls back to the newest
+  complete checkpoint with a warning.
+- RNG states: accelerate 1.15 has no option to store them without pickle (`random_states_<rank>.pkl` is always a
+  `torch.save` pickle); it loads them with `weights_only=True` (safe globals: numpy's RNG types only), so a
+  malicious file cannot run code. A missing or unloadable one is not fatal (our noise comes from per-sample seeded
+  generators, not the global RNG), but `load_checkpoint` warns about it instead of accelerate's silent skip.
 """
 from __future__ import annotations
 
@@ -13,15 +27,21 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
+from typing import Iterable
 
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"  # written last: a folder without it is not a checkpoint
+MANIFEST_FILE = "files.json"  # {file name: size in bytes} of the checkpoint, written just before STATE_FILE
 EMA_FILE = "ema.safetensors"
+RNG_PREFIX = "random_states_"  # accelerate's per-rank RNG pickles: optional on resume (a warning when unusable)
 _NAME = re.compile(r"^step-(\d{6,})$")
+_LEFTOVER = re.compile(r"^\.(step-\d{6,})\.(tmp|old|deleting)$")
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -42,17 +62,68 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """The checkpoint folder `--resume` names: None (fresh run), "latest" (None when there is none yet), or a path."""
+def accelerate_files(accelerator) -> list[str]:
+    """The files `accelerator.load_state` needs for what was prepared: model[_i].safetensors, optimizer[_i].bin."""
+    models = [f"model{f'_{i}' if i else ''}.safetensors" for i in range(max(1, len(accelerator._models)))]
+    optimizers = [f"optimizer{f'_{i}' if i else ''}.bin" for i in range(len(accelerator._optimizers))]
+    return models + optimizers + (["scaler.pt"] if accelerator.scaler is not None else [])
+
+
+def checkpoint_problem(path: str | Path, required: Iterable[str] = ("model.safetensors",)) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed from, naming the file; None when it is complete."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        return f"{path / STATE_FILE} is missing (the checkpoint was never finished)"
+    try:
+        read_trainer_state(path)
+        manifest = json.loads((path / MANIFEST_FILE).read_text()) if (path / MANIFEST_FILE).is_file() else {}
+    except (CheckpointError, OSError, ValueError) as e:
+        return f"{path / MANIFEST_FILE} or {STATE_FILE} is unreadable: {e}"
+    for name in [*required, *(n for n in manifest if not n.startswith(RNG_PREFIX))]:
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if name in manifest and file.stat().st_size != manifest[name]:
+            return f"{file} is truncated or changed ({file.stat().st_size} bytes; {manifest[name]} were written)"
+    for file in sorted(path.glob("*.safetensors")):  # checkpoints written before files.json existed, too
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{file} is damaged ({e})"
+    return None
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None,
+                   required: Iterable[str] = ("model.safetensors",)) -> Path | None:
+    """The checkpoint `--resume` names, checked: None (fresh run), "latest" (the newest complete one), or a path."""
     if resume is None:
         return None
+    required = list(required)
     if resume == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        rejected = []
+        for _, path in reversed(found):
+            problem = checkpoint_problem(path, required)
+            if problem is None:
+                if rejected:
+                    warnings.warn(f"--resume latest: skipping {len(rejected)} damaged checkpoint(s) "
+                                  f"({'; '.join(rejected)}); resuming from {path}, the newest complete one",
+                                  stacklevel=2)
+                return path
+            rejected.append(problem)
+        if rejected:
+            raise CheckpointError(f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'} is complete "
+                                  f"({'; '.join(rejected)}); start over with --overwrite")
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"--resume {resume}: not a complete training checkpoint (no {STATE_FILE} inside); "
                               f"use 'latest' or one of {[str(p) for _, p in list_checkpoints(output_dir)][-3:]}")
+    problem = checkpoint_problem(path, required)
+    if problem is not None:
+        raise CheckpointError(f"--resume {resume}: {problem}; use --resume latest (the newest complete checkpoint) "
+                              f"or one of {[str(p) for _, p in list_checkpoints(output_dir)][-3:]}")
     return path
 
 
@@ -64,12 +135,20 @@ def read_trainer_state(path: Path) -> dict:
         raise CheckpointError(f"cannot read {Path(path) / STATE_FILE}: {e}") from e
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _delete(path: Path) -> None:
+    """Rename to a hidden `.deleting` name first (atomic), then delete: a kill never leaves a half-deleted `step-*`."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def rotate_checkpoints(output_dir: str | Path, limit: int | None) -> list[Path]:
@@ -79,8 +158,26 @@ def rotate_checkpoints(output_dir: str | Path, limit: int | None) -> list[Path]:
     found = list_checkpoints(output_dir)
     doomed = [path for _, path in found[: max(0, len(found) - limit)]]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        _delete(path)
     return doomed
+
+
+def tidy_checkpoints(output_dir: str | Path) -> list[str]:
+    """Clear what a kill left in `checkpoints/` (main process, before training); returns one note per change."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    notes = []
+    for path in sorted(root.iterdir()):
+        leftover = _LEFTOVER.match(path.name)
+        if leftover and leftover.group(2) == "old" and not (root / leftover.group(1)).exists() \
+                and (path / STATE_FILE).is_file():
+            os.replace(path, root / leftover.group(1))  # killed while saving the same step again: the old one stands
+            notes.append(f"restored {root / leftover.group(1)} from {path.name}")
+        elif leftover or (_NAME.match(path.name) and path.is_dir() and not (path / STATE_FILE).exists()):
+            shutil.rmtree(path, ignore_errors=True)
+            notes.append(f"removed {path} (left by a run killed while writing or deleting a checkpoint)")
+    return notes
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_state: dict, ema=None,
@@ -94,36 +191,69 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_stat
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)  # every rank: its RNG states; main: the rest
+        if accelerator.is_main_process and ema is not None:
+            save_file(ema.state_dict(), str(tmp / EMA_FILE))
+        accelerator.wait_for_everyone()  # every rank's files are in tmp
         if accelerator.is_main_process:
-            if ema is not None:
-                save_file(ema.state_dict(), str(tmp / EMA_FILE))
-            text = json.dumps({**trainer_state, "step": step}, indent=2)
-            with open(tmp / STATE_FILE, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+            sizes = {}
+            for file in sorted(tmp.iterdir()):
+                _fsync(file)  # on disk before the folder can be renamed into place
+                sizes[file.name] = file.stat().st_size
+            _write_synced(tmp / MANIFEST_FILE, json.dumps(sizes, indent=2))
+            _write_synced(tmp / STATE_FILE, json.dumps({**trainer_state, "step": step}, indent=2))
             old = final.with_name(f".{final.name}.old")
             if final.exists():  # the same step saved again (end of a run right after a periodic save)
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-            _fsync_dir(final.parent)
+            _fsync(final.parent)
             rotate_checkpoints(output_dir, total_limit)
-    except BaseException:
+    except BaseException as e:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a lost mount: say where and what, not a traceback
+            raise CheckpointError(f"cannot write the checkpoint of step {step} to {tmp.parent}: {e}; free space or "
+                                  "fix the folder, then continue with --resume latest") from e
         raise
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_rng_state(path: Path, rank: int) -> str | None:
+    """Why `random_states_<rank>.pkl` in `path` cannot be restored (accelerate's load_state skips it silently)."""
+    from accelerate.utils import load
+
+    file = path / f"{RNG_PREFIX}{rank}.pkl"
+    if not file.is_file():
+        return f"{file} is missing"
+    try:
+        state = load(file)  # accelerate's own loader: weights_only=True, numpy's RNG types allowed
+    except Exception as e:  # noqa: BLE001 - any failure here is what accelerate's load_state would swallow
+        return f"{file} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if not isinstance(state, dict) or "torch_manual_seed" not in state:
+        return f"{file} holds no RNG state"
+    return None
 
 
 def load_checkpoint(accelerator, path: str | Path, ema=None) -> dict:
     """Restore model, optimizer, scaler and RNG states (accelerate), the EMA, and return the trainer state."""
     path = Path(path)
     state = read_trainer_state(path)
+    problem = checkpoint_problem(path, accelerate_files(accelerator))
+    if problem is not None:
+        raise CheckpointError(f"cannot resume from {path}: {problem}")
+    rng_problem = check_rng_state(path, accelerator.process_index)
+    if rng_problem is not None:
+        warnings.warn(f"{rng_problem}: resuming with a fresh RNG state (the sampled noise does not depend on it; "
+                      "dropout and other global-RNG draws will differ from an uninterrupted run)", stacklevel=2)
     try:
         accelerator.load_state(str(path))
     except (OSError, RuntimeError, KeyError, ValueError) as e:

@@ -13,48 +13,24 @@ import os
 import shutil
 import time
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from ldm.config import save_yaml, to_plain
 from ldm.errors import ConfigError, LdmError
-from ldm.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from ldm.seeds import derive_seed
+from ldm.train.batches import DataCounts, TrainState, batch_stream
+from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.train.config import TrainConfig
 from ldm.train.ema import EMA
 from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_parts, check_latent_batch,
-                             latents_from_posterior, sample_seed, text_conditioning)
+                             latents_from_posterior, text_conditioning)
 from ldm.train.optim import lr_at, make_optimizer, set_lr
+from ldm.train.run_folder import check_output_dir, prepare_run_folder
 from ldm.train.tracking import RunLogger, tracker_name
 
 TRAIN_CONFIG = "train_config.yaml"  # the resolved run config; DIR/config.yaml is the exported model's (native format)
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint holds besides tensors: the step and where the data stream stands."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # loader epoch being read
-    batch_in_epoch: int = 0  # batches of that epoch consumed
-    samples: int = 0  # samples consumed by each rank (they number the per-sample noise seeds)
-    skipped: int = 0  # corrupt samples the loaders skipped, all ranks
-    filtered: int = 0  # samples the metadata filters dropped, all ranks
-
-
-def batch_stream(loader, state: TrainState) -> Iterator[dict]:
-    """Batches from the data position in `state` on, advancing it; a resumed run replays the epoch to its position."""
-    while True:
-        loader.set_epoch(state.epoch)  # shard draws, shuffles, crops and caption dropout are seeded per epoch
-        if state.batch_in_epoch < len(loader):
-            for index, batch in enumerate(loader):
-                if index < state.batch_in_epoch:
-                    continue
-                state.batch_in_epoch = index + 1
-                yield batch
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
 def randn_per_sample(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -67,7 +43,7 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
                    state: TrainState, rank: int, device: torch.device) -> dict:
     """A loader batch -> the objective's arguments: clean latents x0, sigma, noise, and cond or captions."""
     captions = list(batch["caption"])
-    seeds = [sample_seed(config.seed, rank, state.samples + j) for j in range(len(captions))]
+    seeds = [derive_seed(config.seed, rank, state.samples + j) for j in range(len(captions))]
     state.samples += len(captions)
     if config.loss.inputs == "latents":
         check_latent_batch(batch)
@@ -129,8 +105,12 @@ def latent_text_tokens(batch: dict, parts: LatentDiffusionParts, device: torch.d
     return latent_text_conditioning(batch, parts, False, device)["context"]
 
 
-def train(config: TrainConfig, resume: str | None = None) -> Path:
-    """Train the model of `config` into `config.output_dir`; returns that folder, which then holds the final model."""
+def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Train the model of `config` into `config.output_dir`; returns that folder, which then holds the final model.
+
+    A fresh run needs an empty folder; `resume` ("latest" or a checkpoint folder) continues the run there and
+    `overwrite` deletes it first.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
@@ -138,6 +118,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     from ldm.models.attention import set_attention_backend
 
     out = Path(config.output_dir)
+    check_output_dir(out, resume, overwrite)
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
     accelerator = Accelerator(
         cpu=multi_cpu,  # without it accelerate runs each CPU process alone (DistributedType.NO)
@@ -147,6 +128,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         # DDP as measured in docs/multi-gpu.md: 100 MB buckets, gradients viewed in place (no extra copy)
         kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=100, gradient_as_bucket_view=True)],
     )
+    prepare_run_folder(accelerator, out, overwrite)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     set_attention_backend(config.attention_backend)
     if config.allow_tf32:
@@ -177,10 +159,10 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     # The data: not passed to accelerator.prepare (it would re-split the webdataset stream); batches moved here.
     loader = make_loader(config.data, rank=rank, world_size=world)
     state = TrainState()
-    checkpoint = resolve_resume(out, resume)
+    checkpoint = resolve_resume(out, resume, accelerate_files(accelerator))
     if checkpoint is not None:
         saved = load_checkpoint(accelerator, checkpoint, ema)
-        state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
+        state = TrainState.from_saved(saved)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     batches = batch_stream(loader, state)
     logger = RunLogger(accelerator, config.log_with, out)
@@ -194,15 +176,15 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         save_checkpoint(accelerator, out, state.step, dataclasses.asdict(state), ema, config.checkpoints_total_limit)
         saved_step = state.step
 
-    pending = torch.zeros(3, device=device)  # loss sum, skipped, filtered since the last log (this rank)
+    pending = torch.zeros(1, device=device)  # loss sum since the last log (this rank)
+    data_counts = DataCounts()  # samples the loader skipped or filtered since the last sync (this rank)
     loss_count, timer_start, timer_step = 0, time.perf_counter(), state.step
 
     def sync_counts() -> torch.Tensor:
-        """Sum the pending counts over ranks (a collective: every rank calls it at the same steps)."""
+        """Sum the pending loss and data counts over ranks (a collective: every rank calls it at the same steps)."""
         nonlocal pending
         total = accelerator.reduce(pending.clone(), reduction="sum")
-        state.skipped += int(total[1])
-        state.filtered += int(total[2])
+        data_counts.sync(accelerator, state)
         pending = torch.zeros_like(pending)
         return total
 
@@ -218,8 +200,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         set_lr(optimizer, lr)
         for micro in range(config.grad_accum):
             batch = next(batches)
-            pending[1] += int(batch.get("num_skipped", 0))
-            pending[2] += int(batch.get("num_filtered", 0))
+            data_counts.add(batch)
             with accelerator.autocast():  # the frozen encoders run in the autocast dtype, their weights stay float32
                 inputs = prepare_inputs(batch, parts, objective, config, state, rank, device)
             last = micro == config.grad_accum - 1
@@ -244,7 +225,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             elapsed = time.perf_counter() - timer_start
             images = (state.step - timer_step) * config.grad_accum * config.data.batch_size * world
             values = {"loss": float(total[0]) / max(1, loss_count * world), "lr": lr, "img_per_s": images / elapsed,
-                      "skipped": state.skipped, "filtered": state.filtered, "epoch": state.epoch}
+                      **state.data_counts(), "epoch": state.epoch}
             if grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
             if ema is not None:

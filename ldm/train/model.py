@@ -1,7 +1,6 @@
 """The model a training run builds: a trainable U-Net denoiser, a frozen autoencoder, a text encoder."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,12 +186,6 @@ class DiffusionObjective(nn.Module):
             return hybrid_loss(self.denoiser, x0, sigma, cond, weighting=self.weighting, vlb_weight=self.vlb_weight,
                                noise=noise)
         return denoising_loss(self.denoiser, x0, sigma, cond, self.weighting, noise=noise)
-
-
-def sample_seed(*parts: Any) -> int:
-    """A 63-bit seed from (seed, rank, sample index, ...), identical in every process and Python run."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def latents_from_posterior(config: AutoencoderConfig, mean: torch.Tensor, std: torch.Tensor,

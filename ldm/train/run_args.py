@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import os
+import time
 from pathlib import Path
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 from ldm.config import apply_overrides, from_dict, load_yaml
+from ldm.errors import LdmError
 
 T = TypeVar("T")
 
@@ -20,8 +25,11 @@ def run_parser(prog: str, doc: str, config_help: str, overrides_example: str,
         p.add_argument("--val-data", default=None, help="held-out shards for validation metrics (validation.shards)")
     p.add_argument("--output-dir", default=None, help="run folder (output_dir)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps to train up to (max_steps)")
-    p.add_argument("--resume", default=None, help="'latest' (the newest checkpoint in the run folder, or a fresh start "
-                   "when there is none) or a checkpoint folder")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", default=None, help="'latest' (the newest complete checkpoint in the run folder, or a "
+                     "fresh start when there is none) or a checkpoint folder")
+    run.add_argument("--overwrite", action="store_true", help="delete the run already in --output-dir and start "
+                     "again (without it or --resume, a fresh run needs an empty or new folder)")
     p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {overrides_example}")
     return p
 
@@ -39,3 +47,27 @@ def resolve_run_config(args: argparse.Namespace, cls: type[T]) -> T:
     if args.max_steps is not None:
         data["max_steps"] = args.max_steps
     return from_dict(cls, apply_overrides(data, args.overrides), where=str(args.config))
+
+
+def report_to_launcher(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Under torchrun / `accelerate launch --multi_gpu`, also hand an LdmError to the launcher's error file.
+
+    The launcher then ends its failure summary with our `error: ...` line (as the root cause's traceback) instead of
+    "To enable traceback see ...". Put it under `cli_main`, which still prints the line and returns exit code 2.
+    """
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except LdmError as e:
+            error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+            if error_file:  # set by torch.distributed.elastic for each child; the format of its ErrorHandler
+                line = f"error: {e}"
+                record = {"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                     "timestamp": str(int(time.time()))}}}
+                with open(error_file, "w") as f:
+                    json.dump(record, f)
+            raise
+
+    return wrapper

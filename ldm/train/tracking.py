@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldm.atomic import atomic_path
 from ldm.errors import LdmError
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -41,8 +42,6 @@ class RunLogger:
         """Save `DIR/samples/<name>-<step>.png` atomically and send the grid to the trackers; main process only."""
         if not self.accelerator.is_main_process:
             return None
-        from ldm.atomic import atomic_path
-
         path = self.samples_dir / f"{name}-{step:06d}.png"
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")

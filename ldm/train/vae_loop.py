@@ -10,11 +10,13 @@ and copy the second into its `model.autoencoder`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
 import warnings
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -24,12 +26,26 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ldm.config import from_dict, save_yaml, to_plain
+from ldm.atomic import atomic_write_text
+from ldm.config import from_dict, load_yaml, save_yaml, to_plain
 from ldm.data.config import DataConfig
+from ldm.data.loader import make_loader
 from ldm.errors import ConfigError, LdmError
+from ldm.eval.features import compute_features
+from ldm.eval.frechet import fid
+from ldm.eval.grid import make_grid
+from ldm.eval.inception import InceptionExtractor, resolve_inception_weights
+from ldm.io.checkpoint import load_into, read_state_dict, write_safetensors
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.seeds import derive_seed
 from ldm.train.autoencoder_loss import AutoencoderLoss, AutoencoderLossConfig
+from ldm.train.batches import DataCounts, TrainState, batch_stream
+from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.train.config import EMAConfig, OptimConfig
+from ldm.train.ema import EMA
+from ldm.train.optim import lr_at, make_optimizer, set_lr
+from ldm.train.run_folder import check_output_dir, prepare_run_folder
+from ldm.train.tracking import RunLogger, tracker_name
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -125,8 +141,6 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
 
 def validation_images(config: VAETrainConfig) -> Iterator[torch.Tensor]:
     """Batches of the held-out set, one pass, centre crops, at most `validation.max_images` images."""
-    from ldm.data.loader import make_loader
-
     v = config.validation
     data = dataclasses.replace(config.data, shards=v.shards, batch_size=v.batch_size, resampled=False, crop="center",
                                flip_prob=0.0, shuffle_buffer=0, caption_dropout=0.0, buckets=None)
@@ -171,10 +185,6 @@ def reconstruction_fid(reals: list[Image.Image], recs: list[Image.Image], weight
                        device: torch.device) -> float | None:
     """FID between real and reconstructed images (ldm.eval); None with a warning when Inception is unavailable."""
     try:
-        from ldm.eval.features import compute_features
-        from ldm.eval.frechet import fid
-        from ldm.eval.inception import InceptionExtractor, resolve_inception_weights
-
         extractor = InceptionExtractor(resolve_inception_weights(weights, download=False), device=device)
     except (ImportError, LdmError) as e:
         warnings.warn(f"rFID skipped: {e}", stacklevel=2)
@@ -186,8 +196,6 @@ def reconstruction_fid(reals: list[Image.Image], recs: list[Image.Image], weight
 
 def export_autoencoder(autoencoder: AutoencoderKL, scale_factor: float, out: Path) -> None:
     """`out/autoencoder.safetensors` (native keys) and `out/autoencoder.yaml` (its AutoencoderConfig, measured scale)."""
-    from ldm.io.checkpoint import write_safetensors
-
     config = dataclasses.replace(autoencoder.config, scale_factor=scale_factor)
     write_safetensors(autoencoder.state_dict(), out / "autoencoder.safetensors",
                       metadata={"format": "ldm-native-autoencoder", "config": to_plain(config)})
@@ -196,9 +204,6 @@ def export_autoencoder(autoencoder: AutoencoderKL, scale_factor: float, out: Pat
 
 def load_autoencoder(folder: str | Path) -> AutoencoderKL:
     """The autoencoder a run exported into `folder` (autoencoder.yaml + autoencoder.safetensors)."""
-    from ldm.config import load_yaml
-    from ldm.io.checkpoint import load_into, read_state_dict
-
     folder = Path(folder)
     model = AutoencoderKL(from_dict(AutoencoderConfig, load_yaml(folder / "autoencoder.yaml"), where="autoencoder.yaml"))
     return load_into(model, read_state_dict(folder / "autoencoder.safetensors"), source=str(folder))
@@ -206,8 +211,6 @@ def load_autoencoder(folder: str | Path) -> AutoencoderKL:
 
 def load_pretrained(autoencoder: AutoencoderKL, path: str) -> AutoencoderKL:
     """Weights to fine-tune from: native keys, or the `first_stage_model.` part of a whole SD checkpoint."""
-    from ldm.io.checkpoint import load_into, read_state_dict
-
     sd = read_state_dict(path)
     prefix = "first_stage_model."
     if any(k.startswith(prefix) for k in sd):
@@ -217,8 +220,6 @@ def load_pretrained(autoencoder: AutoencoderKL, path: str) -> AutoencoderKL:
 
 def first_images(config: VAETrainConfig) -> torch.Tensor:
     """The grid's images: the first held-out ones, else the first batch of the training stream's epoch 0."""
-    from ldm.data.loader import make_loader
-
     if config.validation.shards:
         x = next(validation_images(config))
     else:
@@ -226,40 +227,32 @@ def first_images(config: VAETrainConfig) -> torch.Tensor:
     return x[: config.validation.grid_images]
 
 
-def batch_stream(loader, state: dict) -> Iterator[dict]:
-    """Training batches from the position `state` holds (epoch, batch_in_epoch) on; a resume replays to it."""
-    while True:
-        loader.set_epoch(state["epoch"])
-        for index, batch in enumerate(loader):
-            if index < state["batch_in_epoch"]:
-                continue
-            state["batch_in_epoch"] = index + 1
-            yield batch
-        state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+def as_run(config: VAETrainConfig, objective: AutoencoderLoss) -> tuple[VAETrainConfig, list[str]]:
+    """The config that actually runs (LPIPS weights absent: perceptual_weight 0), and a note per change."""
+    if config.loss.perceptual_weight > 0 and objective.lpips is None:
+        loss = dataclasses.replace(config.loss, perceptual_weight=0.0)
+        note = (f"trained without the perceptual loss: no LPIPS weights were found (perceptual_weight "
+                f"{config.loss.perceptual_weight} was asked for; see loss.lpips_weights)")
+        return dataclasses.replace(config, loss=loss), [note]
+    return config, []
 
 
-def train_autoencoder(config: VAETrainConfig, resume: str | None = None) -> Path:
-    """Train the autoencoder of `config` into `config.output_dir`; returns the folder holding the exported model."""
-    import contextlib
+def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Train the autoencoder of `config` into `config.output_dir`; returns the folder holding the exported model.
 
+    A fresh run needs an empty folder; `resume` continues the run there and `overwrite` deletes it first.
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from ldm.data.loader import make_loader, stream_seed
-    from ldm.eval.grid import make_grid
-    from ldm.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
-    from ldm.train.ema import EMA
-    from ldm.train.optim import lr_at, make_optimizer, set_lr
-    from ldm.train.tracking import RunLogger, tracker_name
-
     out = Path(config.output_dir)
+    check_output_dir(out, resume, overwrite)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=tracker_name(config.log_with),
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    prepare_run_folder(accelerator, out, overwrite)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if accelerator.is_main_process:
-        save_yaml(to_plain(config), out / "config.yaml")
 
     # Networks: the same seeded init on every rank; the discriminator is built (and seeded) after the autoencoder.
     torch.manual_seed(config.seed)
@@ -268,6 +261,9 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None) -> Path
         load_pretrained(autoencoder, config.pretrained)
     trainee = AutoencoderTrainee(autoencoder, config.loss.learn_logvar, config.loss.logvar_init)
     objective = AutoencoderLoss(config.loss, in_channels=config.model.out_ch)
+    config, notes = as_run(config, objective)
+    if accelerator.is_main_process:
+        save_yaml(to_plain(config), out / "config.yaml")
     ema = None
     if config.ema.enabled:  # over the unwrapped autoencoder's parameters
         e = config.ema
@@ -280,14 +276,20 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None) -> Path
     last_layer = autoencoder.decoder.conv_out.weight  # the adaptive GAN weight compares gradients here
 
     loader = make_loader(config.data, rank=rank, world_size=world)  # not prepared: the stream is already per-rank
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    checkpoint = resolve_resume(out, resume)
+    state = TrainState()
+    checkpoint = resolve_resume(out, resume, accelerate_files(accelerator))
     if checkpoint is not None:
-        saved = load_checkpoint(accelerator, checkpoint, ema)
-        state = {k: int(saved[k]) for k in state}
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
-    saved_step = state["step"] if checkpoint is not None else None
+        state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    saved_step = state.step if checkpoint is not None else None
     batches = batch_stream(loader, state)
+    data_counts = DataCounts()  # samples the loader skipped or filtered since the last sync (this rank)
+
+    def checkpoint_now() -> None:
+        nonlocal saved_step
+        data_counts.sync(accelerator, state)
+        save_checkpoint(accelerator, out, state.step, dataclasses.asdict(state), ema, config.checkpoints_total_limit)
+        saved_step = state.step
     logger = RunLogger(accelerator, config.log_with, out, run_name="ldm-train-vae")
     grid_batch = None  # the fixed images of every grid, read on the main process at the first grid
 
@@ -319,19 +321,20 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None) -> Path
     if config.progress and accelerator.is_main_process:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=config.max_steps, initial=state["step"], desc="train-vae", unit="step")
-    timer, timer_step = time.perf_counter(), state["step"]
+        progress = tqdm(total=config.max_steps, initial=state.step, desc="train-vae", unit="step")
+    timer, timer_step = time.perf_counter(), state.step
     run_start = time.perf_counter()
     trainee_w.train()
-    while state["step"] < config.max_steps:
-        step = state["step"]
+    while state.step < config.max_steps:
+        step = state.step
         batch = next(batches)
+        data_counts.add(batch)
         x = batch["image"].to(device, non_blocking=True)
         set_lr(opt_ae, lr_at(step, config.optim, config.max_steps))
         set_lr(opt_d, lr_at(step, config.disc_optim, config.max_steps))
 
         # 1. The autoencoder: NLL + KL (+ adaptive-weight GAN once the discriminator is on).
-        noise = torch.Generator(device).manual_seed(stream_seed(config.seed, "posterior", rank, step))
+        noise = torch.Generator(device).manual_seed(derive_seed(config.seed, "posterior", rank, step))
         with accelerator.autocast():
             rec, posterior, logvar = trainee_w(x, generator=noise)
             loss, logs = objective.generator_loss(x, rec, posterior, logvar, step, last_layer=last_layer)
@@ -353,13 +356,14 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None) -> Path
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
             logs.update(d_logs)
-        state["step"] = step = step + 1
+        state.step = step = step + 1
         if progress is not None:
             progress.update(1)
 
         if step % config.log_every == 0 or step == config.max_steps:
+            data_counts.sync(accelerator, state)
             values = {k: float(v) for k, v in logs.items()}
-            values.update(lr=opt_ae.param_groups[0]["lr"], epoch=state["epoch"],
+            values.update(state.data_counts(), lr=opt_ae.param_groups[0]["lr"], epoch=state.epoch,
                           img_per_s=(step - timer_step) * x.shape[0] * world / (time.perf_counter() - timer))
             if not math.isfinite(values["loss"]):
                 raise LdmError(f"the autoencoder loss became {values['loss']} at step {step}; lower optim.lr, or use "
@@ -376,23 +380,22 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None) -> Path
         if config.validation.every and step % config.validation.every == 0 and step != config.max_steps:
             evaluate(step, with_metrics=True)
         if step % config.checkpoint_every == 0:
-            save_checkpoint(accelerator, out, step, dict(state), ema, config.checkpoints_total_limit)
-            saved_step = step
+            checkpoint_now()
 
     # The end: checkpoint (so --max-steps can grow with --resume latest), grid + metrics, scale factor, export.
     if progress is not None:
         progress.close()
-    if saved_step != state["step"]:
-        save_checkpoint(accelerator, out, state["step"], dict(state), ema, config.checkpoints_total_limit)
-    metrics = evaluate(state["step"], with_metrics=True)
+    if saved_step != state.step:
+        checkpoint_now()
+    metrics = evaluate(state.step, with_metrics=True)
     if accelerator.is_main_process:
         with ema_weights():
             scale = measure_scale_factor(autoencoder, config, device, accelerator.autocast)
             export_autoencoder(autoencoder, scale, out)
-        summary = {"step": state["step"], "scale_factor": scale, "seconds": time.perf_counter() - run_start, **metrics}
-        logger.scalars({"scale_factor": scale}, state["step"])
-        from ldm.atomic import atomic_write_text
-
+        summary = {"step": state.step, "scale_factor": scale, "seconds": time.perf_counter() - run_start,
+                   **metrics, **state.data_counts(), "perceptual_weight": config.loss.perceptual_weight,
+                   **({"notes": notes} if notes else {})}
+        logger.scalars({"scale_factor": scale}, state.step)
         atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))
     accelerator.wait_for_everyone()
@@ -403,10 +406,6 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None) -> Path
 @torch.no_grad()
 def measure_scale_factor(autoencoder: AutoencoderKL, config: VAETrainConfig, device: torch.device, autocast) -> float:
     """1 / std of posterior samples of `scale_batches` training batches (their own seeded stream, not the run's)."""
-    from itertools import islice
-
-    from ldm.data.loader import make_loader
-
     loader = make_loader(dataclasses.replace(config.data, batches_per_epoch=config.scale_batches), 0, 1)
     loader.set_epoch(0)
     generator = torch.Generator(device).manual_seed(config.seed)

@@ -1,0 +1,80 @@
+"""The training batch stream both trainers read: a resumable position in the loader's epochs, and skip counts."""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides tensors: the step, where the data stream stands, what the loaders dropped."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # loader epoch being read
+    batch_in_epoch: int = 0  # batches of that epoch consumed
+    samples: int = 0  # samples consumed by each rank (they number the per-sample noise seeds)
+    skipped: int = 0  # corrupt samples the loaders skipped, all ranks
+    filtered: int = 0  # samples the metadata filters dropped, all ranks
+    reasons: dict[str, int] = field(default_factory=dict)  # skipped and filtered ("filter_<rule>") by reason
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "TrainState":
+        """The state a checkpoint's trainer_state.json holds (fields it predates keep their defaults)."""
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
+    def data_counts(self) -> dict[str, int]:
+        """Skipped and filtered totals and one `skip/<reason>` entry per reason, for logs and metrics."""
+        return {"skipped": self.skipped, "filtered": self.filtered,
+                **{f"skip/{k}": v for k, v in sorted(self.reasons.items())}}
+
+
+def _epoch_length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # a one-pass loader (resampled=False) ends when its shards do
+        return None
+
+
+def batch_stream(loader, state: TrainState) -> Iterator[dict]:
+    """Batches from the data position in `state` on, advancing it; a resumed run replays the epoch to its position.
+
+    A checkpoint taken after the last batch of an epoch resumes at the next epoch without reading the finished one.
+    """
+    while True:
+        loader.set_epoch(state.epoch)  # shard draws, shuffles, crops and caption dropout are seeded per epoch
+        length = _epoch_length(loader)
+        if length is None or state.batch_in_epoch < length:
+            for index, batch in enumerate(loader):
+                if index < state.batch_in_epoch:
+                    continue
+                state.batch_in_epoch = index + 1
+                yield batch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+class DataCounts:
+    """Skipped and filtered samples this rank read since the last sync; `sync` adds every rank's into TrainState."""
+
+    def __init__(self) -> None:
+        self.pending: Counter = Counter()
+
+    def add(self, batch: dict) -> None:
+        """Count what the loader dropped before this batch (`num_skipped`, `num_filtered`, `skip_reasons`)."""
+        self.pending["skipped"] += int(batch.get("num_skipped", 0))
+        self.pending["filtered"] += int(batch.get("num_filtered", 0))
+        self.pending.update({f"reason/{k}": int(v) for k, v in batch.get("skip_reasons", {}).items()})
+
+    def sync(self, accelerator, state: TrainState) -> None:
+        """Sum the pending counts over ranks into `state` (a collective: every rank calls it at the same steps)."""
+        from accelerate.utils import gather_object
+
+        every = gather_object([dict(self.pending)]) if accelerator.num_processes > 1 else [dict(self.pending)]
+        total = sum((Counter(counts) for counts in every), Counter())
+        state.skipped += total.pop("skipped", 0)
+        state.filtered += total.pop("filtered", 0)
+        reasons = Counter(state.reasons)
+        reasons.update({k.removeprefix("reason/"): v for k, v in total.items()})
+        state.reasons = {k: v for k, v in sorted(reasons.items()) if v}
+        self.pending = Counter()

@@ -1,0 +1,54 @@
+"""The run folder of a training tool: one run per folder, checked before any work, tidied after a kill."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from ldm.errors import LdmError
+from ldm.train.checkpointing import tidy_checkpoints
+
+# What the training tools write into a run folder; --overwrite deletes only a folder holding one of them.
+RUN_ENTRIES = ("checkpoints", "logs", "samples", "train_config.yaml", "config.yaml", "metrics.json")
+
+
+def check_output_dir(out: str | Path, resume: str | None, overwrite: bool) -> None:
+    """Before any work (every rank): `out` can be a writable folder, and a fresh run gets an empty one."""
+    out = Path(out)
+    if resume is not None and overwrite:
+        raise LdmError("--resume continues the run in --output-dir and --overwrite deletes it: give only one")
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))  # "." or "/" at the latest
+    if not existing.is_dir():
+        where = f"{out} is a file" if existing == out else f"{out}: {existing} is a file, so no folder can be made there"
+        raise LdmError(f"--output-dir {where}, not a folder; choose another path")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and resume is None and not overwrite:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise LdmError(f"--output-dir {out} already holds a run ({shown}): continue it with --resume latest, "
+                       "delete it and start again with --overwrite, or choose another folder")
+    if entries and overwrite and not any(name in RUN_ENTRIES for name in entries):
+        raise LdmError(f"--overwrite: {out} does not look like a run folder (it holds none of {', '.join(RUN_ENTRIES)}),"
+                       " so it is left alone; choose another --output-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # the real test of writability (permissions, read-only mounts, quotas)
+            pass
+    except OSError as e:
+        raise LdmError(f"--output-dir {out} cannot be written ({e.strerror or e}); choose a writable folder") from e
+
+
+def prepare_run_folder(accelerator, out: str | Path, overwrite: bool) -> None:
+    """After every rank checked the folder: delete the old run (`overwrite`), tidy what a kill left (main rank)."""
+    out = Path(out)
+    accelerator.wait_for_everyone()  # no rank writes before every rank has looked at the folder
+    if accelerator.is_main_process:
+        if overwrite:
+            for entry in out.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        for note in tidy_checkpoints(out):
+            warnings.warn(note, stacklevel=2)
+    accelerator.wait_for_everyone()
