@@ -11,6 +11,7 @@ import yaml
 
 from ldm.atomic import atomic_write_text
 from ldm.errors import ConfigError
+from ldm.textfiles import read_text
 
 T = TypeVar("T")
 
@@ -21,7 +22,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, "config file"))
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if data is None:

@@ -153,7 +153,7 @@ def test_eval_sweep_calls_generator_once_per_setting(tiny_clip_config, tmp_path,
         (out_dir / "metadata.jsonl").write_text("\n".join(lines))
 
     monkeypatch.setitem(
-        sys.modules, "ldm.pipeline.generate", types.SimpleNamespace(generate_to_folder=generate_to_folder)
+        sys.modules, "ldm.pipeline.generate", types.SimpleNamespace(generate_to_folder=generate_to_folder, check_generation=lambda pipe, **settings: None)
     )
     loads = []
     monkeypatch.setattr("ldm.pipeline.load.load_pipeline", lambda model, **kw: loads.append(model) or f"loaded:{model}")
@@ -236,11 +236,13 @@ def test_eval_bad_input_exits_2_with_clear_message(case, tiny_clip_config, tmp_p
         _captioned_folder(folder, ["a", "b"])
         (folder / "img 1.png").write_bytes(b"garbage")
     elif case == "no_pretrained":
+        _captioned_folder(folder, ["a"])  # a valid folder: the metadata is read before the CLIP model loads
         args = ["--images", str(folder), "--clip-model", str(tiny_clip_config), "--out", str(tmp_path / "out")]
     elif case == "no_pipeline":
         monkeypatch.setitem(sys.modules, "ldm.pipeline.generate", None)  # as if the module did not exist
         args = ["--model", "m", "--prompts", "ldm_eval_v1", *clip, "--out", str(tmp_path / "out")]
     elif case == "bad_tag":
+        _captioned_folder(folder, ["a"])
         args = [
             "--images",
             str(folder),

@@ -1,11 +1,46 @@
-"""What every command-line door shares: user errors become one line on stderr and exit code 2."""
+"""What every command-line door shares: user errors become one line on stderr and exit code 2.
+
+Exit codes: 0 success, 1 a bug (a traceback: please report it), 2 a problem with the input that the message
+explains (argparse's own errors included), 130 interrupted (Ctrl-C).
+"""
 from __future__ import annotations
 
+import argparse
 import functools
+import math
 import sys
+import warnings
 from typing import Callable
 
 from ldm.errors import LdmError
+
+
+def finite_float(text: str) -> float:
+    """An argparse `type=` for float options: NaN and infinities are refused before any work is done."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def finite_floats(texts: list[str], option: str) -> list[float]:
+    """Every number of a list option (`--guidance 1 3,7.5`), finite, or an LdmError naming the option."""
+    values = []
+    for item in texts:
+        for text in filter(None, item.split(",")):
+            try:
+                values.append(finite_float(text))
+            except argparse.ArgumentTypeError as e:
+                raise LdmError(f"{option}: {e}") from None
+    return values
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings from library code as one `warning: ...` line, not Python's two-line source dump."""
+    print(f"warning: {message}", file=file or sys.stderr)
 
 
 def cli_main(func: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
@@ -13,13 +48,16 @@ def cli_main(func: Callable[[list[str] | None], int | None]) -> Callable[[list[s
 
     @functools.wraps(func)
     def wrapper(argv: list[str] | None = None) -> int:
-        try:
-            return int(func(argv) or 0)
-        except LdmError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return e.exit_code
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+        with warnings.catch_warnings():
+            if argv is None:  # run as a command (called from Python, e.g. by tests, warnings stay as they are)
+                warnings.showwarning = _show_warning
+            try:
+                return int(func(argv) or 0)
+            except LdmError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return e.exit_code
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                return 130
 
     return wrapper

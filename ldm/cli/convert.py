@@ -5,7 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ldm.cli.common import cli_main
 from ldm.errors import LdmError
+from ldm.writable import check_output_path
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -35,10 +37,9 @@ def run(args: argparse.Namespace) -> list[str]:
     from ldm.io.formats import load_model, save
 
     dst = Path(args.dst)
-    if dst.exists() and not args.overwrite:
-        raise LdmError(f"{dst} exists; pass --overwrite to replace it")
     if args.to == "original" and dst.suffix.lower() != ".safetensors":
         raise LdmError(f"{dst}: --to original writes one .safetensors file; name DST *.safetensors")
+    check_output_path(dst, "DST", folder=args.to != "original", overwrite=args.overwrite)  # before loading SRC
     prediction = args.prediction_type
     if prediction is not None:
         prediction = _PREDICTION_ALIASES.get(prediction, prediction)
@@ -50,13 +51,10 @@ def run(args: argparse.Namespace) -> list[str]:
     return components.notes
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        notes = run(args)
-    except LdmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    notes = run(args)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.dst} ({args.to})")

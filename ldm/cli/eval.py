@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import sys
 from pathlib import Path
 
 import torch
 
-from ldm.cli.common import cli_main
+from ldm.cli.common import cli_main, finite_floats
 from ldm.errors import LdmError
+from ldm.writable import check_output_dir
 
 
 def _split(values: list[str]) -> list[str]:
@@ -59,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_generate():
-    """The pipeline's generate_to_folder, imported lazily (ldm.eval never imports the pipeline layer)."""
+    """The pipeline's generation module, imported lazily (only --model needs it)."""
     try:
-        from ldm.pipeline.generate import generate_to_folder
+        generate = importlib.import_module("ldm.pipeline.generate")
     except ImportError as e:
         if isinstance(e, ModuleNotFoundError) and e.name not in ("ldm.pipeline", "ldm.pipeline.generate"):
             raise  # a dependency of the pipeline is missing: show the real traceback
@@ -69,22 +71,39 @@ def _load_generate():
             f"--model needs ldm.pipeline.generate.generate_to_folder, which this installation lacks ({e}); "
             "generate images yourself and score them with --images DIR"
         ) from e
-    return generate_to_folder
+    return generate
 
 
-def _generate_folder(args, texts: list[str], folder: Path, sampler: str, steps: int, guidance: float) -> None:
+def _sweep_grid(args) -> list[tuple[str, int, float]]:
+    """(sampler, steps, guidance) per setting of the sweep, the numbers parsed and checked."""
+    try:
+        steps_list = [int(s) for s in _split(args.steps)]
+    except ValueError as e:
+        raise LdmError(f"--steps takes integers: {e}") from e
+    guidance_list = finite_floats(args.guidance, "--guidance")
+    return list(itertools.product(_split(args.samplers), steps_list, guidance_list))
+
+
+def _load_checked_pipeline(args, grid: list[tuple[str, int, float]]):
+    """The model, loaded once, with every setting of the sweep checked against it before anything is generated."""
+    from ldm.pipeline.load import load_pipeline
+
+    generate = _load_generate()
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    for sampler, steps, guidance in grid:
+        generate.check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance, n_per_prompt=args.n_per_prompt,
+              height=args.height, width=args.width)
+    return pipe
+
+
+def _generate_folder(args, pipe, texts: list[str], folder: Path, sampler: str, steps: int, guidance: float) -> None:
     """Generate one setting's images into `folder` atomically (no half-written folder survives a crash)."""
     from ldm.atomic import atomic_path
 
-    generate_to_folder = _load_generate()
-    if getattr(args, "_pipeline", None) is None:  # load the model once for the whole sweep
-        from ldm.pipeline.load import load_pipeline
-
-        args._pipeline = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        generate_to_folder(
-            args._pipeline,
+        _load_generate().generate_to_folder(
+            pipe,
             texts,
             tmp,
             sampler=sampler,
@@ -95,27 +114,17 @@ def _generate_folder(args, texts: list[str], folder: Path, sampler: str, steps: 
             height=args.height,
             width=args.width,
             negative_prompt=args.negative_prompt,
-            device=args.device,
-            dtype=args.dtype,
         )
 
 
-def _sweep(args) -> list[tuple[dict, Path]]:
+def _sweep(args, grid, pipe, texts: list[str]) -> list[tuple[dict, Path]]:
     """(settings, folder) per sampler x steps x guidance, generating what is missing."""
-    from ldm.eval.prompts import load_prompts
-
-    try:
-        steps_list = [int(s) for s in _split(args.steps)]
-        guidance_list = [float(g) for g in _split(args.guidance)]
-    except ValueError as e:
-        raise LdmError(f"--steps takes integers and --guidance numbers: {e}") from e
-    texts = [p.text for p in load_prompts(args.prompts)]
     runs = []
-    for sampler, steps, guidance in itertools.product(_split(args.samplers), steps_list, guidance_list):
+    for sampler, steps, guidance in grid:
         folder = Path(args.out) / "samples" / f"{sampler}-steps{steps}-cfg{guidance:g}"
         if not (args.reuse_samples and (folder / "metadata.jsonl").is_file()):
             print(f"generating {folder}", file=sys.stderr)
-            _generate_folder(args, texts, folder, sampler, steps, guidance)
+            _generate_folder(args, pipe, texts, folder, sampler, steps, guidance)
         settings = {
             "sampler": sampler,
             "steps": steps,
@@ -134,6 +143,7 @@ def _sweep(args) -> list[tuple[dict, Path]]:
 def run(args: argparse.Namespace) -> dict:
     from ldm.eval.clip_score import ClipModel
     from ldm.eval.evaluate import Reference, score_folder
+    from ldm.eval.imagefolder import read_metadata
     from ldm.eval.inception import InceptionExtractor, MissingWeightsError
     from ldm.eval.prompts import load_prompts
     from ldm.eval.report import plot_tradeoff, write_index_html, write_report_json
@@ -144,12 +154,17 @@ def run(args: argparse.Namespace) -> dict:
         raise LdmError("--prompts is for --model; with --images the prompts come from metadata.jsonl")
     if args.kid and not args.ref:
         raise LdmError("--kid needs --ref DIR")
-    if args.model:
-        _load_generate()  # fail before loading anything else
+    out = check_output_dir(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     notes = []
-    # Load everything that can fail before generating anything.
-    categories = {p.text: p.category for p in load_prompts(args.prompts)} if args.prompts else {}
+    # Load and check everything that can fail before generating anything: settings first, the CLIP model last.
+    prompts = load_prompts(args.prompts) if args.prompts else []
+    categories = {p.text: p.category for p in prompts}
+    if args.images:
+        read_metadata(args.images)  # a broken metadata.jsonl fails now, not after the CLIP model loads
+    else:
+        grid = _sweep_grid(args)
+        pipe = _load_checked_pipeline(args, grid)
     clip = ClipModel(args.clip_model, args.clip_pretrained, device=device)
     if clip.random_weights:
         notes.append("CLIP has random weights (--clip-pretrained none): CLIP scores and FD_CLIP are meaningless")
@@ -172,7 +187,10 @@ def run(args: argparse.Namespace) -> dict:
                 distance = clip
     if ref is not None and ref.npz is not None:
         ref.stats(distance)  # a statistics file of another feature space fails here, not after generating
-    runs = [({"images": str(Path(args.images))}, Path(args.images))] if args.images else _sweep(args)
+    if args.images:
+        runs = [({"images": str(Path(args.images))}, Path(args.images))]
+    else:
+        runs = _sweep(args, grid, pipe, [p.text for p in prompts])
     results = []
     for settings, folder in runs:
         result = score_folder(
@@ -213,10 +231,9 @@ def run(args: argparse.Namespace) -> dict:
             "per_image": [{**item, **{k: v for k, v in r["settings"].items() if k != "images"}}
                           for r in results for item in r["per_image"]],
         })
-    out = Path(args.out)
     write_report_json(out, report)
     write_index_html(out, report)
-    plot_tradeoff(out, results)
+    plot_tradeoff(out, results, warning="RANDOM CLIP weights: scores are meaningless" if clip.random_weights else None)
     print(f"wrote {out / 'report.json'}, {out / 'index.html'}, {out / 'tradeoff.png'}", file=sys.stderr)
     return report
 

@@ -15,6 +15,7 @@ import torch
 
 from ldm.cli.common import cli_main
 from ldm.errors import LdmError
+from ldm.writable import check_output_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path1", help="folder of images or .npz with mu and sigma")
     p.add_argument("path2", nargs="?", help="folder of images or .npz (may be left out with --save-stats)")
     p.add_argument("--save-stats", metavar="OUT.npz", help="write PATH1's statistics (pytorch-fid compatible .npz)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save-stats file")
     p.add_argument(
         "--inception-weights",
         metavar="FILE",
@@ -53,6 +55,8 @@ def run(args: argparse.Namespace) -> float | None:
         raise LdmError("give two paths to compare, or one path with --save-stats OUT.npz")
     if args.batch_size < 1:
         raise LdmError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.save_stats is not None:
+        check_output_path(args.save_stats, "--save-stats", folder=False, overwrite=args.overwrite)
     paths = [Path(p) for p in (args.path1, args.path2) if p is not None]
     for p in paths:  # check both inputs before spending minutes on the first
         if p.suffix == ".npz":

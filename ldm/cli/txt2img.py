@@ -5,8 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.cli.common import cli_main
+from ldm.cli.common import cli_main, finite_float
 from ldm.errors import LdmError
+from ldm.textfiles import read_text
+from ldm.writable import check_output_dir
 
 SAMPLER_NAMES = ["ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde"]
 
@@ -20,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of {', '.join(SAMPLER_NAMES)}")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1 disables it)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 rescale factor")
+    p.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale (<= 1 disables it)")
+    p.add_argument("--guidance-rescale", type=finite_float, default=0.0, help="Lin et al. 2023 rescale factor")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--height", type=int, default=None)
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image (with --strength)")
-    p.add_argument("--strength", type=float, default=None,
+    p.add_argument("--strength", type=finite_float, default=None,
                    help="img2img / inpainting: fraction of the schedule to run, (0, 1] (default 0.8; 1.0 with --mask)")
     p.add_argument("--mask", type=Path, default=None, help="inpainting: white pixels of this image are repainted "
                    "(9-channel inpainting checkpoints use it natively, other models by masked blending)")
@@ -43,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def read_prompts(args) -> list[str]:
     prompts = []
     if args.prompts is not None:
-        if not args.prompts.is_file():
-            raise LdmError(f"--prompts file not found: {args.prompts}")
-        lines = args.prompts.read_text().splitlines()
+        lines = read_text(args.prompts, "--prompts file").splitlines()
         prompts += [line.strip() for line in lines if line.strip()]
         content = [i for i, line in enumerate(lines) if line.strip()]
         blank = sum(1 for line in lines[: content[-1]] if not line.strip()) if content else 0  # trailing ones are fine
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps <= 0:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {args.steps}")
     prompts = read_prompts(args)
+    check_output_dir(args.out)  # before the model loads, not after the images are made
 
     from ldm.models.attention import set_attention_backend
     from ldm.pipeline.generate import generate_to_folder

@@ -40,6 +40,20 @@ def _model_name(name: str) -> str:
     return name
 
 
+@torch.no_grad()
+def _reproducible_random_weights(net: torch.nn.Module, seed: int = 0) -> None:
+    """Redraw the weights from a private generator at a default Linear's scale (std fan_in^-1/2).
+
+    Constant tensors of open_clip's initialisation (LayerNorm gains, zero biases) are kept as they are.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for param in net.parameters():
+        if not param.is_floating_point() or param.numel() < 2 or bool((param == param.flatten()[0]).all()):
+            continue
+        fan_in = param.numel() // param.shape[0] if param.ndim > 1 else param.numel()
+        param.copy_((torch.randn(param.shape, generator=generator) * fan_in**-0.5).to(param))
+
+
 class ClipModel:
     """An open_clip model as a `FeatureExtractor` of image embeddings, plus text embeddings for the CLIP score."""
 
@@ -66,8 +80,7 @@ class ClipModel:
                     f"(tags: {', '.join(tags) or 'none'})"
                 )
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)  # random weights are reproducible
+            with torch.random.fork_rng(devices=[]):  # open_clip initialises from the global RNG: leave it as it was
                 net, _, preprocess = open_clip.create_model_and_transforms(
                     arch, pretrained=None if self.random_weights else pretrained, device=device
                 )
@@ -78,6 +91,8 @@ class ClipModel:
                 f"and pass {where} "
                 "with --clip-pretrained"
             ) from e
+        if self.random_weights:
+            _reproducible_random_weights(net)
         self.net, self.preprocess = net.eval(), preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.device = torch.device(device)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ldm.errors import LdmError
 from ldm.eval.frechet import FeatureMoments
 from ldm.eval.imagefolder import load_rgb
+from ldm.imagemodes import to_rgb8
 
 ImageSource = Union[str, os.PathLike, Image.Image]
 
@@ -52,7 +53,7 @@ class _PreparedImages(torch.utils.data.Dataset):
         index = self.indices[i]
         item = self.items[index]
         try:
-            image = item.convert("RGB") if isinstance(item, Image.Image) else load_rgb(item)
+            image = to_rgb8(item) if isinstance(item, Image.Image) else load_rgb(item)
         except LdmError as e:
             return index, None, str(e)
         return index, self.prepare(image), None

@@ -109,7 +109,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     middle = factor.T @ ((sigma2 + sigma2.T) / 2) @ factor  # r r
     tr_covmean = np.sqrt(_clip_round_off(np.linalg.eigvalsh((middle + middle.T) / 2))).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    # A distance is never negative; identical statistics give round-off of either sign (-1.6e-30 was seen).
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean))
 
 
 def fid(stats_a: GaussianStats, stats_b: GaussianStats) -> float:

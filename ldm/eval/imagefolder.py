@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,8 @@ from pathlib import Path
 from PIL import Image
 
 from ldm.errors import LdmError
+from ldm.imagemodes import to_rgb8
+from ldm.textfiles import read_jsonl
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -25,12 +26,21 @@ class CaptionedImage:
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Sorted image files of a folder (top level only unless `recursive`, as pytorch-fid)."""
+    """Sorted image files of a folder (top level only unless `recursive`, as pytorch-fid).
+
+    Hidden files and folders are skipped: they hold the temporaries of atomic writes (a killed run leaves them).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise LdmError(f"{folder}: not a folder of images (nor an existing .npz statistics file)")
     pattern = folder.rglob("*") if recursive else folder.iterdir()
-    paths = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = sorted(
+        p
+        for p in pattern
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     if not paths:
         raise LdmError(
             f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}"
@@ -40,10 +50,10 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file to 8-bit RGB (alpha dropped, as pytorch-fid and torch-fidelity do)."""
+    """Decode an image file to 8-bit RGB (alpha dropped, as pytorch-fid and torch-fidelity do; 16-bit rescaled)."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb8(img, str(path))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise LdmError(f"{path}: cannot read image ({e}); remove or replace the file") from e
 
@@ -60,20 +70,19 @@ def read_metadata(folder: str | os.PathLike) -> list[CaptionedImage]:
             '{"file_name": "0001.png", "text": "a red cube"} (Hugging Face imagefolder convention)'
         )
     rows = []
-    for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LdmError(f"{meta}:{lineno}: not valid JSON ({e})") from e
+    for lineno, row in read_jsonl(meta, "metadata.jsonl"):
         if (
             not isinstance(row, dict)
             or not isinstance(row.get("file_name"), str)
             or not isinstance(row.get("text"), str)
         ):
-            raise LdmError(f'{meta}:{lineno}: each line needs string fields "file_name" and "text", got {line[:200]}')
-        path = folder / row["file_name"]
+            raise LdmError(f'{meta}:{lineno}: each line needs string fields "file_name" and "text", got {str(row)[:200]}')
+        name = os.path.normpath(row["file_name"])
+        # Lexically, so that symlinked images still work: "../x" or "/x" would read outside the folder.
+        if os.path.isabs(name) or name == ".." or name.startswith(".." + os.sep):
+            raise LdmError(f"{meta}:{lineno}: file_name {row['file_name']!r} points outside {folder}; "
+                           "name images relative to the folder")
+        path = folder / name
         if not path.is_file():
             raise LdmError(f"{meta}:{lineno}: image {row['file_name']!r} does not exist in {folder}")
         rows.append(CaptionedImage(row["file_name"], row["text"], path, row.get("category")))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm.errors import LdmError
+from ldm.textfiles import read_text
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
 
@@ -42,7 +43,7 @@ def load_prompts(path_or_name: str | os.PathLike) -> list[Prompt]:
     """Read a prompt set; in .txt files blank lines and lines starting with `#` are skipped."""
     path = _resolve(path_or_name)
     prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "prompt set").splitlines(), 1):
         stripped = line.strip()
         if not stripped or (path.suffix != ".jsonl" and stripped.startswith("#")):
             continue

@@ -64,10 +64,11 @@ def write_index_html(out_dir: str | os.PathLike, report: dict) -> Path:
     return path
 
 
-def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict]) -> Path:
+def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict], warning: str | None = None) -> Path:
     """Write `tradeoff.png`: FID (or FD_CLIP) against CLIP score, one line per sampler and step count over guidance.
 
-    Without a reference distance it plots CLIP score against guidance scale instead.
+    Without a reference distance it plots CLIP score against guidance scale instead. A `warning` (such as random
+    CLIP weights) is printed across the plot, so that the image cannot be shown without it.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend state
@@ -104,6 +105,9 @@ def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict]) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    if warning:  # after tight_layout: a banner over the axes, in red, that layout cannot push aside
+        fig.text(0.5, 0.5, warning, ha="center", va="center", color="red", fontsize=13, weight="bold", alpha=0.8,
+                 wrap=True, bbox={"facecolor": "white", "edgecolor": "red", "alpha": 0.85})
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     path = Path(out_dir) / "tradeoff.png"

@@ -1,28 +1,43 @@
 """Generate images for prompts into a folder: PNGs with their parameters, plus metadata.jsonl (imagefolder convention)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
 from ldm.atomic import atomic_write_text
-from ldm.pipeline.images import save_png
+from ldm.errors import LdmError
+from ldm.models.attention import get_attention_backend
+from ldm.pipeline.images import read_png_parameters, save_png
 from ldm.pipeline.load import load_pipeline
+from ldm.pipeline.memory import available_bytes, check_fits, estimate_generation_bytes
+from ldm.pipeline.stable_diffusion import GenerationSettings, check_settings
+from ldm.textfiles import read_jsonl
+from ldm.writable import check_output_dir
+
+_TEMPORARY = re.compile(r"^\..+\.tmp$")  # ldm.atomic's `.NAME.XXXX.tmp` folders, left behind by a killed run
+_IMAGE = re.compile(r"^(\d{5,})-.+\.png$")  # the names generate_to_folder gives: index, then the prompt's slug
 
 
 def _slug(text: str, limit: int = 40) -> str:
-    slug = re.sub(r"[^a-zA-Z0-9]+", "-", text.lower()).strip("-")
-    return slug[:limit] or "unconditional"
+    """A file-name-safe summary of the prompt; a prompt without ASCII letters or digits is named by its hash."""
+    slug = re.sub(r"[^a-zA-Z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    if slug:
+        return slug
+    if not text.strip():
+        return "unconditional"
+    return "prompt-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def _load_mode_images(init_image, mask_image, strength: float) -> dict:
     """Open the img2img / inpainting inputs up front, with errors that name the file."""
     from PIL import Image, UnidentifiedImageError
-
-    from ldm.errors import LdmError
 
     if mask_image is not None and init_image is None:
         raise LdmError("--mask needs --init-image (the image to inpaint)")
@@ -49,7 +64,6 @@ def _load_mode_images(init_image, mask_image, strength: float) -> dict:
 def _check_plan(pipe, sampler: str, steps: int, img2img: bool, strength: float) -> None:
     """Schedule problems (more steps than training timesteps, a strength that leaves no step) before any file exists."""
     from ldm.diffusion.plans import sampling_plan
-    from ldm.errors import LdmError
 
     try:
         sampling_plan(pipe.schedule_config, sampler, steps)
@@ -57,6 +71,78 @@ def _check_plan(pipe, sampler: str, steps: int, img2img: bool, strength: float) 
         raise LdmError(f"cannot sample {steps} steps with {sampler} on this model's schedule: {e}") from e
     if img2img and min(int(steps * strength), steps) < 1:
         raise LdmError(f"--strength {strength} with --steps {steps} leaves no step to run; raise either")
+
+
+def _check_memory(pipe, height: int | None, width: int | None, n: int, guidance: float) -> None:
+    """Refuse a size and batch that cannot fit in the device's free memory, before allocating anything."""
+    height, width = height or pipe.default_size, width or pipe.default_size
+    needed = estimate_generation_bytes(pipe.unet.config, pipe.autoencoder.config, height=height, width=width, n=n,
+                                       guidance=guidance > 1.0, dtype=pipe.dtype,
+                                       attention_backend=get_attention_backend())
+    check_fits(needed, available_bytes(pipe.device), height=height, width=width, n=n, device=pipe.device)
+
+
+def check_generation(
+    pipe,
+    *,
+    sampler: str = "dpmpp_2m",
+    steps: int = 30,
+    guidance: float = 7.5,
+    guidance_rescale: float = 0.0,
+    n_per_prompt: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    init_image: str | os.PathLike | None = None,
+    strength: float | None = None,
+    mask_image: str | os.PathLike | None = None,
+) -> dict:
+    """Every check that can fail before a generation starts (settings, input images, schedule, memory).
+
+    Returns the img2img / inpainting keyword arguments for the pipeline (the opened images and the strength).
+    """
+    check_settings(GenerationSettings(sampler=sampler, steps=steps, guidance=guidance,
+                                      guidance_rescale=guidance_rescale, n=n_per_prompt, height=height, width=width),
+                   pipe.factor)
+    modes = _load_mode_images(init_image, mask_image, strength)
+    _check_plan(pipe, sampler, steps, init_image is not None, modes.get("strength", 1.0))
+    _check_memory(pipe, height, width, n_per_prompt, guidance)
+    return modes
+
+
+def _open_index(out_dir: Path) -> list[dict]:
+    """The folder's records, after clearing a killed run's temporaries and indexing the images it wrote unlisted."""
+    for entry in out_dir.iterdir():
+        if entry.is_dir() and _TEMPORARY.match(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+    metadata_path = out_dir / "metadata.jsonl"
+    records = []
+    if metadata_path.exists():
+        for lineno, row in read_jsonl(metadata_path, "metadata.jsonl"):
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise LdmError(f"{metadata_path}:{lineno}: not a record with a \"file_name\"; repair or remove the "
+                               "line, or choose another --out")
+            records.append(row)
+    listed = {r["file_name"] for r in records}
+    adopted = []
+    for path in sorted(p for p in out_dir.iterdir() if _IMAGE.match(p.name) and p.name not in listed):
+        try:  # a PNG written after the last index update of a killed run: its text chunk holds its record
+            params = read_png_parameters(path)
+        except (OSError, ValueError, KeyError):
+            continue  # not one of ours: leave it alone
+        if isinstance(params, dict) and params.get("file_name") == path.name:
+            adopted.append(params)
+    if adopted:
+        records += adopted
+        atomic_write_text(metadata_path, "".join(json.dumps(r) + "\n" for r in records))
+        warnings.warn(f"{metadata_path}: listed {len(adopted)} image(s) that an interrupted run wrote after its "
+                      "last index update", stacklevel=3)
+    return records
+
+
+def _next_index(records: list[dict]) -> int:
+    """The first file index after every listed one (file names stay unique when lines were removed by hand)."""
+    numbers = [int(m.group(1)) for r in records if (m := _IMAGE.match(r["file_name"]))]
+    return max([len(records) - 1, *numbers]) + 1
 
 
 def generate_to_folder(
@@ -87,27 +173,31 @@ def generate_to_folder(
     """
     from tqdm.auto import tqdm
 
+    out_dir = check_output_dir(out_dir)
     pipe = model if callable(model) and hasattr(model, "encode_prompts") else load_pipeline(model, device=device, dtype=dtype)
     settings = dict(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, n=n_per_prompt,
                     height=height, width=width)
-    from ldm.pipeline.stable_diffusion import GenerationSettings, check_settings
-
-    check_settings(GenerationSettings(**settings), pipe.factor)  # fail before anything is written
-    modes = _load_mode_images(init_image, mask_image, strength)
-    _check_plan(pipe, sampler, steps, init_image is not None, modes.get("strength", 1.0))
-    out_dir = Path(out_dir)
+    # Fail before anything is written.
+    modes = check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
+                             n_per_prompt=n_per_prompt, height=height, width=width, init_image=init_image,
+                             strength=strength, mask_image=mask_image)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata_path = out_dir / "metadata.jsonl"
-    records = []
-    if metadata_path.exists():
-        records = [json.loads(line) for line in metadata_path.read_text().splitlines() if line.strip()]
+    records = _open_index(out_dir)
     start = len(records)
     bar = tqdm(prompts, desc="prompts", disable=not progress or len(prompts) < 2)
     for i, prompt in enumerate(bar):
-        images = pipe(prompt, negative_prompt, seed=seed + i, progress=progress and len(prompts) < 2, **modes,
-                      **settings)
+        try:
+            images = pipe(prompt, negative_prompt, seed=seed + i, progress=progress and len(prompts) < 2, **modes,
+                          **settings)
+        except torch.OutOfMemoryError as e:
+            raise _out_of_memory(pipe, settings, i, len(prompts)) from e
+        except RuntimeError as e:
+            if "can't allocate memory" not in str(e):  # the CPU allocator's out-of-memory
+                raise
+            raise _out_of_memory(pipe, settings, i, len(prompts)) from e
         for j, image in enumerate(images):
-            file_name = f"{len(records):05d}-{_slug(prompt)}.png"
+            file_name = f"{_next_index(records):05d}-{_slug(prompt)}.png"
             record = {
                 "file_name": file_name,
                 "text": prompt,
@@ -130,3 +220,10 @@ def generate_to_folder(
         # Rewrite the whole index atomically after each prompt: an interrupted run leaves a consistent folder.
         atomic_write_text(metadata_path, "".join(json.dumps(r) + "\n" for r in records))
     return records[start:]
+
+
+def _out_of_memory(pipe, settings: dict, i: int, total: int) -> LdmError:
+    height, width = settings["height"] or pipe.default_size, settings["width"] or pipe.default_size
+    return LdmError(f"out of {pipe.device.type} memory generating {settings['n']} image(s) of {width}x{height} "
+                    f"(prompt {i + 1} of {total}); lower --n or --height/--width"
+                    + (", or use --dtype fp16" if pipe.dtype == torch.float32 and pipe.device.type == "cuda" else ""))

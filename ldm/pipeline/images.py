@@ -11,6 +11,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ldm.atomic import atomic_path
+from ldm.imagemodes import to_rgb8
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -18,8 +19,9 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     if not torch.isfinite(images).all():
         from ldm.errors import LdmError
 
-        raise LdmError("the decoded images hold NaN/inf values (a numerical failure, often fp16 overflow in the "
-                       "autoencoder); try --dtype fp32 or bf16")
+        raise LdmError("the decoded images hold NaN/inf values: a numerical failure (in fp16 often an overflow in "
+                       "the autoencoder: try --dtype fp32 or bf16; in any dtype, settings that diverge such as a huge "
+                       "--guidance)")
     images = (images.float() / 2 + 0.5).clamp(0, 1)
     arrays = images.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arrays]
@@ -31,7 +33,7 @@ def from_pil(images: list[Image.Image] | Image.Image, size: tuple[int, int] | No
         images = [images]
     out = []
     for image in images:
-        image = image.convert("RGB")
+        image = to_rgb8(image)
         if size is not None and image.size != (size[1], size[0]):
             image = image.resize((size[1], size[0]), Image.LANCZOS)
         out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))

@@ -1,6 +1,7 @@
 """Latent text-to-image: prompt -> conditioning -> sampler over the denoiser -> autoencoder decode."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,6 +38,9 @@ def check_settings(s: GenerationSettings, factor: int) -> None:
         raise LdmError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if s.steps <= 0:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {s.steps}")
+    for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale), ("eta", s.eta)):
+        if not math.isfinite(value):  # NaN passes every comparison below and would fail deep inside the sampler
+            raise LdmError(f"--{name} must be a finite number, got {value}")
     if not 0.0 <= s.guidance_rescale <= 1.0:
         raise LdmError(f"--guidance-rescale must lie in [0, 1], got {s.guidance_rescale}")
     if s.n <= 0:

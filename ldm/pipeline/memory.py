@@ -1,0 +1,117 @@
+"""How much memory one generation needs, and how much there is: refuse a size that cannot fit before allocating it.
+
+The estimate counts the activations that are alive at the peak of a U-Net step and of the autoencoder decode
+(the weights are already loaded when it is made). It is meant to be within a small factor of the truth: enough
+to refuse 100000 x 100000 at once instead of being killed by the kernel's OOM killer minutes later.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ldm.errors import LdmError
+
+_SCORES_BYTES = 4  # the math backend materialises float32 attention scores (and their softmax: x2)
+
+
+def estimate_generation_bytes(
+    unet_config,
+    autoencoder_config,
+    *,
+    height: int,
+    width: int,
+    n: int,  # images per call
+    guidance: bool,  # classifier-free guidance doubles the U-Net batch
+    dtype: torch.dtype,
+    attention_backend: str = "sdpa",
+) -> int:
+    """Peak activation bytes of sampling `n` images of `height` x `width` pixels and decoding them."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    f = 2 ** (len(autoencoder_config.ch_mult) - 1)  # the autoencoder's downsampling factor
+    batch = n * (2 if guidance else 1)
+    math_scores = attention_backend == "math"  # sdpa / xformers never hold the n x n score matrix
+
+    # U-Net: every level's skip activations stay alive until the up path uses them; the peak adds one level's
+    # working set (ResBlock: input, normalised, conv output, concatenated skip; transformer: q, k, v, GEGLU 8c).
+    skips, work = 0, 0
+    heads = unet_config.num_heads
+    for level, mult in enumerate(unet_config.channel_mult):
+        channels = unet_config.model_channels * mult
+        tokens = (height // f // 2**level) * (width // f // 2**level)
+        act = batch * channels * tokens * elem
+        skips += (unet_config.num_res_blocks + 1) * act
+        level_work = 6 * act
+        if 2**level in unet_config.attention_resolutions:
+            level_work += 12 * act
+            if math_scores:
+                h = heads if heads > 0 else channels // unet_config.num_head_channels
+                level_work += 2 * batch * h * tokens * tokens * _SCORES_BYTES
+        work = max(work, level_work)
+    unet_peak = skips + work
+
+    # Decoder: each level runs at its resolution with ch * ch_mult[level] channels; upsampling first brings the
+    # coarser level's wider channels up to it. Four tensors of that size are alive inside a ResnetBlock.
+    mults = autoencoder_config.ch_mult
+    decode_peak = 0
+    for level, mult in enumerate(mults):
+        channels = autoencoder_config.ch * max(mult, mults[min(level + 1, len(mults) - 1)])
+        pixels = (height // 2**level) * (width // 2**level)
+        decode_peak = max(decode_peak, 4 * n * channels * pixels * elem)
+    if math_scores:  # the mid-block's single-head attention over the latent pixels
+        tokens = (height // f) * (width // f)
+        decode_peak = max(decode_peak, 2 * n * tokens * tokens * _SCORES_BYTES)
+    decode_peak += n * 3 * height * width * (4 + 4 + 1)  # float32 image, its [0, 1] copy, the uint8 array
+
+    latents = 4 * batch * autoencoder_config.embed_dim * (height // f) * (width // f) * elem  # x, noise, x0, d
+    return max(unet_peak, decode_peak) + latents
+
+
+def _cgroup_available() -> int | None:
+    """memory.max - memory.current of this process's cgroup (v2), when a limit is set."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Free memory on `device`: CUDA's free bytes, else MemAvailable (and the cgroup limit); None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    cgroup = _cgroup_available()
+    return available if cgroup is None else min(available, cgroup)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_fits(needed: int, available: int | None, *, height: int, width: int, n: int, device) -> None:
+    """LdmError when a generation of `needed` bytes cannot fit in `available`."""
+    if available is not None and needed > available:
+        raise LdmError(
+            f"generating {n} image(s) of {width}x{height} needs about {_gib(needed)} of {torch.device(device).type} "
+            f"memory, but only {_gib(available)} is available; lower --height/--width or --n"
+        )

@@ -1,0 +1,333 @@
+"""Hostile input to ldm-txt2img and ldm-convert: non-finite numbers, huge sizes, bad output paths, non-UTF-8 files,
+killed runs and odd prompts each get an `error:` line and exit 2 before any work, or a folder that stays consistent."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from test_txt2img import write_model
+
+from ldm.cli import convert, txt2img
+from ldm.cli.common import cli_main, finite_float
+from ldm.errors import LdmError
+from ldm.pipeline import load_pipeline
+from ldm.pipeline.generate import _slug, generate_to_folder
+from ldm.pipeline.memory import estimate_generation_bytes
+from ldm.textfiles import read_text
+
+TINY = ["--steps", "2", "--height", "16", "--width", "16", "--sampler", "euler"]
+BINARY = b"a red cube\n\x89PNG\r\n\x1a\n\x00\x00\xff\xfe"
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    """(model folder, loaded pipeline) of the tiny random model."""
+    folder = write_model(tmp_path_factory.mktemp("models") / "tiny")
+    return folder, load_pipeline(folder, device="cpu")
+
+
+@pytest.fixture
+def model_dir(tiny_pipe):
+    return tiny_pipe[0]
+
+
+@pytest.fixture
+def pipe(tiny_pipe):
+    return tiny_pipe[1]
+
+
+def run_cli(main, argv, capsys):
+    """(exit code, stderr) of a CLI; argparse's own errors exit 2 through SystemExit."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _no_model_load(monkeypatch):
+    """Fail the test if the model is loaded: the check under test must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr("ldm.pipeline.load.load_pipeline", refuse)
+
+
+# 1. non-finite numbers -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "1e999"])
+def test_finite_float_refuses_nan_and_infinities(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="not a finite number"):
+        finite_float(text)
+    assert finite_float("7.5") == 7.5
+
+
+@pytest.mark.parametrize("option", ["--guidance", "--guidance-rescale", "--strength"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_txt2img_non_finite_float_options_exit_2_before_loading(option, value, tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    code, err = run_cli(txt2img.main, ["a cat", option, value, *TINY, "--out", tmp_path / "out"], capsys)
+    assert code == 2
+    assert f"argument {option}: {value!r} is not a finite number" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_refuses_non_finite_guidance_from_python(pipe):
+    with pytest.raises(LdmError, match="--guidance must be a finite number"):
+        pipe("a cat", steps=2, height=16, width=16, guidance=float("nan"))
+    with pytest.raises(LdmError, match="--guidance-rescale must be a finite number"):
+        pipe("a cat", steps=2, height=16, width=16, guidance_rescale=float("inf"))
+
+
+# 2. memory -------------------------------------------------------------------------------------------------------
+
+
+def test_memory_estimate_grows_with_area_and_batch_and_halves_in_fp16(pipe):
+    def est(h, w, n=1, dtype=torch.float32, guidance=True):
+        return estimate_generation_bytes(pipe.unet.config, pipe.autoencoder.config, height=h, width=w, n=n,
+                                         guidance=guidance, dtype=dtype)
+
+    base = est(256, 256)
+    assert est(512, 512) == pytest.approx(4 * base, rel=0.05)  # activations are linear in the pixel count
+    assert est(256, 256, n=4) == pytest.approx(4 * base, rel=1e-9)
+    assert est(256, 256, dtype=torch.float16) < 0.75 * base
+    assert est(256, 256, guidance=False) < base
+    # 100000 x 100000 (the size that was OOM-killed at 22.5 GB): terabytes, refused on any machine
+    assert est(100000, 100000) > 2**40
+
+
+def test_memory_estimate_counts_quadratic_attention_scores_for_the_math_backend(pipe):
+    kw = {"height": 512, "width": 512, "n": 1, "guidance": True, "dtype": torch.float32}
+    sdpa = estimate_generation_bytes(pipe.unet.config, pipe.autoencoder.config, **kw, attention_backend="sdpa")
+    math = estimate_generation_bytes(pipe.unet.config, pipe.autoencoder.config, **kw, attention_backend="math")
+    tokens = (512 // 8 // 2) ** 2  # the tiny U-Net attends at its second level (attention_resolutions [2])
+    assert math - sdpa >= 2 * 2 * 2 * tokens**2 * 4 * 0.99  # batch 2 (CFG) x 2 heads x scores and softmax, fp32
+
+
+def test_huge_size_is_refused_with_estimate_and_available_memory(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(txt2img.main, ["a cat", "--model", model_dir, "--steps", "2", "--height", "100000",
+                                    "--width", "100000", "--out", out], capsys)
+    assert code == 2, err
+    assert "generating 1 image(s) of 100000x100000 needs about" in err and "GiB is available" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_size_that_does_not_fit_the_available_memory_is_refused(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ldm.pipeline.generate.available_bytes", lambda device: 2**20)  # 1 MiB free
+    code, err = run_cli(txt2img.main, ["a cat", "--model", model_dir, *TINY, "--n", "8", "--out", tmp_path / "o"],
+                     capsys)
+    assert code == 2 and "8 image(s) of 16x16" in err and "only 0.0 GiB is available" in err
+
+
+def test_out_of_memory_during_generation_names_size_and_batch(pipe, tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(type(pipe), "__call__", oom)
+    with pytest.raises(LdmError, match=r"out of cpu memory generating 3 image\(s\) of 16x16 \(prompt 1 of 1\)"):
+        generate_to_folder(pipe, ["a cat"], tmp_path / "out", steps=2, height=16, width=16, n_per_prompt=3,
+                           progress=False)
+
+
+# 3. output paths -------------------------------------------------------------------------------------------------
+
+
+def test_txt2img_out_that_is_a_file_or_under_a_file_exits_2_before_loading(tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    existing = tmp_path / "existing_file.txt"
+    existing.write_text("keep me")
+    code, err = run_cli(txt2img.main, ["a cat", *TINY, "--out", existing], capsys)
+    assert code == 2 and f"--out {existing} is a file, not a folder" in err
+    code, err = run_cli(txt2img.main, ["a cat", *TINY, "--out", existing / "sub"], capsys)
+    assert code == 2 and f"{existing} is a file, so no folder can be made there" in err
+    assert existing.read_text() == "keep me"
+
+
+def test_txt2img_out_without_write_permission_exits_2_before_loading(tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    locked = tmp_path / "ro_dir"
+    locked.mkdir()
+    real_access = os.access
+    # As root a chmod-ed folder stays writable, so the permission answer is simulated where the code asks it.
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.path.abspath(p) == str(locked) else real_access(p, mode))
+    code, err = run_cli(txt2img.main, ["a cat", *TINY, "--out", locked / "out"], capsys)
+    assert code == 2 and f"no permission to write in {locked}" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in a read-only folder")
+def test_txt2img_out_in_a_read_only_folder_exits_2(tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    locked = tmp_path / "ro_dir"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, err = run_cli(txt2img.main, ["a cat", *TINY, "--out", locked], capsys)
+    finally:
+        locked.chmod(0o755)
+    assert code == 2 and "no permission to write" in err
+
+
+def test_convert_destination_of_the_wrong_kind_or_under_a_file_exits_2_before_loading(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("SRC was loaded before DST was checked")
+
+    monkeypatch.setattr("ldm.io.formats.load_model", refuse)
+    existing = tmp_path / "existing_file"
+    existing.write_text("keep me")
+    code, err = run_cli(convert.main, ["src", existing, "--to", "native", "--overwrite"], capsys)
+    assert code == 2 and f"DST {existing} is a file but a folder is written there" in err
+    assert existing.read_text() == "keep me"
+    code, err = run_cli(convert.main, ["src", existing / "x", "--to", "native"], capsys)
+    assert code == 2 and "is a file, so no folder can be made there" in err
+    folder = tmp_path / "folder.safetensors"
+    folder.mkdir()
+    code, err = run_cli(convert.main, ["src", folder, "--to", "original", "--overwrite"], capsys)
+    assert code == 2 and "is a folder but a file is written there" in err
+    code, err = run_cli(convert.main, ["src", folder, "--to", "original"], capsys)
+    assert code == 2 and "exists; pass --overwrite" in err
+
+
+def test_convert_goes_through_the_shared_error_door(monkeypatch, capsys):
+    assert convert.main.__wrapped__ is not None  # cli_main's functools.wraps
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "run", interrupted)
+    code, err = run_cli(convert.main, ["a", "b", "--to", "native"], capsys)
+    assert code == 130 and "interrupted" in err
+
+
+# 4. text that is not UTF-8 ---------------------------------------------------------------------------------------
+
+
+def test_read_text_names_file_line_and_column(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"first\nsecond ok\nthird \xff here\n")
+    with pytest.raises(LdmError, match=r"prompts.txt:3: --prompts file is not UTF-8 text \(byte 0xff at column 7\)"):
+        read_text(path, "--prompts file")
+    path.write_bytes(b"\xef\xbb\xbfa cat\n")  # a Windows editor's byte-order mark is not part of the prompt
+    assert read_text(path) == "a cat\n"
+
+
+def test_txt2img_binary_prompts_file_exits_2_naming_file_and_line(tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    prompts = tmp_path / "prompts.bin"
+    prompts.write_bytes(BINARY)
+    code, err = run_cli(txt2img.main, ["--prompts", prompts, *TINY, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"{prompts}:2: --prompts file is a binary file, not text" in err
+
+
+def test_binary_config_yaml_in_a_model_folder_exits_2_in_txt2img_and_convert(model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "config.yaml").write_bytes(b"unet:\n  x: 1\n" + BINARY)
+    code, err = run_cli(txt2img.main, ["a cat", "--model", broken, *TINY, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"{broken / 'config.yaml'}:4: config file is a binary file" in err
+    code, err = run_cli(convert.main, [broken, tmp_path / "converted", "--to", "native"], capsys)
+    assert code == 2 and f"{broken / 'config.yaml'}:4:" in err
+    assert not (tmp_path / "converted").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"file_name": "00000-a.png", "text": "a"}\n\xff\xfe\n', ":2: metadata.jsonl is not UTF-8 text"),
+    (b'{"file_name": "00000-a.png", "text": "a"}\n{"file_name": \n', ":2: metadata.jsonl line is not valid JSON"),
+    (b'{"file_name": "00000-a.png", "text": "a"}\n[1, 2]\n', ':2: not a record with a "file_name"'),
+])
+def test_broken_metadata_in_out_exits_2_before_generating(model_dir, tmp_path, capsys, content, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metadata.jsonl").write_bytes(content)
+    code, err = run_cli(txt2img.main, ["a cat", "--model", model_dir, *TINY, "--out", out], capsys)
+    assert code == 2 and f"{out / 'metadata.jsonl'}{message}" in err
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.jsonl"]  # nothing generated, nothing rewritten
+    assert (out / "metadata.jsonl").read_bytes() == content
+
+
+# Also fix: killed runs, re-runs, file names ---------------------------------------------------------------------
+
+
+def test_a_killed_runs_temporaries_are_removed_and_its_unlisted_images_indexed(pipe, tmp_path):
+    out = tmp_path / "out"
+    first = generate_to_folder(pipe, ["a red circle"], out, steps=2, height=16, width=16, n_per_prompt=2,
+                               progress=False)
+    # Simulate a kill: the second prompt's first PNG was renamed into place, its second one was mid-write
+    # (a hidden temporary folder holding a 0-byte PNG), and metadata.jsonl was never updated.
+    index = (out / "metadata.jsonl").read_text()
+    generate_to_folder(pipe, ["a blue square"], out, steps=2, height=16, width=16, n_per_prompt=1, progress=False)
+    (out / "metadata.jsonl").write_text(index)
+    tmp = out / ".00003-a-blue-square.png.abc123.tmp"
+    tmp.mkdir()
+    (tmp / "00003-a-blue-square.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match="listed 1 image"):
+        again = generate_to_folder(pipe, ["a green cube"], out, steps=2, height=16, width=16, progress=False)
+    assert not tmp.exists()
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    names = [r["file_name"] for r in records]
+    assert names == [r["file_name"] for r in first] + ["00002-a-blue-square.png", "00003-a-green-cube.png"]
+    assert again[0]["file_name"] == "00003-a-green-cube.png"
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(names)  # every PNG named by exactly one line
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_file_names_stay_unique_after_lines_were_removed_by_hand(pipe, tmp_path):
+    out = tmp_path / "out"
+    generate_to_folder(pipe, ["a", "b"], out, steps=2, height=16, width=16, progress=False)
+    lines = (out / "metadata.jsonl").read_text().splitlines()
+    (out / "metadata.jsonl").write_text(lines[1] + "\n")  # the user dropped line 0 but left 00000-a.png on disk
+    with pytest.warns(UserWarning, match="listed 1 image"):  # the PNG carries its record: it is listed again
+        new = generate_to_folder(pipe, ["b"], out, steps=2, height=16, width=16, progress=False)
+    assert new[0]["file_name"] == "00002-b.png"  # not a second 00001-
+    names = [json.loads(line)["file_name"] for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert names == ["00001-b.png", "00000-a.png", "00002-b.png"]
+
+
+@pytest.mark.parametrize("prompt, name", [
+    ("A cat, on a MAT!", "a-cat-on-a-mat"),
+    ("", "unconditional"),
+    ("   ", "unconditional"),
+    ("🐱🎩", None),
+    ("猫", None),
+])
+def test_slug_names_a_prompt_without_ascii_by_its_hash(prompt, name):
+    slug = _slug(prompt)
+    if name is not None:
+        assert slug == name
+    else:
+        assert slug.startswith("prompt-") and len(slug) == len("prompt-") + 12
+        assert slug != _slug(prompt + "🐶")  # different prompts, different names
+        assert slug == _slug(prompt)
+
+
+def test_slug_truncation_leaves_no_trailing_dash():
+    assert not _slug("a" * 39 + " b c d").endswith("-")
+
+
+def test_warnings_from_a_command_are_one_line(capsys):
+    import warnings
+
+    @cli_main
+    def main(argv):
+        warnings.warn("something to know")
+
+    assert main(None) == 0  # as a console script (argv None): one `warning:` line, no source dump
+    assert capsys.readouterr().err == "warning: something to know\n"
+
+
+def test_sixteen_bit_init_image_is_rescaled_not_clipped():
+    import numpy as np
+
+    from ldm.pipeline.images import from_pil
+
+    grey = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+    pixels = from_pil(Image.fromarray(grey))  # I;16
+    expected = torch.from_numpy(np.arange(256, dtype=np.float32).reshape(16, 16) / 127.5 - 1.0)
+    assert torch.allclose(pixels[0, 0], expected, atol=1e-6) and torch.equal(pixels[0, 0], pixels[0, 2])

@@ -1,0 +1,262 @@
+"""Hostile input to ldm-eval and ldm-fid: 16-bit and odd image modes, killed runs' temporaries, paths that leave the
+folder, overwrites, non-finite or invalid settings caught before the CLIP model loads, and honest outputs."""
+import ast
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_eval_clip import TINY_CLIP, _captioned_folder
+from test_eval_inception import _write_images, random_weights  # noqa: F401  (a fixture)
+from test_reliability_cli import run_cli
+from test_txt2img import write_model
+
+from ldm.cli.eval import main as eval_main
+from ldm.cli.fid import main as fid_main
+from ldm.errors import LdmError
+from ldm.eval.clip_score import ClipModel
+from ldm.eval.frechet import frechet_distance
+from ldm.eval.imagefolder import list_images, load_rgb, read_metadata
+from ldm.eval.report import plot_tradeoff
+
+
+@pytest.fixture(scope="module")
+def clip_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clipcfg") / "ldm-test-tiny-clip.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return path
+
+
+def _no_clip(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CLIP model was loaded before the settings were checked")
+
+    monkeypatch.setattr("ldm.eval.clip_score.ClipModel", refuse)
+
+
+def _png16(path, array, color_type):
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB): color type 0 grey, 2 RGB, 4 grey+alpha."""
+    h, w = array.shape[:2]
+    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+GREY16 = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+
+
+# 10. image modes -------------------------------------------------------------------------------------------------
+
+
+def test_sixteen_bit_grey_png_is_rescaled_not_clipped(tmp_path):
+    Image.fromarray(GREY16).save(tmp_path / "grey16.png")  # Pillow writes (and reads) it as I;16
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    rgb = np.asarray(load_rgb(tmp_path / "grey16.png"))
+    expected = np.round(GREY16 / 257).astype(np.uint8)
+    assert (rgb == 255).mean() < 0.01  # the audit saw 99.75% of the pixels at 255
+    np.testing.assert_array_equal(rgb, np.repeat(expected[..., None], 3, axis=-1))
+
+
+@pytest.mark.parametrize("color_type, channels", [(0, 1), (2, 3), (4, 2)])
+def test_every_sixteen_bit_png_layout_matches_the_value_over_257(tmp_path, color_type, channels):
+    planes = [GREY16, GREY16 // 2, 65535 - GREY16][:channels]
+    if color_type == 4:
+        planes = [GREY16, np.full_like(GREY16, 65535)]  # grey + opaque alpha
+    path = _png16(tmp_path / "x.png", np.stack(planes, -1) if channels > 1 else GREY16, color_type)
+    rgb = np.asarray(load_rgb(path)).astype(int)
+    colour = planes if color_type == 2 else [GREY16] * 3
+    for c in range(3):
+        assert np.abs(rgb[..., c] - colour[c] / 257).max() <= 1.0  # Pillow keeps the high byte of 16-bit colour
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "CMYK", "L", "1"])
+def test_eight_bit_modes_convert_as_pillow_does(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
+    image.save(path)
+    with Image.open(path) as reopened:
+        expected = np.asarray(reopened.convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(load_rgb(path)), expected)
+
+
+def test_float_and_32_bit_images_of_unknown_range_are_refused(tmp_path):
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)).save(tmp_path / "f.tiff")
+    with pytest.raises(LdmError, match=r"f.tiff: .*32-bit floating-point image \(mode F\)"):
+        load_rgb(tmp_path / "f.tiff")
+    Image.fromarray(np.arange(256, dtype=np.int32).reshape(16, 16) * 1000).save(tmp_path / "i.tiff")
+    with pytest.raises(LdmError, match=r"32-bit integer image \(mode I\)"):
+        load_rgb(tmp_path / "i.tiff")
+
+
+# killed runs, overwrites, paths outside the folder ----------------------------------------------------------------
+
+
+def test_hidden_temporaries_of_a_killed_run_are_not_images(tmp_path):
+    folder = _write_images(tmp_path / "gen", seed=0, sizes=((32, 32),) * 2)
+    tmp = folder / ".00002-a-cat.png.k3j4.tmp"
+    tmp.mkdir()
+    (tmp / "00002-a-cat.png").write_bytes(b"")  # the 0-byte PNG a kill during an atomic write leaves
+    (folder / ".hidden.png").write_bytes(b"")
+    assert [p.name for p in list_images(folder, recursive=True)] == ["000.png", "001.png"]
+
+
+def test_fid_recursive_ignores_a_killed_runs_temporaries(random_weights, tmp_path, capsys):  # noqa: F811
+    a = _write_images(tmp_path / "a" / "sub", seed=0, sizes=((32, 32),) * 3).parent
+    (a / "sub" / ".00003-x.png.abc.tmp").mkdir()
+    (a / "sub" / ".00003-x.png.abc.tmp" / "00003-x.png").write_bytes(b"")
+    args = ["--inception-weights", random_weights, "--num-workers", "0", "--device", "cpu", "--recursive"]
+    code, err = run_cli(fid_main, [a, a, *args], capsys)
+    assert code == 0, err
+    assert "3 images" in err
+
+
+def test_fid_of_identical_statistics_is_exactly_zero_not_negative():
+    for seed in range(20):  # round-off made 12 of 40 such cases negative, down to -1e-30 and below
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(50, 8)) * rng.uniform(0.1, 10, size=8) + rng.normal(size=8) * 100
+        mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+        d = frechet_distance(mu, sigma, mu, sigma)
+        assert 0.0 <= d <= 1e-9 * np.trace(sigma)
+
+
+def test_fid_save_stats_refuses_to_overwrite_without_the_flag(random_weights, tmp_path, capsys, monkeypatch):  # noqa: F811
+    a = _write_images(tmp_path / "a", seed=0, sizes=((32, 32),) * 2)
+    stats = tmp_path / "a.npz"
+    stats.write_bytes(b"precious")
+    args = ["--inception-weights", random_weights, "--num-workers", "0", "--device", "cpu"]
+    code, err = run_cli(fid_main, [a, "--save-stats", stats, *args], capsys)
+    assert code == 2 and f"--save-stats {stats} exists; pass --overwrite" in err
+    assert stats.read_bytes() == b"precious"
+    code, err = run_cli(fid_main, [a, "--save-stats", stats / "x.npz", *args], capsys)
+    assert code == 2 and "is a file, so no folder can be made there" in err
+    code, err = run_cli(fid_main, [a, "--save-stats", stats, "--overwrite", *args], capsys)
+    assert code == 0, err
+    assert np.load(stats)["mu"].shape == (2048,)
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "sub/../../outside.png", "/etc/hostname"])
+def test_metadata_cannot_read_files_outside_the_folder(tmp_path, name):
+    folder = _captioned_folder(tmp_path / "imgs", ["a"])
+    _write_images(tmp_path, seed=1, sizes=((32, 32),))
+    (tmp_path / "000.png").rename(tmp_path / "outside.png")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "x"}) + "\n")
+    with pytest.raises(LdmError, match=r"metadata.jsonl:1: file_name .* points outside"):
+        read_metadata(folder)
+
+
+def test_metadata_may_name_a_symlink_inside_the_folder(tmp_path):
+    folder = _captioned_folder(tmp_path / "imgs", ["a"])
+    (folder / "link.png").symlink_to(folder / "img 0.png")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "link.png", "text": "a"}) + "\n")
+    assert [r.path.name for r in read_metadata(folder)] == ["link.png"]
+
+
+# ldm-eval: input checked before the CLIP model loads --------------------------------------------------------------
+
+
+def test_eval_non_utf8_metadata_and_prompts_name_file_and_line(tmp_path, clip_config, capsys, monkeypatch):
+    _no_clip(monkeypatch)
+    folder = _captioned_folder(tmp_path / "imgs", ["a", "b"])
+    meta = folder / "metadata.jsonl"
+    meta.write_bytes(meta.read_bytes() + b'{"file_name": "img 0.png", "text": "caf\xe9"}\n')
+    code, err = run_cli(eval_main, ["--images", folder, "--clip-model", clip_config, "--clip-pretrained", "none",
+                                 "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"{meta}:3: metadata.jsonl is not UTF-8 text (byte 0xe9" in err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a cat\n\x00\x01\x02\xff")
+    code, err = run_cli(eval_main, ["--model", "m", "--prompts", prompts, "--clip-pretrained", "none",
+                                 "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"{prompts}:2: prompt set is a binary file, not text" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guidance", "nan"], "--guidance: 'nan' is not a finite number"),
+    (["--guidance", "3,inf"], "--guidance: 'inf' is not a finite number"),
+    (["--samplers", "euler,plms"], "unknown sampler 'plms'"),
+    (["--steps", "0"], "--steps must be a positive number"),
+    (["--height", "18"], "--height 18 is not a positive multiple"),
+    (["--height", "100000", "--width", "100000"], "needs about"),
+])
+def test_eval_model_settings_are_checked_before_clip_loads_and_nothing_is_left(
+    tmp_path_factory, tmp_path, capsys, monkeypatch, argv, message
+):
+    model = write_model(tmp_path / "model")
+    _no_clip(monkeypatch)
+    out = tmp_path / "eval"
+    code, err = run_cli(eval_main, ["--model", model, "--prompts", "ldm_eval_v1", "--steps", "2", "--height", "16",
+                                 "--width", "16", "--clip-pretrained", "none", *argv, "--out", out], capsys)
+    assert code == 2 and message in err, err
+    assert not out.exists()  # no empty samples/ left behind
+
+
+def test_eval_out_that_is_a_file_or_under_a_file_exits_2(tmp_path, clip_config, capsys, monkeypatch):
+    _no_clip(monkeypatch)
+    folder = _captioned_folder(tmp_path / "imgs", ["a"])
+    existing = tmp_path / "existing_file"
+    existing.write_text("keep")
+    for out, message in ((existing, "is a file, not a folder"), (existing / "x", "is a file, so no folder")):
+        code, err = run_cli(eval_main, ["--images", folder, "--clip-model", clip_config, "--clip-pretrained", "none",
+                                     "--out", out], capsys)
+        assert code == 2 and message in err
+    assert existing.read_text() == "keep"
+
+
+# honest outputs, library manners ---------------------------------------------------------------------------------
+
+
+def _red_pixels(path: Path) -> int:
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int(((rgb[..., 0] > 200) & (rgb[..., 1] < 60) & (rgb[..., 2] < 60)).sum())
+
+
+def test_tradeoff_plot_carries_the_random_weights_warning(tmp_path):
+    runs = [{"settings": {"sampler": "euler", "steps": 4, "guidance": g}, "clip_score": 20 + g, "n_images": 2}
+            for g in (1.0, 3.0)]
+    plain = plot_tradeoff(tmp_path / "plain", runs) if (tmp_path / "plain").mkdir() is None else None
+    warned = plot_tradeoff(tmp_path, runs, warning="RANDOM CLIP weights: scores are meaningless")
+    assert _red_pixels(plain) == 0  # one blue line
+    assert _red_pixels(warned) > 500  # the red banner text and frame
+
+
+def test_random_clip_weights_are_reproducible_without_touching_the_global_rng(clip_config):
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    a = ClipModel(str(clip_config), "none")
+    after_a = torch.get_rng_state()
+    torch.manual_seed(2)
+    b = ClipModel(str(clip_config), "none")
+    for (name, pa), pb in zip(a.net.named_parameters(), b.net.parameters()):
+        assert torch.equal(pa, pb), name  # the same weights whatever the global seed
+    torch.manual_seed(1)
+    assert torch.equal(torch.get_rng_state(), after_a)  # building the model drew nothing from the global RNG
+    ln = a.net.ln_final.weight
+    assert torch.equal(ln, torch.ones_like(ln))  # constant tensors stay constant (realistic scale, not N(0, 1))
+    torch.set_rng_state(state)
+
+
+def _calls_in(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            names.add(ast.unparse(node.func))
+    return names
+
+
+def test_eval_library_neither_prints_nor_reseeds_the_global_rng():
+    import ldm.eval
+
+    for path in Path(ldm.eval.__file__).parent.glob("*.py"):
+        calls = _calls_in(path)
+        assert "print" not in calls, f"{path.name} prints: warn through `warnings` or `logging`"
+        assert not calls & {"torch.manual_seed", "torch.random.manual_seed", "np.random.seed", "random.seed"}, path
