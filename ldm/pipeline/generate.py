@@ -79,6 +79,7 @@ def generate_to_folder(
     init_image: str | os.PathLike | None = None,  # img2img / inpainting source image
     strength: float | None = None,  # fraction of the schedule that is run (default 0.8 img2img, 1.0 inpainting)
     mask_image: str | os.PathLike | None = None,  # inpainting: white = repaint
+    sampler_options: dict | None = None,  # e.g. {"eta": 0.5}; the options each sampler takes are in its registry entry
 ) -> list[dict]:
     """Generate `n_per_prompt` images per prompt; return the metadata records written to `out_dir/metadata.jsonl`.
 
@@ -89,7 +90,7 @@ def generate_to_folder(
 
     pipe = model if callable(model) and hasattr(model, "encode_prompts") else load_pipeline(model, device=device, dtype=dtype)
     settings = dict(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, n=n_per_prompt,
-                    height=height, width=width)
+                    height=height, width=width, sampler_options=dict(sampler_options or {}))
     from ldm.pipeline.stable_diffusion import GenerationSettings, check_settings
 
     check_settings(GenerationSettings(**settings), pipe.factor)  # fail before anything is written
@@ -115,6 +116,7 @@ def generate_to_folder(
                 "seed": seed + i,
                 "batch_index": j,
                 "sampler": sampler,
+                "sampler_options": settings["sampler_options"] or None,
                 "steps": steps,
                 "guidance": guidance,
                 "guidance_rescale": guidance_rescale or None,

@@ -1,7 +1,7 @@
 """Latent text-to-image: prompt -> conditioning -> sampler over the denoiser -> autoencoder decode."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -10,7 +10,7 @@ from PIL import Image
 from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.guidance import cfg
 from ldm.diffusion.plans import sampling_plan
-from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.sampler_registry import check_sampler_options, run_sampler
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import LdmError
 from ldm.pipeline.images import from_pil, mask_from_pil, to_pil
@@ -28,13 +28,12 @@ class GenerationSettings:
     n: int = 1  # images per prompt
     height: int | None = None
     width: int | None = None
-    eta: float = 0.0  # DDIM stochasticity
+    sampler_options: dict = field(default_factory=dict)  # e.g. {"eta": 0.5}: see ldm.diffusion.sampler_registry
 
 
 def check_settings(s: GenerationSettings, factor: int) -> None:
     """Reject bad settings with a message that says what to change."""
-    if s.sampler not in SAMPLERS:
-        raise LdmError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_sampler_options(s.sampler, s.sampler_options)  # an unknown sampler or option names the choices
     if s.steps <= 0:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {s.steps}")
     if not 0.0 <= s.guidance_rescale <= 1.0:
@@ -184,12 +183,8 @@ class StableDiffusion:
 
         for wrap in wrappers:  # e.g. partial(dynamic_threshold, percentile=0.995) or classifier guidance
             denoiser = wrap(denoiser)
-        sampler = SAMPLERS[s.sampler]
-        extra = dict(plan.sampler_kwargs)
-        if s.sampler == "ddim":
-            extra["eta"] = s.eta
-        x = sampler(denoiser, x, plan.sigmas.to(self.device), cond, generator=generator, callback=callback,
-                    disable_progress=not progress, **extra)
+        x = run_sampler(s.sampler, denoiser, x, plan, cond, options=s.sampler_options, generator=generator,
+                        callback=callback, progress=progress)
         latents = x * plan.final_scale
         return to_pil(self.autoencoder.decode_latents(latents.to(self.dtype)))
 
