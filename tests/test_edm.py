@@ -11,7 +11,7 @@ from ldm.config import load_yaml, save_yaml
 from ldm.diffusion.denoiser import DiscreteDenoiser, EDMDenoiser, build_denoiser
 from ldm.diffusion.losses import EDMWeighting, LogNormalSigmaSampler
 from ldm.diffusion.plans import sampling_plan
-from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.sampler_registry import SAMPLERS
 from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig, karras_sigmas
 from ldm.errors import ConfigError
 from ldm.pipeline import load_pipeline

@@ -67,6 +67,8 @@ SCHEDULERS = {
     "ddim": lambda c: diffusers.DDIMScheduler.from_config(c),
     "euler": lambda c: diffusers.EulerDiscreteScheduler.from_config(c),
     "dpmpp_2m": lambda c: diffusers.DPMSolverMultistepScheduler.from_config(c, algorithm_type="dpmsolver++"),
+    "unipc": lambda c: diffusers.UniPCMultistepScheduler.from_config(c),
+    "lms": lambda c: diffusers.LMSDiscreteScheduler.from_config(c),
 }
 
 

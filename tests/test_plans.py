@@ -35,6 +35,8 @@ SCHEDULERS = {
     "dpmpp_2m_sde": lambda cfg: diffusers.DPMSolverMultistepScheduler.from_config(
         cfg, algorithm_type="sde-dpmsolver++"
     ),
+    "unipc": lambda cfg: diffusers.UniPCMultistepScheduler.from_config(cfg),  # bh2, order 2 by default
+    "lms": lambda cfg: diffusers.LMSDiscreteScheduler.from_config(cfg),
 }
 
 MU, STD = 0.3, 0.8  # the data: every element ~ N(MU, STD^2) independently

@@ -6,11 +6,10 @@ import sys
 from pathlib import Path
 
 from ldm.cli.common import cli_main, finite_float
+from ldm.diffusion.sampler_registry import check_sampler_options, sampler_names
 from ldm.errors import LdmError
 from ldm.textfiles import read_text
 from ldm.writable import check_output_dir
-
-SAMPLER_NAMES = ["ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="a native/diffusers folder, an original .safetensors/.ckpt, or a hub id "
                    "(default: the bundled model)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of {', '.join(SAMPLER_NAMES)}")
+    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of {', '.join(sampler_names())}")
+    p.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a sampler option, repeatable: e.g. eta=0.5 (ddim, euler_a, dpmpp_2m_sde), s_churn=10 (heun)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale (<= 1 disables it)")
     p.add_argument("--guidance-rescale", type=finite_float, default=0.0, help="Lin et al. 2023 rescale factor")
@@ -40,6 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention backend (xformers falls back to sdpa with a warning without a CUDA build)")
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
     return p
+
+
+def parse_sampler_options(pairs: list[str]) -> dict[str, float]:
+    """`--sampler-option NAME=VALUE` arguments -> {NAME: float(VALUE)}."""
+    options = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not name.strip() or number is None:
+            raise LdmError(f"--sampler-option {pair!r}: write NAME=VALUE with a number, e.g. eta=0.5")
+        options[name.strip()] = number
+    return options
 
 
 def read_prompts(args) -> list[str]:
@@ -64,8 +80,7 @@ def read_prompts(args) -> list[str]:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.sampler not in SAMPLER_NAMES:
-        raise LdmError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    sampler_options = check_sampler_options(args.sampler, parse_sampler_options(args.sampler_option))
     if args.steps <= 0:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {args.steps}")
     prompts = read_prompts(args)
@@ -82,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe, prompts, args.out, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
         guidance_rescale=args.guidance_rescale, seed=args.seed,
         n_per_prompt=args.n, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
-        init_image=args.init_image, strength=args.strength, mask_image=args.mask,
+        init_image=args.init_image, strength=args.strength, mask_image=args.mask, sampler_options=sampler_options,
     )
     for r in records:
         print(args.out / r["file_name"])

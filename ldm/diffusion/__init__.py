@@ -24,8 +24,18 @@ from ldm.diffusion.losses import (
     x0_weighting,
 )
 from ldm.diffusion.plans import SamplingPlan, edm_sampling_plan, sampling_plan
-from ldm.diffusion.samplers import (
+from ldm.diffusion.sampler_registry import (
     SAMPLERS,
+    TIMESTEP_KINDS,
+    SamplerSpec,
+    check_sampler_options,
+    get_sampler,
+    register_sampler,
+    run_sampler,
+    sampler_names,
+    unregister_sampler,
+)
+from ldm.diffusion.samplers import (
     ancestral_step,
     sample_ddim,
     sample_ddpm,
@@ -34,6 +44,8 @@ from ldm.diffusion.samplers import (
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
+    sample_lms,
+    sample_unipc,
 )
 from ldm.diffusion.scalings import EDMScaling, EpsScaling, VScaling, X0Scaling, scaling_for
 from ldm.diffusion.schedules import (

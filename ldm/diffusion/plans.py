@@ -1,10 +1,10 @@
 """Sampling plans: the sigmas, initial noise scale and final scale that make a sampler reproduce diffusers' scheduler.
 
-The pipeline does `x = randn(shape, generator) * plan.init_noise_scale; x = sampler(denoiser, x, plan.sigmas, cond);
+The pipeline does `x = randn(shape, generator) * plan.init_noise_scale; x = run_sampler(name, denoiser, x, plan, cond);
 latents = x * plan.final_scale`. Each sampler follows the timestep selection of the diffusers scheduler it mirrors
-(read from diffusers 0.42): DDIMScheduler (ddim), DDPMScheduler (ddpm), EulerDiscreteScheduler (euler),
-EulerAncestralDiscreteScheduler (euler_a), HeunDiscreteScheduler (heun) and DPMSolverMultistepScheduler with
-algorithm_type "dpmsolver++" / "sde-dpmsolver++" (dpmpp_2m / dpmpp_2m_sde, final_sigmas_type "zero").
+(read from diffusers 0.42), named by its registry entry's timestep kind: DDIMScheduler ("ddim"), DDPMScheduler
+("ddpm"), DPMSolverMultistepScheduler and UniPCMultistepScheduler with final_sigmas_type "zero" ("dpm_multistep"),
+EulerDiscreteScheduler and its kin Euler a, Heun and LMS ("euler_discrete").
 """
 from __future__ import annotations
 
@@ -15,20 +15,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ldm.diffusion.sampler_registry import get_sampler
 from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig, karras_sigmas
 from ldm.errors import ConfigError
-
-# Each diffusers scheduler's own default timestep_spacing, used when the config does not name one.
-DEFAULT_SPACING = {
-    "ddim": "leading",
-    "ddpm": "leading",
-    "euler": "linspace",
-    "euler_a": "linspace",
-    "heun": "linspace",
-    "dpmpp_2m": "linspace",
-    "dpmpp_2m_sde": "linspace",
-}
-
 
 @dataclass(frozen=True)
 class SamplingPlan:
@@ -68,10 +57,66 @@ def _dpm_timesteps(spacing: str, steps: int, num_train: int, steps_offset: int) 
     return np.arange(num_train, 0, -ratio).round() - 1
 
 
-def _interp_sigmas(schedule: DiscreteSchedule, timesteps: np.ndarray) -> np.ndarray:
+def _interp_sigmas(table: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     """sigma at (float) timesteps, linear in t: `np.interp(t, arange, sigmas)` as diffusers computes it."""
-    table = schedule.sigmas.numpy()
     return np.interp(timesteps, np.arange(len(table)), table)
+
+
+def _ddim_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str, ddpm: bool = False):
+    """DDIMScheduler / DDPMScheduler: integer timesteps, a unit-variance VP x_T and a VP result."""
+    num_train = config.num_train_timesteps
+    timesteps = _timesteps(spacing, steps, num_train, config.steps_offset).astype(np.int64)
+    if timesteps.max() >= num_train or timesteps.min() < 0:
+        raise ConfigError(f"steps_offset {config.steps_offset} with {steps} {spacing} steps leaves the training "
+                          "timesteps")
+    sigmas = table[timesteps].astype(np.float64)
+    kwargs = {}
+    if ddpm:
+        last = 0.0  # DDPMScheduler: the step after the last timestep has alpha_bar = 1
+    else:
+        prev = int(timesteps[-1]) - num_train // steps
+        alpha_to_one = config.set_alpha_to_one is not False  # DDIMScheduler's default is True
+        last = float(table[prev]) if prev >= 0 else (0.0 if alpha_to_one else float(table[0]))
+    sigmas = np.append(sigmas, last).astype(np.float32)
+    if not ddpm:
+        # diffusers' DDIM steps from t to t - T // steps, which is not always the next timestep it evaluates.
+        prev = timesteps - num_train // steps
+        targets = np.append(table[np.clip(prev[:-1], 0, None)], last).astype(np.float32)
+        if not np.array_equal(targets, sigmas[1:]):
+            kwargs = {"sigmas_next": torch.from_numpy(targets)}
+    init = math.sqrt(1 + float(sigmas[0]) ** 2)
+    final = 1 / math.sqrt(1 + float(sigmas[-1]) ** 2)
+    return timesteps, sigmas, init, final, kwargs
+
+
+def _ddpm_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str):
+    return _ddim_plan(config, table, steps, spacing, ddpm=True)
+
+
+def _dpm_multistep_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str):
+    """DPMSolverMultistepScheduler / UniPCMultistepScheduler: VP x_T with init_noise_sigma = 1, ending at sigma 0."""
+    timesteps = _dpm_timesteps(spacing, steps, config.num_train_timesteps, config.steps_offset).astype(np.int64)
+    sigmas = np.append(_interp_sigmas(table, timesteps), 0.0).astype(np.float32)
+    return timesteps, sigmas, math.sqrt(1 + float(sigmas.max()) ** 2), 1.0, {}
+
+
+def _euler_discrete_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str):
+    """EulerDiscreteScheduler and kin: VE samplers with float timesteps."""
+    timesteps = _timesteps(spacing, steps, config.num_train_timesteps, config.steps_offset).astype(np.float32)
+    sigmas = np.append(_interp_sigmas(table, timesteps), 0.0).astype(np.float32)
+    top = float(sigmas.max())
+    # diffusers' init_noise_sigma: sigma_max for linspace / trailing, sqrt(sigma_max^2 + 1) for leading.
+    init = top if spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
+    return timesteps, sigmas, init, 1.0, {}
+
+
+# One function per timestep kind of the sampler registry (TIMESTEP_KINDS).
+_KIND_PLANS = {
+    "ddim": _ddim_plan,
+    "ddpm": _ddpm_plan,
+    "dpm_multistep": _dpm_multistep_plan,
+    "euler_discrete": _euler_discrete_plan,
+}
 
 
 def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: str, steps: int) -> SamplingPlan:
@@ -82,14 +127,13 @@ def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: 
 
     DDIM note: diffusers' DDIM steps from t to t - T // steps, which with "linspace" spacing or a "trailing" step
     count that does not divide T is not the next timestep it evaluates; the plan then carries
-    `sampler_kwargs={"sigmas_next": ...}` for `sample_ddim` to do the same (pass `**plan.sampler_kwargs`).
+    `sampler_kwargs={"sigmas_next": ...}` for `sample_ddim` to do the same (`run_sampler` passes them on).
     Zero terminal SNR: alpha_bar_T is taken as 2**-24 (diffusers does so for Euler and DPM-Solver; its DDIM and DDPM
     use 0, a difference of ~2e-4 in the first step's x0 estimate).
     """
     if not isinstance(schedule_config, ScheduleConfig):
         schedule_config = ScheduleConfig.from_diffusers(schedule_config)
-    if sampler not in DEFAULT_SPACING:
-        raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(DEFAULT_SPACING)}")
+    spec = get_sampler(sampler)
     if schedule_config.is_edm:  # continuous sigma: every sampler walks the same Karras sigmas
         if steps < 1:
             raise ConfigError(f"steps must be at least 1, got {steps}")
@@ -98,44 +142,9 @@ def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: 
     num_train = schedule_config.num_train_timesteps
     if not 1 <= steps <= num_train:
         raise ConfigError(f"steps must lie in [1, {num_train}] (the training timesteps), got {steps}")
-    spacing = schedule_config.timestep_spacing or DEFAULT_SPACING[sampler]
-    offset = schedule_config.steps_offset
-    schedule = DiscreteSchedule.from_config(schedule_config)
-    table = schedule.sigmas.numpy()
-    kwargs = {}
-
-    if sampler in ("ddim", "ddpm"):
-        timesteps = _timesteps(spacing, steps, num_train, offset).astype(np.int64)
-        if timesteps.max() >= num_train or timesteps.min() < 0:
-            raise ConfigError(f"steps_offset {offset} with {steps} {spacing} steps leaves the training timesteps")
-        sigmas = table[timesteps].astype(np.float64)
-        if sampler == "ddpm":
-            last = 0.0  # DDPMScheduler: the step after the last timestep has alpha_bar = 1
-        else:
-            prev = int(timesteps[-1]) - num_train // steps
-            alpha_to_one = schedule_config.set_alpha_to_one is not False  # DDIMScheduler's default is True
-            last = float(table[prev]) if prev >= 0 else (0.0 if alpha_to_one else float(table[0]))
-        sigmas = np.append(sigmas, last).astype(np.float32)
-        if sampler == "ddim":
-            # diffusers' DDIM steps from t to t - T // steps, which is not always the next timestep it evaluates.
-            prev = timesteps - num_train // steps
-            targets = np.append(table[np.clip(prev[:-1], 0, None)], last).astype(np.float32)
-            if not np.array_equal(targets, sigmas[1:]):
-                kwargs = {"sigmas_next": torch.from_numpy(targets)}
-        # DDIM / DDPM start from a unit-variance VP x_T and return a VP sample.
-        init = math.sqrt(1 + float(sigmas[0]) ** 2)
-        final = 1 / math.sqrt(1 + float(sigmas[-1]) ** 2)
-    elif sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
-        timesteps = _dpm_timesteps(spacing, steps, num_train, offset).astype(np.int64)
-        sigmas = np.append(_interp_sigmas(schedule, timesteps), 0.0).astype(np.float32)
-        init, final = math.sqrt(1 + float(sigmas.max()) ** 2), 1.0  # VP x_T with init_noise_sigma = 1
-    else:  # euler, euler_a, heun: VE samplers with float timesteps
-        timesteps = _timesteps(spacing, steps, num_train, offset).astype(np.float32)
-        sigmas = np.append(_interp_sigmas(schedule, timesteps), 0.0).astype(np.float32)
-        top = float(sigmas.max())
-        # diffusers' init_noise_sigma: sigma_max for linspace / trailing, sqrt(sigma_max^2 + 1) for leading.
-        init = top if spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
-        final = 1.0
+    spacing = schedule_config.timestep_spacing or spec.default_spacing
+    table = DiscreteSchedule.from_config(schedule_config).sigmas.numpy()
+    timesteps, sigmas, init, final, kwargs = _KIND_PLANS[spec.timestep_kind](schedule_config, table, steps, spacing)
     return SamplingPlan(torch.from_numpy(sigmas), init, final, torch.from_numpy(timesteps.copy()), kwargs)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import trange
 
@@ -229,12 +230,82 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=None, *, generator=None, callb
     return x
 
 
-SAMPLERS: dict[str, Callable] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "euler": sample_euler,
-    "euler_a": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-}
+def _lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
+    """The integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial of node i - j (nodes i, i-1, ...)."""
+    basis = np.poly1d([1.0])
+    for k in range(order):
+        if k != j:
+            basis *= np.poly1d([1.0, -sigmas[i - k]]) / (sigmas[i - j] - sigmas[i - k])
+    antiderivative = basis.integ()  # a polynomial: integrated exactly (diffusers and k-diffusion use quadrature)
+    return float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i]))
+
+
+@torch.no_grad()
+def sample_lms(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True, order=4):
+    """Linear multistep (explicit Adams-Bashforth) on the probability-flow ODE dx/dsigma = (x - D) / sigma.
+
+    The derivative is extrapolated by the Lagrange polynomial in sigma through the last `order` derivatives and
+    integrated over the step (Hairer, Norsett & Wanner 1993, Sec. III.1; the diffusion use of PNDM, Liu et al. 2022
+    and k-diffusion's `sample_lms`); the first steps use the derivatives there are.
+    """
+    if order < 1:
+        raise ValueError(f"order must be at least 1, got {order}")
+    sigmas = _sigma_list(sigmas)
+    derivatives = []
+    for i in trange(len(sigmas) - 1, disable=disable_progress):
+        denoised = _call(denoiser, x, sigmas[i], cond)
+        derivatives = ([(x - denoised) / sigmas[i]] + derivatives)[:order]  # newest first
+        current = len(derivatives)
+        x = x + sum(_lms_coefficient(sigmas, i, current, j) * d for j, d in enumerate(derivatives))
+        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+    return x
+
+
+def _unipc_update(x, sigmas: list[float], s: int, m0, m1=None, m_t=None):
+    """One UniPC step from sigmas[s] to sigmas[s + 1] with B(h) = e^h - 1 ("bh2"), in data prediction.
+
+    In VE coordinates the data-prediction update of Zhao et al. 2023 (Sec. 3, UniC-p and UniP-p) reads
+    x_t = (sigma_t / sigma_s) x + (1 - sigma_t / sigma_s) (m0 + sum_k rho_k D_k), with lambda = -log sigma,
+    h = lambda_t - lambda_s, D_1 = (m1 - m0) / r_1 for the previous output m1 at r_1 = (lambda_1 - lambda_s) / h.
+    Predictor (UniP, m_t None): rho_1 = 1/2, which makes UniP-2 DPM-Solver++(2M). Corrector (UniC, m_t the output
+    at sigma_t): D_t = m_t - m0 and the rho solve R rho = b, R_ik = r_k^(i-1) (rho_t = 1/2 at order 1).
+    """
+    sigma_s, sigma_t = sigmas[s], sigmas[s + 1]
+    h = math.log(sigma_s) - math.log(sigma_t) if sigma_t > 0 else math.inf
+    phi = -math.expm1(-h)  # 1 - sigma_t / sigma_s
+    if m1 is not None:
+        r1 = (math.log(sigma_s) - math.log(sigmas[s - 1])) / h
+        d1 = (m1 - m0) / r1
+    if m_t is None:
+        update = m0 if m1 is None else m0 + 0.5 * d1
+    elif m1 is None:
+        update = m0 + 0.5 * (m_t - m0)
+    else:
+        hh = -h  # data prediction runs on -h; b_k = hh phi_k(hh) k! / B(h), phi_k the exponential integrals
+        b_h = math.expm1(hh)
+        g1 = b_h / hh - 1
+        g2 = g1 / hh - 0.5
+        b1, b2 = g1 / b_h, 2 * g2 / b_h
+        rho_1 = (b1 - b2) / (1 - r1)  # solves [[1, 1], [r1, 1]] (rho_1, rho_t) = (b1, b2)
+        rho_t = b1 - rho_1
+        update = m0 + rho_1 * d1 + rho_t * (m_t - m0)
+    return (sigma_t / sigma_s) * x + phi * update
+
+
+@torch.no_grad()
+def sample_unipc(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True):
+    """UniPC multistep, order 2, bh2 (Zhao et al. 2023): each new denoiser output first corrects the step just taken
+    (UniC, no extra evaluation), then predicts the next (UniP); first order on the first and last steps."""
+    sigmas = _sigma_list(sigmas)
+    n = len(sigmas) - 1
+    outputs, x_prev, order_prev = [], None, 0  # the last two outputs; where and at what order the last step began
+    for i in trange(n, disable=disable_progress):
+        denoised = _call(denoiser, x, sigmas[i], cond)
+        if order_prev:  # UniC-p on the step from sigmas[i - 1]
+            x = _unipc_update(x_prev, sigmas, i - 1, outputs[-1], outputs[-2] if order_prev == 2 else None, denoised)
+        outputs = (outputs + [denoised])[-2:]
+        order = min(2, i + 1, n - i)  # warm-up, and diffusers' lower_order_final on the last step
+        x_prev, order_prev = x, order
+        x = _unipc_update(x, sigmas, i, denoised, outputs[0] if order == 2 else None)
+        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+    return x

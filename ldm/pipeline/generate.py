@@ -95,13 +95,15 @@ def check_generation(
     init_image: str | os.PathLike | None = None,
     strength: float | None = None,
     mask_image: str | os.PathLike | None = None,
+    sampler_options: dict | None = None,
 ) -> dict:
     """Every check that can fail before a generation starts (settings, input images, schedule, memory).
 
     Returns the img2img / inpainting keyword arguments for the pipeline (the opened images and the strength).
     """
     check_settings(GenerationSettings(sampler=sampler, steps=steps, guidance=guidance,
-                                      guidance_rescale=guidance_rescale, n=n_per_prompt, height=height, width=width),
+                                      guidance_rescale=guidance_rescale, n=n_per_prompt, height=height, width=width,
+                                      sampler_options=dict(sampler_options or {})),
                    pipe.factor)
     modes = _load_mode_images(init_image, mask_image, strength)
     _check_plan(pipe, sampler, steps, init_image is not None, modes.get("strength", 1.0))
@@ -165,6 +167,7 @@ def generate_to_folder(
     init_image: str | os.PathLike | None = None,  # img2img / inpainting source image
     strength: float | None = None,  # fraction of the schedule that is run (default 0.8 img2img, 1.0 inpainting)
     mask_image: str | os.PathLike | None = None,  # inpainting: white = repaint
+    sampler_options: dict | None = None,  # e.g. {"eta": 0.5}; the options each sampler takes are in its registry entry
 ) -> list[dict]:
     """Generate `n_per_prompt` images per prompt; return the metadata records written to `out_dir/metadata.jsonl`.
 
@@ -176,11 +179,11 @@ def generate_to_folder(
     out_dir = check_output_dir(out_dir)
     pipe = model if callable(model) and hasattr(model, "encode_prompts") else load_pipeline(model, device=device, dtype=dtype)
     settings = dict(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, n=n_per_prompt,
-                    height=height, width=width)
+                    height=height, width=width, sampler_options=dict(sampler_options or {}))
     # Fail before anything is written.
     modes = check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                              n_per_prompt=n_per_prompt, height=height, width=width, init_image=init_image,
-                             strength=strength, mask_image=mask_image)
+                             strength=strength, mask_image=mask_image, sampler_options=sampler_options)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata_path = out_dir / "metadata.jsonl"
     records = _open_index(out_dir)
@@ -205,6 +208,7 @@ def generate_to_folder(
                 "seed": seed + i,
                 "batch_index": j,
                 "sampler": sampler,
+                "sampler_options": settings["sampler_options"] or None,
                 "steps": steps,
                 "guidance": guidance,
                 "guidance_rescale": guidance_rescale or None,

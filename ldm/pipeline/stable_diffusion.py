@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -11,7 +11,7 @@ from PIL import Image
 from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.guidance import cfg
 from ldm.diffusion.plans import sampling_plan
-from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.sampler_registry import check_sampler_options, run_sampler
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import LdmError
 from ldm.pipeline.images import from_pil, mask_from_pil, to_pil
@@ -29,16 +29,15 @@ class GenerationSettings:
     n: int = 1  # images per prompt
     height: int | None = None
     width: int | None = None
-    eta: float = 0.0  # DDIM stochasticity
+    sampler_options: dict = field(default_factory=dict)  # e.g. {"eta": 0.5}: see ldm.diffusion.sampler_registry
 
 
 def check_settings(s: GenerationSettings, factor: int) -> None:
     """Reject bad settings with a message that says what to change."""
-    if s.sampler not in SAMPLERS:
-        raise LdmError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_sampler_options(s.sampler, s.sampler_options)  # an unknown sampler or option names the choices
     if s.steps <= 0:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {s.steps}")
-    for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale), ("eta", s.eta)):
+    for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale)):
         if not math.isfinite(value):  # NaN passes every comparison below and would fail deep inside the sampler
             raise LdmError(f"--{name} must be a finite number, got {value}")
     if not 0.0 <= s.guidance_rescale <= 1.0:
@@ -188,12 +187,8 @@ class StableDiffusion:
 
         for wrap in wrappers:  # e.g. partial(dynamic_threshold, percentile=0.995) or classifier guidance
             denoiser = wrap(denoiser)
-        sampler = SAMPLERS[s.sampler]
-        extra = dict(plan.sampler_kwargs)
-        if s.sampler == "ddim":
-            extra["eta"] = s.eta
-        x = sampler(denoiser, x, plan.sigmas.to(self.device), cond, generator=generator, callback=callback,
-                    disable_progress=not progress, **extra)
+        x = run_sampler(s.sampler, denoiser, x, plan, cond, options=s.sampler_options, generator=generator,
+                        callback=callback, progress=progress)
         latents = x * plan.final_scale
         return to_pil(self.autoencoder.decode_latents(latents.to(self.dtype)))
 

@@ -104,7 +104,7 @@ class SamplingConfig:
     at_end: bool = True
     prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])
     n_per_prompt: int = 2
-    sampler: str = "euler"  # a key of ldm.diffusion.samplers.SAMPLERS
+    sampler: str = "euler"  # a name in ldm.diffusion.sampler_registry
     steps: int = 20
     guidance: float = 5.0  # classifier-free guidance scale (<= 1 disables it)
     seed: int = 0

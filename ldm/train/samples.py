@@ -8,7 +8,7 @@ from PIL import Image
 from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.guidance import cfg
 from ldm.diffusion.plans import sampling_plan
-from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.sampler_registry import SAMPLERS
 from ldm.errors import ConfigError
 from ldm.train.config import SamplingConfig
 from ldm.train.model import LatentDiffusionParts, text_conditioning

@@ -1,0 +1,163 @@
+"""The sampler registry: one entry per sampler, read by `sampling_plan`, the pipeline and the command line.
+
+An entry holds the sampler function, its timestep kind (which diffusers timestep selection `sampling_plan` copies
+for it), its default timestep spacing and the options a user may set, with their defaults. A new sampler is one
+function in `samplers.py` (or anywhere) plus one `register_sampler(SamplerSpec(...))`; nothing else changes.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from numbers import Real
+from types import MappingProxyType
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ldm.diffusion.samplers import (
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
+    sample_unipc,
+)
+from ldm.diffusion.schedules import TIMESTEP_SPACINGS
+from ldm.errors import ConfigError, LdmError
+
+# The timestep selections of diffusers' schedulers that `sampling_plan` reproduces (see plans.py):
+#   ddim            DDIMScheduler: integer timesteps, VP start, ends at alpha_bar of t - T // steps
+#   ddpm            DDPMScheduler: integer timesteps, VP start, ends at sigma 0
+#   dpm_multistep   DPMSolverMultistepScheduler / UniPCMultistepScheduler: steps + 1 points less the last, VP start
+#   euler_discrete  EulerDiscreteScheduler and kin (Heun, LMS): float timesteps, VE start (init_noise_sigma)
+TIMESTEP_KINDS = ("ddim", "ddpm", "dpm_multistep", "euler_discrete")
+# Keywords every sampler takes from `run_sampler` or from the plan: never user options.
+_RESERVED = {"generator", "callback", "disable_progress", "sigmas_next"}
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler: `function(denoiser, x, sigmas, cond, *, generator, callback, disable_progress, **options)`."""
+
+    name: str
+    function: Callable
+    timestep_kind: str  # one of TIMESTEP_KINDS
+    default_spacing: str  # the mirrored diffusers scheduler's own timestep_spacing default
+    options: Mapping[str, float] = field(default_factory=dict)  # user-settable keywords and their defaults
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+
+_REGISTRY: dict[str, SamplerSpec] = {}
+
+
+class _SamplerFunctions(Mapping):
+    """A live, read-only view name -> sampler function of the registry."""
+
+    def __getitem__(self, name: str) -> Callable:
+        return _REGISTRY[name].function
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_REGISTRY)
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+
+SAMPLERS: Mapping[str, Callable] = _SamplerFunctions()
+
+
+def register_sampler(spec: SamplerSpec, *, replace: bool = False) -> SamplerSpec:
+    """Add a sampler; its options must be keyword parameters of its function with numeric defaults."""
+    if spec.name in _REGISTRY and not replace:
+        raise LdmError(f"sampler {spec.name!r} is already registered (pass replace=True to override it)")
+    if spec.timestep_kind not in TIMESTEP_KINDS:
+        raise LdmError(f"sampler {spec.name!r}: timestep_kind must be one of {', '.join(TIMESTEP_KINDS)}, "
+                       f"got {spec.timestep_kind!r}")
+    if spec.default_spacing not in TIMESTEP_SPACINGS:
+        raise LdmError(f"sampler {spec.name!r}: default_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}")
+    params = inspect.signature(spec.function).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for option, default in spec.options.items():
+        if option in _RESERVED or not (takes_any or option in params):
+            raise LdmError(f"sampler {spec.name!r}: option {option!r} is not a keyword of {spec.function.__name__}")
+        if isinstance(default, bool) or not isinstance(default, Real):
+            raise LdmError(f"sampler {spec.name!r}: option {option!r} needs a numeric default, got {default!r}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_sampler(name: str) -> None:
+    """Remove a sampler (plug-ins and tests that add one for a while)."""
+    _REGISTRY.pop(name, None)
+
+
+def sampler_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    """The registry entry for `name`; an LdmError listing the choices when there is none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(_REGISTRY)}") from None
+
+
+def _describe(spec: SamplerSpec) -> str:
+    if not spec.options:
+        return f"sampler {spec.name!r} takes no options"
+    return f"sampler {spec.name!r} takes " + ", ".join(f"{k} (default {v})" for k, v in spec.options.items())
+
+
+def check_sampler_options(name: str, options: Mapping[str, Any] | None) -> dict:
+    """The user's options for sampler `name`, checked: known names and finite numbers (integers where the default is).
+
+    Returns only the options given (as float, or int for integer options such as LMS's order), so that what is
+    recorded is what the user chose; `run_sampler` fills in the defaults.
+    """
+    spec = get_sampler(name)
+    checked = {}
+    for key, value in (options or {}).items():
+        if key not in spec.options:
+            raise ConfigError(f"unknown sampler option {key!r}; {_describe(spec)}")
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ConfigError(f"sampler option {key}={value!r} must be a finite number; {_describe(spec)}")
+        if isinstance(spec.options[key], int):  # a count (LMS's order): a whole number of at least 1
+            if value != int(value) or value < 1:
+                raise ConfigError(f"sampler option {key}={value!r} must be a whole number >= 1; {_describe(spec)}")
+            value = int(value)
+        checked[key] = value if isinstance(value, int) else float(value)
+    return checked
+
+
+def run_sampler(name: str, denoiser: Callable, x: torch.Tensor, plan, cond=None, *, options: Mapping | None = None,
+                generator: torch.Generator | None = None, callback: Callable | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """Walk `plan.sigmas` from x with sampler `name`: its defaults, then the user's options, then the plan's own
+    keywords (DDIM's sigmas_next). Returns the sample in the sampler's coordinates (multiply by plan.final_scale)."""
+    spec = get_sampler(name)
+    kwargs = {**spec.options, **check_sampler_options(name, options), **plan.sampler_kwargs}
+    return spec.function(denoiser, x, plan.sigmas.to(x.device), cond, generator=generator, callback=callback,
+                         disable_progress=not progress, **kwargs)
+
+
+_CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}  # EDM Alg. 2, k-diffusion's names
+for _spec in (
+    SamplerSpec("ddpm", sample_ddpm, "ddpm", "leading"),
+    SamplerSpec("ddim", sample_ddim, "ddim", "leading", {"eta": 0.0}),
+    SamplerSpec("euler", sample_euler, "euler_discrete", "linspace", _CHURN),
+    SamplerSpec("euler_a", sample_euler_ancestral, "euler_discrete", "linspace", {"eta": 1.0, "s_noise": 1.0}),
+    SamplerSpec("heun", sample_heun, "euler_discrete", "linspace", _CHURN),
+    SamplerSpec("lms", sample_lms, "euler_discrete", "linspace", {"order": 4}),
+    SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "dpm_multistep", "linspace"),
+    SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpm_multistep", "linspace", {"eta": 1.0, "s_noise": 1.0}),
+    SamplerSpec("unipc", sample_unipc, "dpm_multistep", "linspace"),
+):
+    register_sampler(_spec)

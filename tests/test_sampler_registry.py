@@ -1,0 +1,176 @@
+"""The sampler registry: a sampler added through it alone is reachable, with its options, from the CLI and pipeline."""
+import inspect
+import json
+import math
+
+import pytest
+import torch
+
+from ldm.cli.txt2img import main
+from ldm.diffusion import plans
+from ldm.diffusion.sampler_registry import (
+    SAMPLERS,
+    TIMESTEP_KINDS,
+    SamplerSpec,
+    check_sampler_options,
+    get_sampler,
+    register_sampler,
+    run_sampler,
+    sampler_names,
+    unregister_sampler,
+)
+from ldm.diffusion.plans import SamplingPlan, sampling_plan
+from ldm.diffusion.samplers import sample_euler
+from ldm.errors import ConfigError, LdmError
+from ldm.pipeline.images import read_png_parameters
+from test_txt2img import model_dir, pipe  # noqa: F401  (pytest fixtures: a tiny native model and its pipeline)
+
+SD15 = {"beta_schedule": "scaled_linear", "steps_offset": 1, "set_alpha_to_one": False}
+
+
+@pytest.fixture
+def toy():
+    """A toy sampler (Euler whose step is scaled by `foo`) that records the options it was called with."""
+    calls = []
+
+    def sample_toy(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
+                   foo=1.0, sigmas_next=None):
+        calls.append({"foo": foo, "sigmas_next": sigmas_next, "sigmas": sigmas.tolist()})
+        sigmas = sigmas.tolist()
+        for i in range(len(sigmas) - 1):
+            denoised = denoiser(x, torch.full((x.shape[0],), sigmas[i]), cond)
+            x = x + foo * (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        return x
+
+    register_sampler(SamplerSpec("toy", sample_toy, "euler_discrete", "trailing", {"foo": 1.0}))
+    yield calls
+    unregister_sampler("toy")
+
+
+def test_every_entry_is_consistent_with_its_function_and_plan():
+    assert set(plans._KIND_PLANS) == set(TIMESTEP_KINDS)
+    assert {"unipc", "lms", "ddim", "euler_a", "heun", "dpmpp_2m_sde"} <= set(sampler_names()) == set(SAMPLERS)
+    for name in sampler_names():
+        spec = get_sampler(name)
+        params = inspect.signature(spec.function).parameters
+        for option, default in spec.options.items():  # the registry's defaults are the function's own
+            assert params[option].default == default, (name, option)
+    assert dict(get_sampler("heun").options) == {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+    assert dict(get_sampler("euler_a").options) == {"eta": 1.0, "s_noise": 1.0}
+
+
+def test_unknown_sampler_and_options_name_the_choices():
+    with pytest.raises(LdmError, match="unknown sampler 'plms'; choose one of ddpm, ddim, .*unipc"):
+        get_sampler("plms")
+    with pytest.raises(ConfigError, match=r"unknown sampler option 'churn'; sampler 'heun' takes s_churn \(default "
+                                          r"0.0\), s_tmin .* s_noise"):
+        check_sampler_options("heun", {"churn": 1.0})
+    with pytest.raises(ConfigError, match="sampler 'dpmpp_2m' takes no options"):
+        check_sampler_options("dpmpp_2m", {"eta": 1.0})
+    for bad in (math.nan, math.inf, "0.5", True):
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            check_sampler_options("ddim", {"eta": bad})
+    with pytest.raises(ConfigError, match="whole number"):
+        check_sampler_options("lms", {"order": 2.5})
+    assert check_sampler_options("lms", {"order": 3.0}) == {"order": 3}
+    assert check_sampler_options("euler_a", {"eta": 0}) == {"eta": 0.0}
+    assert check_sampler_options("euler_a", None) == {}
+
+
+def test_registering_checks_the_entry(toy):
+    with pytest.raises(LdmError, match="already registered"):
+        register_sampler(get_sampler("toy"))
+    with pytest.raises(LdmError, match="'bar' is not a keyword of sample_toy"):
+        register_sampler(SamplerSpec("toy2", get_sampler("toy").function, "euler_discrete", "linspace", {"bar": 1.0}))
+    with pytest.raises(LdmError, match="timestep_kind must be one of"):
+        register_sampler(SamplerSpec("toy2", sample_euler, "karras", "linspace"))
+    with pytest.raises(LdmError, match="not a keyword"):  # plan keywords are never user options
+        register_sampler(SamplerSpec("toy2", get_sampler("toy").function, "euler_discrete", "linspace",
+                                     {"sigmas_next": 0.0}))
+    assert "toy2" not in SAMPLERS
+
+
+def test_run_sampler_passes_defaults_then_user_options_then_plan_keywords(toy):
+    plan = SamplingPlan(torch.tensor([2.0, 1.0, 0.0]), 2.0, 1.0, torch.tensor([10, 5]),
+                        {"sigmas_next": torch.tensor([1.5, 0.0])})
+    x = torch.ones(1, 1)
+    run_sampler("toy", lambda x, sigma, cond: torch.zeros_like(x), x, plan)
+    run_sampler("toy", lambda x, sigma, cond: torch.zeros_like(x), x, plan, options={"foo": 0.5})
+    assert [c["foo"] for c in toy] == [1.0, 0.5]
+    assert toy[0]["sigmas_next"] is plan.sampler_kwargs["sigmas_next"] and toy[0]["sigmas"] == [2.0, 1.0, 0.0]
+    with pytest.raises(ConfigError, match="sampler 'toy' takes foo"):
+        run_sampler("toy", lambda x, sigma, cond: x, x, plan, options={"eta": 1.0})
+
+
+def test_sampling_plan_reads_the_entry(toy):
+    """The toy entry's default spacing ("trailing") and timestep kind decide its plan."""
+    toy_plan = sampling_plan(SD15, "toy", 4)
+    assert toy_plan.timesteps.tolist() == [999, 749, 499, 249]
+    euler = sampling_plan({**SD15, "timestep_spacing": "trailing"}, "euler", 4)
+    assert torch.equal(toy_plan.sigmas, euler.sigmas) and toy_plan.init_noise_scale == euler.init_noise_scale
+    with pytest.raises(LdmError, match="unknown sampler"):
+        sampling_plan(SD15, "plms", 4)
+
+
+@pytest.mark.slow
+def test_toy_sampler_is_reachable_from_the_cli_with_its_option(toy, model_dir, tmp_path):
+    out = tmp_path / "out"
+    code = main(["a red circle", "--model", str(model_dir), "--sampler", "toy", "--sampler-option", "foo=2",
+                 "--steps", "3", "--height", "16", "--width", "16", "--out", str(out)])
+    assert code == 0
+    assert [c["foo"] for c in toy] == [2.0]
+    assert len(toy[0]["sigmas"]) == 4  # 3 steps of the toy's own plan
+    record = json.loads((out / "metadata.jsonl").read_text())
+    assert record["sampler"] == "toy" and record["sampler_options"] == {"foo": 2.0}
+    assert read_png_parameters(out / record["file_name"])["sampler_options"] == {"foo": 2.0}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sampler", "euler_a", "--sampler-option", "churn=1"],
+     "unknown sampler option 'churn'; sampler 'euler_a' takes eta (default 1.0), s_noise (default 1.0)"),
+    (["--sampler", "ddim", "--sampler-option", "eta"], "--sampler-option 'eta': write NAME=VALUE"),
+    (["--sampler", "ddim", "--sampler-option", "eta=fast"], "write NAME=VALUE with a number"),
+    (["--sampler", "ddim", "--sampler-option", "eta=nan"], "must be a finite number"),
+    (["--sampler", "plms"], "unknown sampler 'plms'; choose one of"),
+])
+def test_bad_sampler_options_exit_2_before_anything_is_written(model_dir, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["x", "--model", str(model_dir), "--steps", "1", "--out", str(out)] + argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _final_x(pipe, sampler, options=None, **kwargs):
+    seen = []
+    pipe("a cat", seed=3, steps=3, height=16, width=16, guidance=1.0, sampler=sampler, sampler_options=options or {},
+         callback=lambda info: seen.append(info["x"]), **kwargs)
+    return seen[-1]
+
+
+@pytest.mark.slow
+def test_euler_a_options_reach_the_sampler_from_the_pipeline(pipe):
+    euler = _final_x(pipe, "euler")
+    ancestral = _final_x(pipe, "euler_a")
+    assert (ancestral - euler).abs().max() > 1e-2
+    # eta = 0 removes the fresh noise: Euler a becomes Euler, bit for bit.
+    assert torch.equal(_final_x(pipe, "euler_a", {"eta": 0.0}), euler)
+    # s_noise = 0 keeps the smaller deterministic step: neither of the two.
+    quiet = _final_x(pipe, "euler_a", {"s_noise": 0.0})
+    assert (quiet - euler).abs().max() > 1e-3 and (quiet - ancestral).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_heun_churn_options_reach_the_sampler_from_the_pipeline(pipe):
+    plain = _final_x(pipe, "heun")
+    churned = _final_x(pipe, "heun", {"s_churn": 2.0})
+    assert (churned - plain).abs().max() > 1e-3
+    # Churn only where s_tmin <= sigma <= s_tmax: a window below every sigma of the plan gives plain Heun back.
+    assert torch.equal(_final_x(pipe, "heun", {"s_churn": 2.0, "s_tmax": 1e-3}), plain)
+    # s_noise = 0: the raised noise level without fresh noise, so a different sample again.
+    no_noise = _final_x(pipe, "heun", {"s_churn": 2.0, "s_noise": 0.0})
+    assert (no_noise - churned).abs().max() > 1e-3 and (no_noise - plain).abs().max() > 1e-3
+
+
+def test_pipeline_rejects_unknown_options(pipe):
+    with pytest.raises(ConfigError, match="sampler 'ddim' takes eta"):
+        pipe("a cat", steps=1, height=16, width=16, sampler="ddim", sampler_options={"s_churn": 1.0})
