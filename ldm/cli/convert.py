@@ -5,10 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from ldm.diffusion.schedules import PREDICTION_ALIASES
 from ldm.errors import LdmError
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-_PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the weights cannot tell apart
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> list[str]:
         raise LdmError(f"{dst}: --to original writes one .safetensors file; name DST *.safetensors")
     prediction = args.prediction_type
     if prediction is not None:
-        prediction = _PREDICTION_ALIASES.get(prediction, prediction)
+        prediction = PREDICTION_ALIASES.get(prediction, prediction)
         if prediction not in PREDICTION_TYPES:
             raise LdmError(f"--prediction-type {args.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
     components = load_model(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle, config=args.config,

@@ -18,7 +18,7 @@ def _slug(text: str, limit: int = 40) -> str:
     return slug[:limit] or "unconditional"
 
 
-def _load_mode_images(init_image, mask_image, strength: float) -> dict:
+def _load_mode_images(init_image, mask_image) -> dict:
     """Open the img2img / inpainting inputs up front, with errors that name the file."""
     from PIL import Image, UnidentifiedImageError
 
@@ -26,10 +26,6 @@ def _load_mode_images(init_image, mask_image, strength: float) -> dict:
 
     if mask_image is not None and init_image is None:
         raise LdmError("--mask needs --init-image (the image to inpaint)")
-    if strength is None:
-        strength = 1.0 if mask_image is not None else 0.8
-    if init_image is not None and not 0.0 < strength <= 1.0:
-        raise LdmError(f"--strength must lie in (0, 1], got {strength}")
     out = {}
     for key, path in (("init_image", init_image), ("mask_image", mask_image)):
         if path is None:
@@ -41,22 +37,7 @@ def _load_mode_images(init_image, mask_image, strength: float) -> dict:
             raise LdmError(f"image not found: {path}") from e
         except (UnidentifiedImageError, OSError) as e:
             raise LdmError(f"cannot read image {path}: {e}") from e
-    if init_image is not None:
-        out["strength"] = strength
     return out
-
-
-def _check_plan(pipe, sampler: str, steps: int, img2img: bool, strength: float) -> None:
-    """Schedule problems (more steps than training timesteps, a strength that leaves no step) before any file exists."""
-    from ldm.diffusion.plans import sampling_plan
-    from ldm.errors import LdmError
-
-    try:
-        sampling_plan(pipe.schedule_config, sampler, steps)
-    except (ValueError, IndexError) as e:
-        raise LdmError(f"cannot sample {steps} steps with {sampler} on this model's schedule: {e}") from e
-    if img2img and min(int(steps * strength), steps) < 1:
-        raise LdmError(f"--strength {strength} with --steps {steps} leaves no step to run; raise either")
 
 
 def generate_to_folder(
@@ -79,6 +60,7 @@ def generate_to_folder(
     init_image: str | os.PathLike | None = None,  # img2img / inpainting source image
     strength: float | None = None,  # fraction of the schedule that is run (default 0.8 img2img, 1.0 inpainting)
     mask_image: str | os.PathLike | None = None,  # inpainting: white = repaint
+    sampler_options: dict | None = None,  # extra sampler arguments, e.g. {"eta": 0.5}
 ) -> list[dict]:
     """Generate `n_per_prompt` images per prompt; return the metadata records written to `out_dir/metadata.jsonl`.
 
@@ -87,14 +69,14 @@ def generate_to_folder(
     """
     from tqdm.auto import tqdm
 
-    pipe = model if callable(model) and hasattr(model, "encode_prompts") else load_pipeline(model, device=device, dtype=dtype)
+    pipe = model if callable(model) and hasattr(model, "settings") else load_pipeline(model, device=device, dtype=dtype)
     settings = dict(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, n=n_per_prompt,
-                    height=height, width=width)
-    from ldm.pipeline.stable_diffusion import GenerationSettings, check_settings
-
-    check_settings(GenerationSettings(**settings), pipe.factor)  # fail before anything is written
-    modes = _load_mode_images(init_image, mask_image, strength)
-    _check_plan(pipe, sampler, steps, init_image is not None, modes.get("strength", 1.0))
+                    height=height, width=width, sampler_options=dict(sampler_options or {}))
+    checked = pipe.settings(from_image=init_image is not None, inpainting=mask_image is not None, strength=strength,
+                            **settings)  # fail before anything is written
+    modes = _load_mode_images(init_image, mask_image)
+    if init_image is not None:
+        modes["strength"] = checked.strength
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata_path = out_dir / "metadata.jsonl"
@@ -118,6 +100,7 @@ def generate_to_folder(
                 "steps": steps,
                 "guidance": guidance,
                 "guidance_rescale": guidance_rescale or None,
+                "sampler_options": dict(sampler_options) if sampler_options else None,
                 "height": image.height,
                 "width": image.width,
                 "model": pipe.model_name,
