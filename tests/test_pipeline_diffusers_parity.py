@@ -25,10 +25,10 @@ SD15_SCHEDULER = {
 }
 
 
-def tiny_components():
+def tiny_components(in_channels: int = 4):
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=in_channels, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32,
     )
@@ -54,13 +54,17 @@ def diffusers_folder(tmp_path_factory):
         scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    return save_folder(pipe, tmp_path_factory), pipe
+
+
+def save_folder(pipe, tmp_path_factory):
+    """`pipe` saved as a diffusers folder with, like SD-1.5's official one, no timestep_spacing."""
     folder = tmp_path_factory.mktemp("tiny-sd") / "pipe"
     pipe.save_pretrained(folder)
-    # The official folder has no timestep_spacing: make sure ours has none either.
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     config.pop("timestep_spacing", None)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
-    return folder, pipe
+    return folder
 
 
 SCHEDULERS = {

@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 from ldm.cli.common import cli_main
+from ldm.diffusion.schedules import PREDICTION_ALIASES
 from ldm.errors import LdmError
 from ldm.writable import check_output_path
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-_PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the weights cannot tell apart
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> list[str]:
     check_output_path(dst, "DST", folder=args.to != "original", overwrite=args.overwrite)  # before loading SRC
     prediction = args.prediction_type
     if prediction is not None:
-        prediction = _PREDICTION_ALIASES.get(prediction, prediction)
+        prediction = PREDICTION_ALIASES.get(prediction, prediction)
         if prediction not in PREDICTION_TYPES:
             raise LdmError(f"--prediction-type {args.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
     components = load_model(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle, config=args.config,

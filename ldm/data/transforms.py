@@ -70,9 +70,12 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:
-    """Float tensor `c h w` in [-1, 1] -> RGB PIL image (inverse of to_tensor up to rounding)."""
-    array = tensor.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+    """Float tensor `c h w` in [-1, 1] -> RGB PIL image (inverse of to_tensor up to rounding; NaN -> black).
+
+    Rounded as diffusers' image processor rounds: round(clamp(x / 2 + 0.5, 0, 1) * 255).
+    """
+    x = (tensor.detach().float().nan_to_num(-1.0) / 2 + 0.5).clamp(0, 1)
+    return Image.fromarray((x * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
 
 
 def image_transform(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ldm.diffusion.schedules import canonical_prediction
 from ldm.errors import ConfigError
 
 Scalings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -54,19 +55,12 @@ class EDMScaling:
         return c_skip, c_out, c_in, c_noise
 
 
-_BY_PREDICTION = {
-    "epsilon": EpsScaling,
-    "eps": EpsScaling,
-    "v_prediction": VScaling,
-    "v": VScaling,
-    "sample": X0Scaling,
-    "x0": X0Scaling,
-}
+_BY_PREDICTION = {"epsilon": EpsScaling, "v_prediction": VScaling, "sample": X0Scaling}
 
 
 def scaling_for(prediction: str):
     """The scaling of a discrete model's prediction type (diffusers' names epsilon / v_prediction / sample)."""
     try:
-        return _BY_PREDICTION[prediction]()
-    except KeyError:
+        return _BY_PREDICTION[canonical_prediction(prediction)]()
+    except (KeyError, ConfigError):
         raise ConfigError(f"unknown prediction type {prediction!r}; use epsilon, v_prediction or sample") from None

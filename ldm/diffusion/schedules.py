@@ -12,12 +12,28 @@ from ldm.config import from_dict
 from ldm.errors import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm")
+# The short names (CompVis' `parameterization`, and the loss weightings) of diffusers' prediction types.
+PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # Fields only an EDM (continuous-sigma) model uses, with EDM's defaults (Karras et al. 2022, Table 1 and Sec. 5).
 EDM_DEFAULTS = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "rho": 7.0}
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # The terminal alpha_cumprod that stands in for 0 under zero terminal SNR (diffusers' Euler/DPM choice, fp16's
 # smallest subnormal): it keeps the first sigma finite (~4096) in variance-exploding coordinates.
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+
+
+def canonical_prediction(name: str) -> str:
+    """diffusers' name of a prediction type ("eps" -> "epsilon", "v" -> "v_prediction", "x0" -> "sample")."""
+    name = PREDICTION_ALIASES.get(name, name)
+    if name not in PREDICTION_TYPES:
+        raise ConfigError(f"unknown prediction type {name!r}; use one of {', '.join(PREDICTION_TYPES)} "
+                          f"(or {', '.join(PREDICTION_ALIASES)})")
+    return name
+
+
+def short_prediction(name: str) -> str:
+    """The short name of a prediction type ("epsilon" -> "eps"; "edm" stays "edm")."""
+    return {v: k for k, v in PREDICTION_ALIASES.items()}.get(canonical_prediction(name), name)
 
 
 def linear_betas(n: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:

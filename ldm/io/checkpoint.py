@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -158,6 +159,12 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
     return s.data_ptr(), s.nbytes()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | Path,
                       metadata: Mapping[str, str] | None = None) -> None:
     """Write a state dict to `.safetensors` atomically (contiguous CPU tensors; shared storage copied apart)."""
@@ -176,3 +183,4 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | Path,
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
         save_file(out, str(tmp), metadata=meta or None)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600; weights are as readable as any file

@@ -1,55 +1,97 @@
-"""The loaded model: `SDComponents`, and building its modules from config sections plus state dicts."""
+"""The loaded model: `ModelParts` (networks by role plus a schedule), built from config sections and state dicts."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from ldm.config import from_dict, to_plain
+from ldm.config import to_plain
 from ldm.diffusion.schedules import ScheduleConfig
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, LdmError
 from ldm.io.checkpoint import load_into
-from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldm.models.text_encoders import TextEncoder, TextEncoderConfig, build_text_encoder
-from ldm.models.unet import UNetConfig, UNetModel
+from ldm.io.part_types import (autoencoder_config, build_part, section_dict, section_type, text_config,  # noqa: F401
+                               unet_config)
+from ldm.models.codecs import IdentityCodec, KLCodec
+from ldm.models.text_encoders import TextEncoderConfig
+from ldm.runtime import DTYPES, resolve_dtype  # noqa: F401  (re-exported: the former home)
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+class ModelParts:
+    """A model: its networks held by role ("unet", "autoencoder", "text_encoder", ...) plus its noise schedule.
 
+    `parts["unet"]`, `parts.get("autoencoder")`; `parts.unet` / `.autoencoder` / `.text_encoder` read the usual
+    roles (None when absent, except the U-Net). `codec` maps images to the denoiser's space: the KL autoencoder
+    when the model has one, the identity for a pixel-space model. `config` holds the resolved sections by role
+    plus "scheduler" (plain dicts, as the native config.yaml holds them).
+    """
 
-@dataclass
-class SDComponents:
-    """A latent text-to-image model: networks, the training schedule, the resolved config and where it came from."""
+    def __init__(self, parts: Mapping[str, nn.Module] | None = None, *, schedule: ScheduleConfig, config: dict,
+                 source: str = "", notes: list[str] | None = None, **by_role: nn.Module | None):
+        self.parts: dict[str, nn.Module] = {**(parts or {}), **{k: v for k, v in by_role.items() if v is not None}}
+        self.schedule = schedule
+        self.config = config
+        self.source = source
+        self.notes = list(notes or [])
 
-    unet: UNetModel
-    autoencoder: AutoencoderKL
-    text_encoder: TextEncoder
-    schedule: ScheduleConfig
-    config: dict  # resolved: {"unet", "autoencoder", "text_encoder", "scheduler"} as plain dicts
-    source: str
-    notes: list[str] = field(default_factory=list)  # what was inferred or assumed while loading
+    def __getitem__(self, role: str) -> nn.Module:
+        if role not in self.parts:
+            raise ConfigError(f"the model from {self.source or 'memory'} has no {role!r} part "
+                              f"(it has {', '.join(self.parts) or 'none'})")
+        return self.parts[role]
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "SDComponents":
-        """Move (and cast) the three networks in place."""
-        for module in (self.unet, self.autoencoder, self.text_encoder):
+    def __contains__(self, role: str) -> bool:
+        return role in self.parts
+
+    def get(self, role: str, default=None):
+        return self.parts.get(role, default)
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.parts)
+
+    @property
+    def unet(self) -> nn.Module:
+        return self["unet"]
+
+    @property
+    def autoencoder(self) -> nn.Module | None:
+        return self.parts.get("autoencoder")
+
+    @property
+    def text_encoder(self) -> nn.Module | None:
+        return self.parts.get("text_encoder")
+
+    @property
+    def codec(self) -> nn.Module:
+        """The image <-> denoiser-space map: KL autoencoder (latent model) or identity (pixel model)."""
+        return codec_for(self.parts)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ModelParts":
+        """Move (and cast) every network in place."""
+        for module in self.parts.values():
             module.to(device=device, dtype=dtype)
         return self
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """torch dtype from "fp16" / "bf16" / "fp32" / a torch.dtype / None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; use fp16, bf16 or fp32")
-    return DTYPES[dtype]
+PIXEL_CHANNELS = 3  # a pixel-space model denoises RGB images
 
+
+def codec_for(parts: Mapping[str, nn.Module]) -> nn.Module:
+    """The codec of a set of parts: KLCodec over its autoencoder, or IdentityCodec for a pixel-space model."""
+    autoencoder = parts.get("autoencoder")
+    return KLCodec(autoencoder) if autoencoder is not None else IdentityCodec(PIXEL_CHANNELS)
+
+
+def SDComponents(unet: nn.Module, autoencoder: nn.Module | None, text_encoder: nn.Module | None,  # noqa: N802
+                 schedule: ScheduleConfig, config: dict, source: str = "",
+                 notes: list[str] | None = None) -> ModelParts:
+    """The parts of a Stable Diffusion model (U-Net, autoencoder, text encoder): the former fixed triple."""
+    return ModelParts(unet=unet, autoencoder=autoencoder, text_encoder=text_encoder, schedule=schedule,
+                      config=config, source=source, notes=notes)
 
 def stored_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
     """The most common floating dtype among the weights (float32 if none)."""
@@ -74,23 +116,6 @@ def skip_weight_init() -> Iterator[None]:
             setattr(nn.init, name, fn)
 
 
-def unet_config(section: Mapping) -> UNetConfig:
-    """UNetConfig from a native section, or from CompVis `unet_config.params` (keys we do not model are dropped)."""
-    names = {f.name for f in dataclasses.fields(UNetConfig)}
-    params = {k: v for k, v in section.items() if k in names}
-    if params.get("num_classes") == "sequential":  # CompVis' name for a pooled-vector (adm) embedding
-        params["num_classes"] = None
-    if params.get("num_head_channels", -1) != -1 and "num_heads" not in params:
-        params["num_heads"] = -1
-    return from_dict(UNetConfig, params, where="unet config")
-
-
-def autoencoder_config(section: Mapping) -> AutoencoderConfig:
-    """AutoencoderConfig from a native section or CompVis ddconfig (+ embed_dim, scale_factor)."""
-    names = {f.name for f in dataclasses.fields(AutoencoderConfig)}
-    return from_dict(AutoencoderConfig, {k: v for k, v in section.items() if k in names}, where="autoencoder config")
-
-
 def text_config_from_dims(dims: Mapping, *, layer: str | None = None,
                           max_length: int | None = None) -> TextEncoderConfig:
     """TextEncoderConfig from the sizes `infer_text_encoder` reads off the weights."""
@@ -105,45 +130,57 @@ def text_config_from_dims(dims: Mapping, *, layer: str | None = None,
                              open_clip={"embed_dim": dims["embed_dim"], "text_cfg": text_cfg, "quick_gelu": False})
 
 
-def text_config(section: Mapping) -> TextEncoderConfig:
-    """TextEncoderConfig from a native section."""
-    return from_dict(TextEncoderConfig, section, where="text_encoder config")
-
-
-def build_module(kind: str, cfg, sd: Mapping[str, torch.Tensor], *, source: str, device, dtype,
+def build_module(cfg, sd: Mapping[str, torch.Tensor], *, source: str, device, dtype,
                  tokenizer_dir: str | Path | None = None) -> nn.Module:
-    """Build a UNet / autoencoder / text encoder, check and load `sd`, cast to `dtype` (None: as stored), move."""
+    """Build the part `cfg` describes, check and load `sd`, cast to `dtype` (None: as stored), move."""
     with skip_weight_init():
-        if kind == "unet":
-            module = UNetModel(cfg)
-        elif kind == "autoencoder":
-            module = AutoencoderKL(cfg)
-        else:
-            module = build_text_encoder(dataclasses.replace(cfg, pretrained=None), tokenizer_dir=tokenizer_dir)
+        module = build_part(cfg, tokenizer_dir=tokenizer_dir)
     module.to(dtype=stored_dtype(sd))  # a lossless load: the module takes the file's precision
     load_into(module, sd, source=source)
     return module.to(device=device, dtype=dtype)
 
 
-def resolved_config(unet: UNetConfig, autoencoder: AutoencoderConfig, text: TextEncoderConfig,
-                    schedule: ScheduleConfig) -> dict:
-    """The four config sections as plain dicts (what the native config.yaml holds)."""
-    return {"unet": to_plain(unet), "autoencoder": to_plain(autoencoder), "text_encoder": to_plain(text),
-            "scheduler": to_plain(schedule)}
+def resolved_config(unet, autoencoder, text, schedule: ScheduleConfig) -> dict:
+    """The sections of a Stable Diffusion model as plain dicts (what the native config.yaml holds)."""
+    return config_sections({"unet": unet, "autoencoder": autoencoder, "text_encoder": text}, schedule)
 
 
-def make_components(sections: dict, weights: dict[str, Mapping[str, torch.Tensor]], *, source: str, sources: dict,
-                    device, dtype, prediction_type: str | None, notes: list[str],
-                    tokenizer_dir: str | Path | None = None) -> SDComponents:
-    """Build all components from config objects (`sections`: unet, autoencoder, text_encoder, scheduler)."""
+def config_sections(configs: Mapping[str, Any], schedule: ScheduleConfig) -> dict:
+    """Config dataclasses by role (None entries dropped) plus the schedule, as plain config.yaml sections."""
+    out = {role: section_dict(role, cfg) for role, cfg in configs.items() if cfg is not None}
+    return {**out, "scheduler": to_plain(schedule)}
+
+
+def make_parts(sections: dict, weights: dict[str, Mapping[str, torch.Tensor]], *, source: str, sources: dict,
+               device, dtype, prediction_type: str | None, notes: list[str],
+               tokenizer_dir: str | Path | None = None) -> ModelParts:
+    """Build every part from config objects by role (`sections`, "scheduler" among them) and their weights."""
     schedule = sections["scheduler"]
     if prediction_type is not None:
         schedule = dataclasses.replace(schedule, prediction_type=prediction_type)
     dtype = resolve_dtype(dtype)
-    unet = build_module("unet", sections["unet"], weights["unet"], source=sources["unet"], device=device, dtype=dtype)
-    vae = build_module("autoencoder", sections["autoencoder"], weights["autoencoder"], source=sources["autoencoder"],
-                       device=device, dtype=dtype)
-    text = build_module("text_encoder", sections["text_encoder"], weights["text_encoder"],
-                        source=sources["text_encoder"], device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
-    config = resolved_config(sections["unet"], sections["autoencoder"], sections["text_encoder"], schedule)
-    return SDComponents(unet, vae, text, schedule, config, source, notes)
+    configs = {role: cfg for role, cfg in sections.items() if role != "scheduler"}
+    parts = {role: build_module(cfg, weights[role], source=sources[role], device=device, dtype=dtype,
+                                tokenizer_dir=tokenizer_dir if role == "text_encoder" else None)
+             for role, cfg in configs.items()}
+    return ModelParts(parts, schedule=schedule, config=config_sections(configs, schedule), source=source, notes=notes)
+
+
+make_components = make_parts  # the former name
+
+
+SD_PARTS = {"unet": ("unet",), "autoencoder": ("autoencoder_kl",), "text_encoder": ("clip", "openclip")}
+
+
+def check_can_hold(parts: ModelParts, target: str, holds: Mapping[str, tuple[str, ...]] = SD_PARTS) -> None:
+    """Refuse, before anything is written, a model whose parts the `target` format has no place for."""
+    types = {role: section_type(role, parts.config[role]) for role in parts.roles}
+    layout = ", ".join(f"{role} ({'/'.join(kinds)})" for role, kinds in holds.items())
+    for role, kind in types.items():
+        if role not in holds or kind not in holds[role]:
+            raise LdmError(f"{target} holds {layout}; it cannot hold this model's {role} part of type {kind!r}: "
+                           "save it in the native format (--to native)")
+    absent = [role for role in holds if role not in types]
+    if absent:
+        raise LdmError(f"{target} holds {layout}; this model has no {' or '.join(absent)} part (a pixel-space model "
+                       "has no autoencoder): save it in the native format (--to native)")

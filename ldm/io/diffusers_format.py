@@ -12,7 +12,7 @@ from ldm.config import to_plain
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import CheckpointError, ConfigError, LdmError
 from ldm.io.checkpoint import read_state_dict, write_safetensors
-from ldm.io.components import SDComponents, make_components, text_config
+from ldm.io.components import ModelParts, check_can_hold, make_parts, text_config
 from ldm.io.keys_text import hf_clip_config_from_openclip, hf_clip_to_openclip, openclip_to_hf_clip
 from ldm.io.keys_unet import unet_config_from_diffusers, unet_config_to_diffusers, unet_diffusers_to_original, \
     unet_original_to_diffusers
@@ -87,7 +87,7 @@ def _text_encoder(folder: Path, allow_pickle: bool) -> tuple[TextEncoderConfig, 
 
 
 def load_diffusers(folder: str | Path, *, device="cpu", dtype=None, allow_pickle: bool = False,
-                   prediction_type: str | None = None) -> SDComponents:
+                   prediction_type: str | None = None) -> ModelParts:
     """Load a diffusers Stable Diffusion pipeline folder, configured from its own config files."""
     folder = Path(folder)
     notes = [f"diffusers pipeline folder {folder}"]
@@ -115,7 +115,7 @@ def load_diffusers(folder: str | Path, *, device="cpu", dtype=None, allow_pickle
     if text_cfg.type == "clip" and tokenizer_dir is None:
         notes.append("no tokenizer/ folder; using the CLIP BPE tokenizer that open_clip ships (SD-1 padding)")
     sections = {"unet": unet_cfg, "autoencoder": vae_cfg, "text_encoder": text_cfg, "scheduler": schedule}
-    return make_components(sections, weights, source=str(folder), sources={"unet": unet_src, "autoencoder": vae_src,
+    return make_parts(sections, weights, source=str(folder), sources={"unet": unet_src, "autoencoder": vae_src,
                            "text_encoder": text_src}, device=device, dtype=dtype, prediction_type=prediction_type,
                            notes=notes, tokenizer_dir=tokenizer_dir)
 
@@ -124,7 +124,7 @@ def _write_json(path: Path, data: Mapping) -> None:
     atomic_write_text(path, json.dumps(to_plain(data), indent=2, sort_keys=True) + "\n")
 
 
-def _text_encoder_files(components: SDComponents) -> tuple[dict, dict[str, torch.Tensor], object]:
+def _text_encoder_files(components: ModelParts) -> tuple[dict, dict[str, torch.Tensor], object]:
     """(CLIPTextConfig dict, `text_model.*` weights, tokenizer) of the diffusers text_encoder/ and tokenizer/."""
     from transformers import CLIPTextConfig
 
@@ -168,10 +168,11 @@ def scheduler_config_dict(schedule: ScheduleConfig) -> dict:
     return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **cfg}
 
 
-def save_diffusers(components: SDComponents, folder: str | Path) -> None:
+def save_diffusers(components: ModelParts, folder: str | Path) -> None:
     """Write a diffusers StableDiffusionPipeline folder (the whole folder appears at once)."""
     from ldm.models.tokenizers import save_tokenizer
 
+    check_can_hold(components, "a diffusers StableDiffusionPipeline folder")
     unet_cfg, vae_cfg = components.unet.config, components.autoencoder.config
     # translate everything before writing anything: unsupported settings fail with nothing on disk
     files = {

@@ -12,13 +12,13 @@ import torch
 
 from ldm.errors import CheckpointError, ConfigError
 from ldm.io.checkpoint import WEIGHT_SUFFIXES
-from ldm.io.components import SDComponents
+from ldm.io.components import ModelParts, SDComponents
 from ldm.io.diffusers_format import is_diffusers_folder, load_diffusers, save_diffusers
 from ldm.io.hub import looks_like_hub_id, resolve_hub_id
 from ldm.io.native_format import is_native_folder, load_native, save_native
 from ldm.io.original_format import load_original, original_config, save_original
 
-__all__ = ["SDComponents", "load_model", "detect_format", "save_native", "save_diffusers", "save_original",
+__all__ = ["ModelParts", "SDComponents", "load_model", "detect_format", "save_native", "save_diffusers", "save_original",
            "original_config", "FORMATS"]
 
 FORMATS = ("original", "diffusers", "native")
@@ -43,7 +43,7 @@ def detect_format(path: Path) -> str:
 
 def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                allow_pickle: bool = False, config: str | Path | Mapping | None = None,
-               prediction_type: str | None = None) -> SDComponents:
+               prediction_type: str | None = None) -> ModelParts:
     """Load a Stable Diffusion model from any supported format (dtype None keeps the stored precision).
 
     `config`: an original-layout YAML (path or dict) for single-file checkpoints; `prediction_type`
@@ -66,7 +66,7 @@ def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu", dt
                          prediction_type=prediction_type)
 
 
-def save(components: SDComponents, dst: str | Path, to: str) -> None:
+def save(components: ModelParts, dst: str | Path, to: str) -> None:
     """Write `components` in format `to` ('original' | 'diffusers' | 'native')."""
     writers = {"original": save_original, "diffusers": save_diffusers, "native": save_native}
     if to not in writers:

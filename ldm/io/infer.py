@@ -12,7 +12,9 @@ from typing import Mapping
 
 import torch
 
+from ldm.diffusion.schedules import PREDICTION_ALIASES, ScheduleConfig
 from ldm.errors import CheckpointError, ConfigError
+from ldm.models.autoencoder import AutoencoderConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -25,7 +27,10 @@ CLIP_TARGET = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 OPENCLIP_TARGET = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 HEAD_WIDTH = 64  # CLIP ViT-L/14 text (768 = 12 x 64), OpenCLIP ViT-H/14 text (1024 = 16 x 64), SD-2 U-Net heads
 
-_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+_PREDICTION = PREDICTION_ALIASES  # CompVis' `parameterization` names are the short ones
+# Stable Diffusion's numbers, from their one home (the config dataclasses' defaults).
+_SD_SCHEDULE = ScheduleConfig()
+_SD_SCALE = AutoencoderConfig.scale_factor
 _BETAS = {"linear": "scaled_linear", "cosine": "squaredcos_cap_v2", "sqrt_linear": "linear"}
 
 
@@ -205,8 +210,8 @@ def infer_original_config(sd: Mapping[str, torch.Tensor], *,
     else:
         parameterization = {v: k for k, v in _PREDICTION.items()}.get(prediction_type, prediction_type)
     config = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
-        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000,
-        "parameterization": parameterization, "scale_factor": 0.18215, "conditioning_key": "crossattn",
+        "linear_start": _SD_SCHEDULE.beta_start, "linear_end": _SD_SCHEDULE.beta_end,
+        "timesteps": _SD_SCHEDULE.num_train_timesteps, "parameterization": parameterization, "scale_factor": _SD_SCALE, "conditioning_key": "crossattn",
         "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
         "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": infer_autoencoder(sd)},
         "cond_stage_config": {"target": OPENCLIP_TARGET if text["type"] == "openclip" else CLIP_TARGET,
@@ -259,9 +264,9 @@ def sections_from_original_config(config: Mapping, *, where: str = "original con
     if schedule not in _BETAS:
         raise ConfigError(f"{where}: beta_schedule {schedule!r} is not one of {list(_BETAS)}")
     scheduler = {
-        "num_train_timesteps": int(params.get("timesteps", 1000)),
-        "beta_start": float(params.get("linear_start", 0.00085)),
-        "beta_end": float(params.get("linear_end", 0.012)),
+        "num_train_timesteps": int(params.get("timesteps", _SD_SCHEDULE.num_train_timesteps)),
+        "beta_start": float(params.get("linear_start", _SD_SCHEDULE.beta_start)),
+        "beta_end": float(params.get("linear_end", _SD_SCHEDULE.beta_end)),
         "beta_schedule": _BETAS[schedule],
         "prediction_type": prediction_type or _PREDICTION[parameterization],
         # CompVis' DDIM sampler steps through t = 1, 1 + c, 1 + 2c, ... and uses alpha_bar_0 as the final alpha:
@@ -284,11 +289,12 @@ def original_config_from_sections(unet: Mapping, autoencoder: Mapping, text_type
     if unet.pop("learn_sigma", False):
         unet["out_channels"] = 2 * unet["out_channels"]  # CompVis has no flag: the variance is extra channels
     ae = {k: (list(v) if isinstance(v, tuple) else v) for k, v in autoencoder.items()}
-    scale, shift, embed_dim = ae.pop("scale_factor", 0.18215), ae.pop("shift_factor", 0.0), ae.pop("embed_dim", 4)
+    scale, shift, embed_dim = ae.pop("scale_factor", _SD_SCALE), ae.pop("shift_factor", 0.0), ae.pop("embed_dim", 4)
     ae.pop("norm_groups", None)
     params = {
-        "linear_start": scheduler.get("beta_start", 0.00085), "linear_end": scheduler.get("beta_end", 0.012),
-        "timesteps": scheduler.get("num_train_timesteps", 1000),
+        "linear_start": scheduler.get("beta_start", _SD_SCHEDULE.beta_start),
+        "linear_end": scheduler.get("beta_end", _SD_SCHEDULE.beta_end),
+        "timesteps": scheduler.get("num_train_timesteps", _SD_SCHEDULE.num_train_timesteps),
         "beta_schedule": {**{v: k for k, v in _BETAS.items()}, "cosine": "cosine"}[scheduler.get("beta_schedule",
                                                                                                 "scaled_linear")],
         "parameterization": {v: k for k, v in _PREDICTION.items()}[scheduler.get("prediction_type", "epsilon")],

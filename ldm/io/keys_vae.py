@@ -156,7 +156,7 @@ def vae_config_from_diffusers(cfg: Mapping) -> AutoencoderConfig:
         ch_mult=tuple(c // ch for c in channels), num_res_blocks=cfg.get("layers_per_block", 1),
         attn_resolutions=(), z_channels=latent, embed_dim=latent, double_z=True,
         resolution=int(size[0] if isinstance(size, (list, tuple)) else size),
-        scale_factor=float(cfg.get("scaling_factor", 0.18215)),
+        scale_factor=float(cfg.get("scaling_factor", AutoencoderConfig.scale_factor)),
         shift_factor=float(cfg.get("shift_factor") or 0.0), norm_groups=cfg.get("norm_num_groups", 32))
 
 

@@ -1,59 +1,154 @@
-"""The native ldm folder: config.yaml (resolved sections) + one `.safetensors` per network (+ tokenizer/)."""
+"""The native ldm folder: config.yaml (a section per part, plus the schedule), `<role>.safetensors` per part,
+tokenizer/ where needed, and manifest.json (the step and a sha256 per weights file) that loading checks.
+
+A latent model has unet/autoencoder/text_encoder files; a pixel model has no autoencoder file. A training run exports
+into its run folder, beside its checkpoints: the model is staged whole, moved in, and its manifest moved last, so an
+export cut short is refused on loading (the manifest names the file that does not match) instead of mixing steps.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 
-from ldm.atomic import atomic_path
+from ldm.atomic import atomic_path, atomic_write_text
 from ldm.config import from_dict, load_yaml, save_yaml
 from ldm.diffusion.schedules import ScheduleConfig
-from ldm.errors import ConfigError
+from ldm.errors import CheckpointError, ConfigError
 from ldm.io.checkpoint import read_state_dict, write_safetensors
-from ldm.io.components import SDComponents, autoencoder_config, make_components, text_config, unet_config
+from ldm.io.components import ModelParts, make_parts
+from ldm.io.part_types import read_section
+from ldm.models.tokenizers import save_tokenizer
 
-FILES = {"unet": "unet.safetensors", "autoencoder": "autoencoder.safetensors",
-         "text_encoder": "text_encoder.safetensors"}
-SECTIONS = ("unet", "autoencoder", "text_encoder", "scheduler")
 FORMAT = "ldm-native-v1"
+MANIFEST = "manifest.json"
+SCHEDULE_SECTION = "scheduler"
+REQUIRED = ("unet", SCHEDULE_SECTION)
+_NOT_PARTS = ("format", SCHEDULE_SECTION)
+
+
+def weights_file(role: str) -> str:
+    """The weights file of the part with this role."""
+    return f"{role}.safetensors"
+
+
+FILES = {role: weights_file(role) for role in ("unet", "autoencoder", "text_encoder")}  # Stable Diffusion's
 
 
 def is_native_folder(path: Path) -> bool:
     """A native folder: config.yaml next to unet.safetensors."""
-    return path.is_dir() and (path / "config.yaml").is_file() and (path / FILES["unet"]).is_file()
+    return path.is_dir() and (path / "config.yaml").is_file() and (path / weights_file("unet")).is_file()
 
 
-def load_native(folder: str | Path, *, device="cpu", dtype=None, prediction_type: str | None = None) -> SDComponents:
-    """Load a folder written by `save_native`."""
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """The hex sha256 of a file, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest_files(folder: Path) -> list[Path]:
+    """The files a manifest covers: the weights (config.yaml stays hand-editable, e.g. its prediction_type)."""
+    return sorted(folder.glob("*.safetensors"))
+
+
+def write_manifest(folder: Path, step: int | None) -> None:
+    """Record the step and each file's sha256 and size in `folder/manifest.json`."""
+    files = {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in _manifest_files(folder)}
+    atomic_write_text(folder / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1) + "\n")
+
+
+def check_manifest(folder: Path, roles: list[str]) -> int | None:
+    """Check every file against `manifest.json` (when there is one); returns the step it records."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None  # folders written before manifests existed
+    try:
+        manifest = json.loads(path.read_text())
+        files, step = manifest["files"], manifest.get("step")
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable manifest ({e}); re-export the model") from e
+    at = f" (step {step})" if step is not None else ""
+    for name in (weights_file(r) for r in roles):
+        if name not in files:
+            raise CheckpointError(f"{folder / name} is not in {path}{at}: the folder mixes two exports; re-export it")
+    for name, entry in files.items():
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing but {path}{at} lists it: an incomplete export; re-export it")
+        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+            raise CheckpointError(f"{file} does not match {path}{at}: the file is from another export or damaged "
+                                  "(an export interrupted part-way leaves this); re-export the model")
+    return step
+
+
+def load_native(folder: str | Path, *, device="cpu", dtype=None, prediction_type: str | None = None) -> ModelParts:
+    """Load a folder written by `save_native` (or exported by a training run)."""
     folder = Path(folder)
     config = load_yaml(folder / "config.yaml")
-    missing = [s for s in SECTIONS if s not in config]
-    unknown = sorted(set(config) - set(SECTIONS) - {"format"})
-    if missing or unknown:
-        raise ConfigError(f"{folder / 'config.yaml'}: expected sections {list(SECTIONS)}; "
-                          f"missing {missing}, unknown {unknown}")
+    missing = [s for s in REQUIRED if s not in config]
+    if missing:
+        raise ConfigError(f"{folder / 'config.yaml'}: missing sections {missing} (a native model has a `unet` and "
+                          f"a `{SCHEDULE_SECTION}` section, plus a section per other part)")
+    roles = [r for r in config if r not in _NOT_PARTS]
+    step = check_manifest(folder, roles)
     try:
-        sections = {"unet": unet_config(config["unet"]), "autoencoder": autoencoder_config(config["autoencoder"]),
-                    "text_encoder": text_config(config["text_encoder"]),
-                    "scheduler": from_dict(ScheduleConfig, config["scheduler"], where="scheduler")}
+        sections = {role: read_section(role, config[role]) for role in roles}
+        sections[SCHEDULE_SECTION] = from_dict(ScheduleConfig, config[SCHEDULE_SECTION], where=SCHEDULE_SECTION)
     except ConfigError as e:
         raise ConfigError(f"{folder / 'config.yaml'}: {e}") from e
-    weights = {name: read_state_dict(folder / file) for name, file in FILES.items()}
+    sources = {role: str(folder / weights_file(role)) for role in roles}
+    for role, source in sources.items():
+        if not Path(source).is_file():
+            raise CheckpointError(f"{source} is missing: {folder / 'config.yaml'} has a {role!r} section, so the "
+                                  f"folder needs its weights")
+    weights = {role: read_state_dict(source) for role, source in sources.items()}
     tokenizer = folder / "tokenizer"
-    return make_components(sections, weights, source=str(folder),
-                           sources={name: str(folder / file) for name, file in FILES.items()}, device=device,
-                           dtype=dtype, prediction_type=prediction_type, notes=[f"native ldm folder {folder}"],
-                           tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
+    notes = [f"native ldm folder {folder}" + (f" (exported at step {step})" if step is not None else "")]
+    return make_parts(sections, weights, source=str(folder), sources=sources, device=device, dtype=dtype,
+                      prediction_type=prediction_type, notes=notes,
+                      tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
 
 
-def save_native(components: SDComponents, folder: str | Path) -> None:
-    """Write config.yaml, the three weight files and the tokenizer; the whole folder appears at once."""
-    from ldm.models.tokenizers import save_tokenizer
+def _write_folder(parts: ModelParts, folder: Path, step: int | None) -> None:
+    folder.mkdir(parents=True)
+    sections = {r: parts.config[r] for r in parts.roles}
+    save_yaml({"format": FORMAT, **sections, SCHEDULE_SECTION: parts.config[SCHEDULE_SECTION]}, folder / "config.yaml")
+    for role, module in parts.parts.items():
+        write_safetensors(module.state_dict(), folder / weights_file(role), metadata={"format": "pt"})
+    tokenizer = getattr(parts.text_encoder, "tokenizer", None)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, folder / "tokenizer")
+    write_manifest(folder, step)
 
-    modules = {"unet": components.unet, "autoencoder": components.autoencoder, "text_encoder": components.text_encoder}
+
+def save_native(parts: ModelParts, folder: str | Path, *, step: int | None = None) -> None:
+    """Write config.yaml, one weights file per part, the tokenizer and the manifest; the folder appears at once."""
     with atomic_path(folder) as tmp:
-        tmp.mkdir()
-        save_yaml({"format": FORMAT, **{s: components.config[s] for s in SECTIONS}}, tmp / "config.yaml")
-        for name, module in modules.items():
-            write_safetensors(module.state_dict(), tmp / FILES[name], metadata={"format": "pt"})
-        tokenizer = getattr(components.text_encoder, "tokenizer", None)
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, tmp / "tokenizer")
+        _write_folder(parts, tmp, step)
+
+
+def export_native(parts: ModelParts, folder: str | Path, *, step: int | None = None) -> None:
+    """Write the model into `folder`, which holds other things too (a training run's checkpoints and logs).
+
+    Staged whole in a hidden subfolder first; then the new manifest goes in first and the files after it. A crash
+    at any point leaves either the previous export untouched or a folder whose manifest does not match its files,
+    which loading refuses with a message naming the file: never a silent mix of two steps.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / ".export.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model = staging / "model"
+    _write_folder(parts, model, step)
+    os.replace(model / MANIFEST, folder / MANIFEST)  # from here on only the complete new export matches
+    for entry in sorted(model.iterdir()):
+        if (folder / entry.name).is_dir():
+            shutil.rmtree(folder / entry.name)
+        os.replace(entry, folder / entry.name)
+    shutil.rmtree(staging, ignore_errors=True)

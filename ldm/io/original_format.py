@@ -11,7 +11,7 @@ from ldm.config import load_yaml, save_yaml, to_plain
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import CheckpointError, ConfigError, LdmError
 from ldm.io.checkpoint import read_safetensors_metadata, read_state_dict, write_safetensors
-from ldm.io.components import (SDComponents, autoencoder_config, make_components, text_config,
+from ldm.io.components import (ModelParts, autoencoder_config, check_can_hold, make_parts, text_config,
                                text_config_from_dims, unet_config)
 from ldm.io.infer import (CLIP_PREFIX, OPENCLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, infer_original_config,
                           infer_text_encoder, normalize_text_keys, original_config_from_sections,
@@ -32,7 +32,7 @@ def _text_weights(sd: Mapping[str, torch.Tensor], kind: str, notes: list[str]) -
 
 
 def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: bool = False,
-                  config: str | Path | Mapping | None = None, prediction_type: str | None = None) -> SDComponents:
+                  config: str | Path | Mapping | None = None, prediction_type: str | None = None) -> ModelParts:
     """Load an original single-file checkpoint.
 
     The architecture comes from, in order: `config` (an original YAML), the config ldm stores in the files it
@@ -98,20 +98,22 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
                "text_encoder": _text_weights(sd, kind, notes)}
     sources = {"unet": f"{path} (U-Net, {UNET_PREFIX}*)", "autoencoder": f"{path} (autoencoder, {VAE_PREFIX}*)",
                "text_encoder": f"{path} (text encoder, {CLIP_PREFIX if kind == 'clip' else OPENCLIP_PREFIX}*)"}
-    return make_components(built, weights, source=str(path), sources=sources, device=device, dtype=dtype,
+    return make_parts(built, weights, source=str(path), sources=sources, device=device, dtype=dtype,
                            prediction_type=prediction_type, notes=notes)
 
 
-def original_config(components: SDComponents) -> dict:
+def original_config(components: ModelParts) -> dict:
     """The components' architecture in the original CompVis YAML layout."""
+    check_can_hold(components, "the original single-file format")
+    if components.schedule.is_edm:
+        raise LdmError("the original single-file format cannot hold an EDM model: CompVis configs know the discrete "
+                       "eps / v / x0 parameterisations only; save it with --to native or --to diffusers")
     text = components.config["text_encoder"]
-    if text["type"] not in ("clip", "openclip"):
-        raise LdmError(f"the original single-file format holds CLIP or OpenCLIP text encoders, not {text['type']!r}")
     return original_config_from_sections(components.config["unet"], components.config["autoencoder"], text["type"],
                                          text["layer"] or "last", components.config["scheduler"])
 
 
-def original_state_dict(components: SDComponents) -> dict[str, torch.Tensor]:
+def original_state_dict(components: ModelParts) -> dict[str, torch.Tensor]:
     """All weights under their original prefixes."""
     sd = {UNET_PREFIX + k: v for k, v in components.unet.state_dict().items()}
     sd.update({VAE_PREFIX + k: v for k, v in components.autoencoder.state_dict().items()})
@@ -119,7 +121,7 @@ def original_state_dict(components: SDComponents) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_original(components: SDComponents, path: str | Path, *, write_yaml: bool = True) -> None:
+def save_original(components: ModelParts, path: str | Path, *, write_yaml: bool = True) -> None:
     """Write one `.safetensors` with the original key prefixes (+ `<name>.yaml`, the original config, beside it)."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":

@@ -254,7 +254,12 @@ class SmallTextEncoder(TextEncoder):
             x = block(x, mask)
         tokens = self.ln_final(x) * mask[..., None]
         pooled = tokens[torch.arange(len(ids), device=ids.device), mask.sum(dim=1) - 1]  # the EOS position
-        return TextEmbeddings(tokens, pooled, mask)
+        # The U-Net attends to every position, the zeroed padding included (as SD's does), which is how the models
+        # with this encoder were trained: the mask it is given is all True.
+        return TextEmbeddings(tokens, pooled, torch.ones_like(mask))
+
+
+TEXT_ENCODER_TYPES = ("clip", "openclip", "t5", "small")
 
 
 @dataclass

@@ -17,7 +17,6 @@ from ldm.models.attention import get_attention_backend
 from ldm.pipeline.images import read_png_parameters, save_png
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.memory import available_bytes, check_fits, estimate_generation_bytes
-from ldm.pipeline.stable_diffusion import GenerationSettings, check_settings
 from ldm.textfiles import read_jsonl
 from ldm.writable import check_output_dir
 
@@ -35,16 +34,12 @@ def _slug(text: str, limit: int = 40) -> str:
     return "prompt-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def _load_mode_images(init_image, mask_image, strength: float) -> dict:
+def _load_mode_images(init_image, mask_image) -> dict:
     """Open the img2img / inpainting inputs up front, with errors that name the file."""
     from PIL import Image, UnidentifiedImageError
 
     if mask_image is not None and init_image is None:
         raise LdmError("--mask needs --init-image (the image to inpaint)")
-    if strength is None:
-        strength = 1.0 if mask_image is not None else 0.8
-    if init_image is not None and not 0.0 < strength <= 1.0:
-        raise LdmError(f"--strength must lie in (0, 1], got {strength}")
     out = {}
     for key, path in (("init_image", init_image), ("mask_image", mask_image)):
         if path is None:
@@ -56,27 +51,13 @@ def _load_mode_images(init_image, mask_image, strength: float) -> dict:
             raise LdmError(f"image not found: {path}") from e
         except (UnidentifiedImageError, OSError) as e:
             raise LdmError(f"cannot read image {path}: {e}") from e
-    if init_image is not None:
-        out["strength"] = strength
     return out
-
-
-def _check_plan(pipe, sampler: str, steps: int, img2img: bool, strength: float) -> None:
-    """Schedule problems (more steps than training timesteps, a strength that leaves no step) before any file exists."""
-    from ldm.diffusion.plans import sampling_plan
-
-    try:
-        sampling_plan(pipe.schedule_config, sampler, steps)
-    except (ValueError, IndexError) as e:
-        raise LdmError(f"cannot sample {steps} steps with {sampler} on this model's schedule: {e}") from e
-    if img2img and min(int(steps * strength), steps) < 1:
-        raise LdmError(f"--strength {strength} with --steps {steps} leaves no step to run; raise either")
 
 
 def _check_memory(pipe, height: int | None, width: int | None, n: int, guidance: float) -> None:
     """Refuse a size and batch that cannot fit in the device's free memory, before allocating anything."""
     height, width = height or pipe.default_size, width or pipe.default_size
-    needed = estimate_generation_bytes(pipe.unet.config, pipe.autoencoder.config, height=height, width=width, n=n,
+    needed = estimate_generation_bytes(pipe.unet.config, getattr(pipe.autoencoder, 'config', None), height=height, width=width, n=n,
                                        guidance=guidance > 1.0, dtype=pipe.dtype,
                                        attention_backend=get_attention_backend())
     check_fits(needed, available_bytes(pipe.device), height=height, width=width, n=n, device=pipe.device)
@@ -101,12 +82,12 @@ def check_generation(
 
     Returns the img2img / inpainting keyword arguments for the pipeline (the opened images and the strength).
     """
-    check_settings(GenerationSettings(sampler=sampler, steps=steps, guidance=guidance,
-                                      guidance_rescale=guidance_rescale, n=n_per_prompt, height=height, width=width,
-                                      sampler_options=dict(sampler_options or {})),
-                   pipe.factor)
-    modes = _load_mode_images(init_image, mask_image, strength)
-    _check_plan(pipe, sampler, steps, init_image is not None, modes.get("strength", 1.0))
+    checked = pipe.settings(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
+                            n=n_per_prompt, height=height, width=width, sampler_options=dict(sampler_options or {}),
+                            from_image=init_image is not None, inpainting=mask_image is not None, strength=strength)
+    modes = _load_mode_images(init_image, mask_image)
+    if init_image is not None:
+        modes["strength"] = checked.strength
     _check_memory(pipe, height, width, n_per_prompt, guidance)
     return modes
 
@@ -177,7 +158,7 @@ def generate_to_folder(
     from tqdm.auto import tqdm
 
     out_dir = check_output_dir(out_dir)
-    pipe = model if callable(model) and hasattr(model, "encode_prompts") else load_pipeline(model, device=device, dtype=dtype)
+    pipe = model if callable(model) and hasattr(model, "settings") else load_pipeline(model, device=device, dtype=dtype)
     settings = dict(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, n=n_per_prompt,
                     height=height, width=width, sampler_options=dict(sampler_options or {}))
     # Fail before anything is written.
@@ -212,6 +193,7 @@ def generate_to_folder(
                 "steps": steps,
                 "guidance": guidance,
                 "guidance_rescale": guidance_rescale or None,
+                "sampler_options": dict(sampler_options) if sampler_options else None,
                 "height": image.height,
                 "width": image.width,
                 "model": pipe.model_name,

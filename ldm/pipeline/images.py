@@ -11,20 +11,27 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ldm.atomic import atomic_path
+from ldm.data.transforms import to_pil as tensor_to_pil
+from ldm.errors import LdmError
 from ldm.imagemodes import to_rgb8
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """`b 3 h w` in [-1, 1] -> PIL images, rounded as diffusers' image processor rounds them."""
+def check_finite(images: torch.Tensor) -> None:
+    """Refuse decoded images holding NaN/inf, with the usual cause and the way out."""
     if not torch.isfinite(images).all():
-        from ldm.errors import LdmError
-
         raise LdmError("the decoded images hold NaN/inf values: a numerical failure (in fp16 often an overflow in "
                        "the autoencoder: try --dtype fp32 or bf16; in any dtype, settings that diverge such as a huge "
                        "--guidance)")
-    images = (images.float() / 2 + 0.5).clamp(0, 1)
-    arrays = images.permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray((a * 255).round().astype("uint8")) for a in arrays]
+
+
+def to_pil(images: torch.Tensor, *, check: bool = True) -> list[Image.Image]:
+    """`b 3 h w` in [-1, 1] -> PIL images, rounded as diffusers' image processor rounds them.
+
+    NaN/inf values are an LdmError (`check_finite`), or black pixels with `check=False` (training grids).
+    """
+    if check:
+        check_finite(images)
+    return [tensor_to_pil(x) for x in images]
 
 
 def from_pil(images: list[Image.Image] | Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:

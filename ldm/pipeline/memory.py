@@ -18,7 +18,7 @@ _SCORES_BYTES = 4  # the math backend materialises float32 attention scores (and
 
 def estimate_generation_bytes(
     unet_config,
-    autoencoder_config,
+    autoencoder_config,  # None for a pixel-space model (no decoder runs)
     *,
     height: int,
     width: int,
@@ -29,7 +29,8 @@ def estimate_generation_bytes(
 ) -> int:
     """Peak activation bytes of sampling `n` images of `height` x `width` pixels and decoding them."""
     elem = torch.empty((), dtype=dtype).element_size()
-    f = 2 ** (len(autoencoder_config.ch_mult) - 1)  # the autoencoder's downsampling factor
+    # The autoencoder's downsampling factor; a pixel-space model samples at full resolution.
+    f = 1 if autoencoder_config is None else 2 ** (len(autoencoder_config.ch_mult) - 1)
     batch = n * (2 if guidance else 1)
     math_scores = attention_backend == "math"  # sdpa / xformers never hold the n x n score matrix
 
@@ -53,18 +54,19 @@ def estimate_generation_bytes(
 
     # Decoder: each level runs at its resolution with ch * ch_mult[level] channels; upsampling first brings the
     # coarser level's wider channels up to it. Four tensors of that size are alive inside a ResnetBlock.
-    mults = autoencoder_config.ch_mult
+    mults = autoencoder_config.ch_mult if autoencoder_config is not None else []
     decode_peak = 0
     for level, mult in enumerate(mults):
         channels = autoencoder_config.ch * max(mult, mults[min(level + 1, len(mults) - 1)])
         pixels = (height // 2**level) * (width // 2**level)
         decode_peak = max(decode_peak, 4 * n * channels * pixels * elem)
-    if math_scores:  # the mid-block's single-head attention over the latent pixels
+    if math_scores and autoencoder_config is not None:  # the mid-block's single-head attention over the latents
         tokens = (height // f) * (width // f)
         decode_peak = max(decode_peak, 2 * n * tokens * tokens * _SCORES_BYTES)
     decode_peak += n * 3 * height * width * (4 + 4 + 1)  # float32 image, its [0, 1] copy, the uint8 array
 
-    latents = 4 * batch * autoencoder_config.embed_dim * (height // f) * (width // f) * elem  # x, noise, x0, d
+    channels = unet_config.out_channels
+    latents = 4 * batch * channels * (height // f) * (width // f) * elem  # x, noise, x0, d
     return max(unet_peak, decode_peak) + latents
 
 

@@ -28,7 +28,8 @@ class ModelConfig:
     """The latent diffusion model; each section is the component's own config dataclass, as a mapping."""
 
     unet: dict = field(default_factory=dict)  # ldm.models.unet.UNetConfig (use_checkpoint = gradient checkpointing)
-    autoencoder: dict = field(default_factory=dict)  # ldm.models.autoencoder.AutoencoderConfig (with scale_factor)
+    autoencoder: dict | None = field(default_factory=dict)  # ldm.models.autoencoder.AutoencoderConfig (with
+    # scale_factor); null: a pixel-space model with no autoencoder
     text_encoder: dict = field(default_factory=dict)  # ldm.models.text_encoders.TextEncoderConfig (its `freeze`
     # decides whether it trains with the U-Net: by default only the small encoder does)
     schedule: dict = field(default_factory=dict)  # ldm.diffusion.schedules.ScheduleConfig (diffusers keys)

@@ -45,7 +45,9 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
     captions = list(batch["caption"])
     seeds = [derive_seed(config.seed, rank, state.samples + j) for j in range(len(captions))]
     state.samples += len(captions)
-    if config.loss.inputs == "latents":
+    if parts.autoencoder is None:  # a pixel-space model: its x0 is the image (no posterior to draw from)
+        mean, std = batch["image"].to(device).float(), None
+    elif config.loss.inputs == "latents":
         check_latent_batch(batch)
         mean, std = batch["latent_mean"].to(device).float(), batch["latent_std"].to(device).float()
     else:
@@ -55,7 +57,8 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     sigma = torch.cat([objective.sigma_sampler(1, generator=torch.Generator().manual_seed(s)) for s in seeds])
     shape = tuple(mean.shape[1:])  # c h w
-    x0 = latents_from_posterior(parts.autoencoder.config, mean, std, randn_per_sample(generators, shape, device))
+    x0 = mean if std is None else latents_from_posterior(parts.autoencoder.config, mean, std,
+                                                         randn_per_sample(generators, shape, device))
     noise = randn_per_sample(generators, shape, device)
     if config.loss.offset_noise:  # a per-channel constant shift teaches the model to change mean brightness
         noise = noise + config.loss.offset_noise * randn_per_sample(generators, (shape[0], 1, 1), device)
@@ -63,9 +66,9 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
     if parts.train_text_encoder:
         return {**inputs, "captions": captions}
     if config.loss.inputs == "latents":
-        cond = latent_text_conditioning(batch, parts, objective.use_mask, device)
+        cond = latent_text_conditioning(batch, parts, device)
     else:
-        cond = text_conditioning(parts.text_encoder.encode(captions), parts.unet.config, objective.use_mask)
+        cond = text_conditioning(parts.text_encoder.encode(captions), parts.unet.config)
     return {**inputs, "cond": {k: v.to(device) for k, v in cond.items()}}
 
 
@@ -79,7 +82,7 @@ def empty_prompt_embedding(text_encoder: torch.nn.Module):
     return _EMPTY_PROMPT[text_encoder]
 
 
-def latent_text_conditioning(batch: dict, parts: LatentDiffusionParts, use_mask: bool, device: torch.device) -> dict:
+def latent_text_conditioning(batch: dict, parts: LatentDiffusionParts, device: torch.device) -> dict:
     """Precomputed text embeddings -> U-Net arguments; the loader's caption-dropout rows get the empty prompt's."""
     from ldm.models.text_encoders import TextEmbeddings
 
@@ -97,12 +100,12 @@ def latent_text_conditioning(batch: dict, parts: LatentDiffusionParts, use_mask:
         mask = torch.where(rows[:, None], empty.mask.to(device), mask)
         if pooled is not None:
             pooled = torch.where(rows[:, None], empty.pooled.to(device, pooled.dtype), pooled)
-    return text_conditioning(TextEmbeddings(tokens, pooled, mask), parts.unet.config, use_mask)
+    return text_conditioning(TextEmbeddings(tokens, pooled, mask), parts.unet.config)
 
 
 def latent_text_tokens(batch: dict, parts: LatentDiffusionParts, device: torch.device) -> torch.Tensor:
     """Precomputed `b n d` text tokens, with the loader's caption-dropout rows swapped for the empty prompt's."""
-    return latent_text_conditioning(batch, parts, False, device)["context"]
+    return latent_text_conditioning(batch, parts, device)["context"]
 
 
 def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
@@ -153,7 +156,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         ema = EMA(objective, e.decay, warmup=e.warmup, inv_gamma=e.inv_gamma, power=e.power).to(device)
     optimizer = make_optimizer(objective.parameters(), config.optim, device)
     model, optimizer = accelerator.prepare(objective, optimizer)
-    parts.autoencoder.to(device)  # float32 weights: the exported model keeps the pretrained precision
+    parts.codec.to(device)  # float32 weights: the exported model keeps the pretrained precision
     parts.text_encoder.to(device)
 
     # The data: not passed to accelerator.prepare (it would re-split the webdataset stream); batches moved here.
@@ -166,7 +169,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     batches = batch_stream(loader, state)
     logger = RunLogger(accelerator, config.log_with, out)
-    latent_size = config.data.resolution // parts.autoencoder.downsample_factor  # of the sample grids
+    latent_size = config.data.resolution // parts.codec.downsample_factor  # of the sample grids
 
     saved_step = state.step if checkpoint is not None else None
 
@@ -258,7 +261,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     if config.sampling.at_end:
         log_samples(parts, ema, objective, config, latent_size, device, logger, state.step, accelerator)
     if accelerator.is_main_process:
-        export_model(parts, ema, objective, out)
+        export_model(parts, ema, objective, out, state.step)
     accelerator.wait_for_everyone()
     logger.close()
     return out
@@ -345,22 +348,9 @@ def evaluate_in_training(parts, ema, objective, s, latent_size, device, logger, 
     accelerator.print(f"step {step} eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
-def export_model(parts, ema, objective, out: Path) -> None:
+def export_model(parts, ema, objective, out: Path, step: int | None = None) -> None:
     """Write the EMA weights in the native format into `out`, loadable with `ldm-txt2img --model out`."""
-    from ldm.io.components import SDComponents, resolved_config
-    from ldm.io.formats import save_native
+    from ldm.io.native_format import export_native
 
-    model_config = resolved_config(parts.unet.config, parts.autoencoder.config, parts.text_encoder_config,
-                                   parts.schedule)
-    staging = out / ".export.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
     with _ema_weights(ema, objective):
-        components = SDComponents(unet=parts.unet, autoencoder=parts.autoencoder, text_encoder=parts.text_encoder,
-                                  schedule=parts.schedule, config=model_config, source=str(out))
-        save_native(components, staging / "model")  # save_native swaps in a whole folder: stage it, then move
-    entries = sorted((staging / "model").iterdir(), key=lambda p: p.name == "config.yaml")  # config.yaml last
-    for entry in entries:
-        if (out / entry.name).is_dir():
-            shutil.rmtree(out / entry.name)
-        os.replace(entry, out / entry.name)
-    shutil.rmtree(staging, ignore_errors=True)
+        export_native(parts.model_parts(source=str(out)), out, step=step)

@@ -10,8 +10,10 @@ from torch import nn
 
 from ldm.config import from_dict, to_plain
 from ldm.diffusion.denoiser import build_denoiser
-from ldm.diffusion.schedules import ScheduleConfig
+from ldm.diffusion.schedules import ScheduleConfig, short_prediction
 from ldm.errors import ConfigError, LdmError
+from ldm.diffusion.conditioning import text_conditioning as _text_conditioning
+from ldm.io.components import ModelParts, codec_for, config_sections
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.unet import UNetConfig, UNetModel
 from ldm.train.config import LossConfig, ModelConfig
@@ -24,19 +26,31 @@ class LatentDiffusionParts:
     """The built networks and their resolved configs (the dataclasses, defaults filled in)."""
 
     unet: UNetModel
-    autoencoder: AutoencoderKL
+    autoencoder: AutoencoderKL | None  # None: a pixel-space model (the U-Net denoises the image itself)
     text_encoder: nn.Module
     schedule: ScheduleConfig
     text_encoder_config: Any  # ldm.models.text_encoders.TextEncoderConfig
+
+    @property
+    def codec(self) -> nn.Module:
+        """Images <-> the space the U-Net denoises: the frozen autoencoder's latents, or the pixels themselves."""
+        return codec_for({"autoencoder": self.autoencoder} if self.autoencoder is not None else {})
 
     @property
     def train_text_encoder(self) -> bool:
         """Whether the text encoder trains with the U-Net (TextEncoderConfig.freeze; by default the small one does)."""
         return not getattr(self.text_encoder, "frozen", True)
 
+    def model_parts(self, source: str = "") -> ModelParts:
+        """The networks as a model (what the native format saves and the pipeline samples)."""
+        configs = {"unet": self.unet.config, "autoencoder": getattr(self.autoencoder, "config", None),
+                   "text_encoder": self.text_encoder_config}
+        return ModelParts(unet=self.unet, autoencoder=self.autoencoder, text_encoder=self.text_encoder,
+                          schedule=self.schedule, config=config_sections(configs, self.schedule), source=source)
+
     def resolved(self) -> dict:
         """The model section with every default written out, as saved in DIR/train_config.yaml."""
-        return {"unet": to_plain(self.unet.config), "autoencoder": to_plain(self.autoencoder.config),
+        return {"unet": to_plain(self.unet.config), "autoencoder": to_plain(getattr(self.autoencoder, "config", None)),
                 "text_encoder": to_plain(self.text_encoder_config), "schedule": to_plain(self.schedule)}
 
 
@@ -71,54 +85,56 @@ def _pretrained(kind: str, module: nn.Module, path: str | None) -> tuple[nn.Modu
 
 
 def build_parts(config: ModelConfig) -> LatentDiffusionParts:
-    """Build (and load) the networks a ModelConfig describes, in float32; the autoencoder is always frozen."""
+    """Build (and load) the networks a ModelConfig describes, in float32; the autoencoder is always frozen.
+
+    `model.autoencoder: null` makes a pixel-space model: no autoencoder, the U-Net denoises the images.
+    """
     from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
 
     unet_config = from_dict(UNetConfig, config.unet, where="model.unet")
     unet = UNetModel(unet_config)
-    autoencoder = AutoencoderKL(from_dict(AutoencoderConfig, config.autoencoder, where="model.autoencoder"))
+    pixel = config.autoencoder is None
+    autoencoder = None if pixel else AutoencoderKL(from_dict(AutoencoderConfig, config.autoencoder,
+                                                             where="model.autoencoder"))
     text_config = from_dict(TextEncoderConfig, config.text_encoder, where="model.text_encoder")
     text_encoder = build_text_encoder(text_config)
     schedule = from_dict(ScheduleConfig, config.schedule, where="model.schedule")
 
-    if config.pretrained.autoencoder is None and not config.random_autoencoder:
+    if not pixel and config.pretrained.autoencoder is None and not config.random_autoencoder:
         raise ConfigError("model.pretrained.autoencoder is required: the autoencoder is frozen, so it must be a "
                           "trained one (an SD checkpoint, a native/diffusers model folder, or a .safetensors of its "
                           "weights); model.random_autoencoder=true allows a random one for tests")
     unet, _ = _pretrained("unet", unet, config.pretrained.unet)
-    autoencoder, _ = _pretrained("autoencoder", autoencoder, config.pretrained.autoencoder)
+    if not pixel:
+        autoencoder, _ = _pretrained("autoencoder", autoencoder, config.pretrained.autoencoder)
     text_encoder, whole = _pretrained("text_encoder", text_encoder, config.pretrained.text_encoder)
     if whole is not None:
         from ldm.io.components import text_config as text_config_from
 
         text_config = text_config_from(whole["text_encoder"])
-    for module in (unet, autoencoder, text_encoder):
+    for module in (m for m in (unet, autoencoder, text_encoder) if m is not None):
         module.float()  # stored fp16 weights would break float32 training; autocast picks the compute dtype
     unet.requires_grad_(True).train()
     unet.set_gradient_checkpointing(unet_config.use_checkpoint)  # also for a U-Net loaded from a model folder
 
-    autoencoder.requires_grad_(False).eval()
+    if autoencoder is not None:
+        autoencoder.requires_grad_(False).eval()
     context_dim = getattr(text_encoder, "dim", None)
     if unet.config.context_dim is not None and context_dim is not None and context_dim != unet.config.context_dim:
         raise ConfigError(f"model.unet.context_dim={unet.config.context_dim} but the text encoder gives "
                           f"{context_dim}-wide embeddings; make them equal")
-    if unet.config.in_channels < autoencoder.latent_channels:
-        raise ConfigError(f"model.unet.in_channels={unet.config.in_channels} is fewer than the autoencoder's "
-                          f"{autoencoder.latent_channels} latent channels")
+    channels = codec_for({"autoencoder": autoencoder} if autoencoder is not None else {}).latent_channels
+    if unet.config.in_channels < channels:
+        raise ConfigError(f"model.unet.in_channels={unet.config.in_channels} is fewer than the {channels} channels "
+                          f"it denoises ({'latent' if autoencoder is not None else 'RGB'})")
     return LatentDiffusionParts(unet, autoencoder, text_encoder, schedule, text_config)
 
 
-def text_conditioning(embeddings, unet_config: UNetConfig, use_mask: bool) -> dict[str, torch.Tensor]:
-    """TextEmbeddings -> the U-Net's keyword arguments (context, pooled `y` for ADM-style U-Nets, mask for T5)."""
-    cond = {"context": embeddings.tokens}
-    if unet_config.adm_in_channels is not None and embeddings.pooled is not None:
-        cond["y"] = embeddings.pooled
-    if use_mask and embeddings.mask is not None:
-        cond["context_mask"] = embeddings.mask
-    return cond
+def text_conditioning(embeddings, unet_config: UNetConfig) -> dict[str, torch.Tensor]:
+    """TextEmbeddings -> the U-Net's keyword arguments (context and its mask, pooled `y` for ADM-style U-Nets)."""
+    return _text_conditioning(embeddings, pooled=unet_config.adm_in_channels is not None)
 
 
-PREDICTION_WEIGHTING = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "edm": "edm"}
 
 
 def make_weighting(loss: LossConfig, schedule: ScheduleConfig):
@@ -129,7 +145,7 @@ def make_weighting(loss: LossConfig, schedule: ScheduleConfig):
     from ldm.diffusion.losses import get_weighting
 
     auto = loss.weighting == "auto"
-    name = PREDICTION_WEIGHTING[schedule.prediction_type] if auto else loss.weighting
+    name = short_prediction(schedule.prediction_type) if auto else loss.weighting  # eps / v / x0 / edm
     sigma_data = schedule.sigma_data if auto and schedule.is_edm else loss.sigma_data
     kwargs = {"min_snr": {"gamma": loss.min_snr_gamma}, "edm": {"sigma_data": sigma_data}}.get(name, {})
     return get_weighting(name, **kwargs)
@@ -166,7 +182,6 @@ class DiffusionObjective(nn.Module):
                               "be an EDM model (model.schedule.prediction_type=edm): set model.unet.learn_sigma=false")
         self.denoiser = build_denoiser(parts.unet, parts.schedule)
         self.text_encoder = parts.text_encoder if parts.train_text_encoder else None
-        self.use_mask = parts.text_encoder_config.type == "t5"
         self.weighting = make_weighting(loss, parts.schedule)
         self.vlb_weight = loss.vlb_weight
         self.sigma_sampler = make_sigma_sampler(loss, parts.schedule, self.denoiser)
@@ -181,7 +196,7 @@ class DiffusionObjective(nn.Module):
         from ldm.diffusion.losses import denoising_loss, hybrid_loss
 
         if self.text_encoder is not None:
-            cond = text_conditioning(self.text_encoder.encode(captions), self.unet.config, self.use_mask)
+            cond = text_conditioning(self.text_encoder.encode(captions), self.unet.config)
         if self.learned_variance:
             return hybrid_loss(self.denoiser, x0, sigma, cond, weighting=self.weighting, vlb_weight=self.vlb_weight,
                                noise=noise)

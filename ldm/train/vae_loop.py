@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -37,6 +36,7 @@ from ldm.eval.grid import make_grid
 from ldm.eval.inception import InceptionExtractor, resolve_inception_weights
 from ldm.io.checkpoint import load_into, read_state_dict, write_safetensors
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.pipeline.images import to_pil
 from ldm.seeds import derive_seed
 from ldm.train.autoencoder_loss import AutoencoderLoss, AutoencoderLossConfig
 from ldm.train.batches import DataCounts, TrainState, batch_stream
@@ -133,12 +133,6 @@ def estimate_scale_factor(latents: Iterable[torch.Tensor]) -> float:
     return 1.0 / math.sqrt(max(var, 1e-20))
 
 
-def to_pil(x: torch.Tensor) -> list[Image.Image]:
-    """`b 3 h w` in [-1, 1] -> PIL images."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in x]
-
-
 def validation_images(config: VAETrainConfig) -> Iterator[torch.Tensor]:
     """Batches of the held-out set, one pass, centre crops, at most `validation.max_images` images."""
     v = config.validation
@@ -169,8 +163,8 @@ def validate(autoencoder: AutoencoderKL, config: VAETrainConfig, device: torch.d
             y = reconstruct(autoencoder, x)
         psnrs.append(psnr(x, y).cpu())
         if config.validation.rfid:
-            reals += to_pil(x)
-            recs += to_pil(y)
+            reals += to_pil(x, check=False)
+            recs += to_pil(y, check=False)
     if not psnrs:
         raise LdmError(f"validation.shards={config.validation.shards!r} yielded no images")
     metrics = {"val/psnr": float(torch.cat(psnrs).mean()), "val/images": float(sum(len(p) for p in psnrs))}
@@ -308,7 +302,8 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
                 with accelerator.autocast():
                     recs = reconstruct(autoencoder, grid_batch.to(device))
                 n = grid_batch.shape[0]
-                logger.grid("reconstructions", make_grid(to_pil(grid_batch) + to_pil(recs), ncols=n), step)
+                images = to_pil(torch.cat([grid_batch.float().cpu(), recs.float().cpu()]), check=False)
+                logger.grid("reconstructions", make_grid(images, ncols=n), step)
                 if with_metrics and config.validation.shards:
                     metrics = validate(autoencoder, config, device, accelerator.autocast)
                     logger.scalars(metrics, step)

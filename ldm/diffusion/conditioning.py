@@ -1,0 +1,41 @@
+"""Conditioning helpers: text embeddings as network arguments, and channels concatenated to the network's input.
+
+A `cond` dict holds the network's keyword arguments; under classifier-free guidance it is
+`{"cond": {...}, "uncond": {...}}` (`ldm.diffusion.guidance.cfg`). Nothing here imports a network.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def text_conditioning(embeddings, *, pooled: bool) -> dict[str, torch.Tensor]:
+    """TextEmbeddings -> network arguments: `context`, its `context_mask`, and the pooled `y` when `pooled`.
+
+    The mask is always passed: T5 needs it (padding is not attended), and CLIP's is all True, which changes nothing.
+    """
+    cond = {"context": embeddings.tokens, "context_mask": embeddings.mask}
+    if pooled and embeddings.pooled is not None:
+        cond["y"] = embeddings.pooled
+    return cond
+
+
+def add_conditioning(cond: dict, **extra: torch.Tensor) -> dict:
+    """`cond` with `extra` arguments added to both halves under guidance (the same tensors: e.g. an inpainting mask)."""
+    if "cond" in cond and "uncond" in cond:
+        return {"cond": {**cond["cond"], **extra}, "uncond": {**cond["uncond"], **extra}}
+    return {**cond, **extra}
+
+
+class ConcatNetwork(nn.Module):
+    """Feeds `concat` channels beside x: the inpainting mask and masked-image latents (SD's 9-channel U-Net), a
+    low-resolution image for super-resolution. `network(cat([x, concat]), t, **rest)`, as diffusers does."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, concat: torch.Tensor | None = None, **kwargs):
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        return self.network(x, t, **kwargs)

@@ -1,0 +1,90 @@
+"""A model ready to sample: its stages, and `pipe(prompt, seed=...) -> list[PIL.Image]`."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from ldm.errors import LdmError
+from ldm.io.components import ModelParts
+from ldm.pipeline.images import to_pil
+from ldm.pipeline.sampling import sample
+from ldm.pipeline.settings import IMG2IMG_STRENGTH, INPAINT_STRENGTH, GenerationSettings, check_settings
+from ldm.pipeline.stage import Stage
+from ldm.pipeline.strategies import strategy_for
+
+
+class Pipeline:
+    """Text-to-image (img2img and inpainting too) for whatever the model is: a latent or a pixel-space model.
+
+    `stages` holds one stage per denoiser; a single-stage model has one. The usual parts are reachable as
+    attributes: `unet`, `autoencoder` (None for a pixel model), `text_encoder`, `denoiser`, `schedule`.
+    """
+
+    def __init__(self, parts: ModelParts, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.components = parts
+        self.stages = [Stage.from_parts(parts, device=device, dtype=dtype)]
+        self.device, self.dtype = torch.device(device), dtype
+
+    @property
+    def stage(self) -> Stage:
+        return self.stages[0]
+
+    unet = property(lambda self: self.stage.unet)
+    text_encoder = property(lambda self: self.stage.text_encoder)
+    autoencoder = property(lambda self: getattr(self.stage.codec, "autoencoder", None))
+    codec = property(lambda self: self.stage.codec)
+    denoiser = property(lambda self: self.stage.denoiser)
+    schedule_config = property(lambda self: self.stage.schedule_config)
+    factor = property(lambda self: self.stage.factor)
+    default_size = property(lambda self: self.stage.default_size)
+
+    @property
+    def schedule(self):
+        """The DiscreteSchedule of a discrete model; None for an EDM model."""
+        return getattr(self.denoiser, "schedule", None)
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.components, "source", "") or "")
+
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        """Text -> the U-Net's conditioning keyword arguments."""
+        return self.stage.encode_prompts(prompts)
+
+    def settings(self, *, from_image: bool = False, inpainting: bool = False, **settings) -> GenerationSettings:
+        """Checked settings for a call (the one check the CLI, generate_to_folder and `pipe()` share)."""
+        s = GenerationSettings(**settings)
+        if from_image and s.strength is None:
+            s.strength = INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
+        check_settings(s, factor=self.factor, schedule_config=self.schedule_config,
+                       conditional=self.stage.conditional, from_image=from_image)
+        return s
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        *,
+        init_image: Image.Image | None = None,  # img2img / inpainting source
+        strength: float | None = None,  # fraction of the noise schedule to run: default 0.8 img2img, 1.0 inpainting
+        mask_image: Image.Image | None = None,  # inpainting: white = repaint
+        wrappers: tuple = (),  # denoiser -> denoiser, applied after CFG: dynamic_threshold, classifier_guidance ...
+        progress: bool = False,
+        callback: Callable | None = None,
+        **settings,
+    ) -> list[Image.Image]:
+        """Generate `n` images for one prompt (txt2img, img2img with `init_image`, inpainting with `mask_image`)."""
+        if mask_image is not None and init_image is None:
+            raise LdmError("inpainting needs an init image beside the mask")
+        s = self.settings(from_image=init_image is not None, inpainting=mask_image is not None, strength=strength,
+                          **settings)
+        strategy = strategy_for(init_image, mask_image, s.strength)
+        images = sample(self.stage, [prompt], s, negative_prompts=[negative_prompt], strategy=strategy,
+                        wrappers=wrappers, callback=callback, progress=progress)
+        return to_pil(images)
+
+
+StableDiffusion = Pipeline  # the former name

@@ -1,0 +1,45 @@
+"""The one sampling function: `pipe()`, `generate_to_folder`, ldm-eval and the training previews all draw through it.
+
+settings -> seeded generator -> plan -> conditioning (+ CFG) -> start strategy -> sampler -> codec decode.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ldm.diffusion.guidance import cfg
+from ldm.diffusion.plans import SamplingPlan, sampling_plan
+from ldm.diffusion.sampler_registry import run_sampler
+from ldm.errors import LdmError
+from ldm.pipeline.settings import GenerationSettings
+from ldm.pipeline.stage import Stage
+from ldm.pipeline.strategies import TextToImage
+from ldm.runtime import seeded_generator
+
+
+@torch.no_grad()
+def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
+           negative_prompts: list[str | None] | None = None, cond: dict | None = None, strategy=None,
+           wrappers: tuple = (),
+           callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+    """Images `b c h w` (about [-1, 1]) for `prompts`, each `settings.n` times, from one draw of `settings.seed`.
+
+    `cond`: conditioning already built (`stage.conditioning`), e.g. the one text embedding a cascade's stages share.
+    `strategy` picks the start (default text-to-image); `wrappers` (denoiser -> denoiser) apply after CFG, e.g.
+    `partial(dynamic_threshold, percentile=0.995)`. Settings are assumed checked (`check_settings`).
+    """
+    s = settings
+    generator = seeded_generator(s.seed)
+    plan = sampling_plan(stage.schedule_config, s.sampler, s.steps)
+    if cond is None:
+        cond = stage.conditioning(prompts, negative_prompts, s.n, s.guidance)
+    denoiser = cfg(stage.denoiser, s.guidance, rescale=s.guidance_rescale) if s.guidance > 1.0 else stage.denoiser
+    shape = stage.shape(len(prompts) * s.n, s.height, s.width)
+    start = (strategy or TextToImage()).start(stage, shape, plan, cond, denoiser, generator)
+    denoiser = start.denoiser
+    for wrap in wrappers:
+        denoiser = wrap(denoiser)
+    x = run_sampler(s.sampler, denoiser, start.x, start.plan, start.cond, options=s.options(), generator=generator,
+                    callback=callback, progress=progress)
+    return stage.codec.decode((x * start.plan.final_scale).to(stage.dtype))

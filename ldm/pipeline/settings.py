@@ -1,0 +1,73 @@
+"""What a user picks per generation, and the one place that checks it (the CLI, generate_to_folder and `pipe()`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ldm.diffusion.plans import sampling_plan
+from ldm.diffusion.sampler_registry import check_sampler_options
+from ldm.errors import ConfigError, LdmError
+
+IMG2IMG_STRENGTH = 0.8  # diffusers' defaults: img2img keeps 20% of the schedule's noise steps for the image
+INPAINT_STRENGTH = 1.0  # inpainting starts from pure noise
+
+
+@dataclass
+class GenerationSettings:
+    """Per-call choices; defaults follow diffusers' StableDiffusionPipeline."""
+
+    sampler: str = "dpmpp_2m"
+    steps: int = 30
+    guidance: float = 7.5
+    guidance_rescale: float = 0.0
+    seed: int = 0
+    n: int = 1  # images per prompt
+    height: int | None = None
+    width: int | None = None
+    strength: float | None = None  # img2img / inpainting: fraction of the schedule run (None: the mode's default)
+    sampler_options: dict = field(default_factory=dict)  # extra sampler arguments, e.g. {"eta": 0.5} for ddim
+    eta: float | None = None  # DDIM stochasticity: the same as sampler_options={"eta": ...}
+
+    def options(self) -> dict:
+        """The sampler's extra keyword arguments (`eta` folded in)."""
+        if self.eta is None:
+            return dict(self.sampler_options)
+        return {**self.sampler_options, "eta": self.eta}
+
+
+def first_step(steps: int, strength: float) -> int:
+    """Steps skipped when starting from an image at `strength` (diffusers' rule: run int(steps * strength))."""
+    return steps - min(int(steps * strength), steps)
+
+
+def check_settings(s: GenerationSettings, *, factor: int, schedule_config, conditional: bool = True,
+                   from_image: bool = False) -> None:
+    """Reject bad settings before any work, with a message that says what to change."""
+    check_sampler_options(s.sampler, s.options())  # an unknown sampler or option names the choices
+    if isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps <= 0:
+        raise LdmError(f"--steps must be a positive number of sampling steps, got {s.steps}")
+    for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale), ("strength", s.strength),
+                        ("eta", s.eta), *((f"sampler option {k}", v) for k, v in s.sampler_options.items())):
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise LdmError(f"--{name} must be a finite number, got {value}")
+    if not 0.0 <= s.guidance_rescale <= 1.0:
+        raise LdmError(f"--guidance-rescale must lie in [0, 1], got {s.guidance_rescale}")
+    if s.guidance > 1.0 and not conditional:
+        raise LdmError(f"--guidance {s.guidance}: this model has no text encoder, so there is nothing to guide "
+                       "towards; use --guidance 1")
+    if s.n <= 0:
+        raise LdmError(f"--n must be positive, got {s.n}")
+    for name, value in (("height", s.height), ("width", s.width)):
+        if value is not None and (value <= 0 or value % factor):
+            raise LdmError(f"--{name} {value} is not a positive multiple of the model's factor {factor}; "
+                           f"try {max(factor, round(value / factor) * factor)}")
+    if s.strength is not None and not from_image:
+        raise LdmError("--strength applies to img2img and inpainting; give --init-image too")
+    if from_image and not 0.0 < s.strength <= 1.0:
+        raise LdmError(f"--strength must lie in (0, 1], got {s.strength}")
+    try:
+        sampling_plan(schedule_config, s.sampler, s.steps)
+    except (ConfigError, ValueError, IndexError) as e:
+        raise LdmError(f"cannot sample {s.steps} steps with {s.sampler} on this model's schedule: {e}") from e
+    if from_image and s.strength < 1.0 and first_step(s.steps, s.strength) >= s.steps:
+        raise LdmError(f"--strength {s.strength} with --steps {s.steps} leaves no step to run; raise either")

@@ -1,0 +1,79 @@
+"""A stage: a denoiser (network + schedule), a codec, a conditioning builder and an output shape.
+
+Text-to-image is one stage; a cascade (Imagen: 64 px base, then super-resolution stages) is several sharing one text
+embedding. A stage knows nothing of where its initial x comes from: that is the start strategy's job
+(`ldm.pipeline.strategies`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ldm.diffusion.conditioning import ConcatNetwork, text_conditioning
+from ldm.diffusion.denoiser import build_denoiser
+from ldm.diffusion.schedules import ScheduleConfig
+from ldm.io.components import ModelParts
+
+
+class Stage:
+    """One denoising stage, on `device` in `dtype` (the text encoder keeps its own precision)."""
+
+    def __init__(self, network: nn.Module, schedule_config: ScheduleConfig, codec: nn.Module,
+                 text_encoder: nn.Module | None = None, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
+        self.unet = network.to(device=device, dtype=dtype).eval()
+        self.codec = codec.to(device=device, dtype=dtype).eval()
+        self.text_encoder = text_encoder.to(device=device).eval() if text_encoder is not None else None
+        self.schedule_config = schedule_config
+        self.network = ConcatNetwork(self.unet)  # extra input channels: inpainting masks, low-resolution images
+        self.denoiser = build_denoiser(self.network, schedule_config)  # discrete (eps / v / x0) or EDM
+
+    @classmethod
+    def from_parts(cls, parts: ModelParts, *, device="cpu", dtype=torch.float32) -> "Stage":
+        """The stage of a single-stage model: its U-Net, schedule, codec and text encoder."""
+        return cls(parts.unet, parts.schedule, parts.codec, parts.text_encoder, device=device, dtype=dtype)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the stage takes text."""
+        return self.text_encoder is not None
+
+    @property
+    def factor(self) -> int:
+        """Image sizes must be multiples of this: the codec's factor times the U-Net's downsampling."""
+        return self.codec.downsample_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """The U-Net's training size in its own space (diffusers' `sample_size`) times the codec's factor."""
+        size = getattr(self.unet.config, "sample_size", None)
+        if size is None and hasattr(self.codec, "autoencoder"):
+            size = self.codec.autoencoder.config.resolution // self.codec.downsample_factor
+        return int(size or 64) * self.codec.downsample_factor
+
+    def shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
+        """`b c h w` of the denoiser's x for images of `height` x `width` (None: the default size)."""
+        f = self.codec.downsample_factor
+        return (batch, self.codec.latent_channels, (height or self.default_size) // f, (width or self.default_size) // f)
+
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        """Text -> the network's conditioning arguments (context, its mask, pooled `y` where the U-Net takes it)."""
+        if self.text_encoder is None:
+            return {}
+        pooled = getattr(self.unet.config, "adm_in_channels", None) is not None
+        cond = text_conditioning(self.text_encoder.encode(list(prompts)), pooled=pooled)
+        return {k: v.to(self.device, v.dtype if k == "context_mask" else self.dtype) for k, v in cond.items()}
+
+    def conditioning(self, prompts: list[str], negative_prompts: list[str | None] | None, repeat: int,
+                     guidance: float) -> dict:
+        """Conditioning for `prompts`, each repeated `repeat` times; `{"cond", "uncond"}` under guidance > 1."""
+        cond = _repeat(self.encode_prompts(prompts), repeat)
+        if guidance <= 1.0:
+            return cond
+        negatives = [n or "" for n in (negative_prompts or [None] * len(prompts))]
+        return {"cond": cond, "uncond": _repeat(self.encode_prompts(negatives), repeat)}
+
+
+def _repeat(cond: dict, n: int) -> dict:
+    return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}

@@ -1,0 +1,41 @@
+"""Where and how things run: the dtype names, the default device, and the generator every sampling draws from."""
+from __future__ import annotations
+
+import torch
+
+from ldm.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype | None:
+    """A torch dtype from "fp16" / "bf16" / "fp32" / a torch.dtype.
+
+    None stays None (keep the stored precision) when no device is given; with a device it is the compute default:
+    fp16 on a GPU, fp32 on the CPU.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        if device is None:
+            return None
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> str:
+    """The requested device, or CUDA when present."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """The CPU generator a generation draws all its noise from: the same seed gives the same image on any device."""
+    return torch.Generator("cpu").manual_seed(int(seed))

@@ -1,0 +1,65 @@
+"""Settings are checked in one place: pipe(), generate_to_folder and ldm-txt2img refuse the same input alike."""
+import pytest
+from PIL import Image
+
+from ldm.cli.txt2img import main
+from ldm.errors import LdmError
+from ldm.pipeline import load_pipeline
+from ldm.pipeline.generate import generate_to_folder
+from test_txt2img import write_model
+
+BAD = [  # (keyword arguments, CLI flags, the message)
+    (dict(guidance=float("nan")), ["--guidance", "nan"], "--guidance must be a finite number"),
+    (dict(guidance=float("inf")), ["--guidance", "inf"], "--guidance must be a finite number"),
+    (dict(steps=1001), ["--steps", "1001"], "cannot sample 1001 steps with dpmpp_2m .* lie in \\[1, 1000\\]"),
+    (dict(height=18), ["--height", "18"], "--height 18 is not a positive multiple of the model's factor 4"),
+    (dict(guidance_rescale=2.0), ["--guidance-rescale", "2"], "--guidance-rescale must lie in \\[0, 1\\]"),
+    (dict(strength=0.5), ["--strength", "0.5"], "--strength applies to img2img and inpainting"),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return load_pipeline(model_dir, device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, flags, message", BAD, ids=["nan-guidance", "inf-guidance", "too-many-steps",
+                                                              "height", "rescale", "strength-without-image"])
+def test_every_door_refuses_bad_settings_before_any_work(pipe, model_dir, tmp_path, capsys, kwargs, flags, message):
+    with pytest.raises(LdmError, match=message):
+        pipe("a cat", **kwargs)
+    out = tmp_path / "out"
+    with pytest.raises(LdmError, match=message):
+        generate_to_folder(pipe, ["a cat"], out, progress=False, **kwargs)
+    assert not out.exists()
+    assert main(["a cat", "--model", str(model_dir), "--out", str(out), *flags]) == 2
+    assert message.split(" ")[0] in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_img2img_strength_is_checked_alike(pipe, tmp_path):
+    image = Image.new("RGB", (16, 16), (10, 200, 30))
+    for strength, message in ((0.0, "--strength must lie in \\(0, 1\\]"), (1.5, "--strength must lie in"),
+                              (0.05, "leaves no step to run")):
+        with pytest.raises(LdmError, match=message):
+            pipe("a cat", init_image=image, strength=strength, steps=10, height=16, width=16)
+        path = tmp_path / "init.png"
+        image.save(path)
+        with pytest.raises(LdmError, match=message):
+            generate_to_folder(pipe, ["a cat"], tmp_path / "out", init_image=path, strength=strength, steps=10,
+                               height=16, width=16, progress=False)
+
+
+def test_sampler_options_reach_the_sampler_and_unknown_ones_name_what_it_takes(pipe):
+    kw = dict(steps=3, height=16, width=16, guidance=1.0, seed=2, sampler="ddim")
+    plain = pipe("a cat", **kw)[0]
+    noisy = pipe("a cat", sampler_options={"eta": 1.0}, **kw)[0]
+    assert plain.tobytes() != noisy.tobytes()  # DDIM with eta 1 adds fresh noise at each step
+    assert pipe("a cat", eta=1.0, **kw)[0].tobytes() == noisy.tobytes()  # `eta` is the same option
+    with pytest.raises(LdmError, match="sampler euler has no option eta; it takes s_churn"):
+        pipe("a cat", **{**kw, "sampler": "euler"}, sampler_options={"eta": 1.0})
