@@ -254,6 +254,66 @@ def test_a_kill_during_the_export_is_redone_by_the_next_start(shards, two_steps,
     assert load_model(run) is not None  # the export is whole again (loading checks it)
 
 
+KILL = """
+import os, shutil, signal, sys
+sys.path.insert(0, sys.argv[1])
+import ldm.train.checkpointing as ckpt
+import ldm.train.loop as loop
+from test_reliability_train import tiny_config
+
+point, shards, out, overrides = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+write_synced, rmtree = ckpt._write_synced, shutil.rmtree
+
+
+def kill(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_then_kill(path, text):  # every file of step 2 written, its trainer_state.json not yet
+    if path.name == ckpt.STATE_FILE and '"step": 2' in text:
+        kill()
+    write_synced(path, text)
+
+
+def rmtree_then_kill(path, *args, **kwargs):  # step 1 renamed for deletion, not yet deleted
+    if str(path).endswith(".deleting") and os.path.exists(path):
+        kill()
+    rmtree(path, *args, **kwargs)
+
+
+if point == "checkpoint":
+    ckpt._write_synced = write_then_kill
+elif point == "rotation":
+    ckpt.shutil.rmtree = rmtree_then_kill
+elif point == "export":
+    loop.export_model = kill
+loop.train(tiny_config(shards, out, *overrides))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["checkpoint", "rotation", "export"])
+def test_kill_9_at_each_point_then_resume_latest_ends_as_the_uninterrupted_run(point, shards, two_steps, tmp_path):
+    import subprocess
+
+    run = tmp_path / "run"
+    limit = ["checkpoints_total_limit=1"] if point == "rotation" else []
+    cmd = [sys.executable, "-c", KILL, str(ROOT / "tests"), point, shards, str(run), "max_steps=2", *limit]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == -9, result.stderr[-2000:]
+    ckpts = run / "checkpoints"
+    left = {"checkpoint": [".step-000002.tmp", "step-000001"], "rotation": [".step-000001.deleting", "step-000002"],
+            "export": ["step-000001", "step-000002"]}[point]
+    assert sorted(p.name for p in ckpts.iterdir()) == left
+    train(tiny_config(shards, run, "max_steps=2", *limit), resume="latest")
+    assert [s for s, _ in list_checkpoints(run)] == ([2] if limit else [1, 2])
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # the leftovers were tidied
+    assert_same_weights(ckpts / "step-000002", two_steps / "checkpoints" / "step-000002")
+    from ldm.io.formats import load_model
+
+    assert load_model(run) is not None  # the export is there and whole
+
+
 # --- one batch stream, skip counts by reason -----------------------------------------------------------------------
 
 class CountingLoader:

@@ -27,7 +27,7 @@ from ldm.train.ema import EMA
 from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_parts, check_latent_batch,
                              latents_from_posterior, text_conditioning)
 from ldm.train.optim import lr_at, make_optimizer, set_lr
-from ldm.train.run_folder import check_output_dir, prepare_run_folder
+from ldm.train.run_folder import check_run_folder, prepare_run_folder
 from ldm.train.tracking import RunLogger, tracker_name
 
 TRAIN_CONFIG = "train_config.yaml"  # the resolved run config; DIR/config.yaml is the exported model's (native format)
@@ -121,7 +121,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     from ldm.models.attention import set_attention_backend
 
     out = Path(config.output_dir)
-    check_output_dir(out, resume, overwrite)
+    check_run_folder(out, resume, overwrite)
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
     accelerator = Accelerator(
         cpu=multi_cpu,  # without it accelerate runs each CPU process alone (DistributedType.NO)

@@ -13,7 +13,7 @@ from ldm.train.checkpointing import tidy_checkpoints
 RUN_ENTRIES = ("checkpoints", "logs", "samples", "train_config.yaml", "config.yaml", "metrics.json")
 
 
-def check_output_dir(out: str | Path, resume: str | None, overwrite: bool) -> None:
+def check_run_folder(out: str | Path, resume: str | None, overwrite: bool) -> None:
     """Before any work (every rank): `out` can be a writable folder, and a fresh run gets an empty one."""
     out = Path(out)
     if resume is not None and overwrite:

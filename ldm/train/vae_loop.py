@@ -44,7 +44,7 @@ from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_r
 from ldm.train.config import EMAConfig, OptimConfig
 from ldm.train.ema import EMA
 from ldm.train.optim import lr_at, make_optimizer, set_lr
-from ldm.train.run_folder import check_output_dir, prepare_run_folder
+from ldm.train.run_folder import check_run_folder, prepare_run_folder
 from ldm.train.tracking import RunLogger, tracker_name
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -240,7 +240,7 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
     from accelerate.utils import ProjectConfiguration
 
     out = Path(config.output_dir)
-    check_output_dir(out, resume, overwrite)
+    check_run_folder(out, resume, overwrite)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=tracker_name(config.log_with),
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     prepare_run_folder(accelerator, out, overwrite)
