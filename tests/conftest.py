@@ -1,7 +1,9 @@
 import os
+import socket
 
 import pytest
 import torch
+from helpers import SEED
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,4 +21,22 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every name lookup or connection attempt is refused and recorded: assert the list stays empty."""
+    attempts = []
+
+    def refuse(kind):
+        def call(*args, **kwargs):
+            attempts.append((kind, args[:2]))
+            raise OSError(f"network access in a test: {kind}{args[:2]}")
+        return call
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
+    return attempts
