@@ -3,7 +3,7 @@
 import pytest
 import torch
 import yaml
-from test_io_support import tiny_components
+from helpers import tiny_components
 
 from ldm.cli.convert import main
 from ldm.io.checkpoint import read_state_dict, write_safetensors

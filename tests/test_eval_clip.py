@@ -16,25 +16,6 @@ from ldm.eval.clip_score import ClipModel, clip_score
 from ldm.eval.features import compute_features
 from ldm.eval.frechet import fid, stats_from_features
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clipcfg") / "ldm-test-tiny-clip.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tiny_clip_config):
-    return ClipModel(str(tiny_clip_config), "none")
-
-
 def _image(seed, size=32):
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, 3)
