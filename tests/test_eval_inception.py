@@ -43,6 +43,7 @@ def _write_images(folder, seed, sizes=((32, 32), (32, 32), (40, 24))):
     return folder
 
 
+@pytest.mark.slow
 def test_features_equal_torch_fidelity_extractor_called_directly(random_weights, tmp_path):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 

@@ -208,6 +208,7 @@ def test_training_on_corrupt_shards_skips_and_reports_them(tmp_path):
     assert state["skipped"] >= 2
 
 
+@pytest.mark.slow
 def test_evaluation_inside_training_logs_clip_score_fd_and_grid(shape_shards, tiny_clip_config, tiny_clip, tmp_path,
                                                                  capsys):
     """sampling.eval_prompts: the prompt set is generated at each grid, scored with CLIP, compared with ref stats."""

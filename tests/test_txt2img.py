@@ -54,6 +54,7 @@ def test_bad_input_exit_2_and_nothing_written(tiny_sd_folder, tmp_path, capsys, 
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_and_empty_prompt_allowed(pipe):
     a = pipe("a cat", seed=3, steps=2, height=16, width=16, sampler="ddim")[0]
     b = pipe("a cat", seed=3, steps=2, height=16, width=16, sampler="ddim")[0]
@@ -69,6 +70,7 @@ def test_long_prompt_is_truncated_with_a_warning_naming_dropped_words(pipe):
         pipe(prompt, seed=0, steps=1, height=16, width=16, guidance=1.0)
 
 
+@pytest.mark.slow
 def test_img2img_runs_the_strength_fraction_of_the_steps(pipe):
     init = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8"))
     seen = []
@@ -95,6 +97,7 @@ def test_inpainting_by_blending_keeps_the_unmasked_latent(pipe):
     assert not torch.allclose(last[..., 4:], known[..., 4:], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_nine_channel_inpainting_checkpoint_gets_mask_and_masked_image(tmp_path):
     pipe = load_pipeline(write_tiny_sd(tmp_path / "inpaint", in_channels=9), device="cpu")
     seen = []
@@ -115,6 +118,7 @@ def test_nine_channel_inpainting_checkpoint_gets_mask_and_masked_image(tmp_path)
     assert seen == [9, 9]
 
 
+@pytest.mark.slow
 def test_cli_img2img_and_inpainting_record_their_inputs(tiny_sd_folder, tmp_path):
     init = tmp_path / "init.png"
     Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype("uint8")).save(init)
@@ -142,6 +146,7 @@ def test_cli_bad_mode_inputs_exit_2_and_nothing_written(tiny_sd_folder, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_negative_prompt_guidance_rescale_and_wrappers_change_the_image(pipe):
     from functools import partial
 

@@ -134,6 +134,7 @@ def test_context_mask_equals_unpadded_context(backend):
     assert (unmasked - separate).abs().max().item() > 1e-2  # the padding would matter without the mask
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_and_channels_last():
     _, ours = _pair(SD2_TINY)
     x, context = _inputs(SD2_TINY)
@@ -147,6 +148,7 @@ def test_compile_fullgraph_and_channels_last():
     assert_close_to_ref(last, eager)
 
 
+@pytest.mark.slow
 def test_bfloat16_weights_run_and_stay_close():
     _, ours = _pair(SD1_TINY)
     x, context = _inputs(SD1_TINY)
