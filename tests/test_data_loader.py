@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import write_bad_shard
 from PIL import Image
 
 from ldm.data.config import DataConfig
@@ -66,24 +67,8 @@ def test_one_pass_reads_every_sample_exactly_once_across_ranks(tmp_path):
     assert sorted(seen) == sorted(keys)
 
 
-def _bad_shard(tmp_path, good=5):
-    """One shard: a truncated JPEG, garbage bytes named .jpg, `good` valid samples, then an image without caption."""
-    jpeg = encode_image(Image.new("RGB", (48, 48), (200, 10, 10)), "jpg")
-    records = [
-        make_record("bad_truncated", jpeg[: len(jpeg) // 2], "jpg", "a truncated red square", {}),
-        make_record("bad_garbage", b"this is not a jpeg at all" * 10, "jpg", "garbage bytes", {}),
-    ]
-    for s in generate_shapes(good, seed=2, image_size=32):
-        records.append(make_record(s.key, encode_image(s.image, "jpg"), "jpg", s.caption, {}))
-    records.append({"__key__": "bad_nocaption", "jpg": jpeg})
-    with AtomicShardWriter(tmp_path) as writer:
-        for r in records:
-            writer.write(r)
-    return tmp_path
-
-
 def test_corrupt_and_incomplete_samples_are_skipped_and_counted_once(tmp_path):
-    folder = _bad_shard(tmp_path)
+    folder = write_bad_shard(tmp_path)
     loader = make_loader(config(folder, resampled=False, batch_size=2, shuffle_buffer=0))
     batches = list(loader)
     assert sum(len(b["key"]) for b in batches) == 5
@@ -93,7 +78,7 @@ def test_corrupt_and_incomplete_samples_are_skipped_and_counted_once(tmp_path):
 
 
 def test_resampled_stream_counts_skips_in_every_batch(tmp_path):
-    folder = _bad_shard(tmp_path)
+    folder = write_bad_shard(tmp_path)
     loader = make_loader(config(folder, batch_size=5, shuffle_buffer=0, batches_per_epoch=4))
     batches = list(loader)
     # one shard pass per batch; the skip after the last good sample of a pass lands in the next batch

@@ -7,6 +7,7 @@ from ldm.pipeline.default_model import BUNDLED, default_model_path
 pytestmark = pytest.mark.skipif(not (BUNDLED / "config.yaml").is_file(), reason="no bundled model in this checkout")
 
 
+@pytest.mark.slow
 def test_bundled_model_is_the_default_and_generates_64px_emoji():
     from ldm import load_pipeline
 

@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-from test_train_loop import shards, tiny_config  # noqa: F401  (shards is a pytest fixture)
-from test_txt2img import write_model
+from helpers import tiny_train_config, write_tiny_sd
 
 from ldm.config import load_yaml, save_yaml
 from ldm.diffusion.denoiser import DiscreteDenoiser, EDMDenoiser, build_denoiser
@@ -74,7 +73,7 @@ def test_build_denoiser_picks_the_parameterisation_of_the_schedule():
 
 @pytest.fixture(scope="module")
 def edm_model_dir(tmp_path_factory):
-    folder = write_model(tmp_path_factory.mktemp("models") / "tiny-edm")
+    folder = write_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-edm")
     config = load_yaml(folder / "config.yaml")
     config["scheduler"] = {"prediction_type": "edm"}
     save_yaml(config, folder / "config.yaml")
@@ -112,7 +111,7 @@ def test_edm_native_model_loads_and_generates_with_log_sigma_over_4_as_timestep(
     torch.testing.assert_close(steps[-1], x, rtol=1e-4, atol=1e-5)
 
 
-def test_training_an_edm_model_uses_lognormal_sigmas_edm_weighting_and_exports_it(shards, tmp_path, monkeypatch):  # noqa: F811
+def test_training_an_edm_model_uses_lognormal_sigmas_edm_weighting_and_exports_it(shape_shards, tmp_path, monkeypatch):
     made, sigmas = [], []
 
     class Spy(loop.DiffusionObjective):
@@ -125,8 +124,8 @@ def test_training_an_edm_model_uses_lognormal_sigmas_edm_weighting_and_exports_i
             return super().forward(x0, sigma, noise, cond, captions)
 
     monkeypatch.setattr(loop, "DiffusionObjective", Spy)
-    config = tiny_config(shards, tmp_path, "max_steps=2", "model.schedule.prediction_type=edm", "loss.p_mean=-0.5",
-                         "sampling.at_end=true", "sampling.steps=2")
+    config = tiny_train_config(shape_shards, tmp_path, "max_steps=2", "model.schedule.prediction_type=edm",
+                               "loss.p_mean=-0.5", "sampling.at_end=true", "sampling.steps=2")
     out = loop.train(config)
     objective = made[0]
     assert isinstance(objective.denoiser, EDMDenoiser)
@@ -142,9 +141,9 @@ def test_training_an_edm_model_uses_lognormal_sigmas_edm_weighting_and_exports_i
     assert exported.schedule_config.prediction_type == "edm" and isinstance(exported.denoiser, EDMDenoiser)
 
 
-def test_lognormal_sigmas_on_a_discrete_model_are_refused(shards, tmp_path):  # noqa: F811
+def test_lognormal_sigmas_on_a_discrete_model_are_refused(shape_shards, tmp_path):
     with pytest.raises(ConfigError, match="prediction_type=edm"):
-        loop.train(tiny_config(shards, tmp_path, "max_steps=1", "loss.sigma_sampler=lognormal"))
+        loop.train(tiny_train_config(shape_shards, tmp_path, "max_steps=1", "loss.sigma_sampler=lognormal"))
     with pytest.raises(ConfigError, match="learn_sigma"):
-        loop.train(tiny_config(shards, tmp_path / "b", "max_steps=1", "model.schedule.prediction_type=edm",
-                               "model.unet.learn_sigma=true"))
+        loop.train(tiny_train_config(shape_shards, tmp_path / "b", "max_steps=1",
+                                     "model.schedule.prediction_type=edm", "model.unet.learn_sigma=true"))

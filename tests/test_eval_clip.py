@@ -16,42 +16,8 @@ from ldm.eval.clip_score import ClipModel, clip_score
 from ldm.eval.features import compute_features
 from ldm.eval.frechet import fid, stats_from_features
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clipcfg") / "ldm-test-tiny-clip.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tiny_clip_config):
-    return ClipModel(str(tiny_clip_config), "none")
-
-
-def _image(seed, size=32):
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, 3)
-    arr = np.clip(base + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr)
-
-
-def _captioned_folder(folder, texts, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, text in enumerate(texts):
-        name = f"img {i}.png"  # a space: index.html must URL-quote the path
-        _image(seed + i).save(folder / name)
-        lines.append(json.dumps({"file_name": name, "text": text}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
-
+from helpers import captioned_folder as _captioned_folder
+from helpers import noisy_image as _image
 
 TEXTS = ["a red cube", "two green spheres", 'a <b>bold</b> "quoted" & odd prompt', "a cat on a mat"]
 

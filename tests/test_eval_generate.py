@@ -2,16 +2,12 @@
 import json
 
 from ldm.cli.eval import main
-from test_eval_clip import TINY_CLIP
-from test_txt2img import write_model
 
 
-def test_generate_sweep_then_score(tmp_path):
-    model = write_model(tmp_path / "model")
+def test_generate_sweep_then_score(tiny_sd_folder, tiny_clip_config, tmp_path):
+    model, clip = tiny_sd_folder, tiny_clip_config
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
-    clip = tmp_path / "ldm-test-tiny-clip.json"
-    clip.write_text(json.dumps(TINY_CLIP))
     out = tmp_path / "eval"
     code = main(["--model", str(model), "--prompts", str(prompts), "--samplers", "euler,ddim", "--steps", "2",
                  "--guidance", "1,3", "--height", "16", "--width", "16", "--clip-model", str(clip),
@@ -30,16 +26,15 @@ def test_generate_sweep_then_score(tmp_path):
     assert len(report["per_image"]) == 8 and len(report["settings"]) == 4
 
 
-def test_reference_of_another_feature_space_fails_before_generating(tmp_path, capsys, monkeypatch):
+def test_reference_of_another_feature_space_fails_before_generating(tiny_sd_folder, tiny_clip_config, tmp_path, capsys,
+                                                                     monkeypatch):
     import numpy as np
 
     monkeypatch.delenv("LDM_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached Inception weights
-    model = write_model(tmp_path / "model")
+    model, clip = tiny_sd_folder, tiny_clip_config
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    clip = tmp_path / "ldm-test-tiny-clip.json"
-    clip.write_text(json.dumps(TINY_CLIP))
     ref = tmp_path / "inception_stats.npz"  # a pytorch-fid file: Inception statistics, no extractor name
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
     out = tmp_path / "eval"

@@ -11,42 +11,14 @@ from ldm.eval.features import compute_features
 from ldm.eval.frechet import load_stats
 from ldm.eval.inception import InceptionExtractor, MissingWeightsError, resolve_inception_weights
 
-
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    """A weights file from a *random* state dict of torch-fidelity's InceptionV3 (BN statistics randomised too)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-
-    cls = tf_inception.FeatureExtractorInceptionV3
-    with pytest.MonkeyPatch.context() as mp:  # build it without its (downloading) weight loading
-        mp.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
-        mp.setattr(cls, "load_state_dict", lambda self, sd, *a, **k: None)
-        torch.manual_seed(0)
-        net = cls("inception-v3-compat", ["2048"])
-    state = net.state_dict()
-    gen = torch.Generator().manual_seed(1)
-    for k, v in state.items():
-        if k.endswith("running_mean"):
-            v.copy_(torch.randn(v.shape, generator=gen) * 0.1)
-        elif k.endswith("running_var"):
-            v.copy_(torch.rand(v.shape, generator=gen) + 0.5)
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(state, path)
-    return path
+from helpers import write_images
 
 
-def _write_images(folder, seed, sizes=((32, 32), (32, 32), (40, 24))):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (w, h) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    return folder
-
-
+@pytest.mark.slow
 def test_features_equal_torch_fidelity_extractor_called_directly(random_weights, tmp_path):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    folder = _write_images(tmp_path / "imgs", seed=0)
+    folder = write_images(tmp_path / "imgs", seed=0)
     paths = sorted(folder.iterdir())
     ours = InceptionExtractor(random_weights)
     feats = compute_features(paths, ours, batch_size=2, progress=False)  # batches mix two image sizes
@@ -65,8 +37,8 @@ def test_features_equal_torch_fidelity_extractor_called_directly(random_weights,
 
 
 def test_ldm_fid_command_folders_npz_and_save_stats(random_weights, tmp_path, capsys):
-    a = _write_images(tmp_path / "a", seed=0)
-    b = _write_images(tmp_path / "b", seed=1, sizes=((32, 32),) * 2)
+    a = write_images(tmp_path / "a", seed=0)
+    b = write_images(tmp_path / "b", seed=1, sizes=((32, 32),) * 2)
     args = ["--inception-weights", str(random_weights), "--num-workers", "0", "--device", "cpu"]
     assert fid_main([str(a), str(b), "--save-stats", str(tmp_path / "a.npz"), *args]) == 0
     value = float(capsys.readouterr().out.strip().splitlines()[-1])  # the FID is the last line
@@ -79,12 +51,12 @@ def test_ldm_fid_command_folders_npz_and_save_stats(random_weights, tmp_path, ca
 
 def test_ldm_fid_bad_inputs_exit_2_with_clear_messages(random_weights, tmp_path, capsys):
     args = ["--inception-weights", str(random_weights), "--num-workers", "0", "--device", "cpu"]
-    good = _write_images(tmp_path / "good", seed=0, sizes=((32, 32),) * 2)
+    good = write_images(tmp_path / "good", seed=0, sizes=((32, 32),) * 2)
     (tmp_path / "empty").mkdir()
     assert fid_main([str(tmp_path / "empty"), str(good), *args]) == 2
     assert "empty: no images found" in capsys.readouterr().err
 
-    broken = _write_images(tmp_path / "broken", seed=0, sizes=((32, 32),) * 2)
+    broken = write_images(tmp_path / "broken", seed=0, sizes=((32, 32),) * 2)
     (broken / "002.png").write_bytes(b"\x89PNG not really")
     assert fid_main([str(broken), str(good), *args]) == 2
     err = capsys.readouterr().err

@@ -1,13 +1,12 @@
 """Prompt sets, image grids and the in-training evaluation hook."""
 
-import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from ldm.errors import LdmError
-from ldm.eval.clip_score import ClipModel, clip_score
+from ldm.eval.clip_score import clip_score
 from ldm.eval.features import compute_features
 from ldm.eval.frechet import GaussianStats, fid, stats_from_features
 from ldm.eval.grid import PAD, make_grid
@@ -54,15 +53,6 @@ def test_make_grid_places_images_row_major():
     assert dark.any()
     with pytest.raises(LdmError, match="3 images but 2 captions"):
         make_grid(images, 2, captions=["a", "b"])
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from test_eval_clip import TINY_CLIP
-
-    path = tmp_path_factory.mktemp("clipcfg") / "ldm-test-tiny-clip.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    return ClipModel(str(path), "none")
 
 
 def test_in_training_hook_scores_generations_and_returns_a_grid(tiny_clip):

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close_to_ref
 
 from ldm.diffusion import DiscreteDenoiser, DiscreteSchedule, ScheduleConfig, cfg, classifier_grad, classifier_guidance
 from ldm.diffusion import dynamic_threshold, sample_ddpm
@@ -70,7 +71,7 @@ def test_guidance_rescale_matches_diffusers(schedule, prediction):
         ours = cfg(denoiser, 7.5, rescale=0.7)(x, sigma, cond)
         plain = cfg(denoiser, 7.5)(x, sigma, cond)
     assert (plain - x0_ref).abs().max() > 1e-2  # the rescale changes the result
-    torch.testing.assert_close(ours, x0_ref, atol=1e-4, rtol=1e-4)
+    assert_close_to_ref(ours, x0_ref)
 
 
 def test_dynamic_threshold_matches_imagen_and_diffusers():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import ldm.io.hub as hub
 from ldm.errors import CheckpointError
 from ldm.io.checkpoint import load_into, read_safetensors_metadata, read_state_dict, write_safetensors
 
@@ -128,14 +129,14 @@ def test_load_into_is_strict_and_names_keys():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
-def test_unreachable_hub_fails_at_once_with_the_local_path_hint(monkeypatch):
-    import time
+def test_no_network_fixture_refuses_and_records_the_hub_probe(no_network):
+    assert hub._hub_reachable(timeout=0.1) is False
+    assert [kind for kind, _ in no_network] == ["create_connection"]
 
-    import ldm.io.hub as hub
 
+def test_unreachable_hub_fails_at_once_with_the_local_path_hint(monkeypatch, no_network):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=3.0: False)
-    start = time.perf_counter()
     with pytest.raises(CheckpointError, match="local"):
         hub.resolve_hub_id("someone/not-cached-model")
-    assert time.perf_counter() - start < 5
+    assert no_network == []  # once the probe fails, only the local cache is asked: no retries against the hub

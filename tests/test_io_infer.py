@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_io_support import tiny_components, tiny_configs
+from helpers import tiny_components, tiny_configs
 
 from ldm.config import load_yaml, to_plain
 from ldm.io.checkpoint import write_safetensors

@@ -12,7 +12,7 @@ from ldm.io.formats import load_model, save
 from ldm.io.native_format import MANIFEST, export_native, save_native
 from ldm.models.codecs import IdentityCodec, KLCodec
 from ldm.models.unet import UNetConfig, UNetModel
-from test_io_support import tiny_components
+from helpers import tiny_components
 
 
 def pixel_model() -> ModelParts:

@@ -7,12 +7,12 @@ from ldm.errors import LdmError
 from ldm.models.codecs import IdentityCodec
 from ldm.pipeline.load import load_pipeline
 from ldm.train.loop import train
-from test_train_loop import shards, tiny_config  # noqa: F401  (the shards fixture)
+from helpers import tiny_train_config as tiny_config
 
 
 @pytest.mark.slow
-def test_a_pixel_model_trains_exports_and_generates(shards, tmp_path):  # noqa: F811
-    config = tiny_config(shards, tmp_path / "run", "max_steps=2", "model.autoencoder=null", "model.unet.in_channels=3",
+def test_a_pixel_model_trains_exports_and_generates(shape_shards, tmp_path):
+    config = tiny_config(shape_shards, tmp_path / "run", "max_steps=2", "model.autoencoder=null", "model.unet.in_channels=3",
                          "model.unet.out_channels=3", "model.unet.sample_size=32")
     out = train(config)
     files = sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors")

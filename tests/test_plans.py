@@ -4,6 +4,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from helpers import assert_close_to_ref
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -109,7 +110,7 @@ def test_sd15_config_matches_diffusers(name):
     # The network was called at the same timesteps (integers stay integers, floats round-trip through sigma).
     np.testing.assert_allclose(our_t, ref_t, atol=2e-3)
     assert ours.std() > 0.3  # a real sample, not a collapsed one
-    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
+    assert_close_to_ref(ours, ref)
 
 
 @pytest.mark.parametrize(
@@ -137,7 +138,7 @@ def test_other_configs_match_diffusers(name, overrides):
     config = {**SD15, **overrides}
     ref, _ = run_diffusers(name, config, steps, SHAPE, seed=1, eta=eta)
     ours, _ = run_ours(name, config, steps, SHAPE, seed=1, eta=eta)
-    torch.testing.assert_close(ours, ref, atol=5e-5, rtol=1e-5)
+    assert_close_to_ref(ours, ref)
 
 
 def test_ddpm_learned_variance_matches_diffusers():
@@ -148,7 +149,7 @@ def test_ddpm_learned_variance_matches_diffusers():
     ours, _ = run_ours("ddpm", config, 10, SHAPE, seed=2)
     fixed, _ = run_ours("ddpm", {**config, "variance_type": "fixed_small"}, 10, SHAPE, seed=2)
     assert (fixed - ref).abs().max() > 1e-2  # the learned variance really changed the sample
-    torch.testing.assert_close(ours, ref, atol=5e-5, rtol=1e-5)
+    assert_close_to_ref(ours, ref)
 
 
 def test_plan_values_sd15():

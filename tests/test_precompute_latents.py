@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_tiny_sd
 from safetensors import safe_open
 
 from ldm.config import apply_overrides, from_dict, load_yaml
@@ -12,27 +13,14 @@ from ldm.data import DataConfig, make_loader
 from ldm.data.latents import LATENTS_META, caption_hash, check_latent_shards
 from ldm.data.shards import AtomicShardWriter, encode_image, iter_raw_samples, make_record
 from ldm.data.synthetic import generate_shapes
-from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import LdmError
-from ldm.io.components import SDComponents
 from ldm.io.formats import load_model
-from ldm.io.native_format import save_native
-from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldm.models.text_encoders import TextEncoder, TextEncoderConfig, build_text_encoder
-from ldm.models.unet import UNetConfig, UNetModel
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.text_encoders import TextEncoder
 from ldm.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {
-    "unet": dict(model_channels=32, attention_resolutions=[2], num_res_blocks=1, channel_mult=[1, 2], num_heads=2,
-                 context_dim=32),
-    "autoencoder": dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, resolution=32, norm_groups=8, scale_factor=0.5,
-                        shift_factor=0.1),
-    "text_encoder": dict(type="clip", hf_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
-                                                     num_hidden_layers=1, num_attention_heads=2,
-                                                     max_position_embeddings=77, projection_dim=32)),
-    "scheduler": dict(beta_schedule="scaled_linear"),
-}
+AUTOENCODER = dict(ch=16, norm_groups=8, shift_factor=0.1)  # over helpers.TINY_SD_SECTIONS: a latent shift too
 CAPTIONS = ["a red circle in the centre", "a blue square on the left", "a green star"]  # 6 samples, 3 captions
 FAST = ["progress=false", "log_with=none", "sampling.at_end=false", "data.batches_per_epoch=2", "checkpoint_every=2",
         "checkpoints_total_limit=null", "ema.decay=0.5", "model.random_autoencoder=false"]
@@ -45,21 +33,9 @@ def load_script():
     return module
 
 
-def write_model(folder, seed=0):
-    """A tiny random native model with a (frozen) CLIP text encoder."""
-    torch.manual_seed(seed)
-    components = SDComponents(
-        unet=UNetModel(from_dict(UNetConfig, SECTIONS["unet"])),
-        autoencoder=AutoencoderKL(from_dict(AutoencoderConfig, SECTIONS["autoencoder"])),
-        text_encoder=build_text_encoder(from_dict(TextEncoderConfig, SECTIONS["text_encoder"])),
-        schedule=from_dict(ScheduleConfig, SECTIONS["scheduler"]), config=SECTIONS, source="test")
-    save_native(components, folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return write_model(tmp_path_factory.mktemp("models") / "tiny")
+    return str(write_tiny_sd(tmp_path_factory.mktemp("models") / "tiny", autoencoder=AUTOENCODER))
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +177,7 @@ def test_training_from_latent_shards_runs_neither_encoder(model_dir, latent_dir,
 def test_other_encoders_or_an_incomplete_set_are_refused(model_dir, image_shards, latent_dir, tmp_path):
     from ldm.train.loop import train
 
-    other = load_model(write_model(tmp_path / "other", seed=1))
+    other = load_model(write_tiny_sd(tmp_path / "other", seed=1, autoencoder=AUTOENCODER))
     same = load_model(model_dir)
     data = DataConfig(shards=latent_dir, sample_format="latent", resolution=32)
     assert len(check_latent_shards(data, same.autoencoder, same.text_encoder)) == 1

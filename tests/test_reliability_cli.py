@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from PIL import Image
-from test_txt2img import write_model
+from helpers import run_cli, write_tiny_sd
 
 from ldm.cli import convert, txt2img
 from ldm.cli.common import cli_main, finite_float
@@ -24,7 +24,7 @@ BINARY = b"a red cube\n\x89PNG\r\n\x1a\n\x00\x00\xff\xfe"
 @pytest.fixture(scope="module")
 def tiny_pipe(tmp_path_factory):
     """(model folder, loaded pipeline) of the tiny random model."""
-    folder = write_model(tmp_path_factory.mktemp("models") / "tiny")
+    folder = write_tiny_sd(tmp_path_factory.mktemp("models") / "tiny")
     return folder, load_pipeline(folder, device="cpu")
 
 
@@ -36,16 +36,6 @@ def model_dir(tiny_pipe):
 @pytest.fixture
 def pipe(tiny_pipe):
     return tiny_pipe[1]
-
-
-def run_cli(main, argv, capsys):
-    """(exit code, stderr) of a CLI; argparse's own errors exit 2 through SystemExit."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def _no_model_load(monkeypatch):

@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_eval_clip import TINY_CLIP, _captioned_folder
-from test_eval_inception import _write_images, random_weights  # noqa: F401  (a fixture)
-from test_reliability_cli import run_cli
-from test_txt2img import write_model
+from helpers import TINY_CLIP, captioned_folder, run_cli, write_images, write_tiny_sd
 
 from ldm.cli.eval import main as eval_main
 from ldm.cli.fid import main as fid_main
@@ -103,7 +100,7 @@ def test_float_and_32_bit_images_of_unknown_range_are_refused(tmp_path):
 
 
 def test_hidden_temporaries_of_a_killed_run_are_not_images(tmp_path):
-    folder = _write_images(tmp_path / "gen", seed=0, sizes=((32, 32),) * 2)
+    folder = write_images(tmp_path / "gen", seed=0, sizes=((32, 32),) * 2)
     tmp = folder / ".00002-a-cat.png.k3j4.tmp"
     tmp.mkdir()
     (tmp / "00002-a-cat.png").write_bytes(b"")  # the 0-byte PNG a kill during an atomic write leaves
@@ -112,7 +109,7 @@ def test_hidden_temporaries_of_a_killed_run_are_not_images(tmp_path):
 
 
 def test_fid_recursive_ignores_a_killed_runs_temporaries(random_weights, tmp_path, capsys):  # noqa: F811
-    a = _write_images(tmp_path / "a" / "sub", seed=0, sizes=((32, 32),) * 3).parent
+    a = write_images(tmp_path / "a" / "sub", seed=0, sizes=((32, 32),) * 3).parent
     (a / "sub" / ".00003-x.png.abc.tmp").mkdir()
     (a / "sub" / ".00003-x.png.abc.tmp" / "00003-x.png").write_bytes(b"")
     args = ["--inception-weights", random_weights, "--num-workers", "0", "--device", "cpu", "--recursive"]
@@ -131,7 +128,7 @@ def test_fid_of_identical_statistics_is_exactly_zero_not_negative():
 
 
 def test_fid_save_stats_refuses_to_overwrite_without_the_flag(random_weights, tmp_path, capsys, monkeypatch):  # noqa: F811
-    a = _write_images(tmp_path / "a", seed=0, sizes=((32, 32),) * 2)
+    a = write_images(tmp_path / "a", seed=0, sizes=((32, 32),) * 2)
     stats = tmp_path / "a.npz"
     stats.write_bytes(b"precious")
     args = ["--inception-weights", random_weights, "--num-workers", "0", "--device", "cpu"]
@@ -147,8 +144,8 @@ def test_fid_save_stats_refuses_to_overwrite_without_the_flag(random_weights, tm
 
 @pytest.mark.parametrize("name", ["../outside.png", "sub/../../outside.png", "/etc/hostname"])
 def test_metadata_cannot_read_files_outside_the_folder(tmp_path, name):
-    folder = _captioned_folder(tmp_path / "imgs", ["a"])
-    _write_images(tmp_path, seed=1, sizes=((32, 32),))
+    folder = captioned_folder(tmp_path / "imgs", ["a"])
+    write_images(tmp_path, seed=1, sizes=((32, 32),))
     (tmp_path / "000.png").rename(tmp_path / "outside.png")
     (folder / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "x"}) + "\n")
     with pytest.raises(LdmError, match=r"metadata.jsonl:1: file_name .* points outside"):
@@ -156,7 +153,7 @@ def test_metadata_cannot_read_files_outside_the_folder(tmp_path, name):
 
 
 def test_metadata_may_name_a_symlink_inside_the_folder(tmp_path):
-    folder = _captioned_folder(tmp_path / "imgs", ["a"])
+    folder = captioned_folder(tmp_path / "imgs", ["a"])
     (folder / "link.png").symlink_to(folder / "img 0.png")
     (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "link.png", "text": "a"}) + "\n")
     assert [r.path.name for r in read_metadata(folder)] == ["link.png"]
@@ -167,7 +164,7 @@ def test_metadata_may_name_a_symlink_inside_the_folder(tmp_path):
 
 def test_eval_non_utf8_metadata_and_prompts_name_file_and_line(tmp_path, clip_config, capsys, monkeypatch):
     _no_clip(monkeypatch)
-    folder = _captioned_folder(tmp_path / "imgs", ["a", "b"])
+    folder = captioned_folder(tmp_path / "imgs", ["a", "b"])
     meta = folder / "metadata.jsonl"
     meta.write_bytes(meta.read_bytes() + b'{"file_name": "img 0.png", "text": "caf\xe9"}\n')
     code, err = run_cli(eval_main, ["--images", folder, "--clip-model", clip_config, "--clip-pretrained", "none",
@@ -191,7 +188,7 @@ def test_eval_non_utf8_metadata_and_prompts_name_file_and_line(tmp_path, clip_co
 def test_eval_model_settings_are_checked_before_clip_loads_and_nothing_is_left(
     tmp_path_factory, tmp_path, capsys, monkeypatch, argv, message
 ):
-    model = write_model(tmp_path / "model")
+    model = write_tiny_sd(tmp_path / "model")
     _no_clip(monkeypatch)
     out = tmp_path / "eval"
     code, err = run_cli(eval_main, ["--model", model, "--prompts", "ldm_eval_v1", "--steps", "2", "--height", "16",
@@ -202,7 +199,7 @@ def test_eval_model_settings_are_checked_before_clip_loads_and_nothing_is_left(
 
 def test_eval_out_that_is_a_file_or_under_a_file_exits_2(tmp_path, clip_config, capsys, monkeypatch):
     _no_clip(monkeypatch)
-    folder = _captioned_folder(tmp_path / "imgs", ["a"])
+    folder = captioned_folder(tmp_path / "imgs", ["a"])
     existing = tmp_path / "existing_file"
     existing.write_text("keep")
     for out, message in ((existing, "is a file, not a folder"), (existing / "x", "is a file, so no folder")):

@@ -19,8 +19,7 @@ from ldm.train.checkpointing import (MANIFEST_FILE, checkpoint_problem, list_che
 from ldm.train.config import TrainConfig
 from ldm.train.loop import train
 
-from test_train_loop import shards  # noqa: F401 - the module's shape shards fixture
-from test_train_loop import tiny_config as loop_config
+from helpers import tiny_train_config as loop_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,10 +49,10 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_steps(shards, tmp_path_factory):
+def two_steps(shape_shards, tmp_path_factory):
     """An uninterrupted 2-step run with a checkpoint after each step (the reference for every resume below)."""
     out = tmp_path_factory.mktemp("two-steps")
-    train(tiny_config(shards, out, "max_steps=2"))
+    train(tiny_config(shape_shards, out, "max_steps=2"))
     return out
 
 
@@ -64,29 +63,29 @@ def copy_run(run: Path, to: Path) -> Path:
 
 # --- the run folder -------------------------------------------------------------------------------------------------
 
-def test_a_fresh_run_refuses_a_folder_holding_a_run_and_touches_nothing(shards, two_steps, tmp_path):
+def test_a_fresh_run_refuses_a_folder_holding_a_run_and_touches_nothing(shape_shards, two_steps, tmp_path):
     run = copy_run(two_steps, tmp_path / "run")
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     with pytest.raises(LdmError, match=r"already holds a run .*--resume latest.*--overwrite"):
-        train(tiny_config(shards, run, "max_steps=1"))
+        train(tiny_config(shape_shards, run, "max_steps=1"))
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
-def test_overwrite_deletes_the_old_run_so_nothing_mixes(shards, two_steps, tmp_path):
+def test_overwrite_deletes_the_old_run_so_nothing_mixes(shape_shards, two_steps, tmp_path):
     run = copy_run(two_steps, tmp_path / "run")
     (run / "samples").mkdir(exist_ok=True)
     (run / "samples" / "samples-000099.png").write_bytes(b"old")
-    train(tiny_config(shards, run, "max_steps=1"), overwrite=True)
+    train(tiny_config(shape_shards, run, "max_steps=1"), overwrite=True)
     assert [s for s, _ in list_checkpoints(run)] == [1]  # the old step 2 is gone, the new step 1 kept
     assert not (run / "samples" / "samples-000099.png").exists()
     assert load_yaml(run / "train_config.yaml")["max_steps"] == 1
     assert_same_weights(run / "checkpoints" / "step-000001", two_steps / "checkpoints" / "step-000001")
 
 
-def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(shards, tmp_path):
+def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(shape_shards, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(LdmError, match="does not look like a run folder"):
-        train(tiny_config(shards, tmp_path, "max_steps=1"), overwrite=True)
+        train(tiny_config(shape_shards, tmp_path, "max_steps=1"), overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -101,7 +100,7 @@ def test_cli_output_dir_that_is_a_file_is_an_error_line_with_exit_2(name, tmp_pa
     assert (tmp_path / "taken").read_text() == "x"
 
 
-def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(shards, tmp_path, monkeypatch):
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(shape_shards, tmp_path, monkeypatch):
     import ldm.train.run_folder as run_folder
 
     def denied(*args, **kwargs):  # what a read-only mount or a folder of another user gives (root passes os.access)
@@ -109,7 +108,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(shards,
 
     monkeypatch.setattr(run_folder.tempfile, "TemporaryFile", denied)
     with pytest.raises(LdmError, match=r"--output-dir .*/run cannot be written \(Permission denied\)"):
-        train(tiny_config(shards, tmp_path / "run", "max_steps=1"))
+        train(tiny_config(shape_shards, tmp_path / "run", "max_steps=1"))
     assert list((tmp_path / "run").iterdir()) == []
 
 
@@ -141,27 +140,27 @@ def test_under_torchrun_the_error_line_ends_the_launcher_summary(tmp_path):
 
 # --- damaged checkpoints ------------------------------------------------------------------------------------------
 
-def test_resume_latest_skips_a_truncated_checkpoint_and_ends_as_the_uninterrupted_run(shards, two_steps, tmp_path):
+def test_resume_latest_skips_a_truncated_checkpoint_and_ends_as_the_uninterrupted_run(shape_shards, two_steps, tmp_path):
     run = copy_run(two_steps, tmp_path / "run")
     model = run / "checkpoints" / "step-000002" / "model.safetensors"
     model.write_bytes(model.read_bytes()[:-1000])  # a checkpoint write cut short by a full disk, say
     with pytest.warns(UserWarning, match=r"step-000002/model.safetensors is truncated.*resuming from .*step-000001"):
-        train(tiny_config(shards, run, "max_steps=2"), resume="latest")
+        train(tiny_config(shape_shards, run, "max_steps=2"), resume="latest")
     assert_same_weights(run / "checkpoints" / "step-000002", two_steps / "checkpoints" / "step-000002")
     assert checkpoint_problem(run / "checkpoints" / "step-000002") is None
 
 
-def test_resume_from_damaged_checkpoints_names_the_file(shards, two_steps, tmp_path):
+def test_resume_from_damaged_checkpoints_names_the_file(shape_shards, two_steps, tmp_path):
     run = copy_run(two_steps, tmp_path / "run")
     step1, step2 = run / "checkpoints" / "step-000001", run / "checkpoints" / "step-000002"
     (step2 / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"step-000002/model.safetensors is missing") as error:
-        train(tiny_config(shards, run, "max_steps=3"), resume=str(step2))
+        train(tiny_config(shape_shards, run, "max_steps=3"), resume=str(step2))
     assert "pytorch_model" not in str(error.value)
     (step1 / "optimizer.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"no checkpoint .* is complete .*step-000002/model.safetensors is "
                                               r"missing.*step-000001/optimizer.bin is truncated"):
-        train(tiny_config(shards, run, "max_steps=3"), resume="latest")
+        train(tiny_config(shape_shards, run, "max_steps=3"), resume="latest")
 
 
 def test_a_checkpoint_from_before_the_file_list_is_still_checked(two_steps, tmp_path):
@@ -185,7 +184,7 @@ class _Evil:
 
 
 @pytest.mark.parametrize("damage", ["malicious", "deleted"])
-def test_an_unusable_rng_state_warns_and_the_resume_stays_exact(damage, shards, two_steps, tmp_path):
+def test_an_unusable_rng_state_warns_and_the_resume_stays_exact(damage, shape_shards, two_steps, tmp_path):
     run = copy_run(two_steps, tmp_path / "run")
     shutil.rmtree(run / "checkpoints" / "step-000002")
     rng = run / "checkpoints" / "step-000001" / "random_states_0.pkl"
@@ -195,7 +194,7 @@ def test_an_unusable_rng_state_warns_and_the_resume_stays_exact(damage, shards, 
     else:
         rng.unlink()
     with pytest.warns(UserWarning, match=r"random_states_0.pkl (cannot be loaded safely|is missing).*fresh RNG state"):
-        train(tiny_config(shards, run, "max_steps=2"), resume="latest")
+        train(tiny_config(shape_shards, run, "max_steps=2"), resume="latest")
     assert not marker.exists()  # the pickle never ran
     assert_same_weights(run / "checkpoints" / "step-000002", two_steps / "checkpoints" / "step-000002")
 
@@ -225,7 +224,7 @@ def test_a_kill_during_rotation_leaves_no_checkpoint_that_looks_complete(two_ste
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
 
 
-def test_the_next_start_tidies_what_kills_left_and_resumes(shards, two_steps, tmp_path):
+def test_the_next_start_tidies_what_kills_left_and_resumes(shape_shards, two_steps, tmp_path):
     run = copy_run(two_steps, tmp_path / "run")
     ckpts = run / "checkpoints"
     (ckpts / "step-000005").mkdir()  # an emptied folder, as the old rotation left it
@@ -233,7 +232,7 @@ def test_the_next_start_tidies_what_kills_left_and_resumes(shards, two_steps, tm
     (ckpts / ".step-000003.tmp" / "model.safetensors").write_bytes(b"partial")
     os.replace(ckpts / "step-000002", ckpts / ".step-000002.old")  # killed while saving step 2 again
     with pytest.warns(UserWarning) as record:
-        train(tiny_config(shards, run, "max_steps=2"), resume="latest")
+        train(tiny_config(shape_shards, run, "max_steps=2"), resume="latest")
     messages = " ".join(str(w.message) for w in record)
     assert "restored" in messages and "step-000005" in messages and ".step-000003.tmp" in messages
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000001", "step-000002"]
@@ -241,7 +240,7 @@ def test_the_next_start_tidies_what_kills_left_and_resumes(shards, two_steps, tm
     assert_same_weights(ckpts / "step-000002", two_steps / "checkpoints" / "step-000002")
 
 
-def test_a_kill_during_the_export_is_redone_by_the_next_start(shards, two_steps, tmp_path):
+def test_a_kill_during_the_export_is_redone_by_the_next_start(shape_shards, two_steps, tmp_path):
     from ldm.io.formats import load_model
 
     run = copy_run(two_steps, tmp_path / "run")
@@ -249,7 +248,7 @@ def test_a_kill_during_the_export_is_redone_by_the_next_start(shards, two_steps,
     written = checkpoint.stat().st_mtime_ns
     for path in run.glob("*.safetensors"):  # the exported weights, as a kill before they were all written leaves them
         path.unlink()
-    train(tiny_config(shards, run, "max_steps=2"), resume="latest")
+    train(tiny_config(shape_shards, run, "max_steps=2"), resume="latest")
     assert checkpoint.stat().st_mtime_ns == written  # 0 steps trained, the checkpoint untouched
     assert load_model(run) is not None  # the export is whole again (loading checks it)
 
@@ -261,7 +260,7 @@ import ldm.train.checkpointing as ckpt
 import ldm.train.loop as loop
 from test_reliability_train import tiny_config
 
-point, shards, out, overrides = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+point, shape_shards, out, overrides = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 write_synced, rmtree = ckpt._write_synced, shutil.rmtree
 
 
@@ -287,25 +286,25 @@ elif point == "rotation":
     ckpt.shutil.rmtree = rmtree_then_kill
 elif point == "export":
     loop.export_model = kill
-loop.train(tiny_config(shards, out, *overrides))
+loop.train(tiny_config(shape_shards, out, *overrides))
 """
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["checkpoint", "rotation", "export"])
-def test_kill_9_at_each_point_then_resume_latest_ends_as_the_uninterrupted_run(point, shards, two_steps, tmp_path):
+def test_kill_9_at_each_point_then_resume_latest_ends_as_the_uninterrupted_run(point, shape_shards, two_steps, tmp_path):
     import subprocess
 
     run = tmp_path / "run"
     limit = ["checkpoints_total_limit=1"] if point == "rotation" else []
-    cmd = [sys.executable, "-c", KILL, str(ROOT / "tests"), point, shards, str(run), "max_steps=2", *limit]
+    cmd = [sys.executable, "-c", KILL, str(ROOT / "tests"), point, shape_shards, str(run), "max_steps=2", *limit]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == -9, result.stderr[-2000:]
     ckpts = run / "checkpoints"
     left = {"checkpoint": [".step-000002.tmp", "step-000001"], "rotation": [".step-000001.deleting", "step-000002"],
             "export": ["step-000001", "step-000002"]}[point]
     assert sorted(p.name for p in ckpts.iterdir()) == left
-    train(tiny_config(shards, run, "max_steps=2", *limit), resume="latest")
+    train(tiny_config(shape_shards, run, "max_steps=2", *limit), resume="latest")
     assert [s for s, _ in list_checkpoints(run)] == ([2] if limit else [1, 2])
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # the leftovers were tidied
     assert_same_weights(ckpts / "step-000002", two_steps / "checkpoints" / "step-000002")

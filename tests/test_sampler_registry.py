@@ -23,7 +23,7 @@ from ldm.diffusion.plans import SamplingPlan, sampling_plan
 from ldm.diffusion.samplers import sample_euler
 from ldm.errors import ConfigError, LdmError
 from ldm.pipeline.images import read_png_parameters
-from test_txt2img import model_dir, pipe  # noqa: F401  (pytest fixtures: a tiny native model and its pipeline)
+from ldm.pipeline.load import load_pipeline
 
 SD15 = {"beta_schedule": "scaled_linear", "steps_offset": 1, "set_alpha_to_one": False}
 
@@ -113,9 +113,9 @@ def test_sampling_plan_reads_the_entry(toy):
 
 
 @pytest.mark.slow
-def test_toy_sampler_is_reachable_from_the_cli_with_its_option(toy, model_dir, tmp_path):
+def test_toy_sampler_is_reachable_from_the_cli_with_its_option(toy, tiny_sd_folder, tmp_path):
     out = tmp_path / "out"
-    code = main(["a red circle", "--model", str(model_dir), "--sampler", "toy", "--sampler-option", "foo=2",
+    code = main(["a red circle", "--model", str(tiny_sd_folder), "--sampler", "toy", "--sampler-option", "foo=2",
                  "--steps", "3", "--height", "16", "--width", "16", "--out", str(out)])
     assert code == 0
     assert [c["foo"] for c in toy] == [2.0]
@@ -133,11 +133,16 @@ def test_toy_sampler_is_reachable_from_the_cli_with_its_option(toy, model_dir, t
     (["--sampler", "ddim", "--sampler-option", "eta=nan"], "must be a finite number"),
     (["--sampler", "plms"], "unknown sampler 'plms'; choose one of"),
 ])
-def test_bad_sampler_options_exit_2_before_anything_is_written(model_dir, tmp_path, capsys, argv, message):
+def test_bad_sampler_options_exit_2_before_anything_is_written(tiny_sd_folder, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
-    assert main(["x", "--model", str(model_dir), "--steps", "1", "--out", str(out)] + argv) == 2
+    assert main(["x", "--model", str(tiny_sd_folder), "--steps", "1", "--out", str(out)] + argv) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_folder):
+    return load_pipeline(tiny_sd_folder, device="cpu")
 
 
 def _final_x(pipe, sampler, options=None, **kwargs):

@@ -4,13 +4,14 @@ import warnings
 
 import pytest
 import torch
+from helpers import CLIP_HF, assert_close_to_ref, realistic_weights
 
 from ldm.models.text_encoders import (CLIPTextEncoder, OpenCLIPTextEncoder, SmallTextEncoder, T5TextEncoder,
                                       TextEncoderConfig, build_openclip_model, build_text_encoder)
 from ldm.models.tokenizers import (ByteTokenizer, clip_tokenizer, load_tokenizer, save_tokenizer,
                                    t5_tokenizer_from_sentencepiece)
 
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408)
+CLIP_4_HEADS = {**CLIP_HF, "num_attention_heads": 4}  # four heads: a wrong head split would show
 TINY_OPENCLIP = dict(embed_dim=24, text_cfg=dict(width=32, heads=4, layers=3, context_length=77, vocab_size=49408))
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "", "Héllo   WORLD 3.14 it's naïve café 東京"]
 LONG = " ".join(["cat"] * 75 + ["zebra", "giraffe"])  # 77 one-token words: the last two do not fit
@@ -35,7 +36,7 @@ def t5_tok(tmp_path_factory):
 def _tiny_clip(clip_tok, **kwargs) -> CLIPTextEncoder:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextEncoder(CLIPTextModel(CLIPTextConfig(**TINY_CLIP)), clip_tok, **kwargs)
+    return CLIPTextEncoder(CLIPTextModel(CLIPTextConfig(**CLIP_4_HEADS)), clip_tok, **kwargs)
 
 
 def test_clip_tokenizer_matches_open_clip(clip_tok, tmp_path):
@@ -70,22 +71,22 @@ def test_clip_matches_diffusers_pipeline(clip_tok):
     reference, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
     out = encoder.encode(PROMPTS)
     assert out.tokens.shape == (3, 77, 32) and out.mask.all()
-    assert torch.allclose(out.tokens, reference, atol=1e-6)
+    assert_close_to_ref(out.tokens, reference)
     ids = clip_tok(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         ref = encoder.hf_model(ids, output_hidden_states=True)
         # diffusers' clip_skip=1: hidden_states[-2] then final_layer_norm
         penultimate = encoder.hf_model.final_layer_norm(ref.hidden_states[-2])
-    assert torch.allclose(out.pooled, ref.pooler_output, atol=1e-6)
+    assert_close_to_ref(out.pooled, ref.pooler_output)
     skip = _tiny_clip(clip_tok, layer="penultimate")
     skip.load_state_dict(encoder.state_dict())
-    assert torch.allclose(skip.encode(PROMPTS).tokens, penultimate, atol=1e-6)
+    assert_close_to_ref(skip.encode(PROMPTS).tokens, penultimate)
     assert not torch.allclose(penultimate, ref.last_hidden_state, atol=1e-3)
 
 
 def test_clip_keys_truncation_empty_and_frozen(clip_tok, tmp_path):
     save_tokenizer(clip_tok, tmp_path / "tok")
-    encoder = build_text_encoder(TextEncoderConfig(type="clip", hf_config=TINY_CLIP), tokenizer_dir=tmp_path / "tok")
+    encoder = build_text_encoder(TextEncoderConfig(type="clip", hf_config=CLIP_4_HEADS), tokenizer_dir=tmp_path / "tok")
     keys = set(encoder.state_dict())
     assert "transformer.text_model.embeddings.token_embedding.weight" in keys  # SD-1 cond_stage_model layout
     assert "transformer.text_model.final_layer_norm.bias" in keys
@@ -102,8 +103,8 @@ def test_clip_keys_truncation_empty_and_frozen(clip_tok, tmp_path):
         empty = encoder.encode([""])
     ids = clip_tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert ids[0, :3].tolist() == [49406, 49407, 49407]
-    assert torch.allclose(empty.tokens, encoder.hf_model(ids).last_hidden_state, atol=1e-6)
-    trainable = build_text_encoder(TextEncoderConfig(type="clip", hf_config=TINY_CLIP, freeze=False),
+    assert_close_to_ref(empty.tokens, encoder.hf_model(ids).last_hidden_state)
+    trainable = build_text_encoder(TextEncoderConfig(type="clip", hf_config=CLIP_4_HEADS, freeze=False),
                                    tokenizer_dir=tmp_path / "tok")
     assert all(p.requires_grad for p in trainable.parameters())
     assert trainable.encode(["a cat"]).tokens.requires_grad
@@ -117,9 +118,7 @@ def test_openclip_penultimate_and_last():
     assert not hasattr(encoder.model, "visual")
     assert "model.transformer.resblocks.2.attn.in_proj_weight" in encoder.state_dict()
     assert encoder.dim == 32 and encoder.pooled_dim == 24
-    with torch.no_grad():
-        for p in encoder.parameters():  # LayerNorms away from identity
-            p.add_(0.05 * torch.randn_like(p))
+    realistic_weights(encoder)  # LayerNorms away from identity
     ids = open_clip.get_tokenizer("ViT-H-14")(PROMPTS)
     truncated = copy.deepcopy(encoder.model)
     truncated.transformer.resblocks = truncated.transformer.resblocks[:-1]
@@ -129,10 +128,10 @@ def test_openclip_penultimate_and_last():
         pooled = encoder.model.encode_text(ids)
     out = encoder.encode(PROMPTS)
     assert out.tokens.shape == (3, 77, 32) and out.mask.all()
-    assert torch.allclose(out.tokens, reference, atol=1e-5)
-    assert torch.allclose(out.pooled, pooled, atol=1e-5)  # pooled as open_clip: last layer, EOS, projection
+    assert_close_to_ref(out.tokens, reference)
+    assert_close_to_ref(out.pooled, pooled)  # pooled as open_clip: last layer, EOS, projection
     last = OpenCLIPTextEncoder(encoder.model, layer="last")
-    assert torch.allclose(last.encode(PROMPTS).pooled, pooled, atol=1e-5)
+    assert_close_to_ref(last.encode(PROMPTS).pooled, pooled)
     assert not torch.allclose(last.encode(PROMPTS).tokens, reference, atol=1e-3)
     with pytest.warns(UserWarning, match="zebra giraffe"):
         encoder.encode([LONG])
@@ -154,12 +153,12 @@ def test_t5_mask_zeroing_and_pooling(t5_tok):
     lengths = [len(t5_tok(p).input_ids) for p in prompts]  # including </s>
     assert a.mask.sum(1).tolist() == lengths and b.tokens.shape == (2, 40, 32)
     assert (a.tokens[~a.mask] == 0).all() and (b.tokens[~b.mask] == 0).all()
-    assert torch.allclose(a.tokens, b.tokens[:, :32], atol=1e-5)  # padding does not leak into real tokens
+    assert_close_to_ref(a.tokens, b.tokens[:, :32])  # padding does not leak into real tokens
     n = lengths[0]
-    assert torch.allclose(a.pooled[0], a.tokens[0, :n].mean(0), atol=1e-6)
+    assert_close_to_ref(a.pooled[0], a.tokens[0, :n].mean(0))
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([t5_tok(prompts[0]).input_ids])).last_hidden_state
-    assert torch.allclose(a.tokens[0, :n], ref[0], atol=1e-5)
+    assert_close_to_ref(a.tokens[0, :n], ref[0])
     with pytest.warns(UserWarning, match="beach"):
         short.encode([" ".join(["a cat"] * 12) + " beach"])
     assert short.encode([""]).mask.sum().item() == 1  # just </s>
@@ -172,7 +171,7 @@ def test_small_encoder_trains_and_masks():
     assert all(p.requires_grad for p in encoder.parameters())
     alone = encoder.encode(["a cat"])
     batched = encoder.encode(["a cat", "a longer prompt about a dog"])
-    assert torch.allclose(alone.tokens[0], batched.tokens[0, :32], atol=1e-5)  # masked padding is ignored
+    assert_close_to_ref(alone.tokens[0], batched.tokens[0, :32])  # masked padding is ignored
     assert (alone.tokens[0, 7:] == 0).all() and alone.tokens[0, :7].abs().sum(dim=-1).min() > 0  # BOS a cat EOS
     assert alone.mask.all()  # the U-Net attends every position (the zeroed padding too), as it was trained to
     assert torch.allclose(alone.pooled[0], alone.tokens[0, 6])  # the EOS position

@@ -6,33 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAST_TRAINING, tiny_train_config, write_bad_shard
 from safetensors.torch import load_file
 
-from ldm.config import apply_overrides, from_dict, load_yaml
+from ldm.config import from_dict, load_yaml
+from ldm.data.synthetic import generate_shapes
 from ldm.errors import LdmError
+from ldm.eval.features import compute_features
+from ldm.eval.frechet import save_stats
 from ldm.train.checkpointing import list_checkpoints, read_trainer_state
 from ldm.train.config import TrainConfig
 from ldm.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["progress=false", "log_with=none", "sampling.at_end=false", "data.batches_per_epoch=2",
-        "data.caption_dropout=0.5", "checkpoint_every=2", "checkpoints_total_limit=null", "ema.decay=0.5"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from ldm.data.synthetic import write_shape_shards
-
-    out = tmp_path_factory.mktemp("shapes")
-    write_shape_shards(out, 12, seed=0, image_size=32, samples_per_shard=6, image_format="png")
-    return str(out)
-
-
-def tiny_config(shards: str, out: Path, *overrides: str) -> TrainConfig:
-    data = apply_overrides(load_yaml(ROOT / "configs" / "tiny.yaml"), [*FAST, *overrides])
-    data["data"]["shards"] = shards
-    data["output_dir"] = str(out)
-    return from_dict(TrainConfig, data)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -40,10 +26,11 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def full_run(shards, tmp_path_factory):
+def full_run(shape_shards, tmp_path_factory):
     """3 uninterrupted steps (over an epoch boundary: 2 batches per epoch), with the end-of-run samples and logs."""
     out = tmp_path_factory.mktemp("full")
-    config = tiny_config(shards, out, "max_steps=3", "sampling.at_end=true", "sampling.steps=2", "log_with=tensorboard")
+    config = tiny_train_config(shape_shards, out, "max_steps=3", "sampling.at_end=true", "sampling.steps=2",
+                               "log_with=tensorboard")
     torch.manual_seed(0)
     initial = {k: v.clone() for k, v in _initial_unet(config).items()}
     train(config)
@@ -98,14 +85,14 @@ def test_final_model_is_the_ema_in_native_format(full_run):
     assert images[0].size == (32, 32)
 
 
-def test_resume_continues_exactly(full_run, shards, tmp_path, capsys):
+def test_resume_continues_exactly(full_run, shape_shards, tmp_path, capsys):
     out, _ = full_run
-    config = tiny_config(shards, tmp_path, "max_steps=2")
+    config = tiny_train_config(shape_shards, tmp_path, "max_steps=2")
     train(config)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
     first = (tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").stat().st_mtime_ns
     capsys.readouterr()
-    train(tiny_config(shards, tmp_path, "max_steps=3"), resume="latest")
+    train(tiny_train_config(shape_shards, tmp_path, "max_steps=3"), resume="latest")
     assert "at step 2" in capsys.readouterr().out  # it resumed (a fresh run would rewrite step 2)
     assert (tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").stat().st_mtime_ns == first
     for name in ("model.safetensors", "ema.safetensors"):
@@ -123,13 +110,13 @@ def test_resume_continues_exactly(full_run, shards, tmp_path, capsys):
     assert read_trainer_state(tmp_path / step) == read_trainer_state(out / step)
 
 
-def test_gradient_accumulation_equals_large_batch(shards, tmp_path):
+def test_gradient_accumulation_equals_large_batch(shape_shards, tmp_path):
     # AdamW's first step with eps >> |g| is lr * g / eps: the parameter change *is* the gradient (lr = eps).
     common = ["max_steps=1", "optim.lr=1000.0", "optim.eps=1000.0", "optim.warmup_steps=0", "optim.max_grad_norm=null",
               "data.caption_dropout=0.0"]
-    train(tiny_config(shards, tmp_path / "big", *common, "data.batch_size=2", "grad_accum=1"))
-    train(tiny_config(shards, tmp_path / "accum", *common, "data.batch_size=1", "grad_accum=2"))
-    initial = _initial_unet(tiny_config(shards, tmp_path / "x"))
+    train(tiny_train_config(shape_shards, tmp_path / "big", *common, "data.batch_size=2", "grad_accum=1"))
+    train(tiny_train_config(shape_shards, tmp_path / "accum", *common, "data.batch_size=1", "grad_accum=2"))
+    initial = _initial_unet(tiny_train_config(shape_shards, tmp_path / "x"))
     big = weights(tmp_path / "big" / "checkpoints" / "step-000001" / "model.safetensors")
     accum = weights(tmp_path / "accum" / "checkpoints" / "step-000001" / "model.safetensors")
     grads = {k: big[k] - initial[k[len("denoiser.network."):]] for k in big if k.startswith("denoiser.network.")}
@@ -138,18 +125,18 @@ def test_gradient_accumulation_equals_large_batch(shards, tmp_path):
     assert worst < 1e-5, f"accumulated step differs from the large-batch step by {worst}"
 
 
-def test_latent_inputs_without_latent_fields_is_a_clear_error(shards, tmp_path):
+def test_latent_inputs_without_latent_fields_is_a_clear_error(shape_shards, tmp_path):
     with pytest.raises(LdmError, match="needs latent shards"):
-        train(tiny_config(shards, tmp_path, "max_steps=1", "loss.inputs=latents"))
+        train(tiny_train_config(shape_shards, tmp_path, "max_steps=1", "loss.inputs=latents"))
 
 
-def test_cli_rejects_unknown_keys_with_exit_code_2(shards, tmp_path, capsys):
+def test_cli_rejects_unknown_keys_with_exit_code_2(shape_shards, tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         import train as train_cli
     finally:
         sys.path.pop(0)
-    code = train_cli.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--train-data", shards,
+    code = train_cli.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--train-data", shape_shards,
                            "--output-dir", str(tmp_path), "optim.learning_rate=1e-3"])
     assert code == 2 and "learning_rate" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()
@@ -157,11 +144,12 @@ def test_cli_rejects_unknown_keys_with_exit_code_2(shards, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(bool(os.environ.get("LDM_SKIP_DDP")), reason="LDM_SKIP_DDP is set (2 CPU processes, ~30 s)")
-def test_ddp_on_two_cpu_processes_resumes_exactly(shards, tmp_path):
+def test_ddp_on_two_cpu_processes_resumes_exactly(shape_shards, tmp_path):
     def run(out, *args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tools" / "train.py"),
-               "--config", str(ROOT / "configs" / "tiny.yaml"), "--train-data", shards, "--output-dir", str(out),
-               *FAST, "data.num_workers=1", *args]
+               "--config", str(ROOT / "configs" / "tiny.yaml"), "--train-data", shape_shards,
+               "--output-dir", str(out),
+               *FAST_TRAINING, "data.num_workers=1", *args]
         subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
 
     run(tmp_path / "full", "max_steps=3")
@@ -184,24 +172,25 @@ def _latent_sample(raw, config, rng):
                "key": raw["__key__"]}
 
 
-def test_latent_shards_train_with_dropped_captions_swapped_for_the_empty_prompt(shards, tmp_path):
+def test_latent_shards_train_with_dropped_captions_swapped_for_the_empty_prompt(shape_shards, tmp_path):
     from ldm.data.samples import register_sample_format
     from ldm.train.loop import latent_text_tokens
     from ldm.train.model import build_parts
 
     register_sample_format("test_latent", _latent_sample)
-    out = train(tiny_config(shards, tmp_path, "max_steps=2", "loss.inputs=latents", "data.sample_format=test_latent",
+    out = train(tiny_train_config(shape_shards, tmp_path, "max_steps=2", "loss.inputs=latents",
+                                  "data.sample_format=test_latent",
                             "model.text_encoder.freeze=true", "data.caption_dropout=0.5"))
     assert [s for s, _ in list_checkpoints(out)] == [2]
-    parts = build_parts(tiny_config(shards, tmp_path / "x", "model.text_encoder.freeze=true").model)
+    parts = build_parts(tiny_train_config(shape_shards, tmp_path / "x", "model.text_encoder.freeze=true").model)
     tokens = torch.randn(3, 48, 32)
     got = latent_text_tokens({"text_tokens": tokens, "drop_mask": torch.tensor([False, True, False])}, parts, "cpu")
     empty = parts.text_encoder.encode([""]).tokens[0]
     assert torch.equal(got[0], tokens[0]) and torch.equal(got[2], tokens[2]) and torch.equal(got[1], empty)
 
 
-def test_learned_variance_unet_trains_with_the_hybrid_loss(shards, tmp_path):
-    out = train(tiny_config(shards, tmp_path, "max_steps=1", "model.unet.learn_sigma=true"))
+def test_learned_variance_unet_trains_with_the_hybrid_loss(shape_shards, tmp_path):
+    out = train(tiny_train_config(shape_shards, tmp_path, "max_steps=1", "model.unet.learn_sigma=true"))
     trained = weights(out / "checkpoints" / "step-000001" / "model.safetensors")
     out_conv = trained["denoiser.network.out.2.weight"]
     assert out_conv.shape[0] == 8  # eps and the variance interpolation
@@ -210,39 +199,29 @@ def test_learned_variance_unet_trains_with_the_hybrid_loss(shards, tmp_path):
 
 def test_training_on_corrupt_shards_skips_and_reports_them(tmp_path):
     """A truncated JPEG, garbage bytes named .jpg and a caption-less sample: training goes on and counts them."""
-    from test_data_loader import _bad_shard
-
-    folder = _bad_shard(tmp_path / "bad", good=5)
-    out = train(tiny_config(str(folder), tmp_path / "run", "max_steps=3", "data.batch_size=2",
-                            "data.shuffle_buffer=0"))
+    folder = write_bad_shard(tmp_path / "bad", good=5)
+    out = train(tiny_train_config(str(folder), tmp_path / "run", "max_steps=3", "data.batch_size=2",
+                                  "data.shuffle_buffer=0"))
     state = read_trainer_state(out / "checkpoints" / "step-000003")
     assert state["step"] == 3
     # each pass over the shard meets the truncated and the garbage JPEG before its first good sample
     assert state["skipped"] >= 2
 
 
-def test_evaluation_inside_training_logs_clip_score_fd_and_grid(shards, tmp_path, capsys):
+@pytest.mark.slow
+def test_evaluation_inside_training_logs_clip_score_fd_and_grid(shape_shards, tiny_clip_config, tiny_clip, tmp_path,
+                                                                 capsys):
     """sampling.eval_prompts: the prompt set is generated at each grid, scored with CLIP, compared with ref stats."""
-    import json as _json
-
-    from test_eval_clip import TINY_CLIP
-
-    from ldm.eval.clip_score import ClipModel
-    from ldm.eval.features import compute_features
-    from ldm.eval.frechet import save_stats
-    from ldm.data.synthetic import generate_shapes
-
-    clip_cfg = tmp_path / "ldm-test-tiny-clip.json"
-    clip_cfg.write_text(_json.dumps(TINY_CLIP))
-    clip = ClipModel(str(clip_cfg), "none")
+    clip_cfg, clip = tiny_clip_config, tiny_clip
     refs = [s.image for s in generate_shapes(8, seed=5, image_size=32)]
     ref_path = tmp_path / "ref.npz"
     save_stats(ref_path, compute_features(refs, clip, progress=False).moments.to_stats(clip.name))
     prompts = tmp_path / "eval.txt"
     prompts.write_text("a red circle\na blue square\na green triangle\n")
-    out = train(tiny_config(shards, tmp_path / "run", "max_steps=2", "sampling.at_end=true", "sampling.steps=2",
-                            f"sampling.eval_prompts={prompts}", f"sampling.clip_model={clip_cfg}",
-                            "sampling.clip_pretrained=none", f"sampling.ref_stats={ref_path}"))
+    out = train(tiny_train_config(shape_shards, tmp_path / "run", "max_steps=2", "sampling.at_end=true",
+                                  "sampling.steps=2", f"sampling.eval_prompts={prompts}",
+                                  f"sampling.clip_model={clip_cfg}", "sampling.clip_pretrained=none",
+                                  f"sampling.ref_stats={ref_path}"))
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if " eval " in line)
     values = dict(zip(line.split()[3::2], map(float, line.split()[4::2])))

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CLIP_HF
 
 from ldm.config import from_dict, load_yaml
 from ldm.errors import ConfigError
@@ -11,13 +12,11 @@ from ldm.train.config import ModelConfig, TrainConfig
 from ldm.train.model import build_parts, latents_from_posterior
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)
 TINY = dict(
     unet=dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_heads=-1,
               num_head_channels=16, context_dim=32),
     autoencoder=dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, resolution=32, norm_groups=8, scale_factor=0.5),
-    text_encoder=dict(type="clip", hf_config=TINY_CLIP),
+    text_encoder=dict(type="clip", hf_config=CLIP_HF),
 )
 
 

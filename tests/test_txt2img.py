@@ -6,67 +6,26 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import write_tiny_sd
+
 from ldm.cli.txt2img import main
-from ldm.config import from_dict
-from ldm.diffusion.schedules import ScheduleConfig
-from ldm.io.components import SDComponents
-from ldm.io.native_format import save_native
-from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
-from ldm.models.unet import UNetConfig, UNetModel
 from ldm.pipeline import load_pipeline
 from ldm.pipeline.images import read_png_parameters
 
-SECTIONS = {
-    "unet": dict(model_channels=32, attention_resolutions=[2], num_res_blocks=1, channel_mult=[1, 2], num_heads=2,
-                 context_dim=32),
-    "autoencoder": dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32, scale_factor=0.5),
-    "text_encoder": dict(type="clip", hf_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
-                                                     num_hidden_layers=1, num_attention_heads=2,
-                                                     max_position_embeddings=77, projection_dim=32)),
-    "scheduler": dict(beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False),
-}
-
-
-def write_model(folder, in_channels=4):
-    torch.manual_seed(0)
-    sections = {k: dict(v) for k, v in SECTIONS.items()}
-    sections["unet"]["in_channels"] = in_channels
-    unet = UNetModel(from_dict(UNetConfig, sections["unet"]))
-    with torch.no_grad():  # zero-initialised layers (output conv, transformer proj_out) would hide the prompt
-        for p in unet.parameters():
-            if p.ndim > 1 and not p.any():
-                p.normal_(std=0.05)
-    components = SDComponents(
-        unet=unet,
-        autoencoder=AutoencoderKL(from_dict(AutoencoderConfig, sections["autoencoder"])),
-        text_encoder=build_text_encoder(from_dict(TextEncoderConfig, sections["text_encoder"])),
-        schedule=from_dict(ScheduleConfig, sections["scheduler"]),
-        config=sections, source="test",
-    )
-    save_native(components, folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return load_pipeline(model_dir, device="cpu")
+def pipe(tiny_sd_folder):
+    return load_pipeline(tiny_sd_folder, device="cpu")
 
 
 def run(argv):
     return main([str(a) for a in argv])
 
 
-def test_cli_writes_pngs_and_imagefolder_metadata(model_dir, tmp_path):
+def test_cli_writes_pngs_and_imagefolder_metadata(tiny_sd_folder, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
     out = tmp_path / "out"
-    code = run(["--prompts", prompts, "--model", model_dir, "--steps", 2, "--n", 2, "--height", 16, "--width", 16,
+    code = run(["--prompts", prompts, "--model", tiny_sd_folder, "--steps", 2, "--n", 2, "--height", 16, "--width", 16,
                 "--sampler", "euler", "--seed", 5, "--guidance", 3, "--out", out])
     assert code == 0
     records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
@@ -86,15 +45,16 @@ def test_cli_writes_pngs_and_imagefolder_metadata(model_dir, tmp_path):
     (["x", "--height", "18"], "multiple"),
     (["x", "--model", "/nonexistent/model"], "nonexistent"),
 ])
-def test_bad_input_exit_2_and_nothing_written(model_dir, tmp_path, capsys, argv, message):
+def test_bad_input_exit_2_and_nothing_written(tiny_sd_folder, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     if "--model" not in argv:
-        argv = argv + ["--model", str(model_dir)]
+        argv = argv + ["--model", str(tiny_sd_folder)]
     assert run(argv + ["--out", out, "--steps" if "--steps" not in argv else "--n", "1"]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_and_empty_prompt_allowed(pipe):
     a = pipe("a cat", seed=3, steps=2, height=16, width=16, sampler="ddim")[0]
     b = pipe("a cat", seed=3, steps=2, height=16, width=16, sampler="ddim")[0]
@@ -110,6 +70,7 @@ def test_long_prompt_is_truncated_with_a_warning_naming_dropped_words(pipe):
         pipe(prompt, seed=0, steps=1, height=16, width=16, guidance=1.0)
 
 
+@pytest.mark.slow
 def test_img2img_runs_the_strength_fraction_of_the_steps(pipe):
     init = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8"))
     seen = []
@@ -136,8 +97,9 @@ def test_inpainting_by_blending_keeps_the_unmasked_latent(pipe):
     assert not torch.allclose(last[..., 4:], known[..., 4:], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_nine_channel_inpainting_checkpoint_gets_mask_and_masked_image(tmp_path):
-    pipe = load_pipeline(write_model(tmp_path / "inpaint", in_channels=9), device="cpu")
+    pipe = load_pipeline(write_tiny_sd(tmp_path / "inpaint", in_channels=9), device="cpu")
     seen = []
     original = pipe.unet.forward
 
@@ -156,15 +118,16 @@ def test_nine_channel_inpainting_checkpoint_gets_mask_and_masked_image(tmp_path)
     assert seen == [9, 9]
 
 
-def test_cli_img2img_and_inpainting_record_their_inputs(model_dir, tmp_path):
+@pytest.mark.slow
+def test_cli_img2img_and_inpainting_record_their_inputs(tiny_sd_folder, tmp_path):
     init = tmp_path / "init.png"
     Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype("uint8")).save(init)
     mask = tmp_path / "mask.png"
     Image.fromarray(np.full((16, 16), 255, dtype="uint8")).save(mask)
     out = tmp_path / "out"
-    assert run(["a cat", "--model", model_dir, "--init-image", init, "--strength", 0.5, "--steps", 4,
+    assert run(["a cat", "--model", tiny_sd_folder, "--init-image", init, "--strength", 0.5, "--steps", 4,
                 "--height", 16, "--width", 16, "--out", out]) == 0
-    assert run(["a cat", "--model", model_dir, "--init-image", init, "--mask", mask, "--steps", 2,
+    assert run(["a cat", "--model", tiny_sd_folder, "--init-image", init, "--mask", mask, "--steps", 2,
                 "--height", 16, "--width", 16, "--out", out]) == 0
     records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert records[0]["init_image"] == str(init) and records[0]["strength"] == 0.5
@@ -176,13 +139,14 @@ def test_cli_img2img_and_inpainting_record_their_inputs(model_dir, tmp_path):
     (["--mask", "/nonexistent.png"], "--mask needs --init-image"),
     (["--init-image", __file__], "cannot read image"),
 ])
-def test_cli_bad_mode_inputs_exit_2_and_nothing_written(model_dir, tmp_path, capsys, extra, message):
+def test_cli_bad_mode_inputs_exit_2_and_nothing_written(tiny_sd_folder, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
-    assert run(["a cat", "--model", model_dir, "--steps", 2, "--out", out, *extra]) == 2
+    assert run(["a cat", "--model", tiny_sd_folder, "--steps", 2, "--out", out, *extra]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_negative_prompt_guidance_rescale_and_wrappers_change_the_image(pipe):
     from functools import partial
 
@@ -198,11 +162,11 @@ def test_negative_prompt_guidance_rescale_and_wrappers_change_the_image(pipe):
         assert np.isfinite(other).all() and np.abs(other - base).mean() > 0.1
 
 
-def test_strength_that_leaves_no_step_exits_2_and_writes_nothing(model_dir, tmp_path, capsys):
+def test_strength_that_leaves_no_step_exits_2_and_writes_nothing(tiny_sd_folder, tmp_path, capsys):
     init = tmp_path / "init.png"
     Image.new("RGB", (16, 16), (10, 200, 10)).save(init)
     out = tmp_path / "out"
-    assert run(["a cat", "--model", model_dir, "--init-image", init, "--strength", 0.05, "--steps", 10,
+    assert run(["a cat", "--model", tiny_sd_folder, "--init-image", init, "--strength", 0.05, "--steps", 10,
                 "--height", 16, "--width", 16, "--out", out]) == 2
     assert "leaves no step" in capsys.readouterr().err
     assert not out.exists()

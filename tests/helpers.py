@@ -1,0 +1,212 @@
+"""Shared test helpers: the tolerance rule, realistic random weights, the base seed, tiny models and data."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.config import apply_overrides, from_dict, load_yaml
+from ldm.data.shards import AtomicShardWriter, encode_image, make_record
+from ldm.data.synthetic import generate_shapes
+from ldm.diffusion.schedules import ScheduleConfig
+from ldm.io.components import SDComponents, resolved_config
+from ldm.io.native_format import save_native
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
+from ldm.models.unet import UNetConfig, UNetModel
+from ldm.train.config import TrainConfig
+
+# Every test starts from torch.manual_seed(SEED) (conftest) and realistic_weights offsets its seeds by it, so
+# `LDM_TEST_SEED=7 pytest ...` re-runs the suite on other random weights: a comparison must pass on every seed.
+SEED = int(os.environ.get("LDM_TEST_SEED", "0"))
+
+
+def assert_close_to_ref(actual, reference, *, rel: float = 1e-5, floor: float = 1e-6, what: str = "") -> None:
+    """max|actual - reference| <= rel * max|reference| + floor: the tolerance scales with the reference's magnitude."""
+    actual, reference = _as_float64(actual), _as_float64(reference)
+    assert actual.shape == reference.shape, f"{what} shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    error, scale = (actual - reference).abs().max().item(), reference.abs().max().item()
+    tolerance = rel * scale + floor
+    assert error <= tolerance, (f"{what} max|diff| {error:.3g} > {tolerance:.3g} "
+                                f"= {rel:g} * max|ref| {scale:.3g} + {floor:g}")
+
+
+def _as_float64(x) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x).double()
+    return torch.as_tensor(x).detach().double()
+
+
+def realistic_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-draw every parameter at a trained network's scale: norm gains ~1, weights N(0, 1/fan_in), biases ~0.1.
+
+    Unit-scale noise on every parameter (norm gains and embeddings included) drives a residual stream to
+    |h| ~ 400, where two correct float32 implementations differ in the fifth digit. These draws keep activations
+    O(1) while every parameter is non-zero and distinct (zero-initialised output layers and identity norms
+    would hide a mis-mapped key).
+    """
+    generator = torch.Generator().manual_seed(SEED * 1_000_003 + seed)
+    gains = {id(m.weight) for m in module.modules()
+             if "Norm" in type(m).__name__ and isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
+    with torch.no_grad():
+        for p in module.parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if id(p) in gains:
+                p.copy_(1 + 0.1 * noise)
+            elif p.ndim >= 2:  # (out, in, ...): fan_in = in * kernel area
+                p.copy_(noise / p[0].numel() ** 0.5)
+            else:
+                p.copy_(0.1 * noise)
+    return module
+
+
+# --- tiny models -------------------------------------------------------------------------------------------------
+# CLIP text encoder (transformers' CLIPTextConfig): width 32 gives one 64-wide head by SD-1's convention, so a
+# checkpoint's shapes alone infer this config back.
+CLIP_HF = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
+               max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)
+# SD-2's OpenCLIP text tower, tiny.
+OPENCLIP = {"embed_dim": 32, "text_cfg": dict(context_length=77, vocab_size=49408, width=32, heads=1, layers=3,
+                                              mlp_ratio=2.0), "quick_gelu": False}
+# A whole open_clip model (image and text towers) for CLIP scores and CLIP features; random weights.
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+# The sections of a tiny native model folder (config.yaml) with a CLIP text encoder.
+TINY_SD_SECTIONS = {
+    "unet": dict(model_channels=32, attention_resolutions=[2], num_res_blocks=1, channel_mult=[1, 2], num_heads=2,
+                 context_dim=32),
+    "autoencoder": dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32, scale_factor=0.5),
+    # two heads in one layer: this random text encoder moves the image with the prompt (tests compare prompts)
+    "text_encoder": dict(type="clip", hf_config={**CLIP_HF, "num_hidden_layers": 1, "num_attention_heads": 2}),
+    "scheduler": dict(beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False),
+}
+
+
+def tiny_configs(kind: str = "sd1", **unet_overrides):
+    """(UNetConfig, AutoencoderConfig, TextEncoderConfig, ScheduleConfig) of a tiny SD-1 or SD-2 style model."""
+    sd2 = kind == "sd2"
+    unet = UNetConfig(**{**dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                attention_resolutions=(2,), context_dim=32, transformer_depth=1,
+                                num_heads=-1 if sd2 else 8, num_head_channels=32 if sd2 else -1,
+                                use_linear_in_transformer=sd2), **unet_overrides})
+    vae = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, resolution=32)
+    text = (TextEncoderConfig(type="openclip", layer="penultimate", open_clip=OPENCLIP) if sd2
+            else TextEncoderConfig(type="clip", layer="last", hf_config=CLIP_HF))
+    schedule = ScheduleConfig(prediction_type="v_prediction" if sd2 else "epsilon", steps_offset=1,
+                              set_alpha_to_one=False)
+    return unet, vae, text, schedule
+
+
+def tiny_components(kind: str = "sd1", seed: int = 0, **unet_overrides) -> SDComponents:
+    """Tiny SD-1 or SD-2 style components at realistic weight scale, every weight non-zero, in eval mode."""
+    unet_cfg, vae_cfg, text_cfg, schedule = tiny_configs(kind, **unet_overrides)
+    unet = realistic_weights(UNetModel(unet_cfg), seed)
+    vae = realistic_weights(AutoencoderKL(vae_cfg), seed + 1)
+    text = realistic_weights(build_text_encoder(text_cfg), seed + 2)
+    for m in (unet, vae, text):
+        m.eval()
+    return SDComponents(unet, vae, text, schedule, resolved_config(unet_cfg, vae_cfg, text_cfg, schedule), "tiny")
+
+
+def unet_inputs(in_channels: int = 4, seed: int = 1):
+    """(x b c h w, timesteps b, context b n d) for a tiny U-Net."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, in_channels, 16, 16, generator=g), torch.tensor([10.0, 700.0]),
+            torch.randn(2, 7, 32, generator=g))
+
+
+def write_tiny_sd(folder, *, seed: int = 0, in_channels: int = 4, **sections) -> Path:
+    """A tiny native model folder (TINY_SD_SECTIONS, each section updated by `sections`); returns the folder."""
+    sections = {k: {**v, **sections.get(k, {})} for k, v in TINY_SD_SECTIONS.items()}
+    sections["unet"]["in_channels"] = in_channels
+    torch.manual_seed(SEED + seed)
+    unet = UNetModel(from_dict(UNetConfig, sections["unet"]))
+    with torch.no_grad():  # zero-initialised layers (output conv, transformer proj_out) would hide the prompt
+        for p in unet.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(std=0.05)
+    components = SDComponents(
+        unet=unet,
+        autoencoder=AutoencoderKL(from_dict(AutoencoderConfig, sections["autoencoder"])),
+        text_encoder=build_text_encoder(from_dict(TextEncoderConfig, sections["text_encoder"])),
+        schedule=from_dict(ScheduleConfig, sections["scheduler"]),
+        config=sections, source="test",
+    )
+    save_native(components, folder)
+    return Path(folder)
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+FAST_TRAINING = ["progress=false", "log_with=none", "sampling.at_end=false", "data.batches_per_epoch=2",
+                 "data.caption_dropout=0.5", "checkpoint_every=2", "checkpoints_total_limit=null", "ema.decay=0.5"]
+
+
+def tiny_train_config(shards: str, out: Path, *overrides: str) -> TrainConfig:
+    """configs/tiny.yaml on `shards`, writing to `out`, made fast (FAST_TRAINING), then `overrides`."""
+    data = apply_overrides(load_yaml(ROOT / "configs" / "tiny.yaml"), [*FAST_TRAINING, *overrides])
+    data["data"]["shards"] = shards
+    data["output_dir"] = str(out)
+    return from_dict(TrainConfig, data)
+
+
+def write_bad_shard(folder: Path, good: int = 5) -> Path:
+    """One shard: a truncated JPEG, garbage bytes named .jpg, `good` valid samples, then an image without caption."""
+    jpeg = encode_image(Image.new("RGB", (48, 48), (200, 10, 10)), "jpg")
+    records = [
+        make_record("bad_truncated", jpeg[: len(jpeg) // 2], "jpg", "a truncated red square", {}),
+        make_record("bad_garbage", b"this is not a jpeg at all" * 10, "jpg", "garbage bytes", {}),
+    ]
+    for s in generate_shapes(good, seed=2, image_size=32):
+        records.append(make_record(s.key, encode_image(s.image, "jpg"), "jpg", s.caption, {}))
+    records.append({"__key__": "bad_nocaption", "jpg": jpeg})
+    with AtomicShardWriter(folder) as writer:
+        for r in records:
+            writer.write(r)
+    return folder
+
+
+# --- command lines -----------------------------------------------------------------------------------------------
+def run_cli(main, argv, capsys):
+    """(exit code, stderr) of a CLI's `main`; argparse's own errors exit 2 through SystemExit."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# --- image folders -----------------------------------------------------------------------------------------------
+def noisy_image(seed: int, size: int = 32) -> Image.Image:
+    """A square RGB image: one random colour plus per-pixel noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, 3)
+    arr = np.clip(base + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def captioned_folder(folder: Path, texts: list[str], seed: int = 0) -> Path:
+    """An imagefolder (PNGs + metadata.jsonl) with one noisy image per caption; names contain a space."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, text in enumerate(texts):
+        name = f"img {i}.png"  # a space: index.html must URL-quote the path
+        noisy_image(seed + i).save(folder / name)
+        lines.append(json.dumps({"file_name": name, "text": text}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def write_images(folder: Path, seed: int, sizes=((32, 32), (32, 32), (40, 24))) -> Path:
+    """Random-pixel PNGs of the given (width, height) sizes, named 000.png, 001.png, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
