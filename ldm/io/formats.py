@@ -44,7 +44,8 @@ def detect_format(path: Path) -> str:
 def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                allow_pickle: bool = False, config: str | Path | Mapping | None = None,
                prediction_type: str | None = None) -> ModelParts:
-    """Load a Stable Diffusion model from any supported format (dtype None keeps the stored precision).
+    """Load a model (its parts by role, and its schedule) from any supported format (dtype None keeps the stored
+    precision). Diffusers and original files hold Stable Diffusion models; native folders any registered parts.
 
     `config`: an original-layout YAML (path or dict) for single-file checkpoints; `prediction_type`
     ("epsilon" | "v_prediction" | "sample") overrides the schedule's (weights cannot tell eps from v).
@@ -67,7 +68,8 @@ def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu", dt
 
 
 def save(components: ModelParts, dst: str | Path, to: str) -> None:
-    """Write `components` in format `to` ('original' | 'diffusers' | 'native')."""
+    """Write `components` in format `to` ('original' | 'diffusers' | 'native'); a format that cannot hold the model
+    says what it lacks before anything is written."""
     writers = {"original": save_original, "diffusers": save_diffusers, "native": save_native}
     if to not in writers:
         raise ConfigError(f"unknown format {to!r}; use one of {list(writers)}")
