@@ -245,6 +245,15 @@ def test_random_clip_weights_are_reproducible_without_touching_the_global_rng(cl
     torch.set_rng_state(state)
 
 
+@pytest.mark.gpu
+def test_building_random_clip_leaves_the_cuda_rng_alone(clip_config):
+    # torch.manual_seed also seeds every GPU, which fork_rng(devices=[]) does not restore: the old code reseeded it
+    torch.cuda.manual_seed_all(123)
+    state = torch.cuda.get_rng_state()
+    ClipModel(str(clip_config), "none")
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
 def _calls_in(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
