@@ -14,9 +14,9 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _check_can_create_in(path: Path, what: str) -> None:
-    """`path` (absent, or a folder) can be created / written into: its nearest existing ancestor is a writable folder."""
-    base = _nearest_existing(path)
+def _check_can_create_in(folder: Path, what: str, path: Path) -> None:
+    """`folder` (absent, or a folder) can be made / written into: its nearest existing ancestor is a writable folder."""
+    base = _nearest_existing(folder)
     if not base.is_dir():
         raise LdmError(f"{what} {path}: {base} is a file, so no folder can be made there; choose another location")
     if not os.access(base, os.W_OK | os.X_OK):
@@ -28,7 +28,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LdmError(f"{what} {path} is a file, not a folder; remove it or choose another name")
-    _check_can_create_in(path, what)
+    _check_can_create_in(path, what, path)
     return path
 
 
@@ -41,5 +41,5 @@ def check_output_path(path: str | os.PathLike, what: str, *, folder: bool, overw
         if path.is_dir() != folder:
             have, want = ("a folder", "a file") if path.is_dir() else ("a file", "a folder")
             raise LdmError(f"{what} {path} is {have} but {want} is written there; remove it or choose another name")
-    _check_can_create_in(path.parent, what)  # atomic writes make a temporary sibling, then rename
+    _check_can_create_in(path.parent, what, path)  # atomic writes make a temporary sibling, then rename
     return path

@@ -242,6 +242,15 @@ def test_random_clip_weights_are_reproducible_without_touching_the_global_rng(cl
     torch.set_rng_state(state)
 
 
+@pytest.mark.gpu
+def test_building_random_clip_leaves_the_cuda_rng_alone(clip_config):
+    # torch.manual_seed also seeds every GPU, which fork_rng(devices=[]) does not restore: the old code reseeded it
+    torch.cuda.manual_seed_all(123)
+    state = torch.cuda.get_rng_state()
+    ClipModel(str(clip_config), "none")
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
 def _calls_in(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -257,3 +266,21 @@ def test_eval_library_neither_prints_nor_reseeds_the_global_rng():
         calls = _calls_in(path)
         assert "print" not in calls, f"{path.name} prints: warn through `warnings` or `logging`"
         assert not calls & {"torch.manual_seed", "torch.random.manual_seed", "np.random.seed", "random.seed"}, path
+
+
+def test_eval_reuse_samples_needs_no_model_when_every_setting_exists(tmp_path, clip_config, capsys, monkeypatch):
+    model = write_model(tmp_path / "model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    argv = ["--model", model, "--prompts", prompts, "--steps", "2", "--height", "16", "--width", "16",
+            "--clip-model", clip_config, "--clip-pretrained", "none", "--out", tmp_path / "eval"]
+    code, err = run_cli(eval_main, argv, capsys)
+    assert code == 0, err
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded although every setting's samples exist")
+
+    monkeypatch.setattr("ldm.pipeline.load.load_pipeline", refuse)
+    code, err = run_cli(eval_main, [*argv, "--reuse-samples"], capsys)
+    assert code == 0, err
+    assert "generating" not in err

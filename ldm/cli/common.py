@@ -1,14 +1,18 @@
 """What every command-line door shares: user errors become one line on stderr and exit code 2.
 
 Exit codes: 0 success, 1 a bug (a traceback: please report it), 2 a problem with the input that the message
-explains (argparse's own errors included), 130 interrupted (Ctrl-C).
+explains (argparse's own errors included), 130 interrupted (Ctrl-C). docs/reliability.md has the details, and what
+`accelerate launch` / torchrun add.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
+import os
 import sys
+import time
 import warnings
 from typing import Callable
 
@@ -43,6 +47,23 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=file or sys.stderr)
 
 
+def _tell_launcher(message: str) -> None:
+    """Under torchrun / multi-GPU `accelerate launch`, hand the message to the launcher's failure summary.
+
+    The launcher ends with a report per failed process; the error file it names is where that report takes its
+    text from, so the `error:` line is repeated there, as the last thing on the screen, instead of a hint to
+    enable tracebacks.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass  # the message was printed already; the summary is a courtesy
+
+
 def cli_main(func: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Wrap a `main(argv)` so that an LdmError prints `error: ...` and returns 2 instead of a traceback."""
 
@@ -55,6 +76,7 @@ def cli_main(func: Callable[[list[str] | None], int | None]) -> Callable[[list[s
                 return int(func(argv) or 0)
             except LdmError as e:
                 print(f"error: {e}", file=sys.stderr)
+                _tell_launcher(f"error: {e}")
                 return e.exit_code
             except KeyboardInterrupt:
                 print("interrupted", file=sys.stderr)

@@ -84,15 +84,26 @@ def _sweep_grid(args) -> list[tuple[str, int, float]]:
     return list(itertools.product(_split(args.samplers), steps_list, guidance_list))
 
 
+def _setting_folder(args, sampler: str, steps: int, guidance: float) -> Path:
+    return Path(args.out) / "samples" / f"{sampler}-steps{steps}-cfg{guidance:g}"
+
+
+def _to_generate(args, grid: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+    """The settings whose samples are missing (all of them unless --reuse-samples)."""
+    return [g for g in grid if not (args.reuse_samples and (_setting_folder(args, *g) / "metadata.jsonl").is_file())]
+
+
 def _load_checked_pipeline(args, grid: list[tuple[str, int, float]]):
-    """The model, loaded once, with every setting of the sweep checked against it before anything is generated."""
+    """The model, loaded once, with every setting to generate checked against it first; None when none is."""
     from ldm.pipeline.load import load_pipeline
 
     generate = _load_generate()
+    if not _to_generate(args, grid):
+        return None
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    for sampler, steps, guidance in grid:
-        generate.check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance, n_per_prompt=args.n_per_prompt,
-              height=args.height, width=args.width)
+    for sampler, steps, guidance in _to_generate(args, grid):
+        generate.check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance,
+                                  n_per_prompt=args.n_per_prompt, height=args.height, width=args.width)
     return pipe
 
 
@@ -120,9 +131,10 @@ def _generate_folder(args, pipe, texts: list[str], folder: Path, sampler: str, s
 def _sweep(args, grid, pipe, texts: list[str]) -> list[tuple[dict, Path]]:
     """(settings, folder) per sampler x steps x guidance, generating what is missing."""
     runs = []
+    missing = _to_generate(args, grid)
     for sampler, steps, guidance in grid:
-        folder = Path(args.out) / "samples" / f"{sampler}-steps{steps}-cfg{guidance:g}"
-        if not (args.reuse_samples and (folder / "metadata.jsonl").is_file()):
+        folder = _setting_folder(args, sampler, steps, guidance)
+        if (sampler, steps, guidance) in missing:
             print(f"generating {folder}", file=sys.stderr)
             _generate_folder(args, pipe, texts, folder, sampler, steps, guidance)
         settings = {

@@ -19,6 +19,7 @@ from ldm.io.keys_unet import unet_config_from_diffusers, unet_config_to_diffuser
 from ldm.io.keys_vae import vae_config_from_diffusers, vae_config_to_diffusers, vae_diffusers_to_original, \
     vae_original_to_diffusers
 from ldm.models.text_encoders import TextEncoderConfig
+from ldm.textfiles import read_text
 
 DIFFUSERS_VERSION = "0.30.0"  # the config semantics written here (read by every later diffusers)
 _CLIP_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
@@ -37,7 +38,7 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is missing (a diffusers pipeline folder has unet/, vae/, text_encoder/, "
                               "tokenizer/ and scheduler/ with their config files)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, "config file"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
 

@@ -20,7 +20,7 @@ from ldm.pipeline.memory import available_bytes, check_fits, estimate_generation
 from ldm.textfiles import read_jsonl
 from ldm.writable import check_output_dir
 
-_TEMPORARY = re.compile(r"^\..+\.tmp$")  # ldm.atomic's `.NAME.XXXX.tmp` folders, left behind by a killed run
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # ldm.atomic's `.NAME.<mkdtemp>.tmp` folders a kill leaves
 _IMAGE = re.compile(r"^(\d{5,})-.+\.png$")  # the names generate_to_folder gives: index, then the prompt's slug
 
 
@@ -59,7 +59,7 @@ def _check_memory(pipe, height: int | None, width: int | None, n: int, guidance:
     height, width = height or pipe.default_size, width or pipe.default_size
     needed = estimate_generation_bytes(pipe.unet.config, getattr(pipe.autoencoder, 'config', None), height=height, width=width, n=n,
                                        guidance=guidance > 1.0, dtype=pipe.dtype,
-                                       attention_backend=get_attention_backend())
+                                       attention_backend=get_attention_backend(), device_type=pipe.device.type)
     check_fits(needed, available_bytes(pipe.device), height=height, width=width, n=n, device=pipe.device)
 
 
