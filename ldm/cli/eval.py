@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-eval", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="folder of images with metadata.jsonl (file_name, text per line)")
-    src.add_argument("--model", metavar="M", help="model to generate with (path or id), together with --prompts")
+    src.add_argument("--model", metavar="M",
+                     help="model to generate with (path, id, or 'default': the bundled one), together with --prompts")
     g = p.add_argument_group("generation sweep (with --model)")
     g.add_argument("--prompts", metavar="FILE", help="prompt set: .txt, .jsonl or a bundled name such as ldm_eval_v1")
     g.add_argument("--samplers", nargs="+", default=["euler"], help="samplers to sweep (space or comma separated)")
@@ -83,7 +84,8 @@ def _generate_folder(args, texts: list[str], folder: Path, sampler: str, steps: 
     if getattr(args, "_pipeline", None) is None:  # load the model once for the whole sweep
         from ldm.pipeline.load import load_pipeline
 
-        args._pipeline = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        model = None if args.model == "default" else args.model  # "default": the bundled model
+        args._pipeline = load_pipeline(model, device=args.device, dtype=args.dtype)
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         generate_to_folder(

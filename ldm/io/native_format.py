@@ -6,9 +6,10 @@ from pathlib import Path
 from ldm.atomic import atomic_path
 from ldm.config import from_dict, load_yaml, save_yaml
 from ldm.diffusion.schedules import ScheduleConfig
-from ldm.errors import ConfigError
+from ldm.errors import CheckpointError, ConfigError
 from ldm.io.checkpoint import read_state_dict, write_safetensors
 from ldm.io.components import SDComponents, autoencoder_config, make_components, text_config, unet_config
+from ldm.models.text_encoders import TextEncoderConfig
 
 FILES = {"unet": "unet.safetensors", "autoencoder": "autoencoder.safetensors",
          "text_encoder": "text_encoder.safetensors"}
@@ -36,12 +37,31 @@ def load_native(folder: str | Path, *, device="cpu", dtype=None, prediction_type
                     "scheduler": from_dict(ScheduleConfig, config["scheduler"], where="scheduler")}
     except ConfigError as e:
         raise ConfigError(f"{folder / 'config.yaml'}: {e}") from e
-    weights = {name: read_state_dict(folder / file) for name, file in FILES.items()}
+    sources = {name: folder / file for name, file in FILES.items()}
+    if not sources["text_encoder"].is_file():  # an open_clip text tower shared with a whole CLIP beside the folder
+        sources["text_encoder"] = shared_text_weights(folder, sections["text_encoder"])
+    weights = {name: read_state_dict(path) for name, path in sources.items()}
+    if sources["text_encoder"].name != FILES["text_encoder"]:
+        weights["text_encoder"] = {f"model.{k}": v for k, v in weights["text_encoder"].items()
+                                   if not k.startswith("visual.")}
     tokenizer = folder / "tokenizer"
     return make_components(sections, weights, source=str(folder),
-                           sources={name: str(folder / file) for name, file in FILES.items()}, device=device,
+                           sources={name: str(path) for name, path in sources.items()}, device=device,
                            dtype=dtype, prediction_type=prediction_type, notes=[f"native ldm folder {folder}"],
                            tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
+
+
+def shared_text_weights(folder: Path, text: TextEncoderConfig) -> Path:
+    """The whole open_clip CLIP file whose text tower is this folder's text encoder (`text_encoder.pretrained`,
+    relative to the folder): the bundled model shares its text tower with the bundled CLIP instead of a copy."""
+    if text.type != "openclip" or not text.pretrained:
+        raise CheckpointError(f"{folder}: no {FILES['text_encoder']}, and text_encoder.pretrained names no open_clip "
+                              "weights file to take the text tower from")
+    path = (folder / text.pretrained).resolve()
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: the text tower comes from {text.pretrained} (text_encoder.pretrained), "
+                              f"which does not exist at {path}")
+    return path
 
 
 def save_native(components: SDComponents, folder: str | Path) -> None:
