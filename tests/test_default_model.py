@@ -22,3 +22,31 @@ def test_bundled_model_is_the_default_and_generates_64px_emoji():
     # The prompt reaches the image: same noise, different text, different picture.
     diff = np.abs(np.asarray(a[0], dtype=float) - np.asarray(c[0], dtype=float)).mean()
     assert diff > 5.0
+
+
+def test_text_encoder_is_the_bundled_clip_text_tower():
+    from safetensors.torch import load_file
+
+    from ldm import load_pipeline
+    from ldm.eval.clip_score import BUNDLED_CLIP
+
+    assert not (BUNDLED / "text_encoder.safetensors").exists()  # shared with the CLIP, not a copy
+    pipe = load_pipeline(device="cpu")
+    clip = load_file(str(BUNDLED_CLIP / "clip-emoji.safetensors"))
+    mine = pipe.text_encoder.state_dict()
+    assert mine["model.token_embedding.weight"].float().equal(clip["token_embedding.weight"].float())
+    assert mine["model.transformer.resblocks.0.attn.in_proj_weight"].float().equal(
+        clip["transformer.resblocks.0.attn.in_proj_weight"].float())
+
+
+@pytest.mark.slow
+def test_colour_words_come_through():
+    from ldm import load_pipeline
+
+    pipe = load_pipeline(device="cpu")
+    means = {}
+    for colour in ("red", "blue"):
+        image = pipe(f"an emoji of a {colour} square, twemoji style", seed=0, steps=12, guidance=5)[0]
+        means[colour] = np.asarray(image, dtype=float).reshape(-1, 3).mean(0)
+    assert means["red"][0] > means["red"][2] + 40  # red channel well above blue
+    assert means["blue"][2] > means["blue"][0] + 40

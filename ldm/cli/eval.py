@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-eval", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="folder of images with metadata.jsonl (file_name, text per line)")
-    src.add_argument("--model", metavar="M", help="model to generate with (path or id), together with --prompts")
+    src.add_argument("--model", metavar="M",
+                     help="model to generate with (path, id, or 'default': the bundled one), together with --prompts")
     g = p.add_argument_group("generation sweep (with --model)")
     g.add_argument("--prompts", metavar="FILE", help="prompt set: .txt, .jsonl or a bundled name such as ldm_eval_v1")
     g.add_argument("--samplers", nargs="+", default=["euler"], help="samplers to sweep (space or comma separated)")
@@ -47,11 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--kid", action="store_true", help="also KID (needs a folder as --ref)")
     m.add_argument("--inception-weights", metavar="FILE", help="weights-inception-2015-12-05-6726825d.pth")
-    m.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture name or model config .json")
+    m.add_argument("--clip-model", default=None,
+                   help="open_clip architecture name or model config .json (default: the bundled CLIP, or ViT-B-32 "
+                        "with --clip-pretrained)")
     m.add_argument(
         "--clip-pretrained",
         metavar="NAME_OR_FILE",
-        help="open_clip tag (e.g. openai; downloads), local weights file, or 'none' (random, for tests)",
+        help="open_clip tag (e.g. openai; downloads), local weights file, or 'none' (random, for tests); without "
+             "this and --clip-model: the bundled CLIP trained on the emoji data (offline)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="where report.json, index.html, tradeoff.png go")
     p.add_argument("--batch-size", type=int, default=32)
@@ -100,7 +104,8 @@ def _load_checked_pipeline(args, grid: list[tuple[str, int, float]]):
     generate = _load_generate()
     if not _to_generate(args, grid):
         return None
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    model = None if args.model == "default" else args.model  # "default": the bundled model
+    pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
     for sampler, steps, guidance in _to_generate(args, grid):
         generate.check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance,
                                   n_per_prompt=args.n_per_prompt, height=args.height, width=args.width)
@@ -178,6 +183,7 @@ def run(args: argparse.Namespace) -> dict:
         grid = _sweep_grid(args)
         pipe = _load_checked_pipeline(args, grid)
     clip = ClipModel(args.clip_model, args.clip_pretrained, device=device)
+    print(f"CLIP: {clip.name}" + (" (the bundled one)" if clip.bundled else ""), file=sys.stderr)
     if clip.random_weights:
         notes.append("CLIP has random weights (--clip-pretrained none): CLIP scores and FD_CLIP are meaningless")
     ref = Reference(args.ref, batch_size=args.batch_size, num_workers=args.num_workers) if args.ref else None
@@ -194,7 +200,8 @@ def run(args: argparse.Namespace) -> dict:
                 # Inception statistics (.npz) can only be compared with Inception features: no fallback then.
                 if args.distance == "fid" or (ref.npz is not None and not ref.npz.extractor.startswith("clip:")):
                     raise
-                notes.append(f"no Inception weights, reporting FD_CLIP instead of FID ({e})")
+                notes.append(f"no Inception weights, reporting FD_CLIP instead of FID: the Frechet distance in the "
+                             f"image space of CLIP {clip.name}, not comparable with FID ({e})")
                 print(f"warning: {notes[-1]}", file=sys.stderr)
                 distance = clip
     if ref is not None and ref.npz is not None:
@@ -224,6 +231,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{folder}: {summary}", file=sys.stderr)
     report = {
         "clip_model": clip.describe(),
+        "clip": clip.name,
         "distance": None if distance is None else ("fd_clip" if distance is clip else "fid"),
         "distance_extractor": None if distance is None else distance.name,
         "ref": args.ref,

@@ -11,8 +11,21 @@ from PIL import Image
 
 from ldm.errors import CheckpointError, LdmError
 
-DEFAULT_CLIP_MODEL = "ViT-B-32"
+DEFAULT_CLIP_MODEL = "ViT-B-32"  # the architecture when only --clip-pretrained is given
 RANDOM_WEIGHTS = "none"  # --clip-pretrained none: seeded random weights, for tests only
+# The CLIP the project trained on its emoji data (tools/train_clip.py, docs/default-model.md): used offline when
+# neither --clip-model nor --clip-pretrained is given.
+BUNDLED_CLIP = Path(__file__).resolve().parents[1] / "assets" / "clip-emoji"
+BUNDLED_CLIP_NAME = "clip-emoji"
+
+
+def bundled_clip() -> tuple[str, str]:
+    """(config .json, weights .safetensors) of the bundled CLIP, or an LdmError saying how to choose another."""
+    config, weights = BUNDLED_CLIP / f"{BUNDLED_CLIP_NAME}.json", BUNDLED_CLIP / f"{BUNDLED_CLIP_NAME}.safetensors"
+    if not (config.is_file() and weights.is_file()):
+        raise LdmError(f"the bundled CLIP is missing from {BUNDLED_CLIP}; choose one with --clip-model and "
+                       "--clip-pretrained (a tag such as 'openai', or a local weights file)")
+    return str(config), str(weights)
 
 
 def clip_score(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
@@ -60,10 +73,14 @@ class ClipModel:
     dim: int
 
     def __init__(
-        self, model: str = DEFAULT_CLIP_MODEL, pretrained: str | None = None, device: torch.device | str = "cpu"
+        self, model: str | None = None, pretrained: str | None = None, device: torch.device | str = "cpu"
     ):
         import open_clip
 
+        self.bundled = model is None and pretrained is None
+        if self.bundled:
+            model, pretrained = bundled_clip()
+        model = model or DEFAULT_CLIP_MODEL
         if pretrained is None:
             raise LdmError(
                 f"choose the CLIP weights with --clip-pretrained: a tag such as 'openai' (downloads; tags for {model}: "
@@ -104,9 +121,17 @@ class ClipModel:
         )
         self.name = f"clip:{arch}:{tag}"
 
+    @classmethod
+    def bundled(cls, device: torch.device | str = "cpu") -> "ClipModel":
+        """The bundled CLIP (ldm/assets/clip-emoji), what ldm-eval uses when no CLIP is chosen."""
+        return cls(None, None, device=device)
+
     def describe(self) -> dict:
         """How the score was measured: always part of a report."""
-        return {"name": self.model_name, "pretrained": self.pretrained, "random_weights": self.random_weights}
+        out = {"name": self.model_name, "pretrained": self.pretrained, "random_weights": self.random_weights}
+        if self.bundled:
+            out["bundled"] = f"the toolkit's own {BUNDLED_CLIP_NAME} CLIP (ldm/assets/{BUNDLED_CLIP.name}, docs/default-model.md)"
+        return out
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """RGB image -> the model's preprocessed `3 h w` (resize, centre crop, normalise)."""

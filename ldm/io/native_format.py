@@ -20,6 +20,7 @@ from ldm.errors import CheckpointError, ConfigError
 from ldm.io.checkpoint import read_state_dict, write_safetensors
 from ldm.io.components import ModelParts, make_parts
 from ldm.io.part_types import read_section
+from ldm.models.text_encoders import TextEncoderConfig
 from ldm.models.tokenizers import save_tokenizer
 
 FORMAT = "ldm-native-v1"
@@ -96,18 +97,26 @@ def load_native(folder: str | Path, *, device="cpu", dtype=None, prediction_type
         raise ConfigError(f"{folder / 'config.yaml'}: missing sections {missing} (a native model has a `unet` and "
                           f"a `{SCHEDULE_SECTION}` section, plus a section per other part)")
     roles = [r for r in config if r not in _NOT_PARTS]
-    step = check_manifest(folder, roles)
     try:
         sections = {role: read_section(role, config[role]) for role in roles}
         sections[SCHEDULE_SECTION] = from_dict(ScheduleConfig, config[SCHEDULE_SECTION], where=SCHEDULE_SECTION)
     except ConfigError as e:
         raise ConfigError(f"{folder / 'config.yaml'}: {e}") from e
-    sources = {role: str(folder / weights_file(role)) for role in roles}
+    sources = {role: folder / weights_file(role) for role in roles}
+    shared = "text_encoder" in sources and not sources["text_encoder"].is_file() and \
+        getattr(sections.get("text_encoder"), "pretrained", None)
+    step = check_manifest(folder, [r for r in roles if not (shared and r == "text_encoder")])
+    if shared:  # an open_clip text tower shared with a whole CLIP beside the folder (the bundled model)
+        sources["text_encoder"] = shared_text_weights(folder, sections["text_encoder"])
     for role, source in sources.items():
-        if not Path(source).is_file():
+        if not source.is_file():
             raise CheckpointError(f"{source} is missing: {folder / 'config.yaml'} has a {role!r} section, so the "
                                   f"folder needs its weights")
     weights = {role: read_state_dict(source) for role, source in sources.items()}
+    if shared:
+        weights["text_encoder"] = {f"model.{k}": v for k, v in weights["text_encoder"].items()
+                                   if not k.startswith("visual.")}
+    sources = {role: str(source) for role, source in sources.items()}
     tokenizer = folder / "tokenizer"
     notes = [f"native ldm folder {folder}" + (f" (exported at step {step})" if step is not None else "")]
     return make_parts(sections, weights, source=str(folder), sources=sources, device=device, dtype=dtype,
@@ -125,6 +134,19 @@ def _write_folder(parts: ModelParts, folder: Path, step: int | None) -> None:
     if tokenizer is not None:
         save_tokenizer(tokenizer, folder / "tokenizer")
     write_manifest(folder, step)
+
+
+def shared_text_weights(folder: Path, text: TextEncoderConfig) -> Path:
+    """The whole open_clip CLIP file whose text tower is this folder's text encoder (`text_encoder.pretrained`,
+    relative to the folder): the bundled model shares its text tower with the bundled CLIP instead of a copy."""
+    if text.type != "openclip" or not text.pretrained:
+        raise CheckpointError(f"{folder}: no {FILES['text_encoder']}, and text_encoder.pretrained names no open_clip "
+                              "weights file to take the text tower from")
+    path = (folder / text.pretrained).resolve()
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: the text tower comes from {text.pretrained} (text_encoder.pretrained), "
+                              f"which does not exist at {path}")
+    return path
 
 
 def save_native(parts: ModelParts, folder: str | Path, *, step: int | None = None) -> None:

@@ -24,7 +24,11 @@ class Stage:
         self.device, self.dtype = torch.device(device), dtype
         self.unet = network.to(device=device, dtype=dtype).eval()
         self.codec = codec.to(device=device, dtype=dtype).eval()
-        self.text_encoder = text_encoder.to(device=device).eval() if text_encoder is not None else None
+        # The text encoder keeps its stored precision, except that an fp32 pipeline computes it in fp32 too: half
+        # precision on the CPU is slow (no fast kernels) and buys nothing there.
+        text_dtype = torch.float32 if dtype == torch.float32 else None
+        self.text_encoder = (text_encoder.to(device=device, dtype=text_dtype).eval() if text_encoder is not None
+                             else None)
         self.schedule_config = schedule_config
         self.network = ConcatNetwork(self.unet)  # extra input channels: inpainting masks, low-resolution images
         self.denoiser = build_denoiser(self.network, schedule_config)  # discrete (eps / v / x0) or EDM

@@ -1,0 +1,146 @@
+"""Generate a prompt set at several guidance scales in batches, and score it with a CLIP (the bundled one by default).
+
+    python tools/eval_default_model.py generate --model M --prompts P.txt --guidance 1 3 5 7 --out DIR
+    python tools/eval_default_model.py score --images DIR/cfg5 [DIR/cfg7 ...] --ref REAL_DIR --out report.json
+
+generate: image i of the set uses seed `seed + i` and the first DPM-Solver++(2M) plan of `steps` steps, as
+`pipe(prompt, seed=seed + i, steps=steps, guidance=g)` does (batching changes only rounding); each guidance scale
+gets `DIR/cfg<g>/` with metadata.jsonl, which `ldm-eval --images` reads.
+score: per folder the CLIP score with the images' own prompts and with the prompts shuffled (a derangement: the gap
+is what the prompt adds), top-1/top-5 retrieval of each image's own prompt among the folder's distinct prompts, and
+the Frechet distance in the CLIP's image space to `--ref` (not FID: no Inception network is involved).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.atomic import atomic_path, atomic_write_text  # noqa: E402
+from ldm.cli.common import cli_main  # noqa: E402
+
+
+@torch.no_grad()
+def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, sampler: str = "dpmpp_2m"):
+    """One image per (prompt, seed), all in one batch: the noise of each is its own seeded CPU draw."""
+    from ldm.diffusion.guidance import cfg
+    from ldm.diffusion.plans import sampling_plan
+    from ldm.diffusion.samplers import SAMPLERS
+    from ldm.pipeline.images import to_pil
+
+    size = pipe.default_size // pipe.autoencoder.downsample_factor
+    shape = (1, pipe.autoencoder.latent_channels, size, size)
+    noise = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=pipe.dtype)
+                       for s in seeds]).to(pipe.device)
+    plan = sampling_plan(pipe.schedule_config, sampler, steps)
+    cond = pipe.encode_prompts(prompts)
+    denoiser = pipe.denoiser
+    if guidance > 1.0:
+        uncond = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in pipe.encode_prompts([""]).items()}
+        cond, denoiser = {"cond": cond, "uncond": uncond}, cfg(pipe.denoiser, guidance)
+    x = SAMPLERS[sampler](denoiser, noise * plan.init_noise_scale, plan.sigmas.to(pipe.device), cond,
+                          generator=torch.Generator("cpu").manual_seed(seeds[0]), disable_progress=True,
+                          **dict(plan.sampler_kwargs))
+    return to_pil(pipe.autoencoder.decode_latents((x * plan.final_scale).to(pipe.dtype)))
+
+
+def generate(args) -> None:
+    from ldm.eval.prompts import load_prompts
+    from ldm.pipeline.load import load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device)
+    texts = [p.text for p in load_prompts(args.prompts)][: args.limit]
+    for g in args.guidance:
+        folder = Path(args.out) / f"cfg{g:g}"
+        with atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            rows = []
+            for start in range(0, len(texts), args.batch_size):
+                chunk = texts[start:start + args.batch_size]
+                seeds = [args.seed + start + i for i in range(len(chunk))]
+                for i, image in enumerate(generate_batch(pipe, chunk, seeds, args.steps, g)):
+                    name = f"{start + i:05d}.png"
+                    image.save(tmp / name)
+                    rows.append({"file_name": name, "text": chunk[i], "seed": seeds[i], "guidance": g})
+            (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"{folder}: {len(texts)} images")
+
+
+def derangement(n: int, seed: int = 0) -> torch.Tensor:
+    """A random permutation of range(n) that moves every element (n >= 2)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g)
+        if n < 2 or bool((perm != torch.arange(n)).all()):
+            return perm
+
+
+@torch.no_grad()
+def score(args) -> None:
+    from ldm.eval.clip_score import ClipModel, clip_score
+    from ldm.eval.features import compute_features
+    from ldm.eval.frechet import fid
+    from ldm.eval.imagefolder import list_images, read_metadata
+    from ldm.eval.retrieval import prompt_retrieval
+
+    clip = ClipModel(args.clip_model, args.clip_pretrained) if args.clip_model else ClipModel.bundled()
+    ref = None
+    if args.ref:
+        ref = compute_features(list_images(Path(args.ref)), clip, keep=False, progress=False).moments.to_stats(clip.name)
+    report = {"clip": clip.describe(), "runs": []}
+    for folder in args.images:
+        rows = read_metadata(folder)
+        img = compute_features([r.path for r in rows], clip, keep=True, progress=False).values.float()
+        texts = [r.text for r in rows]
+        distinct = sorted(set(texts))
+        txt = clip.encode_texts(distinct)
+        index = torch.tensor([distinct.index(t) for t in texts])
+        own = clip_score(img, txt[index])
+        shuffled = clip_score(img, txt[index[derangement(len(rows))]])
+        run = {"images": str(folder), "n": len(rows), "prompts": len(distinct),
+               "clip_score": float(own.mean()), "clip_score_shuffled": float(shuffled.mean()),
+               **{f"retrieval_{k}": v for k, v in prompt_retrieval(img, txt, index).items()}}
+        if ref is not None:
+            from ldm.eval.features import compute_features as cf
+
+            stats = cf([r.path for r in rows], clip, keep=False, progress=False).moments.to_stats(clip.name)
+            run["fd_clip"] = fid(stats, ref)
+        report["runs"].append(run)
+        print(json.dumps(run))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(report, indent=2))
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tools/eval_default_model.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="action", required=True)
+    g = sub.add_parser("generate")
+    g.add_argument("--model", default=None, help="model folder (default: the bundled one)")
+    g.add_argument("--prompts", required=True)
+    g.add_argument("--guidance", type=float, nargs="+", default=[5.0])
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--limit", type=int, default=None, help="the first N prompts only")
+    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--device", default=None)
+    g.add_argument("--out", required=True)
+    s = sub.add_parser("score")
+    s.add_argument("--images", nargs="+", required=True, help="folders with metadata.jsonl")
+    s.add_argument("--ref", default=None, help="real images for the Frechet distance in CLIP space")
+    s.add_argument("--clip-model", default=None, help="open_clip name or config .json (default: the bundled CLIP)")
+    s.add_argument("--clip-pretrained", default=None)
+    s.add_argument("--out", default=None, help="report .json")
+    args = p.parse_args(argv)
+    generate(args) if args.action == "generate" else score(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
