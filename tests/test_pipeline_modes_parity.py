@@ -50,6 +50,13 @@ def reference_image(reference, sampler: str, **kwargs) -> np.ndarray:
                      generator=torch.Generator("cpu").manual_seed(7), output_type="np", **kwargs).images[0]
 
 
+def skip_lms_started_part_way(sampler: str, strength: float) -> None:
+    """diffusers' LMSDiscreteScheduler started part-way (begin_index > 0) takes its order from the global step index
+    and zips order-4 coefficients with the one derivative it holds; ours starts at order 1, as LMS must."""
+    if sampler == "lms" and strength < 1.0:
+        pytest.skip("diffusers' LMS started part-way applies high-order coefficients to a one-derivative history")
+
+
 def assert_same_image(image: Image.Image, expected: np.ndarray, what: str) -> None:
     got = np.asarray(image, dtype=np.float64) / 255.0
     expected = (expected * 255).round() / 255.0
@@ -62,6 +69,7 @@ def assert_same_image(image: Image.Image, expected: np.ndarray, what: str) -> No
 @pytest.mark.parametrize("sampler", list(SCHEDULERS))
 @pytest.mark.parametrize("strength", [0.6, 1.0])
 def test_img2img_same_image_as_diffusers(img2img_folder, sampler, strength):
+    skip_lms_started_part_way(sampler, strength)
     folder, reference = img2img_folder
     expected = reference_image(reference, sampler, image=init_image(), strength=strength)
     ours = load_pipeline(folder, device="cpu")
@@ -74,6 +82,7 @@ def test_img2img_same_image_as_diffusers(img2img_folder, sampler, strength):
 @pytest.mark.parametrize("sampler", list(SCHEDULERS))
 @pytest.mark.parametrize("strength", [0.7, 1.0])
 def test_inpainting_with_a_9_channel_unet_same_image_as_diffusers(inpaint_folder, sampler, strength):
+    skip_lms_started_part_way(sampler, strength)
     folder, reference = inpaint_folder
     expected = reference_image(reference, sampler, image=init_image(), mask_image=mask_image(), strength=strength,
                                height=32, width=32)
