@@ -26,8 +26,9 @@ from ldm.config import to_plain  # noqa: E402
 from ldm.data.latents import (LATENTS_META, TextEmbeddingStore, caption_hash, encoder_identity,  # noqa: E402
                               latent_record, write_latents_meta)
 from ldm.errors import LdmError  # noqa: E402
+from ldm.runtime import resolve_dtype  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
 def load_encoders(model: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(train with the same data.buckets)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="compute dtype of the encoders "
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="compute dtype of the encoders "
                    "(storage is float16 either way)")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding worker processes")
     p.add_argument("--samples-per-shard", type=int, default=1000)
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_out_dir(args.out, args.overwrite)
     counts = precompute(make_loader(data), autoencoder, text_encoder, args.out,
                         samples_per_shard=args.samples_per_shard, captions_per_file=args.captions_per_file,
-                        device=args.device, dtype=DTYPES[args.dtype], progress=not args.no_progress)
+                        device=args.device, dtype=resolve_dtype(args.dtype), progress=not args.no_progress)
     if counts["num_samples"] == 0:
         raise LdmError(f"no usable sample in {args.shards} (skip counts: {counts['skipped']})")
     ae = autoencoder.config
