@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from ldm.cli.txt2img import main as txt2img
 from ldm.config import apply_overrides, from_dict, load_yaml
 from ldm.diffusion.noise_augmentation import StageConfig, downsample, upsample
-from ldm.errors import LdmError
 from ldm.train.config import TrainConfig
 from ldm.train.loop import train
 from ldm.train.super_resolution import super_resolution_inputs
@@ -73,10 +72,37 @@ def test_sr_inputs_crop_target_and_low_res_image_alike():
         assert torch.equal(extra["concat"][i:i + 1], expected)
 
 
-def test_precomputed_shards_with_a_pixel_model_are_refused(shards, tmp_path):
-    config = stage_config("base", shards, tmp_path / "run", "data.sample_format=latent", "loss.inputs=latents")
-    with pytest.raises(LdmError, match="precomputed text embeddings for pixel models are not supported yet"):
-        train(config)
+@pytest.mark.slow
+def test_a_pixel_stage_trains_from_precomputed_text_embeddings(shards, tmp_path):
+    import importlib.util
+
+    from ldm.data import DataConfig, make_loader
+
+    spec = importlib.util.spec_from_file_location("precompute_latents", ROOT / "data_scripts" / "precompute_latents.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    precompute = module.main
+
+    out = tmp_path / "precomputed"
+    assert precompute(["--model", str(ROOT / "configs" / "imagen-tiny-sr.yaml"), "--shards", shards, "--out",
+                       str(out), "--resolution", "32", "--batch-size", "4", "--num-workers", "0",
+                       "--no-progress"]) == 0
+    assert json.loads((out / "latents_meta.json").read_text())["encoders"]["autoencoder"]["class"] == "none"
+
+    def by_key(**kwargs):
+        config = DataConfig(resampled=False, shuffle_buffer=0, num_workers=0, resolution=32, flip_prob=0.0,
+                            caption_dropout=0.0, **kwargs)
+        return {k: b for batch in make_loader(config) for k, b in zip(batch["key"], zip(*[
+            batch.get("image", batch.get("latent_mean")), batch.get("text_mask", [None] * len(batch["key"]))]))}
+
+    images, stored = by_key(shards=shards), by_key(shards=str(out), sample_format="latent")
+    assert stored.keys() == images.keys()
+    for key, (image, mask) in images.items():  # the shards hold the image itself (8-bit values are exact in fp16)
+        assert (stored[key][0].float() - image).abs().max() <= 1e-3 and stored[key][1].any()
+    run = tmp_path / "run"
+    train(stage_config("sr", str(out), run, "max_steps=1", "data.sample_format=latent", "loss.inputs=latents",
+                       "data.flip_prob=0"))
+    assert (run / "unet.safetensors").is_file()
 
 
 def _weights(folder: Path) -> dict:

@@ -47,6 +47,9 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
     seeds = [derive_seed(config.seed, rank, state.samples + j) for j in range(len(captions))]
     state.samples += len(captions)
     extra = {}  # network arguments besides the text: an SR stage's low-res image and augmentation level
+    if parts.autoencoder is None and config.loss.inputs == "latents":  # a pixel model's shards hold the images
+        check_latent_batch(batch, pixels=True)
+        batch = {**batch, "image": batch["latent_mean"]}
     if parts.super_resolution:  # made from the sample itself: an SR stage trains without a base model
         mean, std = batch["image"].float(), None
         mean, extra = super_resolution_inputs(mean, parts.stage, [derive_seed(s, "sr") for s in seeds], device)
@@ -95,7 +98,7 @@ def latent_text_conditioning(batch: dict, parts: LatentDiffusionParts, device: t
     mask, pooled = batch.get("text_mask"), batch.get("text_pooled")
     mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.to(device)
     pooled = None if pooled is None else pooled.to(device).float()
-    if parts.unet.config.adm_in_channels is not None and pooled is None:
+    if getattr(parts.unet.config, "adm_in_channels", None) is not None and pooled is None:
         raise LdmError("loss.inputs=latents with a U-Net taking pooled text (adm_in_channels) needs `text_pooled` "
                        "from the loader; precompute the latents with a text encoder that has a pooled output")
     dropped = batch.get("drop_mask")
@@ -148,10 +151,6 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     if config.data.sample_format == "latent":  # precomputed shards: refuse ones made by other encoders, at once
         from ldm.data.latents import check_latent_shards
 
-        if parts.autoencoder is None:
-            raise LdmError("data.sample_format=latent: precomputed shards hold latents of an autoencoder, and this "
-                           "is a pixel-space model (model.autoencoder=null); precomputed text embeddings for pixel "
-                           "models are not supported yet: train from image shards (data.sample_format=image)")
 
         if config.loss.inputs != "latents":
             raise LdmError("data.sample_format=latent gives precomputed latents: set loss.inputs=latents")
@@ -217,7 +216,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             data_counts.add(batch)
             if parts.super_resolution and references is None:  # the SR grid upscales these training images
                 count = min(len(batch["caption"]), len(config.sampling.prompts) * config.sampling.n_per_prompt)
-                references = (batch["image"][:count].clone(), list(batch["caption"][:count]))
+                images = batch["image"] if "image" in batch else batch["latent_mean"]  # precomputed: the images
+                references = (images[:count].float().clone(), list(batch["caption"][:count]))
             with accelerator.autocast():  # the frozen encoders run in the autocast dtype, their weights stay float32
                 inputs = prepare_inputs(batch, parts, objective, config, state, rank, device)
             last = micro == config.grad_accum - 1

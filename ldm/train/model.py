@@ -234,9 +234,11 @@ def latents_from_posterior(config: AutoencoderConfig, mean: torch.Tensor, std: t
     return (mean + std * eps - config.shift_factor) * config.scale_factor
 
 
-def check_latent_batch(batch: dict) -> None:
-    """Latent shards need `latent_mean`, `latent_std` and `text_tokens` from the loader; say so clearly otherwise."""
-    missing = [k for k in ("latent_mean", "latent_std", "text_tokens") if k not in batch]
+def check_latent_batch(batch: dict, pixels: bool = False) -> None:
+    """Latent shards need `latent_mean`, `latent_std` (not for a pixel model's: the mean is the image) and
+    `text_tokens` from the loader; say so clearly otherwise."""
+    needed = ("latent_mean", "text_tokens") if pixels else ("latent_mean", "latent_std", "text_tokens")
+    missing = [k for k in needed if k not in batch]
     if missing:
         raise LdmError(f"loss.inputs=latents needs latent shards, but the loader gave no {missing} "
                        f"(it gave {sorted(batch)}): make them with data_scripts/precompute_latents.py and set "
