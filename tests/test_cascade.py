@@ -94,6 +94,7 @@ def test_a_pixel_model_loads_with_its_stage_and_thresholds_by_default(models):
     assert np.abs(on - off).max() > 0  # thresholding changed the high-guidance image
 
 
+@pytest.mark.slow
 def test_cascade_shares_one_text_embedding_and_its_first_stage_is_the_base_alone(models):
     base = load_pipeline(models["base"], device="cpu", dtype="fp32")
     cascade = load_cascade(base, [models["sr"]], device="cpu", dtype="fp32")
