@@ -221,6 +221,7 @@ def test_an_oracle_cascade_reproduces_its_one_image_at_full_resolution():
     ("image_size", "but stage 2 upscales 16x16 images"),
     ("height", "leave out --height and --width"),
     ("stage_list", "--stage-steps gives 3 value(s) for a cascade of 2 stages"),
+    ("no_upscaler", "--aug-level: cascade options; give the super-resolution stages with --upscaler"),
 ])
 def test_bad_cascade_input_exits_2_before_writing(models, tmp_path, capsys, case, message):
     out = tmp_path / "out"
@@ -253,6 +254,8 @@ def test_bad_cascade_input_exits_2_before_writing(models, tmp_path, capsys, case
         args += ["--height", "32"]
     elif case == "stage_list":
         args += ["--stage-steps", "2,2,2"]
+    elif case == "no_upscaler":
+        args = ["a cat", "--model", base, "--out", out, "--aug-level", "1", *FAST]
     assert run(*args) == 2
     assert message in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())

@@ -131,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_cascade(pipe, args.upscaler, device=args.device, dtype=args.dtype,
                             allow_pickle=args.allow_pickle, **cascade_options)
     else:
-        given = [f"--{k.replace('_', '-')}" for k, v in cascade_options.items() if v not in (None, 1)]
+        given = [f"--{k.replace('_', '-')}" for k, v in cascade_options.items()
+                 if v is not None and (k, v) != ("start_stage", 1)]
         if given:
-            raise LdmError(f"{', '.join(given)} apply to a cascade: give its super-resolution stages with --upscaler")
+            raise LdmError(f"{', '.join(given)}: cascade options; give the super-resolution stages with --upscaler")
     records = generate_to_folder(
         pipe, prompts, args.out, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
         guidance_rescale=args.guidance_rescale, seed=args.seed,
