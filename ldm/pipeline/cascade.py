@@ -168,6 +168,11 @@ class Cascade:
             low_res = from_pil(images)  # 8-bit between stages: a saved PNG upscales to the same image
         return all_images if return_all_stages else all_images[-1]
 
+    def check_inputs(self, init_image: Image.Image | None = None, **_) -> None:
+        """Refuse an image to upscale whose size is not the start stage's input size (before any file is written)."""
+        if init_image is not None:
+            self._input_image(init_image, self.options["start_stage"] - 1)
+
     def _input_image(self, image: Image.Image, index: int) -> torch.Tensor:
         """The image given to stage `index + 1`: its size must be the one the stage upscales."""
         size = self.stages[index].stage_config.low_res_size

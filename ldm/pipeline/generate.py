@@ -88,6 +88,8 @@ def check_generation(
                             n=n_per_prompt, height=height, width=width, sampler_options=dict(sampler_options or {}),
                             dynamic_threshold=dynamic_threshold, from_image=init_image is not None, inpainting=mask_image is not None, strength=strength)
     modes = _load_mode_images(init_image, mask_image)
+    if hasattr(pipe, "check_inputs"):  # a cascade: the image to upscale must be its start stage's input size
+        pipe.check_inputs(**modes)
     if init_image is not None:
         modes["strength"] = checked.strength
     _check_memory(pipe, height, width, n_per_prompt, guidance)
