@@ -1,5 +1,8 @@
 """Encode image shards once with the frozen autoencoder and text encoder into latent shards.
 
+A pixel-space model (Imagen's stages: no autoencoder) gets the same shards with the images themselves in place of
+latents, so its frozen T5 (or other) text encoder runs once per unique caption instead of every step.
+
     python data_scripts/precompute_latents.py --model models/sd-v1-5 --shards 'data/laion/{00000..00099}.tar' \\
         --out data/laion_latents --resolution 512 --batch-size 32 --device cuda
     python tools/train.py --config configs/sd-v1.yaml --train-data data/laion_latents \\
@@ -50,7 +53,7 @@ def load_encoders(model: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     from ldm.io.formats import load_model
 
     components = load_model(model)
-    return components.autoencoder, components.text_encoder, {k: components.config[k]
+    return components.autoencoder, components.text_encoder, {k: components.config.get(k)
                                                              for k in ("autoencoder", "text_encoder")}
 
 
@@ -74,7 +77,8 @@ def precompute(loader, autoencoder, text_encoder, out: Path, *, samples_per_shar
     """Encode every batch of `loader` into latent shards in `out`; returns counts for latents_meta.json."""
     from ldm.data.shards import AtomicShardWriter
 
-    autoencoder.to(device, dtype).eval()
+    if autoencoder is not None:  # None: a pixel-space model, whose shards hold the images themselves
+        autoencoder.to(device, dtype).eval()
     text_encoder.to(device, dtype).eval()
     store = TextEmbeddingStore(out, captions_per_file)
     bar = None
@@ -84,7 +88,11 @@ def precompute(loader, autoencoder, text_encoder, out: Path, *, samples_per_shar
         bar = tqdm(desc="latents", unit="img")
     with AtomicShardWriter(out, samples_per_shard) as writer:
         for batch in loader:
-            posterior = autoencoder.encode(batch["image"].to(device, dtype))
+            if autoencoder is None:
+                mean, std = batch["image"], [None] * len(batch["key"])
+            else:
+                posterior = autoencoder.encode(batch["image"].to(device, dtype))
+                mean, std = posterior.mean, posterior.std
             image_size = tuple(batch["image"].shape[-2:])
             hashes = [caption_hash(c) for c in batch["caption"]]
             new = list(dict.fromkeys(h for h in hashes if h not in store))  # unique, first-seen order
@@ -94,8 +102,8 @@ def precompute(loader, autoencoder, text_encoder, out: Path, *, samples_per_shar
                 for i, h in enumerate(new):
                     store.add(h, emb.tokens[i], emb.mask[i], None if emb.pooled is None else emb.pooled[i])
             for i, key in enumerate(batch["key"]):
-                writer.write(latent_record(key, batch["caption"][i], batch["meta"][i], posterior.mean[i],
-                                           posterior.std[i], image_size, hashes[i], store.where[hashes[i]]))
+                writer.write(latent_record(key, batch["caption"][i], batch["meta"][i], mean[i], std[i], image_size,
+                                           hashes[i], store.where[hashes[i]]))
             if bar is not None:
                 bar.update(len(hashes))
         store.flush()
@@ -146,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                         device=args.device, dtype=resolve_dtype(args.dtype), progress=not args.no_progress)
     if counts["num_samples"] == 0:
         raise LdmError(f"no usable sample in {args.shards} (skip counts: {counts['skipped']})")
-    ae = autoencoder.config
+    ae = getattr(autoencoder, "config", None)
     write_latents_meta(args.out, {
         "model": str(args.model), "encoders": identity, **configs,
-        "scale_factor": ae.scale_factor, "shift_factor": ae.shift_factor,
-        "latent": "posterior mean and std, float16, unscaled: x0 = (mean + std * eps - shift_factor) * scale_factor",
+        "scale_factor": getattr(ae, "scale_factor", None), "shift_factor": getattr(ae, "shift_factor", None),
+        "latent": "posterior mean and std, float16, unscaled: x0 = (mean + std * eps - shift_factor) * scale_factor"
+                  if ae is not None else "the image in [-1, 1], float16 (a pixel-space model: no autoencoder)",
         "sizes": [list(s) for s in data.sizes], "crop": data.crop, "encode_dtype": args.dtype,
         "source_shards": sources, **to_plain(counts),
     })

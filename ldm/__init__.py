@@ -8,3 +8,10 @@ def load_pipeline(model=None, *, device=None, dtype=None, allow_pickle=False):
     from ldm.pipeline.load import load_pipeline as _load
 
     return _load(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+def load_cascade(base, upscalers=(), *, device=None, dtype=None, allow_pickle=False, **options):
+    """A base model then super-resolution stages, one text embedding: `load_cascade(b, [sr])("a cat", seed=0)`."""
+    from ldm.pipeline.cascade import load_cascade as _load
+
+    return _load(base, upscalers, device=device, dtype=dtype, allow_pickle=allow_pickle, **options)

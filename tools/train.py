@@ -1,4 +1,4 @@
-"""Train a latent text-to-image diffusion model.
+"""Train a text-to-image diffusion model: a latent model, or one pixel cascade stage (configs/imagen-*.yaml).
 
     accelerate launch tools/train.py --config configs/sd-v1.yaml --train-data 'shards/{00000..00999}.tar' \\
         --output-dir runs/sd1 [--max-steps N] [--resume latest|PATH | --overwrite] [key.sub=value ...]
@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     out = train(config, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         prompt = config.sampling.prompts[0] if config.sampling.prompts else "a photo"
-        print(f'model written to {out}; try: ldm-txt2img --model {out} "{prompt}"')
+        if (config.model.stage or {}).get("low_res_size") is not None:  # an SR stage upscales a base model's images
+            print(f'model written to {out}; try: ldm-txt2img --model BASE --upscaler {out} "{prompt}"')
+        else:
+            print(f'model written to {out}; try: ldm-txt2img --model {out} "{prompt}"')
     return 0
 
 

@@ -37,10 +37,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="img2img / inpainting: fraction of the schedule to run, (0, 1] (default 0.8; 1.0 with --mask)")
     p.add_argument("--mask", type=Path, default=None, help="inpainting: white pixels of this image are repainted "
                    "(9-channel inpainting checkpoints use it natively, other models by masked blending)")
+    cascade = p.add_argument_group("cascade (Imagen: a base model, then super-resolution stages)")
+    cascade.add_argument("--upscaler", action="append", default=[], metavar="MODEL",
+                         help="a super-resolution stage run after the model, repeatable (--upscaler SR256 "
+                         "--upscaler SR1024)")
+    cascade.add_argument("--aug-level", type=finite_float, default=None,
+                         help="noise-conditioning augmentation level of the SR stages, in [0, 1] (default: each "
+                         "stage's config)")
+    cascade.add_argument("--stage-steps", type=_stage_list(int), default=None, metavar="N,N",
+                         help="sampling steps per stage, e.g. 50,25 (default: --steps)")
+    cascade.add_argument("--stage-guidance", type=_stage_list(float), default=None, metavar="G,G",
+                         help="guidance per stage, e.g. 7,4 (default: --guidance)")
+    cascade.add_argument("--stage-sampler", type=_stage_list(str), default=None, metavar="S,S",
+                         help="sampler per stage, e.g. ddim,euler (default: --sampler)")
+    cascade.add_argument("--start-stage", type=int, default=1,
+                         help="upscale --init-image starting at this stage (2 = the first upscaler)")
+    p.add_argument("--dynamic-threshold", type=finite_float, default=None, metavar="P",
+                   help="dynamic thresholding percentile, e.g. 0.995 (default: on for pixel models at their "
+                   "config's percentile, off for latent models; 0 = off)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],
                    help="attention backend (xformers falls back to sdpa with a warning without a CUDA build)")
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
     return p
+
+
+def _stage_list(kind):
+    """An argparse type: a comma-separated value per stage."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(v.strip()) for v in text.split(",")]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: give one {kind.__name__} per stage, comma-separated") from e
+
+    return parse
 
 
 def parse_sampler_options(pairs: list[str]) -> dict[str, float]:
@@ -93,11 +123,24 @@ def main(argv: list[str] | None = None) -> int:
     set_attention_backend(args.attention)
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    cascade_options = dict(stage_steps=args.stage_steps, stage_guidance=args.stage_guidance,
+                           stage_sampler=args.stage_sampler, aug_level=args.aug_level, start_stage=args.start_stage)
+    if args.upscaler:
+        from ldm.pipeline.cascade import load_cascade
+
+        pipe = load_cascade(pipe, args.upscaler, device=args.device, dtype=args.dtype,
+                            allow_pickle=args.allow_pickle, **cascade_options)
+    else:
+        given = [f"--{k.replace('_', '-')}" for k, v in cascade_options.items()
+                 if v is not None and (k, v) != ("start_stage", 1)]
+        if given:
+            raise LdmError(f"{', '.join(given)}: cascade options; give the super-resolution stages with --upscaler")
     records = generate_to_folder(
         pipe, prompts, args.out, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
         guidance_rescale=args.guidance_rescale, seed=args.seed,
         n_per_prompt=args.n, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
         init_image=args.init_image, strength=args.strength, mask_image=args.mask, sampler_options=sampler_options,
+        dynamic_threshold=args.dynamic_threshold,
     )
     for r in records:
         print(args.out / r["file_name"])

@@ -1,7 +1,8 @@
 """Precomputed latent shards: the record layout, the caption-deduplicated text store, the "latent" sample format.
 
 A latent shard set is a folder written by `data_scripts/precompute_latents.py`:
-- `NNNNN.tar`: per sample `KEY.latent.safetensors` (posterior `mean`, `std`, `c h w` float16, unscaled), `KEY.txt`
+- `NNNNN.tar`: per sample `KEY.latent.safetensors` (posterior `mean`, `std`, `c h w` float16, unscaled; for a
+  pixel-space model, made without an autoencoder, `mean` is the image in [-1, 1] and there is no `std`), `KEY.txt`
   (the caption) and `KEY.json` (the source json plus `latent`: image size, caption hash, text file).
 - `text-NNNNN.safetensors`: each unique caption's embedding once, keyed by the caption's sha1:
   `<sha1>.tokens` (`n d` float16), `<sha1>.mask` (`n` bool), `<sha1>.pooled` (`d` float16, when the encoder has one).
@@ -58,27 +59,32 @@ def module_sha1(module: "nn.Module") -> str:
     return digest.hexdigest()
 
 
-def encoder_identity(autoencoder: "nn.Module", text_encoder: "nn.Module") -> dict[str, dict[str, Any]]:
-    """What must match between precomputing and training: classes, text settings and the weights' sha1."""
+def encoder_identity(autoencoder: "nn.Module | None", text_encoder: "nn.Module") -> dict[str, dict[str, Any]]:
+    """What must match between precomputing and training: classes, text settings and the weights' sha1 (no
+    autoencoder: a pixel-space model, whose shards hold the images themselves)."""
     if not getattr(text_encoder, "frozen", True):
         raise LdmError(f"the text encoder ({type(text_encoder).__name__}) is trained with the U-Net (its "
                        "TextEncoderConfig.freeze is false, the default of the small encoder): its embeddings change "
                        "every step, so they cannot be precomputed. Use a frozen encoder (CLIP, OpenCLIP, T5, or "
                        "text_encoder.freeze=true), or train from images (loss.inputs=images)")
+    pixels = {"class": "none", "latent_channels": 3, "downsample_factor": 1, "sha1": None}  # a pixel model
     return {
-        "autoencoder": {"class": type(autoencoder).__name__, "latent_channels": autoencoder.latent_channels,
-                        "downsample_factor": autoencoder.downsample_factor, "sha1": module_sha1(autoencoder)},
+        "autoencoder": pixels if autoencoder is None else {
+            "class": type(autoencoder).__name__, "latent_channels": autoencoder.latent_channels,
+            "downsample_factor": autoencoder.downsample_factor, "sha1": module_sha1(autoencoder)},
         "text_encoder": {"class": type(text_encoder).__name__, "layer": getattr(text_encoder, "layer", "last"),
                          "max_length": text_encoder.max_length, "dim": text_encoder.dim,
                          "sha1": module_sha1(text_encoder)},
     }
 
 
-def latent_record(key: str, caption: str, meta: dict, mean: torch.Tensor, std: torch.Tensor,
+def latent_record(key: str, caption: str, meta: dict, mean: torch.Tensor, std: torch.Tensor | None,
                   image_size: tuple[int, int], text_sha1: str, text_file: str) -> dict[str, Any]:
-    """One latent sample for AtomicShardWriter: float16 `c h w` posterior mean/std, caption, json with references."""
-    blob = save_safetensors({"mean": mean.detach().to("cpu", STORE_DTYPE).contiguous(),
-                             "std": std.detach().to("cpu", STORE_DTYPE).contiguous()})
+    """One latent sample for AtomicShardWriter: float16 `c h w` posterior mean/std, caption, json with references.
+
+    A pixel-space model's sample holds the image as `mean` and no `std` (float16 keeps 8-bit images exact)."""
+    tensors = {"mean": mean, **({"std": std} if std is not None else {})}
+    blob = save_safetensors({k: v.detach().to("cpu", STORE_DTYPE).contiguous() for k, v in tensors.items()})
     info = {"image_size": list(image_size), "text_sha1": text_sha1, "text_file": text_file}
     return {"__key__": key, LATENT_MEMBER: blob, "txt": caption.encode("utf-8"),
             "json": json.dumps({**meta, "latent": info}, sort_keys=True).encode("utf-8")}
@@ -180,8 +186,9 @@ def latent_sample(raw: dict, config: "DataConfig", rng: random.Random) -> tuple[
         raise LdmError(f"latent sample {raw['__key__']} was encoded from a {size[0]}x{size[1]} image, which is not "
                        f"among the data sizes {sizes}; set data.resolution / data.buckets as at precompute time")
     text = read_text_embedding(_local_folder(raw["__url__"]) / info["text_file"], info["text_sha1"])
-    fields = {"latent_mean": latent["mean"], "latent_std": latent["std"], **text, "caption": caption,
-              "key": raw["__key__"]}
+    fields = {"latent_mean": latent["mean"], **text, "caption": caption, "key": raw["__key__"]}
+    if "std" in latent:  # absent in a pixel model's shards (the mean is the image)
+        fields["latent_std"] = latent["std"]
     return sizes.index(size), fields
 
 

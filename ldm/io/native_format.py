@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 
 from ldm.atomic import atomic_path, atomic_write_text
-from ldm.config import from_dict, load_yaml, save_yaml
+from ldm.config import from_dict, load_yaml, save_yaml, to_plain
+from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import CheckpointError, ConfigError
 from ldm.io.checkpoint import read_state_dict, write_safetensors
@@ -26,8 +27,9 @@ from ldm.models.tokenizers import save_tokenizer
 FORMAT = "ldm-native-v1"
 MANIFEST = "manifest.json"
 SCHEDULE_SECTION = "scheduler"
+STAGE_SECTION = "stage"  # a pixel cascade stage's StageConfig (sizes, augmentation level, dynamic thresholding)
 REQUIRED = ("unet", SCHEDULE_SECTION)
-_NOT_PARTS = ("format", SCHEDULE_SECTION)
+_NOT_PARTS = ("format", SCHEDULE_SECTION, STAGE_SECTION)
 
 
 def weights_file(role: str) -> str:
@@ -100,6 +102,9 @@ def load_native(folder: str | Path, *, device="cpu", dtype=None, prediction_type
     try:
         sections = {role: read_section(role, config[role]) for role in roles}
         sections[SCHEDULE_SECTION] = from_dict(ScheduleConfig, config[SCHEDULE_SECTION], where=SCHEDULE_SECTION)
+        stage = config.get(STAGE_SECTION)
+        if stage is not None:
+            stage = to_plain(from_dict(StageConfig, stage, where=STAGE_SECTION))  # checked now, kept as a section
     except ConfigError as e:
         raise ConfigError(f"{folder / 'config.yaml'}: {e}") from e
     sources = {role: folder / weights_file(role) for role in roles}
@@ -119,15 +124,20 @@ def load_native(folder: str | Path, *, device="cpu", dtype=None, prediction_type
     sources = {role: str(source) for role, source in sources.items()}
     tokenizer = folder / "tokenizer"
     notes = [f"native ldm folder {folder}" + (f" (exported at step {step})" if step is not None else "")]
-    return make_parts(sections, weights, source=str(folder), sources=sources, device=device, dtype=dtype,
-                      prediction_type=prediction_type, notes=notes,
-                      tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
+    parts = make_parts(sections, weights, source=str(folder), sources=sources, device=device, dtype=dtype,
+                       prediction_type=prediction_type, notes=notes,
+                       tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
+    if stage is not None:
+        parts.config[STAGE_SECTION] = stage
+    return parts
 
 
 def _write_folder(parts: ModelParts, folder: Path, step: int | None) -> None:
     folder.mkdir(parents=True)
     sections = {r: parts.config[r] for r in parts.roles}
-    save_yaml({"format": FORMAT, **sections, SCHEDULE_SECTION: parts.config[SCHEDULE_SECTION]}, folder / "config.yaml")
+    stage = {STAGE_SECTION: parts.config[STAGE_SECTION]} if parts.config.get(STAGE_SECTION) is not None else {}
+    save_yaml({"format": FORMAT, **sections, SCHEDULE_SECTION: parts.config[SCHEDULE_SECTION], **stage},
+              folder / "config.yaml")
     for role, module in parts.parts.items():
         write_safetensors(module.state_dict(), folder / weights_file(role), metadata={"format": "pt"})
     tokenizer = getattr(parts.text_encoder, "tokenizer", None)

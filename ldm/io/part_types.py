@@ -16,6 +16,7 @@ from torch import nn
 from ldm.config import from_dict, to_plain
 from ldm.errors import ConfigError
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.efficient_unet import EfficientUNet, EfficientUNetConfig
 from ldm.models.text_encoders import TEXT_ENCODER_TYPES, TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNetConfig, UNetModel
 
@@ -68,6 +69,9 @@ def _build_text(cfg: TextEncoderConfig, tokenizer_dir: str | Path | None = None)
 register_part_type("unet", PartType(UNetConfig, unet_config, lambda cfg, tokenizer_dir=None: UNetModel(cfg)))
 register_part_type("autoencoder_kl", PartType(AutoencoderConfig, autoencoder_config,
                                               lambda cfg, tokenizer_dir=None: AutoencoderKL(cfg)))
+register_part_type("efficient_unet", PartType(  # Imagen's pixel-space U-Net (base and super-resolution stages)
+    EfficientUNetConfig, lambda section: from_dict(EfficientUNetConfig, section, where="efficient_unet config"),
+    lambda cfg, tokenizer_dir=None: EfficientUNet(cfg)))
 for _name in TEXT_ENCODER_TYPES:
     register_part_type(_name, PartType(TextEncoderConfig, text_config, _build_text, keeps_type=True))
 

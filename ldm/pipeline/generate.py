@@ -17,6 +17,7 @@ from ldm.models.attention import get_attention_backend
 from ldm.pipeline.images import read_png_parameters, save_png
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.memory import available_bytes, check_fits, estimate_generation_bytes
+from ldm.pipeline.settings import GenerationSettings
 from ldm.textfiles import read_jsonl
 from ldm.writable import check_output_dir
 
@@ -77,6 +78,7 @@ def check_generation(
     strength: float | None = None,
     mask_image: str | os.PathLike | None = None,
     sampler_options: dict | None = None,
+    dynamic_threshold: float | None = None,
 ) -> dict:
     """Every check that can fail before a generation starts (settings, input images, schedule, memory).
 
@@ -84,8 +86,10 @@ def check_generation(
     """
     checked = pipe.settings(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                             n=n_per_prompt, height=height, width=width, sampler_options=dict(sampler_options or {}),
-                            from_image=init_image is not None, inpainting=mask_image is not None, strength=strength)
+                            dynamic_threshold=dynamic_threshold, from_image=init_image is not None, inpainting=mask_image is not None, strength=strength)
     modes = _load_mode_images(init_image, mask_image)
+    if hasattr(pipe, "check_inputs"):  # a cascade: the image to upscale must be its start stage's input size
+        pipe.check_inputs(**modes)
     if init_image is not None:
         modes["strength"] = checked.strength
     _check_memory(pipe, height, width, n_per_prompt, guidance)
@@ -149,10 +153,11 @@ def generate_to_folder(
     strength: float | None = None,  # fraction of the schedule that is run (default 0.8 img2img, 1.0 inpainting)
     mask_image: str | os.PathLike | None = None,  # inpainting: white = repaint
     sampler_options: dict | None = None,  # e.g. {"eta": 0.5}; the options each sampler takes are in its registry entry
+    dynamic_threshold: float | None = None,  # percentile; None: the model's default (on for pixel models), 0: off
 ) -> list[dict]:
     """Generate `n_per_prompt` images per prompt; return the metadata records written to `out_dir/metadata.jsonl`.
 
-    `model` is a loaded pipeline or anything `load_pipeline` accepts. Prompt i uses a generator seeded with `seed + i`,
+    `model` is a loaded pipeline (or cascade: each image's record then lists every stage's settings) or anything `load_pipeline` accepts. Prompt i uses a generator seeded with `seed + i`,
     so each prompt's images equal `pipe(prompt, seed=seed + i, n=n_per_prompt)`.
     """
     from tqdm.auto import tqdm
@@ -160,11 +165,13 @@ def generate_to_folder(
     out_dir = check_output_dir(out_dir)
     pipe = model if callable(model) and hasattr(model, "settings") else load_pipeline(model, device=device, dtype=dtype)
     settings = dict(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, n=n_per_prompt,
-                    height=height, width=width, sampler_options=dict(sampler_options or {}))
+                    height=height, width=width, sampler_options=dict(sampler_options or {}),
+                    dynamic_threshold=dynamic_threshold)
     # Fail before anything is written.
     modes = check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                              n_per_prompt=n_per_prompt, height=height, width=width, init_image=init_image,
-                             strength=strength, mask_image=mask_image, sampler_options=sampler_options)
+                             strength=strength, mask_image=mask_image, sampler_options=sampler_options,
+                             dynamic_threshold=dynamic_threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata_path = out_dir / "metadata.jsonl"
     records = _open_index(out_dir)
@@ -198,6 +205,10 @@ def generate_to_folder(
                 "width": image.width,
                 "model": pipe.model_name,
             }
+            if hasattr(pipe, "records"):  # a cascade: what every stage ran with
+                record["stages"] = pipe.records(GenerationSettings(**{**settings, "seed": seed + i}))
+            else:
+                record["dynamic_threshold"] = pipe.stage.threshold_percentile(dynamic_threshold)
             if init_image is not None:
                 record.update(init_image=str(init_image), strength=modes["strength"],
                               mask_image=str(mask_image) if mask_image is not None else None)

@@ -16,6 +16,19 @@ from ldm.errors import LdmError
 _SCORES_BYTES = 4  # the math backend materialises float32 attention scores (and their softmax: x2)
 
 
+def _blocks(unet_config, level: int) -> int:
+    """ResBlocks at a level: one count (SD U-Net) or one per level (Efficient U-Net)."""
+    per_level = getattr(unet_config, "blocks_per_level", None)
+    return per_level[level] if per_level is not None else unet_config.num_res_blocks
+
+
+def _attends(unet_config, level: int) -> bool:
+    """Whether a level has attention: SD's `attention_resolutions` (downsampling rates) or Efficient U-Net's levels."""
+    if hasattr(unet_config, "attention_resolutions"):
+        return 2**level in unet_config.attention_resolutions
+    return level in (*unet_config.attention_levels, *unet_config.cross_attention_levels)
+
+
 def estimate_generation_bytes(
     unet_config,
     autoencoder_config,  # None for a pixel-space model (no decoder runs)
@@ -43,14 +56,14 @@ def estimate_generation_bytes(
     # working set (ResBlock: input, normalised, activated, conv outputs, concatenated skip; transformer: norms,
     # q, k, v, attention output, the GEGLU's 8c projection, its gate and product).
     skips, work = 0, 0
-    heads = unet_config.num_heads
+    heads = getattr(unet_config, "num_heads", -1)
     for level, mult in enumerate(unet_config.channel_mult):
         channels = unet_config.model_channels * mult
         tokens = (height // f // 2**level) * (width // f // 2**level)
         act = batch * channels * tokens * elem
-        skips += (unet_config.num_res_blocks + 1) * act
+        skips += (_blocks(unet_config, level) + 1) * act
         level_work = 8 * act
-        if 2**level in unet_config.attention_resolutions:
+        if _attends(unet_config, level):
             level_work += 20 * act
             if math_scores:
                 h = heads if heads > 0 else channels // unet_config.num_head_channels

@@ -57,6 +57,10 @@ class Pipeline:
 
     def settings(self, *, from_image: bool = False, inpainting: bool = False, **settings) -> GenerationSettings:
         """Checked settings for a call (the one check the CLI, generate_to_folder and `pipe()` share)."""
+        if self.stage.super_resolution:
+            raise LdmError(f"{self.model_name or 'this model'} is a super-resolution stage (it upscales "
+                           f"{self.stage.stage_config.low_res_size} px images): give it as --upscaler after a base "
+                           "model, or upscale an image with --init-image IMG --start-stage 2")
         s = GenerationSettings(**settings)
         if from_image and s.strength is None:
             s.strength = INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH

@@ -27,7 +27,8 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
 
     `cond`: conditioning already built (`stage.conditioning`), e.g. the one text embedding a cascade's stages share.
     `strategy` picks the start (default text-to-image); `wrappers` (denoiser -> denoiser) apply after CFG, e.g.
-    `partial(dynamic_threshold, percentile=0.995)`. Settings are assumed checked (`check_settings`).
+    `classifier_guidance`; dynamic thresholding comes first, from `settings.dynamic_threshold` (None: the stage's
+    default, on for pixel models). Settings are assumed checked (`check_settings`).
     """
     s = settings
     generator = seeded_generator(s.seed)
@@ -38,7 +39,7 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
     shape = stage.shape(len(prompts) * s.n, s.height, s.width)
     start = (strategy or TextToImage()).start(stage, shape, plan, cond, denoiser, generator)
     denoiser = start.denoiser
-    for wrap in wrappers:
+    for wrap in (*stage.thresholding(s.dynamic_threshold), *wrappers):  # dynamic thresholding: pixel models
         denoiser = wrap(denoiser)
     x = run_sampler(s.sampler, denoiser, start.x, start.plan, start.cond, options=s.options(), generator=generator,
                     callback=callback, progress=progress)

@@ -27,6 +27,7 @@ class GenerationSettings:
     strength: float | None = None  # img2img / inpainting: fraction of the schedule run (None: the mode's default)
     sampler_options: dict = field(default_factory=dict)  # extra sampler arguments, e.g. {"eta": 0.5} for ddim
     eta: float | None = None  # DDIM stochasticity: the same as sampler_options={"eta": ...}
+    dynamic_threshold: float | None = None  # percentile; None: the model's default (pixel models on), 0: off
 
     def options(self) -> dict:
         """The sampler's extra keyword arguments (`eta` folded in)."""
@@ -47,9 +48,13 @@ def check_settings(s: GenerationSettings, *, factor: int, schedule_config, condi
     if isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps <= 0:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {s.steps}")
     for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale), ("strength", s.strength),
-                        ("eta", s.eta), *((f"sampler option {k}", v) for k, v in s.sampler_options.items())):
+                        ("dynamic-threshold", s.dynamic_threshold), ("eta", s.eta),
+                        *((f"sampler option {k}", v) for k, v in s.sampler_options.items())):
         if isinstance(value, (int, float)) and not math.isfinite(value):
             raise LdmError(f"--{name} must be a finite number, got {value}")
+    if s.dynamic_threshold is not None and not 0.0 <= s.dynamic_threshold <= 1.0:
+        raise LdmError(f"--dynamic-threshold must be a percentile in (0, 1] (e.g. 0.995), or 0 for off; "
+                       f"got {s.dynamic_threshold}")
     if not 0.0 <= s.guidance_rescale <= 1.0:
         raise LdmError(f"--guidance-rescale must lie in [0, 1], got {s.guidance_rescale}")
     if s.guidance > 1.0 and not conditional:

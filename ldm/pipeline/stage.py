@@ -6,13 +6,19 @@ embedding. A stage knows nothing of where its initial x comes from: that is the 
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
+from ldm.config import from_dict
 from ldm.diffusion.conditioning import ConcatNetwork, text_conditioning
 from ldm.diffusion.denoiser import build_denoiser
+from ldm.diffusion.guidance import dynamic_threshold
+from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.io.components import ModelParts
+from ldm.models.codecs import IdentityCodec
 
 
 class Stage:
@@ -20,8 +26,9 @@ class Stage:
 
     def __init__(self, network: nn.Module, schedule_config: ScheduleConfig, codec: nn.Module,
                  text_encoder: nn.Module | None = None, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, stage_config: StageConfig | None = None):
         self.device, self.dtype = torch.device(device), dtype
+        self.stage_config = stage_config  # a pixel cascade stage's sizes, augmentation level and thresholding
         self.unet = network.to(device=device, dtype=dtype).eval()
         self.codec = codec.to(device=device, dtype=dtype).eval()
         # The text encoder keeps its stored precision, except that an fp32 pipeline computes it in fp32 too: half
@@ -36,7 +43,32 @@ class Stage:
     @classmethod
     def from_parts(cls, parts: ModelParts, *, device="cpu", dtype=torch.float32) -> "Stage":
         """The stage of a single-stage model: its U-Net, schedule, codec and text encoder."""
-        return cls(parts.unet, parts.schedule, parts.codec, parts.text_encoder, device=device, dtype=dtype)
+        section = parts.config.get("stage")
+        stage_config = from_dict(StageConfig, section, where="stage") if section is not None else None
+        return cls(parts.unet, parts.schedule, parts.codec, parts.text_encoder, device=device, dtype=dtype,
+                   stage_config=stage_config)
+
+    @property
+    def pixel(self) -> bool:
+        """Whether the stage denoises pixels (no autoencoder)."""
+        return isinstance(self.codec, IdentityCodec)
+
+    @property
+    def super_resolution(self) -> bool:
+        """Whether the stage upscales a low-resolution image (its config names `low_res_size`)."""
+        return self.stage_config is not None and self.stage_config.low_res_size is not None
+
+    def threshold_percentile(self, percentile: float | None = None) -> float | None:
+        """Dynamic thresholding's percentile: on for pixel models at the stage config's (0.995 without one), off for
+        latent models (their x0 is not an image in [-1, 1]). `percentile` overrides it; 0 turns it off."""
+        if percentile is None:
+            percentile = (self.stage_config or StageConfig()).dynamic_threshold if self.pixel else None
+        return percentile or None
+
+    def thresholding(self, percentile: float | None = None) -> tuple:
+        """The denoiser wrappers of dynamic thresholding (Saharia et al. 2022, Sec. 2.3), or none."""
+        percentile = self.threshold_percentile(percentile)
+        return (partial(dynamic_threshold, percentile=percentile),) if percentile else ()
 
     @property
     def conditional(self) -> bool:
@@ -46,7 +78,8 @@ class Stage:
     @property
     def factor(self) -> int:
         """Image sizes must be multiples of this: the codec's factor times the U-Net's downsampling."""
-        return self.codec.downsample_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
+        own = getattr(self.unet.config, "downsample_factor", None)  # the Efficient U-Net's (SR stages: one more)
+        return self.codec.downsample_factor * (own or 2 ** (len(self.unet.config.channel_mult) - 1))
 
     @property
     def default_size(self) -> int:

@@ -27,12 +27,15 @@ class PretrainedConfig:
 class ModelConfig:
     """The latent diffusion model; each section is the component's own config dataclass, as a mapping."""
 
-    unet: dict = field(default_factory=dict)  # ldm.models.unet.UNetConfig (use_checkpoint = gradient checkpointing)
+    unet: dict = field(default_factory=dict)  # ldm.models.unet.UNetConfig (use_checkpoint = gradient checkpointing),
+    # or another registered network with `type` (Imagen: type: efficient_unet)
     autoencoder: dict | None = field(default_factory=dict)  # ldm.models.autoencoder.AutoencoderConfig (with
     # scale_factor); null: a pixel-space model with no autoencoder
     text_encoder: dict = field(default_factory=dict)  # ldm.models.text_encoders.TextEncoderConfig (its `freeze`
     # decides whether it trains with the U-Net: by default only the small encoder does)
     schedule: dict = field(default_factory=dict)  # ldm.diffusion.schedules.ScheduleConfig (diffusers keys)
+    stage: dict | None = None  # a pixel cascade stage: ldm.diffusion.noise_augmentation.StageConfig (an SR stage
+    # names low_res_size and trains on low-res images made from its own samples)
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     random_autoencoder: bool = False  # allow a frozen random autoencoder (tests only: its latents mean nothing)
 

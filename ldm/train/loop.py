@@ -28,6 +28,7 @@ from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_par
                              latents_from_posterior, text_conditioning)
 from ldm.train.optim import lr_at, make_optimizer, set_lr
 from ldm.train.run_folder import check_run_folder, prepare_run_folder
+from ldm.train.super_resolution import super_resolution_inputs
 from ldm.train.tracking import RunLogger, tracker_name
 
 TRAIN_CONFIG = "train_config.yaml"  # the resolved run config; DIR/config.yaml is the exported model's (native format)
@@ -45,7 +46,14 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
     captions = list(batch["caption"])
     seeds = [derive_seed(config.seed, rank, state.samples + j) for j in range(len(captions))]
     state.samples += len(captions)
-    if parts.autoencoder is None:  # a pixel-space model: its x0 is the image (no posterior to draw from)
+    extra = {}  # network arguments besides the text: an SR stage's low-res image and augmentation level
+    if parts.autoencoder is None and config.loss.inputs == "latents":  # a pixel model's shards hold the images
+        check_latent_batch(batch, pixels=True)
+        batch = {**batch, "image": batch["latent_mean"]}
+    if parts.super_resolution:  # made from the sample itself: an SR stage trains without a base model
+        mean, std = batch["image"].float(), None
+        mean, extra = super_resolution_inputs(mean, parts.stage, [derive_seed(s, "sr") for s in seeds], device)
+    elif parts.autoencoder is None:  # a pixel-space model: its x0 is the image (no posterior to draw from)
         mean, std = batch["image"].to(device).float(), None
     elif config.loss.inputs == "latents":
         check_latent_batch(batch)
@@ -64,12 +72,12 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
         noise = noise + config.loss.offset_noise * randn_per_sample(generators, (shape[0], 1, 1), device)
     inputs = dict(x0=x0, sigma=sigma.to(device, torch.float32), noise=noise)
     if parts.train_text_encoder:
-        return {**inputs, "captions": captions}
+        return {**inputs, "captions": captions, "cond": extra or None}
     if config.loss.inputs == "latents":
         cond = latent_text_conditioning(batch, parts, device)
     else:
         cond = text_conditioning(parts.text_encoder.encode(captions), parts.unet.config)
-    return {**inputs, "cond": {k: v.to(device) for k, v in cond.items()}}
+    return {**inputs, "cond": {**{k: v.to(device) for k, v in cond.items()}, **extra}}
 
 
 _EMPTY_PROMPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # frozen text encoder -> its "" embedding
@@ -90,7 +98,7 @@ def latent_text_conditioning(batch: dict, parts: LatentDiffusionParts, device: t
     mask, pooled = batch.get("text_mask"), batch.get("text_pooled")
     mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.to(device)
     pooled = None if pooled is None else pooled.to(device).float()
-    if parts.unet.config.adm_in_channels is not None and pooled is None:
+    if getattr(parts.unet.config, "adm_in_channels", None) is not None and pooled is None:
         raise LdmError("loss.inputs=latents with a U-Net taking pooled text (adm_in_channels) needs `text_pooled` "
                        "from the loader; precompute the latents with a text encoder that has a pooled output")
     dropped = batch.get("drop_mask")
@@ -143,6 +151,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     if config.data.sample_format == "latent":  # precomputed shards: refuse ones made by other encoders, at once
         from ldm.data.latents import check_latent_shards
 
+
         if config.loss.inputs != "latents":
             raise LdmError("data.sample_format=latent gives precomputed latents: set loss.inputs=latents")
         check_latent_shards(config.data, parts.autoencoder, parts.text_encoder)
@@ -172,6 +181,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     latent_size = config.data.resolution // parts.codec.downsample_factor  # of the sample grids
 
     saved_step = state.step if checkpoint is not None else None
+    references = None  # an SR stage's preview inputs: the first training images this run reads
 
     def checkpoint_now() -> None:
         nonlocal saved_step
@@ -204,6 +214,10 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         for micro in range(config.grad_accum):
             batch = next(batches)
             data_counts.add(batch)
+            if parts.super_resolution and references is None:  # the SR grid upscales these training images
+                count = min(len(batch["caption"]), len(config.sampling.prompts) * config.sampling.n_per_prompt)
+                images = batch["image"] if "image" in batch else batch["latent_mean"]  # precomputed: the images
+                references = (images[:count].float().clone(), list(batch["caption"][:count]))
             with accelerator.autocast():  # the frozen encoders run in the autocast dtype, their weights stay float32
                 inputs = prepare_inputs(batch, parts, objective, config, state, rank, device)
             last = micro == config.grad_accum - 1
@@ -246,7 +260,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             loss_count, timer_start, timer_step = 0, time.perf_counter(), state.step
         sampled = bool(config.sampling.every) and state.step % config.sampling.every == 0
         if sampled:
-            log_samples(parts, ema, objective, config, latent_size, device, logger, state.step, accelerator)
+            log_samples(parts, ema, objective, config, latent_size, device, logger, state.step, accelerator,
+                        references)
         if state.step % config.checkpoint_every == 0:
             checkpoint_now()
         if sampled or state.step % config.checkpoint_every == 0:  # img/s measures training, not these pauses
@@ -259,7 +274,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         checkpoint_now()
     check_replicas_in_sync(accelerator, objective)
     if config.sampling.at_end:
-        log_samples(parts, ema, objective, config, latent_size, device, logger, state.step, accelerator)
+        log_samples(parts, ema, objective, config, latent_size, device, logger, state.step, accelerator,
+                        references)
     if accelerator.is_main_process:
         export_model(parts, ema, objective, out, state.step)
     accelerator.wait_for_everyone()
@@ -296,14 +312,24 @@ def _ema_weights(ema: EMA | None, objective: DiffusionObjective):
     return ema.swapped_in(objective) if ema is not None else contextlib.nullcontext()
 
 
-def log_samples(parts, ema, objective, config, latent_size, device, logger, step, accelerator) -> None:
-    """A grid of EMA samples for the configured prompts (and the evaluation metrics), drawn on the main process."""
+def log_samples(parts, ema, objective, config, latent_size, device, logger, step, accelerator,
+                references: tuple | None = None) -> None:
+    """A grid of EMA samples for the configured prompts (and the evaluation metrics), drawn on the main process.
+
+    An SR stage upscales `references` (training images and their captions) instead: rows low-res | SR | truth.
+    """
     if not accelerator.is_main_process or not config.sampling.prompts:
         return
     from ldm.eval.grid import make_grid
-    from ldm.train.samples import sample_images
+    from ldm.train.samples import sample_images, upscale_references
 
     s = config.sampling
+    if references is not None:
+        with _ema_weights(ema, objective), accelerator.autocast():
+            images = upscale_references(parts, *references, s, device)
+        logger.grid("samples", make_grid(images, ncols=3, captions=[c for c in references[1] for _ in range(3)]),
+                    step)
+        return
     prompts = [p for p in s.prompts for _ in range(s.n_per_prompt)]
     with _ema_weights(ema, objective), accelerator.autocast():
         images = sample_images(parts, prompts, s, latent_size, device)

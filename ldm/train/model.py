@@ -12,8 +12,11 @@ from ldm.config import from_dict, to_plain
 from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.schedules import ScheduleConfig, short_prediction
 from ldm.errors import ConfigError, LdmError
+from ldm.diffusion.conditioning import ConcatNetwork
 from ldm.diffusion.conditioning import text_conditioning as _text_conditioning
+from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.io.components import ModelParts, codec_for, config_sections
+from ldm.io.part_types import PART_TYPES, build_part, section_type
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.unet import UNetConfig, UNetModel
 from ldm.train.config import LossConfig, ModelConfig
@@ -30,6 +33,12 @@ class LatentDiffusionParts:
     text_encoder: nn.Module
     schedule: ScheduleConfig
     text_encoder_config: Any  # ldm.models.text_encoders.TextEncoderConfig
+    stage: StageConfig | None = None  # a pixel cascade stage (sizes, augmentation, thresholding)
+
+    @property
+    def super_resolution(self) -> bool:
+        """Whether the network upscales a low-res image concatenated to its input (an SR stage)."""
+        return self.stage is not None and self.stage.low_res_size is not None
 
     @property
     def codec(self) -> nn.Module:
@@ -45,13 +54,17 @@ class LatentDiffusionParts:
         """The networks as a model (what the native format saves and the pipeline samples)."""
         configs = {"unet": self.unet.config, "autoencoder": getattr(self.autoencoder, "config", None),
                    "text_encoder": self.text_encoder_config}
+        config = config_sections(configs, self.schedule)
+        if self.stage is not None:
+            config["stage"] = to_plain(self.stage)
         return ModelParts(unet=self.unet, autoencoder=self.autoencoder, text_encoder=self.text_encoder,
-                          schedule=self.schedule, config=config_sections(configs, self.schedule), source=source)
+                          schedule=self.schedule, config=config, source=source)
 
     def resolved(self) -> dict:
         """The model section with every default written out, as saved in DIR/train_config.yaml."""
         return {"unet": to_plain(self.unet.config), "autoencoder": to_plain(getattr(self.autoencoder, "config", None)),
-                "text_encoder": to_plain(self.text_encoder_config), "schedule": to_plain(self.schedule)}
+                "text_encoder": to_plain(self.text_encoder_config), "schedule": to_plain(self.schedule),
+                "stage": to_plain(self.stage)}
 
 
 def _load_weights(kind: str, module: nn.Module, path: str) -> nn.Module:
@@ -91,8 +104,11 @@ def build_parts(config: ModelConfig) -> LatentDiffusionParts:
     """
     from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
 
-    unet_config = from_dict(UNetConfig, config.unet, where="model.unet")
-    unet = UNetModel(unet_config)
+    kind = section_type("unet", config.unet)  # `type: efficient_unet` for Imagen's stages; SD's U-Net otherwise
+    unet_config = from_dict(PART_TYPES[kind].config_class, {k: v for k, v in config.unet.items() if k != "type"},
+                            where="model.unet")
+    unet = build_part(unet_config)
+    stage = from_dict(StageConfig, config.stage, where="model.stage") if config.stage is not None else None
     pixel = config.autoencoder is None
     autoencoder = None if pixel else AutoencoderKL(from_dict(AutoencoderConfig, config.autoencoder,
                                                              where="model.autoencoder"))
@@ -127,12 +143,18 @@ def build_parts(config: ModelConfig) -> LatentDiffusionParts:
     if unet.config.in_channels < channels:
         raise ConfigError(f"model.unet.in_channels={unet.config.in_channels} is fewer than the {channels} channels "
                           f"it denoises ({'latent' if autoencoder is not None else 'RGB'})")
-    return LatentDiffusionParts(unet, autoencoder, text_encoder, schedule, text_config)
+    if stage is not None and not pixel:
+        raise ConfigError("model.stage describes a pixel cascade stage: set model.autoencoder=null")
+    if stage is not None and (stage.low_res_size is not None) != (unet.config.in_channels == 2 * channels):
+        raise ConfigError(f"model.unet.in_channels={unet.config.in_channels}: a super-resolution stage (model.stage."
+                          f"low_res_size) takes {2 * channels} channels (the noisy image and the low-res image), a "
+                          f"base stage {channels}")
+    return LatentDiffusionParts(unet, autoencoder, text_encoder, schedule, text_config, stage)
 
 
 def text_conditioning(embeddings, unet_config: UNetConfig) -> dict[str, torch.Tensor]:
     """TextEmbeddings -> the U-Net's keyword arguments (context and its mask, pooled `y` for ADM-style U-Nets)."""
-    return _text_conditioning(embeddings, pooled=unet_config.adm_in_channels is not None)
+    return _text_conditioning(embeddings, pooled=getattr(unet_config, "adm_in_channels", None) is not None)
 
 
 
@@ -176,27 +198,30 @@ class DiffusionObjective(nn.Module):
 
     def __init__(self, parts: LatentDiffusionParts, loss: LossConfig):
         super().__init__()
-        self.learned_variance = parts.unet.config.learn_sigma
+        self.learned_variance = getattr(parts.unet.config, "learn_sigma", False)
         if self.learned_variance and parts.schedule.is_edm:
             raise ConfigError("a learned-variance U-Net (learn_sigma) trains with the discrete hybrid loss; it cannot "
                               "be an EDM model (model.schedule.prediction_type=edm): set model.unet.learn_sigma=false")
-        self.denoiser = build_denoiser(parts.unet, parts.schedule)
+        # An SR stage's low-res image enters beside x (`concat`), as at sampling (ldm.pipeline.stage.Stage).
+        network = ConcatNetwork(parts.unet) if parts.super_resolution else parts.unet
+        self.denoiser = build_denoiser(network, parts.schedule)
         self.text_encoder = parts.text_encoder if parts.train_text_encoder else None
         self.weighting = make_weighting(loss, parts.schedule)
         self.vlb_weight = loss.vlb_weight
         self.sigma_sampler = make_sigma_sampler(loss, parts.schedule, self.denoiser)
 
     @property
-    def unet(self) -> UNetModel:
-        return self.denoiser.network
+    def unet(self) -> nn.Module:
+        network = self.denoiser.network
+        return network.network if isinstance(network, ConcatNetwork) else network
 
     def forward(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond: dict | None = None,
                 captions: list[str] | None = None) -> torch.Tensor:
         """Per-sample loss `b` of denoising x0 + sigma * noise; a trained text encoder encodes `captions` here."""
         from ldm.diffusion.losses import denoising_loss, hybrid_loss
 
-        if self.text_encoder is not None:
-            cond = text_conditioning(self.text_encoder.encode(captions), self.unet.config)
+        if self.text_encoder is not None:  # `cond` then holds only the other arguments (an SR stage's low-res image)
+            cond = {**text_conditioning(self.text_encoder.encode(captions), self.unet.config), **(cond or {})}
         if self.learned_variance:
             return hybrid_loss(self.denoiser, x0, sigma, cond, weighting=self.weighting, vlb_weight=self.vlb_weight,
                                noise=noise)
@@ -209,9 +234,11 @@ def latents_from_posterior(config: AutoencoderConfig, mean: torch.Tensor, std: t
     return (mean + std * eps - config.shift_factor) * config.scale_factor
 
 
-def check_latent_batch(batch: dict) -> None:
-    """Latent shards need `latent_mean`, `latent_std` and `text_tokens` from the loader; say so clearly otherwise."""
-    missing = [k for k in ("latent_mean", "latent_std", "text_tokens") if k not in batch]
+def check_latent_batch(batch: dict, pixels: bool = False) -> None:
+    """Latent shards need `latent_mean`, `latent_std` (not for a pixel model's: the mean is the image) and
+    `text_tokens` from the loader; say so clearly otherwise."""
+    needed = ("latent_mean", "text_tokens") if pixels else ("latent_mean", "latent_std", "text_tokens")
+    missing = [k for k in needed if k not in batch]
     if missing:
         raise LdmError(f"loss.inputs=latents needs latent shards, but the loader gave no {missing} "
                        f"(it gave {sorted(batch)}): make them with data_scripts/precompute_latents.py and set "

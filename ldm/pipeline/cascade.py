@@ -1,0 +1,241 @@
+"""A cascade: a base stage, then super-resolution stages, sharing one text embedding (Imagen, DeepFloyd IF).
+
+`load_cascade(base, [sr, ...])(prompt, seed=0)` -> the last stage's images. Each stage samples through the one
+sampling function (`ldm.pipeline.sampling.sample`) with the `SuperResolution` start strategy after the first. The
+images pass between stages as 8-bit images, exactly what a saved PNG holds, so upscaling a saved stage-1 image with
+`start_stage=2` gives the same final image as the whole cascade. Stage k >= 2 samples with its own seed derived from
+(seed, k), so a stage's randomness does not depend on where the cascade started.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from ldm.config import to_plain
+from ldm.errors import LdmError
+from ldm.pipeline.images import from_pil, to_pil
+from ldm.pipeline.load import load_pipeline
+from ldm.pipeline.pipeline import Pipeline
+from ldm.pipeline.sampling import sample
+from ldm.pipeline.settings import GenerationSettings, check_settings
+from ldm.pipeline.super_resolution import SuperResolution
+from ldm.seeds import derive_seed
+
+PER_STAGE = ("steps", "guidance", "sampler")  # the settings a cascade takes one per stage (--stage-steps 50,25)
+
+
+class Cascade:
+    """Pipelines run in turn: `pipelines[0]` makes the image, each later one (a super-resolution stage) upscales it.
+
+    Defaults for a call: `stage_steps` / `stage_guidance` / `stage_sampler` (one entry per stage, None = the call's
+    common setting), `aug_level` (None = each SR stage's config), `start_stage` (1-based) and `dynamic_threshold`
+    (None = each stage's default: on for pixel stages at their config's percentile).
+    """
+
+    def __init__(self, pipelines: list[Pipeline], *, stage_steps=None, stage_guidance=None, stage_sampler=None,
+                 aug_level: float | None = None, start_stage: int = 1, dynamic_threshold: float | None = None):
+        self.pipelines = list(pipelines)
+        self.stages = [p.stage for p in self.pipelines]
+        check_cascade(self.pipelines)
+        self.options = dict(stage_steps=stage_steps, stage_guidance=stage_guidance, stage_sampler=stage_sampler,
+                            aug_level=aug_level, start_stage=start_stage, dynamic_threshold=dynamic_threshold)
+        self.check_options(**self.options)
+
+    # What generate_to_folder reads of a pipeline: the last stage is the largest, so memory is estimated on it.
+    unet = property(lambda self: self.stages[-1].unet)
+    autoencoder = property(lambda self: getattr(self.stages[-1].codec, "autoencoder", None))
+    device = property(lambda self: self.stages[-1].device)
+    dtype = property(lambda self: self.stages[-1].dtype)
+
+    @property
+    def default_size(self) -> int:
+        return self.output_sizes()[-1]
+
+    @property
+    def model_name(self) -> str:
+        return " -> ".join(p.model_name for p in self.pipelines)
+
+    def output_sizes(self) -> list[int]:
+        """Each stage's output size in pixels: the base's default size, then each SR stage's resolution."""
+        return [self.stages[0].default_size] + [s.stage_config.resolution for s in self.stages[1:]]
+
+    def check_options(self, *, stage_steps=None, stage_guidance=None, stage_sampler=None, aug_level=None,
+                      start_stage: int = 1, dynamic_threshold=None) -> None:
+        """Refuse per-stage lists of the wrong length, a level outside [0, 1] and a start stage that does not exist."""
+        n = len(self.stages)
+        for name, values in (("steps", stage_steps), ("guidance", stage_guidance), ("sampler", stage_sampler)):
+            if values is not None and len(values) != n:
+                raise LdmError(f"--stage-{name} gives {len(values)} value(s) for a cascade of {n} stages; give one "
+                               "per stage, comma-separated")
+        if aug_level is not None and not (isinstance(aug_level, (int, float)) and 0.0 <= aug_level <= 1.0):
+            raise LdmError(f"--aug-level must lie in [0, 1] (0 = the exact low-res image, 1 = pure noise), "
+                           f"got {aug_level}")
+        if not isinstance(start_stage, int) or not 1 <= start_stage <= n:
+            raise LdmError(f"--start-stage {start_stage}: this cascade has stages 1..{n}")
+
+    def stage_settings(self, settings: GenerationSettings, *, stage_steps=None, stage_guidance=None,
+                       stage_sampler=None, **_) -> list[GenerationSettings]:
+        """Each stage's settings: the call's common ones, the per-stage lists over them, and the stage's own size."""
+        out = []
+        for i, (stage, size) in enumerate(zip(self.stages, self.output_sizes())):
+            chosen = {name: values[i] for name, values in (("steps", stage_steps), ("guidance", stage_guidance),
+                                                            ("sampler", stage_sampler))
+                      if values is not None and values[i] is not None}
+            s = dataclasses.replace(settings, height=size, width=size, strength=None, **chosen)
+            if not stage.pixel and settings.dynamic_threshold is not None:
+                s.dynamic_threshold = 0.0  # the one percentile is for the pixel stages; a latent base keeps it off
+            out.append(s)
+        return out
+
+    def settings(self, *, from_image: bool = False, inpainting: bool = False, strength=None, options: dict | None = None,
+                 **settings) -> GenerationSettings:
+        """The call's common settings, checked for every stage (the check generate_to_folder runs first)."""
+        options = options or self.options
+        if inpainting or strength is not None:
+            raise LdmError("a cascade upscales: --mask and --strength do not apply (use --init-image with "
+                           "--start-stage to upscale an image)")
+        if settings.get("height") is not None or settings.get("width") is not None:
+            raise LdmError(f"a cascade's sizes come from its stages ({' -> '.join(map(str, self.output_sizes()))} "
+                           "px): leave out --height and --width")
+        common = GenerationSettings(**settings)
+        if from_image and options["start_stage"] == 1:
+            raise LdmError("--init-image with a cascade upscales that image: give --start-stage 2 (or later)")
+        if not from_image and options["start_stage"] > 1:
+            raise LdmError(f"--start-stage {options['start_stage']} upscales an image: give it with --init-image")
+        for stage, s in zip(self.stages, self.stage_settings(common, **options)):
+            check_settings(s, factor=1, schedule_config=stage.schedule_config, conditional=stage.conditional)
+        return common
+
+    def records(self, settings: GenerationSettings, **options) -> list[dict]:
+        """What each stage ran with, for the PNG metadata and metadata.jsonl."""
+        options = {**self.options, **{k: v for k, v in options.items() if v is not None}}
+        rows = []
+        for i, (pipe, s) in enumerate(zip(self.pipelines, self.stage_settings(settings, **options))):
+            row = {"stage": i + 1, "model": pipe.model_name, "sampler": s.sampler, "steps": s.steps,
+                   "guidance": s.guidance, "seed": self.stage_seed(settings.seed, i), "size": s.height,
+                   "dynamic_threshold": pipe.stage.threshold_percentile(s.dynamic_threshold),
+                   "ran": i + 1 >= options["start_stage"]}
+            if i > 0:
+                row["aug_level"] = self.aug_level(i, options["aug_level"])
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def stage_seed(seed: int, index: int) -> int:
+        """Stage 1 uses the seed itself (so it equals the base model alone); stage k a seed derived from (seed, k)."""
+        return seed if index == 0 else derive_seed(seed, "cascade-stage", index + 1)
+
+    def aug_level(self, index: int, override: float | None) -> float:
+        return float(override if override is not None else self.stages[index].stage_config.aug_level)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, negative_prompt: str | None = None, *, seed: int = 0,
+                 init_image: Image.Image | None = None, return_all_stages: bool = False,
+                 progress: bool = False, callback: Callable | None = None, stage_steps=None, stage_guidance=None,
+                 stage_sampler=None, aug_level=None, start_stage=None, strength=None, **settings):
+        """The last stage's `n` images for `prompt` (with `return_all_stages`, a list of every run stage's images).
+
+        `init_image` with `start_stage` k >= 2 upscales that image with stages k, k+1, ...
+        """
+        overrides = dict(stage_steps=stage_steps, stage_guidance=stage_guidance, stage_sampler=stage_sampler,
+                         aug_level=aug_level, start_stage=start_stage)
+        options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
+        self.check_options(**options)
+        common = self.settings(from_image=init_image is not None, strength=strength, seed=seed, options=options,
+                               **settings)
+        first = options["start_stage"] - 1
+        per_stage = self.stage_settings(common, **options)
+        low_res = None
+        if init_image is not None:
+            low_res = self._input_image(init_image, first)
+        # The text embedding, computed once (by the first stage that runs) and shared by every stage.
+        guided = any(s.guidance > 1.0 for s in per_stage[first:])
+        shared = self.stages[first].conditioning([prompt], [negative_prompt], common.n, 2.0 if guided else 1.0)
+        all_images = []
+        for i in range(first, len(self.stages)):
+            stage, s = self.stages[i], dataclasses.replace(per_stage[i], seed=self.stage_seed(seed, i))
+            cond = shared if s.guidance > 1.0 or not guided else shared["cond"]
+            strategy = None
+            if i > 0:
+                strategy = SuperResolution(low_res, self.aug_level(i, options["aug_level"]),
+                                           stage.stage_config.resize_mode)
+            images = to_pil(sample(stage, [prompt], s, cond=cond, strategy=strategy, callback=callback,
+                                   progress=progress))
+            all_images.append(images)
+            low_res = from_pil(images)  # 8-bit between stages: a saved PNG upscales to the same image
+        return all_images if return_all_stages else all_images[-1]
+
+    def check_inputs(self, init_image: Image.Image | None = None, **_) -> None:
+        """Refuse an image to upscale whose size is not the start stage's input size (before any file is written)."""
+        if init_image is not None:
+            self._input_image(init_image, self.options["start_stage"] - 1)
+
+    def _input_image(self, image: Image.Image, index: int) -> torch.Tensor:
+        """The image given to stage `index + 1`: its size must be the one the stage upscales."""
+        size = self.stages[index].stage_config.low_res_size
+        if image.size != (size, size):
+            raise LdmError(f"--init-image is {image.size[0]}x{image.size[1]}, but stage {index + 1} upscales "
+                           f"{size}x{size} images: resize it, or start at another stage")
+        return from_pil(image)
+
+
+def text_encoder_signature(pipe: Pipeline) -> tuple:
+    """What must agree for stages to share one text embedding: the encoder's config and its weights."""
+    encoder = pipe.stage.text_encoder
+    if encoder is None:
+        return (None,)
+    config = {k: v for k, v in to_plain(pipe.components.config.get("text_encoder") or {}).items()
+              if k not in ("pretrained", "freeze")}
+    return (config, {k: v.detach().cpu() for k, v in encoder.state_dict().items()})
+
+
+def _same_text_encoder(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0]:
+        return False
+    if a[0] is None:
+        return True
+    wa, wb = a[1], b[1]
+    return wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape and torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def check_cascade(pipelines: list[Pipeline]) -> None:
+    """Refuse a cascade that cannot run: a super-resolution base, a latent or base model as an upscaler, sizes that
+    do not chain, or stages whose text encoders differ (the one text embedding is shared)."""
+    if not pipelines:
+        raise LdmError("a cascade needs a base model")
+    base = pipelines[0]
+    if base.stage.super_resolution:
+        raise LdmError(f"--model {base.model_name}: a super-resolution stage cannot be the base; give a base model "
+                       "with --model and this one with --upscaler")
+    size = base.stage.default_size
+    signature = text_encoder_signature(base)
+    for k, pipe in enumerate(pipelines[1:], start=2):
+        stage = pipe.stage
+        if not stage.pixel:
+            raise LdmError(f"--upscaler {pipe.model_name}: a latent model cannot be an upscaler; an upscaler is a "
+                           "pixel-space super-resolution stage (a `stage` section with `low_res_size`)")
+        if not stage.super_resolution:
+            raise LdmError(f"--upscaler {pipe.model_name}: not a super-resolution stage (its config has no "
+                           "stage.low_res_size); give a model trained to upscale")
+        if stage.stage_config.low_res_size != size:
+            raise LdmError(f"--upscaler {pipe.model_name} (stage {k}) upscales {stage.stage_config.low_res_size} px "
+                           f"images, but stage {k - 1} makes {size} px images; chain stages whose sizes match")
+        if not _same_text_encoder(signature, text_encoder_signature(pipe)):
+            raise LdmError(f"--upscaler {pipe.model_name} (stage {k}) has a different text encoder from "
+                           f"--model {base.model_name}: a cascade shares one text embedding, so every stage must "
+                           "be trained with the same (frozen) text encoder")
+        size = stage.stage_config.resolution
+
+
+def load_cascade(base, upscalers=(), *, device: str | None = None, dtype=None, allow_pickle: bool = False,
+                 **options) -> Cascade:
+    """`load_cascade(base, [sr, ...])(prompt, seed=0)`: models (paths or loaded pipelines) run as one cascade."""
+    def pipeline(model):
+        if isinstance(model, Pipeline):
+            return model
+        return load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+    return Cascade([pipeline(base), *(pipeline(m) for m in upscalers)], **options)
