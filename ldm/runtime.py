@@ -1,5 +1,9 @@
-"""Where and how things run: the dtype names, the default device, and the generator every sampling draws from."""
+"""Where and how things run: the dtype names, the default device, and the seeds (the generator every sampling draws
+from, and the seeds derived from a run's seed: one per rank, sample, epoch, worker, equal in every process)."""
 from __future__ import annotations
+
+import hashlib
+from typing import Any
 
 import torch
 
@@ -39,3 +43,9 @@ def resolve_device(device: str | torch.device | None) -> str:
 def seeded_generator(seed: int) -> torch.Generator:
     """The CPU generator a generation draws all its noise from: the same seed gives the same image on any device."""
     return torch.Generator("cpu").manual_seed(int(seed))
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from `parts` (e.g. seed, rank, sample index); SHA-256, so not Python's salted `hash`."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

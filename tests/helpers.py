@@ -1,6 +1,8 @@
 """Shared test helpers: the tolerance rule, realistic random weights, the base seed, tiny models and data."""
+import importlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +212,12 @@ def write_images(folder: Path, seed: int, sizes=((32, 32), (32, 32), (40, 24))) 
     for i, (w, h) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
     return folder
+
+
+def patch_everywhere(monkeypatch, dotted: str, replacement) -> None:
+    """Replace `module.attr` and every `ldm` module's own binding of the same object (`from module import attr`)."""
+    module_name, attr = dotted.rsplit(".", 1)
+    original = getattr(importlib.import_module(module_name), attr)
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("ldm") and getattr(module, attr, None) is original:
+            monkeypatch.setattr(module, attr, replacement)

@@ -15,7 +15,7 @@ from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig, karras_sig
 from ldm.errors import ConfigError
 from ldm.pipeline import load_pipeline
 from ldm.train import loop
-from ldm.seeds import derive_seed
+from ldm.runtime import derive_seed
 
 
 def test_edm_schedule_config_defaults_validation_and_diffusers_mapping(tmp_path):

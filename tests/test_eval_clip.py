@@ -16,7 +16,7 @@ from ldm.eval.clip_score import ClipModel, clip_score
 from ldm.eval.features import compute_features
 from ldm.eval.frechet import fid, stats_from_features
 
-from helpers import captioned_folder as _captioned_folder
+from helpers import captioned_folder as _captioned_folder, patch_everywhere
 from helpers import noisy_image as _image
 
 TEXTS = ["a red cube", "two green spheres", 'a <b>bold</b> "quoted" & odd prompt', "a cat on a mat"]
@@ -122,7 +122,7 @@ def test_eval_sweep_calls_generator_once_per_setting(tiny_clip_config, tmp_path,
         sys.modules, "ldm.pipeline.generate", types.SimpleNamespace(generate_to_folder=generate_to_folder, check_generation=lambda pipe, **settings: None)
     )
     loads = []
-    monkeypatch.setattr("ldm.pipeline.load.load_pipeline", lambda model, **kw: loads.append(model) or f"loaded:{model}")
+    patch_everywhere(monkeypatch, "ldm.pipeline.load.load_pipeline", lambda model, **kw: loads.append(model) or f"loaded:{model}")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"text": "a red cube", "category": "colours"}\n{"text": "three cats", "category": "counts"}\n')
     ref = _captioned_folder(tmp_path / "ref", ["x"] * 3, seed=10)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from PIL import Image
-from helpers import run_cli, write_tiny_sd
+from helpers import patch_everywhere, run_cli, write_tiny_sd
 
 from ldm.cli import convert, txt2img
 from ldm.cli.common import cli_main, finite_float
@@ -44,7 +44,7 @@ def _no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr("ldm.pipeline.load.load_pipeline", refuse)
+    patch_everywhere(monkeypatch, "ldm.pipeline.load.load_pipeline", refuse)
 
 
 # 1. non-finite numbers -------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def test_convert_destination_of_the_wrong_kind_or_under_a_file_exits_2_before_lo
     def refuse(*args, **kwargs):
         raise AssertionError("SRC was loaded before DST was checked")
 
-    monkeypatch.setattr("ldm.io.formats.load_model", refuse)
+    patch_everywhere(monkeypatch, "ldm.io.formats.load_model", refuse)
     existing = tmp_path / "existing_file"
     existing.write_text("keep me")
     code, err = run_cli(convert.main, ["src", existing, "--to", "native", "--overwrite"], capsys)

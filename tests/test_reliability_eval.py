@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from helpers import TINY_CLIP, captioned_folder, run_cli, write_images, write_tiny_sd
+from helpers import TINY_CLIP, captioned_folder, patch_everywhere, run_cli, write_images, write_tiny_sd
 
 from ldm.cli.eval import main as eval_main
 from ldm.cli.fid import main as fid_main
@@ -32,7 +32,7 @@ def _no_clip(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the CLIP model was loaded before the settings were checked")
 
-    monkeypatch.setattr("ldm.eval.clip_score.ClipModel", refuse)
+    patch_everywhere(monkeypatch, "ldm.eval.clip_score.ClipModel", refuse)
 
 
 def _png16(path, array, color_type):
@@ -269,7 +269,7 @@ def test_eval_library_neither_prints_nor_reseeds_the_global_rng():
 
 
 def test_eval_reuse_samples_needs_no_model_when_every_setting_exists(tmp_path, clip_config, capsys, monkeypatch):
-    model = write_model(tmp_path / "model")
+    model = write_tiny_sd(tmp_path / "model")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
     argv = ["--model", model, "--prompts", prompts, "--steps", "2", "--height", "16", "--width", "16",
@@ -280,7 +280,7 @@ def test_eval_reuse_samples_needs_no_model_when_every_setting_exists(tmp_path, c
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded although every setting's samples exist")
 
-    monkeypatch.setattr("ldm.pipeline.load.load_pipeline", refuse)
+    patch_everywhere(monkeypatch, "ldm.pipeline.load.load_pipeline", refuse)
     code, err = run_cli(eval_main, [*argv, "--reuse-samples"], capsys)
     assert code == 0, err
     assert "generating" not in err

@@ -8,6 +8,7 @@ from pathlib import Path
 from ldm.cli.common import cli_main
 from ldm.diffusion.schedules import PREDICTION_ALIASES
 from ldm.errors import LdmError
+from ldm.io.formats import load_model, save
 from ldm.writable import check_output_path
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the weights cannot tell apart
@@ -34,8 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> list[str]:
     """Convert as `args` say; returns the notes to show."""
-    from ldm.io.formats import load_model, save
-
     dst = Path(args.dst)
     if args.to == "original" and dst.suffix.lower() != ".safetensors":
         raise LdmError(f"{dst}: --to original writes one .safetensors file; name DST *.safetensors")

@@ -10,8 +10,16 @@ from pathlib import Path
 
 import torch
 
+from ldm.atomic import atomic_path
 from ldm.cli.common import cli_main, finite_floats
 from ldm.errors import LdmError
+from ldm.eval.clip_score import ClipModel
+from ldm.eval.evaluate import Reference, score_folder
+from ldm.eval.imagefolder import read_metadata
+from ldm.eval.inception import InceptionExtractor, MissingWeightsError
+from ldm.eval.prompts import load_prompts
+from ldm.eval.report import plot_tradeoff, write_index_html, write_report_json
+from ldm.pipeline.load import load_pipeline
 from ldm.writable import check_output_dir
 
 
@@ -99,8 +107,6 @@ def _to_generate(args, grid: list[tuple[str, int, float]]) -> list[tuple[str, in
 
 def _load_checked_pipeline(args, grid: list[tuple[str, int, float]]):
     """The model, loaded once, with every setting to generate checked against it first; None when none is."""
-    from ldm.pipeline.load import load_pipeline
-
     generate = _load_generate()
     if not _to_generate(args, grid):
         return None
@@ -114,8 +120,6 @@ def _load_checked_pipeline(args, grid: list[tuple[str, int, float]]):
 
 def _generate_folder(args, pipe, texts: list[str], folder: Path, sampler: str, steps: int, guidance: float) -> None:
     """Generate one setting's images into `folder` atomically (no half-written folder survives a crash)."""
-    from ldm.atomic import atomic_path
-
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         _load_generate().generate_to_folder(
@@ -158,13 +162,6 @@ def _sweep(args, grid, pipe, texts: list[str]) -> list[tuple[dict, Path]]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ldm.eval.clip_score import ClipModel
-    from ldm.eval.evaluate import Reference, score_folder
-    from ldm.eval.imagefolder import read_metadata
-    from ldm.eval.inception import InceptionExtractor, MissingWeightsError
-    from ldm.eval.prompts import load_prompts
-    from ldm.eval.report import plot_tradeoff, write_index_html, write_report_json
-
     if args.model and not args.prompts:
         raise LdmError("--model needs --prompts FILE (or a bundled set such as ldm_eval_v1)")
     if args.images and args.prompts:

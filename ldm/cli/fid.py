@@ -15,6 +15,10 @@ import torch
 
 from ldm.cli.common import cli_main
 from ldm.errors import LdmError
+from ldm.eval.features import compute_features
+from ldm.eval.frechet import fid, load_stats, save_stats
+from ldm.eval.imagefolder import list_images
+from ldm.eval.inception import InceptionExtractor
 from ldm.writable import check_output_path
 
 
@@ -46,11 +50,6 @@ def _accelerator(device: str | None):
 
 
 def run(args: argparse.Namespace) -> float | None:
-    from ldm.eval.features import compute_features
-    from ldm.eval.frechet import fid, load_stats, save_stats
-    from ldm.eval.imagefolder import list_images
-    from ldm.eval.inception import InceptionExtractor
-
     if args.path2 is None and args.save_stats is None:
         raise LdmError("give two paths to compare, or one path with --save-stats OUT.npz")
     if args.batch_size < 1:

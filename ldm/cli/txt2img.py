@@ -8,6 +8,10 @@ from pathlib import Path
 from ldm.cli.common import cli_main, finite_float
 from ldm.diffusion.sampler_registry import check_sampler_options, sampler_names
 from ldm.errors import LdmError
+from ldm.models.attention import set_attention_backend
+from ldm.pipeline.cascade import load_cascade
+from ldm.pipeline.generate import generate_to_folder
+from ldm.pipeline.load import load_pipeline
 from ldm.textfiles import read_text
 from ldm.writable import check_output_dir
 
@@ -116,18 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     prompts = read_prompts(args)
     check_output_dir(args.out)  # before the model loads, not after the images are made
 
-    from ldm.models.attention import set_attention_backend
-    from ldm.pipeline.generate import generate_to_folder
-    from ldm.pipeline.load import load_pipeline
-
     set_attention_backend(args.attention)
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     cascade_options = dict(stage_steps=args.stage_steps, stage_guidance=args.stage_guidance,
                            stage_sampler=args.stage_sampler, aug_level=args.aug_level, start_stage=args.start_stage)
     if args.upscaler:
-        from ldm.pipeline.cascade import load_cascade
-
         pipe = load_cascade(pipe, args.upscaler, device=args.device, dtype=args.dtype,
                             allow_pickle=args.allow_pickle, **cascade_options)
     else:

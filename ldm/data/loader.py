@@ -32,7 +32,7 @@ from ldm.data.captions import drop_captions
 from ldm.data.config import DataConfig
 from ldm.data.samples import FilteredSample, SkipSample, collate, get_sample_format
 from ldm.errors import LdmError
-from ldm.seeds import derive_seed
+from ldm.runtime import derive_seed
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
 

@@ -19,6 +19,7 @@ from ldm.io.keys_unet import unet_config_from_diffusers, unet_config_to_diffuser
 from ldm.io.keys_vae import vae_config_from_diffusers, vae_config_to_diffusers, vae_diffusers_to_original, \
     vae_original_to_diffusers
 from ldm.models.text_encoders import TextEncoderConfig
+from ldm.models.tokenizers import clip_tokenizer, save_tokenizer
 from ldm.textfiles import read_text
 
 DIFFUSERS_VERSION = "0.30.0"  # the config semantics written here (read by every later diffusers)
@@ -129,8 +130,6 @@ def _text_encoder_files(components: ModelParts) -> tuple[dict, dict[str, torch.T
     """(CLIPTextConfig dict, `text_model.*` weights, tokenizer) of the diffusers text_encoder/ and tokenizer/."""
     from transformers import CLIPTextConfig
 
-    from ldm.models.tokenizers import clip_tokenizer
-
     cfg = text_config(components.config["text_encoder"])
     sd = components.text_encoder.state_dict()
     if cfg.type == "clip":
@@ -171,8 +170,6 @@ def scheduler_config_dict(schedule: ScheduleConfig) -> dict:
 
 def save_diffusers(components: ModelParts, folder: str | Path) -> None:
     """Write a diffusers StableDiffusionPipeline folder (the whole folder appears at once)."""
-    from ldm.models.tokenizers import save_tokenizer
-
     check_can_hold(components, "a diffusers StableDiffusionPipeline folder")
     unet_cfg, vae_cfg = components.unet.config, components.autoencoder.config
     # translate everything before writing anything: unsupported settings fail with nothing on disk

@@ -22,7 +22,7 @@ from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.sampling import sample
 from ldm.pipeline.settings import GenerationSettings, check_settings
 from ldm.pipeline.super_resolution import SuperResolution
-from ldm.seeds import derive_seed
+from ldm.runtime import derive_seed
 
 PER_STAGE = ("steps", "guidance", "sampler")  # the settings a cascade takes one per stage (--stage-steps 50,25)
 

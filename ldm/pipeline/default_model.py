@@ -7,6 +7,20 @@ from pathlib import Path
 
 import torch
 
+from ldm.config import from_dict, load_yaml
+
+from ldm.diffusion.schedules import ScheduleConfig
+
+from ldm.io.components import SDComponents
+
+from ldm.io.native_format import save_native
+
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+
+from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
+
+from ldm.models.unet import UNetConfig, UNetModel
+
 ASSETS = Path(str(resources.files("ldm") / "assets"))
 BUNDLED = ASSETS / "default-model"  # the project's trained model, when bundled
 TINY_RANDOM = ASSETS / "tiny-random-model.yaml"
@@ -21,13 +35,6 @@ def cache_dir() -> Path:
 
 def build_tiny_random(folder: Path) -> Path:
     """Write the tiny random-init model described by `tiny-random-model.yaml` (seed 0) as a native folder."""
-    from ldm.config import from_dict, load_yaml
-    from ldm.diffusion.schedules import ScheduleConfig
-    from ldm.io.components import SDComponents
-    from ldm.io.native_format import save_native
-    from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
-    from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
-    from ldm.models.unet import UNetConfig, UNetModel
 
     spec = load_yaml(TINY_RANDOM)
     sections = {k: spec[k] for k in ("unet", "autoencoder", "text_encoder", "scheduler")}

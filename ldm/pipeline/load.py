@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import sys
 
-import torch
 
+from ldm.io.formats import load_model
+from ldm.pipeline.default_model import default_model_path
+from ldm.pipeline.pipeline import Pipeline
 from ldm.runtime import resolve_device, resolve_dtype  # noqa: F401  (imported from here by the CLIs)
 
 
 def load_pipeline(model=None, *, device: str | None = None, dtype=None, allow_pickle: bool = False):
     """`load_pipeline("path/or/hub-id")` -> a pipeline for whatever the model is: `pipe("a photo of a cat", seed=0)`."""
-    from ldm.io.formats import load_model
-    from ldm.pipeline.pipeline import Pipeline
 
     if model is None:
-        from ldm.pipeline.default_model import default_model_path
-
         model = default_model_path()
     device = resolve_device(device)
     components = load_model(str(model), allow_pickle=allow_pickle)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ldm.errors import ConfigError
 from ldm.train.discriminator import GAN_LOSSES, PatchDiscriminator, d_loss, generator_adv_loss
+from ldm.train.lpips import build_lpips
 
 REC_LOSSES = ("l1", "l2")
 
@@ -82,7 +83,6 @@ class AutoencoderLoss(nn.Module):
 
     def __init__(self, config: AutoencoderLossConfig, in_channels: int = 3):
         super().__init__()
-        from ldm.train.lpips import build_lpips
 
         self.config = config
         self.discriminator = PatchDiscriminator(in_channels, config.disc_channels, config.disc_layers, config.disc_norm)

@@ -19,10 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.atomic import atomic_write_text
 from ldm.config import save_yaml, to_plain
 from ldm.data.config import DataConfig
+from ldm.data.loader import make_loader
 from ldm.errors import ConfigError, LdmError
+from ldm.eval.retrieval import retrieval_accuracy
+from ldm.io.checkpoint import write_safetensors
+from ldm.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from ldm.train.config import EMAConfig, OptimConfig
+from ldm.train.ema import EMA
+from ldm.train.optim import lr_at, make_optimizer, set_lr
+from ldm.train.tracking import RunLogger, tracker_name
+from ldm.train.vae_loop import batch_stream
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # open_clip's default normalisation (OpenAI's dataset statistics): what its preprocess applies at evaluation too.
@@ -83,8 +92,6 @@ def register_model(name: str, model_cfg: dict, folder: Path) -> Path:
     """Write `folder/<name>.json` atomically and register it with open_clip; returns the file."""
     import open_clip
 
-    from ldm.atomic import atomic_write_text
-
     path = Path(folder) / f"{name}.json"
     atomic_write_text(path, json.dumps(model_cfg, indent=2))
     open_clip.add_model_config(path)
@@ -137,8 +144,6 @@ class ClipTrainee(nn.Module):
 @torch.no_grad()
 def embed_pairs(trainee: ClipTrainee, config: ClipTrainConfig, device: torch.device, autocast):
     """Image and text embeddings `n d` (float32, CPU) of the held-out pairs, one pass in shard order."""
-    from ldm.data.loader import make_loader
-
     v = config.validation
     data = dataclasses.replace(config.data, shards=v.shards, batch_size=v.batch_size, resampled=False,
                                crop="center", flip_prob=0.0, shuffle_buffer=0, caption_dropout=0.0, buckets=None)
@@ -159,8 +164,6 @@ def embed_pairs(trainee: ClipTrainee, config: ClipTrainConfig, device: torch.dev
 
 def export_clip(clip: nn.Module, name: str, model_cfg: dict, out: Path) -> tuple[Path, Path]:
     """`out/<name>.safetensors` (open_clip keys, float32) and `out/<name>.json`, each written atomically."""
-    from ldm.io.checkpoint import write_safetensors
-
     weights = Path(out) / f"{name}.safetensors"
     write_safetensors(clip.state_dict(), weights, metadata={"format": "pt", "open_clip_model": name})
     return register_model(name, model_cfg, out), weights
@@ -171,15 +174,6 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None) -> Path:
     import open_clip
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-
-    from ldm.atomic import atomic_write_text
-    from ldm.data.loader import make_loader
-    from ldm.eval.retrieval import retrieval_accuracy
-    from ldm.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
-    from ldm.train.ema import EMA
-    from ldm.train.optim import lr_at, make_optimizer, set_lr
-    from ldm.train.tracking import RunLogger, tracker_name
-    from ldm.train.vae_loop import batch_stream
 
     out = Path(config.output_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=tracker_name(config.log_with),

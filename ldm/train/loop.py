@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import shutil
 import time
 import weakref
 from pathlib import Path
@@ -18,8 +17,19 @@ from pathlib import Path
 import torch
 
 from ldm.config import save_yaml, to_plain
+from ldm.data.latents import check_latent_shards
+from ldm.data.loader import make_loader
 from ldm.errors import ConfigError, LdmError
-from ldm.seeds import derive_seed
+from ldm.eval.clip_score import ClipModel
+from ldm.eval.frechet import load_stats
+from ldm.eval.grid import make_grid
+from ldm.eval.in_training import evaluate_generations
+from ldm.eval.inception import InceptionExtractor
+from ldm.eval.prompts import load_prompts
+from ldm.io.native_format import export_native
+from ldm.models.attention import set_attention_backend
+from ldm.models.text_encoders import TextEmbeddings
+from ldm.runtime import derive_seed
 from ldm.train.batches import DataCounts, TrainState, batch_stream
 from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.train.config import TrainConfig
@@ -28,6 +38,7 @@ from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_par
                              latents_from_posterior, text_conditioning)
 from ldm.train.optim import lr_at, make_optimizer, set_lr
 from ldm.train.run_folder import check_run_folder, prepare_run_folder
+from ldm.train.samples import sample_images, upscale_references
 from ldm.train.super_resolution import super_resolution_inputs
 from ldm.train.tracking import RunLogger, tracker_name
 
@@ -92,8 +103,6 @@ def empty_prompt_embedding(text_encoder: torch.nn.Module):
 
 def latent_text_conditioning(batch: dict, parts: LatentDiffusionParts, device: torch.device) -> dict:
     """Precomputed text embeddings -> U-Net arguments; the loader's caption-dropout rows get the empty prompt's."""
-    from ldm.models.text_encoders import TextEmbeddings
-
     tokens = batch["text_tokens"].to(device).float()
     mask, pooled = batch.get("text_mask"), batch.get("text_pooled")
     mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.to(device)
@@ -125,9 +134,6 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    from ldm.data.loader import make_loader
-    from ldm.models.attention import set_attention_backend
-
     out = Path(config.output_dir)
     check_run_folder(out, resume, overwrite)
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
@@ -149,8 +155,6 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     torch.manual_seed(config.seed)
     parts = build_parts(config.model)
     if config.data.sample_format == "latent":  # precomputed shards: refuse ones made by other encoders, at once
-        from ldm.data.latents import check_latent_shards
-
 
         if config.loss.inputs != "latents":
             raise LdmError("data.sample_format=latent gives precomputed latents: set loss.inputs=latents")
@@ -320,8 +324,6 @@ def log_samples(parts, ema, objective, config, latent_size, device, logger, step
     """
     if not accelerator.is_main_process or not config.sampling.prompts:
         return
-    from ldm.eval.grid import make_grid
-    from ldm.train.samples import sample_images, upscale_references
 
     s = config.sampling
     if references is not None:
@@ -343,11 +345,6 @@ _EVALUATORS: dict = {}  # the CLIP model and reference statistics, loaded once p
 
 def evaluate_in_training(parts, ema, objective, s, latent_size, device, logger, step, accelerator) -> None:
     """Generate the evaluation prompt set with the EMA weights; log its CLIP score (and FID / FD_CLIP) and grid."""
-    from ldm.eval.clip_score import ClipModel
-    from ldm.eval.frechet import load_stats
-    from ldm.eval.in_training import evaluate_generations
-    from ldm.eval.prompts import load_prompts
-    from ldm.train.samples import sample_images
 
     key = (s.eval_prompts, s.clip_model, s.clip_pretrained, s.ref_stats)
     if key not in _EVALUATORS:
@@ -356,7 +353,6 @@ def evaluate_in_training(parts, ema, objective, s, latent_size, device, logger, 
         ref = load_stats(s.ref_stats) if s.ref_stats else None
         inception = None
         if ref is not None and not ref.extractor.startswith("clip:"):  # Inception statistics: FID
-            from ldm.eval.inception import InceptionExtractor
 
             inception = InceptionExtractor(s.inception_weights, device=device)
         texts = [p.text for p in load_prompts(s.eval_prompts)][: s.eval_max_prompts]
@@ -376,7 +372,5 @@ def evaluate_in_training(parts, ema, objective, s, latent_size, device, logger, 
 
 def export_model(parts, ema, objective, out: Path, step: int | None = None) -> None:
     """Write the EMA weights in the native format into `out`, loadable with `ldm-txt2img --model out`."""
-    from ldm.io.native_format import export_native
-
     with _ema_weights(ema, objective):
         export_native(parts.model_parts(source=str(out)), out, step=step)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ldm.errors import LdmError
+from ldm.io.checkpoint import load_into, read_state_dict
 
 ENV = "LDM_LPIPS_WEIGHTS"
 VGG_FILES = ("vgg16.safetensors", "vgg16.pth", "vgg16-397923af.pth")
@@ -61,8 +62,6 @@ class LPIPS(nn.Module):
 
     def load_weights(self, vgg_path: str | os.PathLike, lin_path: str | os.PathLike) -> "LPIPS":
         """Load the VGG-16 feature weights and the five linear heads (safe loads, strict key check)."""
-        from ldm.io.checkpoint import load_into, read_state_dict
-
         vgg = read_state_dict(vgg_path)
         vgg = {k.removeprefix("features."): v for k, v in vgg.items() if not k.startswith("classifier.")}
         vgg = {k: v for k, v in vgg.items() if int(k.split(".")[0]) <= TAPS[-1]}

@@ -10,14 +10,20 @@ from torch import nn
 
 from ldm.config import from_dict, to_plain
 from ldm.diffusion.denoiser import build_denoiser
+from ldm.diffusion.losses import DiscreteSigmaSampler, LogNormalSigmaSampler, denoising_loss, get_weighting, hybrid_loss
 from ldm.diffusion.schedules import ScheduleConfig, short_prediction
 from ldm.errors import ConfigError, LdmError
 from ldm.diffusion.conditioning import ConcatNetwork
 from ldm.diffusion.conditioning import text_conditioning as _text_conditioning
 from ldm.diffusion.noise_augmentation import StageConfig
+from ldm.io.checkpoint import load_into, read_state_dict
 from ldm.io.components import ModelParts, codec_for, config_sections
+from ldm.io.components import text_config as text_config_from
+from ldm.io.formats import load_model
+from ldm.io.infer import normalize_text_keys, strip_prefix
 from ldm.io.part_types import PART_TYPES, build_part, section_type
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNetConfig, UNetModel
 from ldm.train.config import LossConfig, ModelConfig
 
@@ -72,8 +78,6 @@ def _load_weights(kind: str, module: nn.Module, path: str) -> nn.Module:
 
     Of an original checkpoint with both, the trained (non-EMA) U-Net weights are taken, the usual start of a fine-tune.
     """
-    from ldm.io.checkpoint import load_into, read_state_dict
-    from ldm.io.infer import normalize_text_keys, strip_prefix
 
     sd = read_state_dict(path)
     prefix = PREFIXES[kind]
@@ -91,7 +95,6 @@ def _pretrained(kind: str, module: nn.Module, path: str | None) -> tuple[nn.Modu
         return module, None
     if Path(path).is_file():
         return _load_weights(kind, module, path), None
-    from ldm.io.formats import load_model  # a native / diffusers folder or a hub id
 
     components = load_model(path)
     return getattr(components, kind), components.config
@@ -102,8 +105,6 @@ def build_parts(config: ModelConfig) -> LatentDiffusionParts:
 
     `model.autoencoder: null` makes a pixel-space model: no autoencoder, the U-Net denoises the images.
     """
-    from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
-
     kind = section_type("unet", config.unet)  # `type: efficient_unet` for Imagen's stages; SD's U-Net otherwise
     unet_config = from_dict(PART_TYPES[kind].config_class, {k: v for k, v in config.unet.items() if k != "type"},
                             where="model.unet")
@@ -125,8 +126,6 @@ def build_parts(config: ModelConfig) -> LatentDiffusionParts:
         autoencoder, _ = _pretrained("autoencoder", autoencoder, config.pretrained.autoencoder)
     text_encoder, whole = _pretrained("text_encoder", text_encoder, config.pretrained.text_encoder)
     if whole is not None:
-        from ldm.io.components import text_config as text_config_from
-
         text_config = text_config_from(whole["text_encoder"])
     for module in (m for m in (unet, autoencoder, text_encoder) if m is not None):
         module.float()  # stored fp16 weights would break float32 training; autocast picks the compute dtype
@@ -164,8 +163,6 @@ def make_weighting(loss: LossConfig, schedule: ScheduleConfig):
 
     EDM's lambda(sigma) uses the model's own sigma_data under "auto", loss.sigma_data when named explicitly.
     """
-    from ldm.diffusion.losses import get_weighting
-
     auto = loss.weighting == "auto"
     name = short_prediction(schedule.prediction_type) if auto else loss.weighting  # eps / v / x0 / edm
     sigma_data = schedule.sigma_data if auto and schedule.is_edm else loss.sigma_data
@@ -180,8 +177,6 @@ def make_sigma_sampler(loss: LossConfig, schedule: ScheduleConfig, denoiser):
     outside it would be clamped to the end timesteps (~2.6% of them with EDM's P_mean, P_std), so they are refused.
     An EDM model has no timesteps to draw from, so it always trains with log-normal sigmas.
     """
-    from ldm.diffusion.losses import DiscreteSigmaSampler, LogNormalSigmaSampler
-
     if schedule.is_edm:
         return LogNormalSigmaSampler(loss.p_mean, loss.p_std)
     if loss.sigma_sampler == "lognormal":
@@ -218,8 +213,6 @@ class DiffusionObjective(nn.Module):
     def forward(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond: dict | None = None,
                 captions: list[str] | None = None) -> torch.Tensor:
         """Per-sample loss `b` of denoising x0 + sigma * noise; a trained text encoder encodes `captions` here."""
-        from ldm.diffusion.losses import denoising_loss, hybrid_loss
-
         if self.text_encoder is not None:  # `cond` then holds only the other arguments (an SR stage's low-res image)
             cond = {**text_conditioning(self.text_encoder.encode(captions), self.unet.config), **(cond or {})}
         if self.learned_variance:

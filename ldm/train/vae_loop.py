@@ -37,7 +37,7 @@ from ldm.eval.inception import InceptionExtractor, resolve_inception_weights
 from ldm.io.checkpoint import load_into, read_state_dict, write_safetensors
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.pipeline.images import to_pil
-from ldm.seeds import derive_seed
+from ldm.runtime import derive_seed
 from ldm.train.autoencoder_loss import AutoencoderLoss, AutoencoderLossConfig
 from ldm.train.batches import DataCounts, TrainState, batch_stream
 from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_resume, save_checkpoint
