@@ -1,6 +1,8 @@
 """Shared test helpers: the tolerance rule, realistic random weights, the base seed, tiny models and data."""
 import importlib
+import inspect
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,11 +14,13 @@ from PIL import Image
 from ldm.config import apply_overrides, from_dict, load_yaml
 from ldm.data.shards import AtomicShardWriter, encode_image, make_record
 from ldm.data.synthetic import generate_shapes
+from ldm.diffusion import SAMPLERS, DiscreteDenoiser, DiscreteSchedule, sampling_plan
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.io.components import SDComponents, resolved_config
 from ldm.io.native_format import save_native
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
+from ldm.models.tokenizers import clip_tokenizer
 from ldm.models.unet import UNetConfig, UNetModel
 from ldm.train.config import TrainConfig
 
@@ -157,6 +161,21 @@ def tiny_train_config(shards: str, out: Path, *overrides: str) -> TrainConfig:
     return from_dict(TrainConfig, data)
 
 
+def tiny_resumable_config(shards: str, out: Path, *overrides: str) -> TrainConfig:
+    """tiny_train_config with a checkpoint after every step (what the kill-and-resume tests need)."""
+    return tiny_train_config(shards, out, "checkpoint_every=1", *overrides)
+
+
+# ModelConfig sections of a tiny trainable SD model (ldm.train.model.build_parts); add "random_autoencoder": True
+# unless pretrained autoencoder weights are given.
+TINY_TRAIN_MODEL = dict(
+    unet=dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_heads=-1,
+              num_head_channels=16, context_dim=32),
+    autoencoder=dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, resolution=32, norm_groups=8, scale_factor=0.5),
+    text_encoder=dict(type="clip", hf_config=CLIP_HF),
+)
+
+
 def write_bad_shard(folder: Path, good: int = 5) -> Path:
     """One shard: a truncated JPEG, garbage bytes named .jpg, `good` valid samples, then an image without caption."""
     jpeg = encode_image(Image.new("RGB", (48, 48), (200, 10, 10)), "jpg")
@@ -212,6 +231,186 @@ def write_images(folder: Path, seed: int, sizes=((32, 32), (32, 32), (40, 24))) 
     for i, (w, h) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
     return folder
+
+
+# --- Gaussian data: samplers with known answers ------------------------------------------------------------------
+# Data ~ N(MU, S^2): the exact denoiser and the probability-flow ODE's solution are known in closed form.
+MU, S = 0.5, 0.7
+
+
+def gaussian_denoiser(x, sigma, cond=None):
+    """D(x, sigma) = E[x0 | x] = mu + s^2 / (s^2 + sigma^2) (x - mu)."""
+    sigma = sigma.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return MU + S**2 / (S**2 + sigma**2) * (x - MU)
+
+
+def exact_ode(x_t, sigma_t, sigma_end):
+    """The probability-flow ODE solution: x(sigma) = mu + (x_T - mu) sqrt((s^2 + sigma^2) / (s^2 + sigma_T^2))."""
+    return MU + (x_t - MU) * math.sqrt((S**2 + sigma_end**2) / (S**2 + sigma_t**2))
+
+
+def convergence_slope(sampler, steps=(8, 16, 32, 64)):
+    """(slope of log error against log steps, errors) of `sampler` against exact_ode from sigma 10 to 0.05."""
+    sigma_t, sigma_end = 10.0, 0.05
+    x_t = torch.linspace(-20, 20, 9, dtype=torch.float64).view(9, 1)
+    errors = []
+    for n in steps:
+        sigmas = torch.exp(torch.linspace(math.log(sigma_t), math.log(sigma_end), n + 1, dtype=torch.float64))
+        out = sampler(gaussian_denoiser, x_t.clone(), sigmas)
+        errors.append((out - exact_ode(x_t, sigma_t, sigma_end)).abs().max().item())
+    return np.polyfit(np.log(steps), np.log(errors), 1)[0], errors
+
+
+# --- diffusers' schedulers: the same loop on an analytic network --------------------------------------------------
+# Stable Diffusion 1.5's scheduler_config.json (a PNDMScheduler config: no timestep_spacing, steps_offset 1).
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+# Our sampler name -> (diffusers scheduler class, its from_config keyword arguments).
+DIFFUSERS_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),  # bh2, order 2 by default
+    "lms": ("LMSDiscreteScheduler", {}),
+}
+# The samplers the whole-pipeline parity tests run (one of each kind, to keep them quick).
+PIPELINE_SAMPLERS = ("ddim", "euler", "dpmpp_2m", "unipc", "lms")
+SHAPE = (2, 3, 4, 4)  # the sample shape of the scheduler-loop parity tests
+
+
+def diffusers_scheduler(sampler: str, config):
+    """diffusers' scheduler that matches our `sampler`, built from a scheduler config."""
+    import diffusers
+
+    name, kwargs = DIFFUSERS_SCHEDULERS[sampler]
+    return getattr(diffusers, name).from_config(config, **kwargs)
+
+
+class GaussianNet:
+    """The exact eps / v network for N(0.3, 0.8^2) data, computing sigma from t with its own copy of the schedule."""
+
+    MU, STD = 0.3, 0.8  # the data: every element ~ N(MU, STD^2) independently
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction: str, learned_variance: bool = False):
+        a = alphas_cumprod.double().numpy()
+        self.learned_variance = learned_variance
+        self.sigmas = np.sqrt((1 - a) / a)
+        self.prediction = prediction
+        self.timesteps_seen = []
+
+    def __call__(self, x_in: torch.Tensor, t, **cond) -> torch.Tensor:
+        mu, std = self.MU, self.STD
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x_in.shape[0])
+        self.timesteps_seen.append(float(t[0]))
+        sigma = torch.from_numpy(np.interp(t.numpy(), np.arange(len(self.sigmas)), self.sigmas)).view(-1, 1, 1, 1)
+        alpha = 1 / (1 + sigma**2).sqrt()
+        x = x_in.double() / alpha  # VP input -> VE coordinates
+        x0 = mu + std**2 / (std**2 + sigma**2) * (x - mu)  # the exact denoiser D(x, sigma)
+        eps = (x - x0) / sigma
+        out = eps if self.prediction == "epsilon" else alpha * eps - alpha * sigma * x0  # v = a eps - s_vp x0
+        if self.learned_variance:  # a made-up variance output in [-1, 1] that depends on x and t
+            out = torch.cat([out, torch.tanh(x_in.double() * 3 + t.view(-1, 1, 1, 1) / 500 - 1)], dim=1)
+        return out.float()
+
+
+def run_diffusers(name: str, config: dict, steps: int, shape, seed: int = 0, eta: float = 0.0):
+    """(final sample, timesteps the network saw) of diffusers' scheduler loop for sampler `name` on GaussianNet."""
+    scheduler = diffusers_scheduler(name, config)
+    scheduler.set_timesteps(steps)
+    learned = config.get("variance_type") == "learned_range"
+    net = GaussianNet(scheduler.alphas_cumprod, config.get("prediction_type", "epsilon"), learned)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    accepted = inspect.signature(scheduler.step).parameters
+    extra = {"generator": generator} if "generator" in accepted else {}
+    if name == "ddim":
+        extra["eta"] = eta
+    for t in scheduler.timesteps:
+        x = scheduler.step(net(scheduler.scale_model_input(x, t), t), t, x, **extra).prev_sample
+    return x, net.timesteps_seen
+
+
+def run_ours(name: str, config: dict, steps: int, shape, seed: int = 0, eta: float = 0.0):
+    """(final sample, timesteps the network saw) of our sampling plan and sampler `name` on GaussianNet."""
+    schedule_config = ScheduleConfig.from_diffusers(config)
+    schedule = DiscreteSchedule.from_config(schedule_config)
+    alphas_cumprod = torch.cumprod(1 - schedule_config.betas(), 0)
+    alphas_cumprod[alphas_cumprod <= 0] = 2**-24  # zero terminal SNR: the stand-in diffusers' Euler/DPM use
+    net = GaussianNet(alphas_cumprod, schedule_config.prediction_type, config.get("variance_type") == "learned_range")
+    denoiser = DiscreteDenoiser(net, schedule, schedule_config.prediction_type)
+    plan = sampling_plan(schedule_config, name, steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator) * plan.init_noise_scale
+    extra = {"eta": eta} if name == "ddim" else {}
+    if name == "dpmpp_2m_sde" and "solver_type" in config:
+        extra["solver_type"] = config["solver_type"]
+    x = SAMPLERS[name](denoiser, x, plan.sigmas, None, generator=generator, **extra, **plan.sampler_kwargs)
+    return x * plan.final_scale, net.timesteps_seen
+
+
+# --- diffusers' pipelines: a tiny SD model in diffusers' own classes ----------------------------------------------
+def tiny_diffusers_parts(in_channels: int = 4):
+    """(unet, vae, text_encoder, tokenizer) of a tiny SD-1 model in diffusers / transformers classes, in eval mode."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(SEED)  # diffusers' and transformers' own initialisation: weights at a realistic scale
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=in_channels, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=32,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    )).eval()
+    return unet.eval(), vae.eval(), text_encoder, clip_tokenizer()
+
+
+def diffusers_sd_folder(tmp_path_factory, pipeline_class, in_channels: int = 4):
+    """(folder, pipe): a tiny `pipeline_class` (PNDM, SD-1.5's scheduler config) saved as a diffusers folder."""
+    import diffusers
+
+    unet, vae, text_encoder, tokenizer = tiny_diffusers_parts(in_channels)
+    pipe = pipeline_class(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
+                          feature_extractor=None, requires_safety_checker=False)
+    folder = tmp_path_factory.mktemp("tiny-sd") / "pipe"
+    pipe.save_pretrained(folder)
+    # like SD-1.5's official folder: no timestep_spacing, so each sampler's default spacing applies
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    config.pop("timestep_spacing", None)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return folder, pipe
+
+
+def assert_same_image(image: Image.Image, expected: np.ndarray, what: str) -> None:
+    """Our 8-bit image is diffusers' float image within 1/255 mean absolute difference, and not constant."""
+    got = np.asarray(image, dtype=np.float64) / 255.0
+    expected = (expected * 255).round() / 255.0
+    mad = np.abs(got - expected).mean()
+    assert mad <= 1 / 255, f"{what}: mean |diff| {mad * 255:.3f}/255"
+    assert got.std() > 0.01  # not trivially constant (the comparison would pass vacuously otherwise)
 
 
 def patch_everywhere(monkeypatch, dotted: str, replacement) -> None:

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from helpers import PIPELINE_SAMPLERS, assert_same_image, diffusers_scheduler, diffusers_sd_folder
 from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 
 from ldm.pipeline.load import load_pipeline  # noqa: E402
-from test_pipeline_diffusers_parity import SCHEDULERS, SD15_SCHEDULER, save_folder, tiny_components  # noqa: E402
 
 PROMPT, NEGATIVE = "a red circle on the left", "blurry"
 
@@ -25,27 +25,19 @@ def mask_image() -> Image.Image:
     return Image.fromarray(mask, mode="L")
 
 
-def _folder(tmp_path_factory, cls, in_channels: int):
-    unet, vae, text_encoder, tokenizer = tiny_components(in_channels=in_channels)
-    pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-               scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
-               feature_extractor=None, requires_safety_checker=False)
-    return save_folder(pipe, tmp_path_factory), pipe
-
-
 @pytest.fixture(scope="module")
 def img2img_folder(tmp_path_factory):
-    return _folder(tmp_path_factory, diffusers.StableDiffusionImg2ImgPipeline, in_channels=4)
+    return diffusers_sd_folder(tmp_path_factory, diffusers.StableDiffusionImg2ImgPipeline, in_channels=4)
 
 
 @pytest.fixture(scope="module")
 def inpaint_folder(tmp_path_factory):
-    return _folder(tmp_path_factory, diffusers.StableDiffusionInpaintPipeline, in_channels=9)
+    return diffusers_sd_folder(tmp_path_factory, diffusers.StableDiffusionInpaintPipeline, in_channels=9)
 
 
 def reference_image(reference, sampler: str, **kwargs) -> np.ndarray:
     """diffusers' image with `sampler`'s scheduler, 8 steps, guidance 5 and seed 7."""
-    reference.scheduler = SCHEDULERS[sampler](reference.scheduler.config)
+    reference.scheduler = diffusers_scheduler(sampler, reference.scheduler.config)
     return reference(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=5.0,
                      generator=torch.Generator("cpu").manual_seed(7), output_type="np", **kwargs).images[0]
 
@@ -57,16 +49,8 @@ def skip_lms_started_part_way(sampler: str, strength: float) -> None:
         pytest.skip("diffusers' LMS started part-way applies high-order coefficients to a one-derivative history")
 
 
-def assert_same_image(image: Image.Image, expected: np.ndarray, what: str) -> None:
-    got = np.asarray(image, dtype=np.float64) / 255.0
-    expected = (expected * 255).round() / 255.0
-    mad = np.abs(got - expected).mean()
-    assert mad <= 1 / 255, f"{what}: mean |diff| {mad * 255:.3f}/255"
-    assert got.std() > 0.01  # not trivially constant
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+@pytest.mark.parametrize("sampler", PIPELINE_SAMPLERS)
 @pytest.mark.parametrize("strength", [0.6, 1.0])
 def test_img2img_same_image_as_diffusers(img2img_folder, sampler, strength):
     skip_lms_started_part_way(sampler, strength)
@@ -79,7 +63,7 @@ def test_img2img_same_image_as_diffusers(img2img_folder, sampler, strength):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+@pytest.mark.parametrize("sampler", PIPELINE_SAMPLERS)
 @pytest.mark.parametrize("strength", [0.7, 1.0])
 def test_inpainting_with_a_9_channel_unet_same_image_as_diffusers(inpaint_folder, sampler, strength):
     skip_lms_started_part_way(sampler, strength)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_resumable_config
 from safetensors.torch import load_file
 
 from ldm.config import apply_overrides, from_dict, load_yaml
@@ -16,17 +17,9 @@ from ldm.errors import CheckpointError, LdmError
 from ldm.train.batches import TrainState, batch_stream
 from ldm.train.checkpointing import (MANIFEST_FILE, checkpoint_problem, list_checkpoints, read_trainer_state,
                                      rotate_checkpoints, tidy_checkpoints)
-from ldm.train.config import TrainConfig
 from ldm.train.loop import train
 
-from helpers import tiny_train_config as loop_config
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(shards: str, out: Path, *overrides: str) -> TrainConfig:
-    """The tiny config of test_train_loop, with a checkpoint after every step."""
-    return loop_config(shards, out, "checkpoint_every=1", *overrides)
 
 
 def tool(name: str):
@@ -52,7 +45,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def two_steps(shape_shards, tmp_path_factory):
     """An uninterrupted 2-step run with a checkpoint after each step (the reference for every resume below)."""
     out = tmp_path_factory.mktemp("two-steps")
-    train(tiny_config(shape_shards, out, "max_steps=2"))
+    train(tiny_resumable_config(shape_shards, out, "max_steps=2"))
     return out
 
 
@@ -67,7 +60,7 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_touches_nothing(shape_sh
     run = copy_run(two_steps, tmp_path / "run")
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     with pytest.raises(LdmError, match=r"already holds a run .*--resume latest.*--overwrite"):
-        train(tiny_config(shape_shards, run, "max_steps=1"))
+        train(tiny_resumable_config(shape_shards, run, "max_steps=1"))
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
@@ -75,7 +68,7 @@ def test_overwrite_deletes_the_old_run_so_nothing_mixes(shape_shards, two_steps,
     run = copy_run(two_steps, tmp_path / "run")
     (run / "samples").mkdir(exist_ok=True)
     (run / "samples" / "samples-000099.png").write_bytes(b"old")
-    train(tiny_config(shape_shards, run, "max_steps=1"), overwrite=True)
+    train(tiny_resumable_config(shape_shards, run, "max_steps=1"), overwrite=True)
     assert [s for s, _ in list_checkpoints(run)] == [1]  # the old step 2 is gone, the new step 1 kept
     assert not (run / "samples" / "samples-000099.png").exists()
     assert load_yaml(run / "train_config.yaml")["max_steps"] == 1
@@ -85,7 +78,7 @@ def test_overwrite_deletes_the_old_run_so_nothing_mixes(shape_shards, two_steps,
 def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(shape_shards, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(LdmError, match="does not look like a run folder"):
-        train(tiny_config(shape_shards, tmp_path, "max_steps=1"), overwrite=True)
+        train(tiny_resumable_config(shape_shards, tmp_path, "max_steps=1"), overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -108,7 +101,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(shape_s
 
     monkeypatch.setattr(run_folder.tempfile, "TemporaryFile", denied)
     with pytest.raises(LdmError, match=r"--output-dir .*/run cannot be written \(Permission denied\)"):
-        train(tiny_config(shape_shards, tmp_path / "run", "max_steps=1"))
+        train(tiny_resumable_config(shape_shards, tmp_path / "run", "max_steps=1"))
     assert list((tmp_path / "run").iterdir()) == []
 
 
@@ -145,7 +138,7 @@ def test_resume_latest_skips_a_truncated_checkpoint_and_ends_as_the_uninterrupte
     model = run / "checkpoints" / "step-000002" / "model.safetensors"
     model.write_bytes(model.read_bytes()[:-1000])  # a checkpoint write cut short by a full disk, say
     with pytest.warns(UserWarning, match=r"step-000002/model.safetensors is truncated.*resuming from .*step-000001"):
-        train(tiny_config(shape_shards, run, "max_steps=2"), resume="latest")
+        train(tiny_resumable_config(shape_shards, run, "max_steps=2"), resume="latest")
     assert_same_weights(run / "checkpoints" / "step-000002", two_steps / "checkpoints" / "step-000002")
     assert checkpoint_problem(run / "checkpoints" / "step-000002") is None
 
@@ -155,12 +148,12 @@ def test_resume_from_damaged_checkpoints_names_the_file(shape_shards, two_steps,
     step1, step2 = run / "checkpoints" / "step-000001", run / "checkpoints" / "step-000002"
     (step2 / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"step-000002/model.safetensors is missing") as error:
-        train(tiny_config(shape_shards, run, "max_steps=3"), resume=str(step2))
+        train(tiny_resumable_config(shape_shards, run, "max_steps=3"), resume=str(step2))
     assert "pytorch_model" not in str(error.value)
     (step1 / "optimizer.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"no checkpoint .* is complete .*step-000002/model.safetensors is "
                                               r"missing.*step-000001/optimizer.bin is truncated"):
-        train(tiny_config(shape_shards, run, "max_steps=3"), resume="latest")
+        train(tiny_resumable_config(shape_shards, run, "max_steps=3"), resume="latest")
 
 
 def test_a_checkpoint_from_before_the_file_list_is_still_checked(two_steps, tmp_path):
@@ -194,7 +187,7 @@ def test_an_unusable_rng_state_warns_and_the_resume_stays_exact(damage, shape_sh
     else:
         rng.unlink()
     with pytest.warns(UserWarning, match=r"random_states_0.pkl (cannot be loaded safely|is missing).*fresh RNG state"):
-        train(tiny_config(shape_shards, run, "max_steps=2"), resume="latest")
+        train(tiny_resumable_config(shape_shards, run, "max_steps=2"), resume="latest")
     assert not marker.exists()  # the pickle never ran
     assert_same_weights(run / "checkpoints" / "step-000002", two_steps / "checkpoints" / "step-000002")
 
@@ -232,7 +225,7 @@ def test_the_next_start_tidies_what_kills_left_and_resumes(shape_shards, two_ste
     (ckpts / ".step-000003.tmp" / "model.safetensors").write_bytes(b"partial")
     os.replace(ckpts / "step-000002", ckpts / ".step-000002.old")  # killed while saving step 2 again
     with pytest.warns(UserWarning) as record:
-        train(tiny_config(shape_shards, run, "max_steps=2"), resume="latest")
+        train(tiny_resumable_config(shape_shards, run, "max_steps=2"), resume="latest")
     messages = " ".join(str(w.message) for w in record)
     assert "restored" in messages and "step-000005" in messages and ".step-000003.tmp" in messages
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000001", "step-000002"]
@@ -248,7 +241,7 @@ def test_a_kill_during_the_export_is_redone_by_the_next_start(shape_shards, two_
     written = checkpoint.stat().st_mtime_ns
     for path in run.glob("*.safetensors"):  # the exported weights, as a kill before they were all written leaves them
         path.unlink()
-    train(tiny_config(shape_shards, run, "max_steps=2"), resume="latest")
+    train(tiny_resumable_config(shape_shards, run, "max_steps=2"), resume="latest")
     assert checkpoint.stat().st_mtime_ns == written  # 0 steps trained, the checkpoint untouched
     assert load_model(run) is not None  # the export is whole again (loading checks it)
 
@@ -258,7 +251,7 @@ import os, shutil, signal, sys
 sys.path.insert(0, sys.argv[1])
 import ldm.train.checkpointing as ckpt
 import ldm.train.loop as loop
-from test_reliability_train import tiny_config
+from helpers import tiny_resumable_config
 
 point, shape_shards, out, overrides = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 write_synced, rmtree = ckpt._write_synced, shutil.rmtree
@@ -286,7 +279,7 @@ elif point == "rotation":
     ckpt.shutil.rmtree = rmtree_then_kill
 elif point == "export":
     loop.export_model = kill
-loop.train(tiny_config(shape_shards, out, *overrides))
+loop.train(tiny_resumable_config(shape_shards, out, *overrides))
 """
 
 
@@ -304,7 +297,7 @@ def test_kill_9_at_each_point_then_resume_latest_ends_as_the_uninterrupted_run(p
     left = {"checkpoint": [".step-000002.tmp", "step-000001"], "rotation": [".step-000001.deleting", "step-000002"],
             "export": ["step-000001", "step-000002"]}[point]
     assert sorted(p.name for p in ckpts.iterdir()) == left
-    train(tiny_config(shape_shards, run, "max_steps=2", *limit), resume="latest")
+    train(tiny_resumable_config(shape_shards, run, "max_steps=2", *limit), resume="latest")
     assert [s for s, _ in list_checkpoints(run)] == ([2] if limit else [1, 2])
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # the leftovers were tidied
     assert_same_weights(ckpts / "step-000002", two_steps / "checkpoints" / "step-000002")

@@ -1,9 +1,9 @@
 """Samplers on Gaussian data, whose exact denoiser and probability-flow ODE solution are known in closed form."""
 import math
 
-import numpy as np
 import pytest
 import torch
+from helpers import MU, S, convergence_slope, gaussian_denoiser
 
 from ldm.diffusion import (
     SAMPLERS,
@@ -21,20 +21,6 @@ from ldm.diffusion import (
     sample_heun,
 )
 
-MU, S = 0.5, 0.7  # data ~ N(MU, S^2)
-
-
-def gaussian_denoiser(x, sigma, cond=None):
-    """D(x, sigma) = E[x0 | x] = mu + s^2 / (s^2 + sigma^2) (x - mu)."""
-    sigma = sigma.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-    return MU + S**2 / (S**2 + sigma**2) * (x - MU)
-
-
-def exact_ode(x_t, sigma_t, sigma_end):
-    """The probability-flow ODE solution: x(sigma) = mu + (x_T - mu) sqrt((s^2 + sigma^2) / (s^2 + sigma_T^2))."""
-    return MU + (x_t - MU) * math.sqrt((S**2 + sigma_end**2) / (S**2 + sigma_t**2))
-
-
 SAMPLER_KWARGS = {"heun": {"s_churn": 20.0}, "ddim": {"eta": 0.5}}
 
 
@@ -49,21 +35,10 @@ def test_samples_have_the_data_distribution(name):
     assert abs(out.std().item() - S) < 0.035
 
 
-def _convergence_slope(sampler, steps=(8, 16, 32, 64)):
-    sigma_t, sigma_end = 10.0, 0.05
-    x_t = torch.linspace(-20, 20, 9, dtype=torch.float64).view(9, 1)
-    errors = []
-    for n in steps:
-        sigmas = torch.exp(torch.linspace(math.log(sigma_t), math.log(sigma_end), n + 1, dtype=torch.float64))
-        out = sampler(gaussian_denoiser, x_t.clone(), sigmas)
-        errors.append((out - exact_ode(x_t, sigma_t, sigma_end)).abs().max().item())
-    return np.polyfit(np.log(steps), np.log(errors), 1)[0], errors
-
-
 @pytest.mark.parametrize("sampler, order", [(sample_euler, 1), (sample_heun, 2), (sample_dpmpp_2m, 2),
                                             (sample_ddim, 1)])
 def test_deterministic_samplers_converge_at_their_order(sampler, order):
-    slope, errors = _convergence_slope(sampler)
+    slope, errors = convergence_slope(sampler)
     assert errors[-1] < errors[0]
     assert -order - 0.35 < slope < -order + 0.35, (slope, errors)
 

@@ -1,11 +1,10 @@
 """UniPC (bh2, order 2) and LMS: known answers on Gaussian data and diffusers' own scheduler loops."""
 import pytest
 import torch
+from helpers import SD15_SCHEDULER, SHAPE, convergence_slope, gaussian_denoiser, run_diffusers, run_ours
 
 from ldm.diffusion import sample_dpmpp_2m, sample_euler, sample_lms, sample_unipc
 from ldm.diffusion.schedules import karras_sigmas
-from test_plans import SD15, SHAPE, run_diffusers, run_ours
-from test_samplers import _convergence_slope, gaussian_denoiser
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -19,15 +18,15 @@ def test_lms_of_order_one_is_euler():
 
 def test_unipc_corrector_raises_the_order_above_dpm_solver_2m():
     """UniP-2 alone is DPM-Solver++(2M) (second order); UniC lifts it to third order (Zhao et al. 2023)."""
-    slope, errors = _convergence_slope(sample_unipc)
-    dpm_slope, dpm_errors = _convergence_slope(sample_dpmpp_2m)
+    slope, errors = convergence_slope(sample_unipc)
+    dpm_slope, dpm_errors = convergence_slope(sample_dpmpp_2m)
     assert -3.35 < slope < -2.65 and -2.35 < dpm_slope < -1.65, (slope, dpm_slope)
     assert errors[-1] < dpm_errors[-1] / 10
 
 
 def test_lms_converges_faster_than_second_order():
-    slope, errors = _convergence_slope(sample_lms)
-    low, _ = _convergence_slope(lambda *a: sample_lms(*a, order=2))
+    slope, errors = convergence_slope(sample_lms)
+    low, _ = convergence_slope(lambda *a: sample_lms(*a, order=2))
     assert slope < -2.65 and slope < low - 1, (slope, low, errors)
 
 
@@ -40,7 +39,7 @@ def test_lms_converges_faster_than_second_order():
     ({"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "steps_offset": 0}, 25),
 ])
 def test_other_configs_match_diffusers(name, overrides, steps):
-    config = {**SD15, **overrides}
+    config = {**SD15_SCHEDULER, **overrides}
     ref, ref_t = run_diffusers(name, config, steps, SHAPE, seed=3)
     ours, our_t = run_ours(name, config, steps, SHAPE, seed=3)
     assert our_t == pytest.approx(ref_t, abs=2e-3)
@@ -49,7 +48,8 @@ def test_other_configs_match_diffusers(name, overrides, steps):
 
 
 def test_unipc_zero_terminal_snr_matches_diffusers():
-    config = {**SD15, "timestep_spacing": "trailing", "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+    config = {**SD15_SCHEDULER, "timestep_spacing": "trailing", "prediction_type": "v_prediction",
+              "rescale_betas_zero_snr": True}
     ref, _ = run_diffusers("unipc", config, 8, SHAPE, seed=4)
     ours, _ = run_ours("unipc", config, 8, SHAPE, seed=4)
     assert (ours - ref).abs().max() <= 2e-5 * ref.abs().max() + 1e-6

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLIP_HF
+from helpers import TINY_TRAIN_MODEL
 
 from ldm.config import from_dict, load_yaml
 from ldm.errors import ConfigError
@@ -12,12 +12,6 @@ from ldm.train.config import ModelConfig, TrainConfig
 from ldm.train.model import build_parts, latents_from_posterior
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    unet=dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_heads=-1,
-              num_head_channels=16, context_dim=32),
-    autoencoder=dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, resolution=32, norm_groups=8, scale_factor=0.5),
-    text_encoder=dict(type="clip", hf_config=CLIP_HF),
-)
 
 
 def test_pretrained_components_from_an_original_checkpoint(tmp_path):
@@ -25,7 +19,7 @@ def test_pretrained_components_from_an_original_checkpoint(tmp_path):
     from ldm.io.original_format import save_original
 
     torch.manual_seed(1)
-    source = build_parts(from_dict(ModelConfig, {**TINY, "random_autoencoder": True}))
+    source = build_parts(from_dict(ModelConfig, {**TINY_TRAIN_MODEL, "random_autoencoder": True}))
     components = SDComponents(source.unet, source.autoencoder, source.text_encoder, source.schedule,
                               resolved_config(source.unet.config, source.autoencoder.config,
                                               source.text_encoder_config, source.schedule), "test")
@@ -33,7 +27,7 @@ def test_pretrained_components_from_an_original_checkpoint(tmp_path):
 
     torch.manual_seed(2)  # different random init: every weight must come from the file
     path = str(tmp_path / "sd.safetensors")
-    parts = build_parts(from_dict(ModelConfig, {**TINY, "pretrained": {"unet": path, "autoencoder": path,
+    parts = build_parts(from_dict(ModelConfig, {**TINY_TRAIN_MODEL, "pretrained": {"unet": path, "autoencoder": path,
                                                                       "text_encoder": path}}))
     for name in ("unet", "autoencoder", "text_encoder"):
         expected, got = getattr(source, name).state_dict(), getattr(parts, name).state_dict()
@@ -46,11 +40,11 @@ def test_pretrained_components_from_an_original_checkpoint(tmp_path):
 
 def test_random_autoencoder_needs_an_explicit_switch():
     with pytest.raises(ConfigError, match="pretrained.autoencoder is required"):
-        build_parts(from_dict(ModelConfig, TINY))
+        build_parts(from_dict(ModelConfig, TINY_TRAIN_MODEL))
 
 
 def test_context_dim_must_match_the_text_encoder():
-    bad = {**TINY, "unet": {**TINY["unet"], "context_dim": 64}, "random_autoencoder": True}
+    bad = {**TINY_TRAIN_MODEL, "unet": {**TINY_TRAIN_MODEL["unet"], "context_dim": 64}, "random_autoencoder": True}
     with pytest.raises(ConfigError, match="context_dim"):
         build_parts(from_dict(ModelConfig, bad))
 

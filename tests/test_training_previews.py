@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_TRAIN_MODEL
 
 from ldm.config import from_dict
 from ldm.diffusion.plans import sampling_plan
@@ -11,7 +12,6 @@ from ldm.pipeline.load import load_pipeline
 from ldm.train.config import ModelConfig, SamplingConfig
 from ldm.train.model import build_parts
 from ldm.train.samples import sample_images
-from test_train_model import TINY
 
 PROMPT = "a red circle"
 
@@ -20,7 +20,7 @@ def tiny_parts(spacing: str | None):
     """Tiny training parts whose zero-initialised output layers are woken up (else every U-Net output is 0)."""
     torch.manual_seed(0)
     schedule = {"timestep_spacing": spacing} if spacing else {}
-    parts = build_parts(from_dict(ModelConfig, {**TINY, "random_autoencoder": True, "schedule": schedule}))
+    parts = build_parts(from_dict(ModelConfig, {**TINY_TRAIN_MODEL, "random_autoencoder": True, "schedule": schedule}))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in parts.unet.parameters():
