@@ -82,9 +82,12 @@ def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(shape_shards, tmp_pat
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("name", ["train", "train_vae"])
+CONFIGS = {"train": "tiny.yaml", "train_vae": "vae-tiny.yaml", "train_clip": "clip-emoji.yaml"}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_cli_output_dir_that_is_a_file_is_an_error_line_with_exit_2(name, tmp_path, capsys):
-    config = ROOT / "configs" / ("tiny.yaml" if name == "train" else "vae-tiny.yaml")
+    config = ROOT / "configs" / CONFIGS[name]
     (tmp_path / "taken").write_text("x")
     for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
         code = tool(name).main(["--config", str(config), "--train-data", str(tmp_path), "--output-dir", str(out)])
@@ -105,9 +108,9 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(shape_s
     assert list((tmp_path / "run").iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["train", "train_vae"])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_cli_refuses_a_used_folder_and_resume_with_overwrite(name, tmp_path, capsys):
-    config = ROOT / "configs" / ("tiny.yaml" if name == "train" else "vae-tiny.yaml")
+    config = ROOT / "configs" / CONFIGS[name]
     (tmp_path / "checkpoints").mkdir()
     code = tool(name).main(["--config", str(config), "--train-data", str(tmp_path), "--output-dir", str(tmp_path)])
     assert code == 2 and "already holds a run (checkpoints)" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Train a small CLIP contrastively on captioned webdataset shards (an open_clip model definition).
 
     accelerate launch tools/train_clip.py --config configs/clip-emoji.yaml --train-data 'shards/{00000..00007}.tar' \\
-        --val-data shards/val.tar --output-dir runs/clip-emoji [--max-steps N] [--resume latest|PATH] [key=value ...]
+        --val-data shards/val.tar --output-dir runs/clip-emoji [--max-steps N] [--resume latest|PATH | --overwrite] [key=value ...]
 
 The resolved config goes to DIR/config.yaml, checkpoints to DIR/checkpoints/step-NNNNNN/, logs to DIR/logs/,
 held-out retrieval (top-1/top-5, text->image and image->text) to DIR/metrics.json, and the model to
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.train.clip_loop import ClipTrainConfig, train_clip
 
     config = resolve_run_config(args, ClipTrainConfig)
-    out = train_clip(config, resume=args.resume)
+    out = train_clip(config, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"CLIP written to {out}/{config.name}.safetensors (+ {config.name}.json)")
     return 0

@@ -26,12 +26,13 @@ from ldm.data.loader import make_loader
 from ldm.errors import ConfigError, LdmError
 from ldm.eval.retrieval import retrieval_accuracy
 from ldm.io.checkpoint import write_safetensors
+from ldm.train.batches import TrainState, batch_stream
 from ldm.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from ldm.train.config import EMAConfig, OptimConfig
 from ldm.train.ema import EMA
 from ldm.train.optim import lr_at, make_optimizer, set_lr
+from ldm.train.run_folder import check_run_folder, prepare_run_folder
 from ldm.train.tracking import RunLogger, tracker_name
-from ldm.train.vae_loop import batch_stream
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # open_clip's default normalisation (OpenAI's dataset statistics): what its preprocess applies at evaluation too.
@@ -169,15 +170,20 @@ def export_clip(clip: nn.Module, name: str, model_cfg: dict, out: Path) -> tuple
     return register_model(name, model_cfg, out), weights
 
 
-def train_clip(config: ClipTrainConfig, resume: str | None = None) -> Path:
-    """Train the CLIP of `config` into `config.output_dir`; returns the folder holding the export."""
+def train_clip(config: ClipTrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Train the CLIP of `config` into `config.output_dir`; returns the folder holding the export.
+
+    A fresh run needs an empty folder; `resume` continues the run there and `overwrite` deletes it first.
+    """
     import open_clip
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     out = Path(config.output_dir)
+    check_run_folder(out, resume, overwrite)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=tracker_name(config.log_with),
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    prepare_run_folder(accelerator, out, overwrite)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -195,13 +201,12 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None) -> Path:
     trainee_w, optimizer = accelerator.prepare(trainee, optimizer)
 
     loader = make_loader(config.data, rank=rank, world_size=world)  # per-rank stream already
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    state = TrainState()
     checkpoint = resolve_resume(out, resume)
     if checkpoint is not None:
-        saved = load_checkpoint(accelerator, checkpoint, ema)
-        state = {k: int(saved[k]) for k in state}
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
-    saved_step = state["step"] if checkpoint is not None else None
+        state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    saved_step = state.step if checkpoint is not None else None
     batches = batch_stream(loader, state)
     logger = RunLogger(accelerator, config.log_with, out, run_name="ldm-train-clip")
 
@@ -227,11 +232,11 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None) -> Path:
     if config.progress and accelerator.is_main_process:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=config.max_steps, initial=state["step"], desc="train-clip", unit="step")
-    timer, timer_step, run_start = time.perf_counter(), state["step"], time.perf_counter()
+        progress = tqdm(total=config.max_steps, initial=state.step, desc="train-clip", unit="step")
+    timer, timer_step, run_start = time.perf_counter(), state.step, time.perf_counter()
     trainee_w.train()
-    while state["step"] < config.max_steps:
-        step = state["step"]
+    while state.step < config.max_steps:
+        step = state.step
         batch = next(batches)
         x = batch["image"].to(device, non_blocking=True)
         set_lr(optimizer, lr_at(step, config.optim, config.max_steps))
@@ -248,12 +253,12 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None) -> Path:
             clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         if ema is not None:
             ema.update(clip)
-        state["step"] = step = step + 1
+        state.step = step = step + 1
         if progress is not None:
             progress.update(1)
         if step % config.log_every == 0 or step == config.max_steps:
             values = {k: float(v) for k, v in logs.items()}
-            values.update(lr=optimizer.param_groups[0]["lr"], logit_scale=float(scale.detach()), epoch=state["epoch"],
+            values.update(lr=optimizer.param_groups[0]["lr"], logit_scale=float(scale.detach()), epoch=state.epoch,
                           img_per_s=(step - timer_step) * x.shape[0] * world / (time.perf_counter() - timer))
             if not math.isfinite(values["loss"]):
                 raise LdmError(f"the contrastive loss became {values['loss']} at step {step}; lower optim.lr")
@@ -266,18 +271,18 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None) -> Path:
         if config.validation.every and step % config.validation.every == 0 and step != config.max_steps:
             evaluate(step)
         if step % config.checkpoint_every == 0:
-            save_checkpoint(accelerator, out, step, dict(state), ema, config.checkpoints_total_limit)
+            save_checkpoint(accelerator, out, step, dataclasses.asdict(state), ema, config.checkpoints_total_limit)
             saved_step = step
 
     if progress is not None:
         progress.close()
-    if saved_step != state["step"]:
-        save_checkpoint(accelerator, out, state["step"], dict(state), ema, config.checkpoints_total_limit)
-    metrics = evaluate(state["step"])
+    if saved_step != state.step:
+        save_checkpoint(accelerator, out, state.step, dataclasses.asdict(state), ema, config.checkpoints_total_limit)
+    metrics = evaluate(state.step)
     if accelerator.is_main_process:
         with ema_weights():
             export_clip(clip, config.name, config.model, out)
-        summary = {"step": state["step"], "seconds": time.perf_counter() - run_start, **metrics}
+        summary = {"step": state.step, "seconds": time.perf_counter() - run_start, **metrics}
         atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))
     accelerator.wait_for_everyone()
