@@ -140,3 +140,17 @@ def test_a_truncated_weights_file_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="autoencoder.safetensors does not match"):
         load_model(tmp_path / "m")
+
+
+def test_a_shared_text_tower_path_cannot_leave_the_model_or_name_a_pickle(tmp_path):
+    """`text_encoder.pretrained` of a native folder names a .safetensors beside it, never any file on disk."""
+    from ldm.io.native_format import shared_text_weights
+    from ldm.models.text_encoders import TextEncoderConfig
+
+    folder = tmp_path / "models" / "m"
+    folder.mkdir(parents=True)
+    (tmp_path / "models" / "clip.safetensors").write_bytes(b"x")
+    assert shared_text_weights(folder, TextEncoderConfig(type="openclip", pretrained="../clip.safetensors")).is_file()
+    for bad in ("../../secret.safetensors", "/etc/passwd", "../clip.ckpt"):
+        with pytest.raises(CheckpointError, match="must be a relative path to a .safetensors file"):
+            shared_text_weights(folder, TextEncoderConfig(type="openclip", pretrained=bad))

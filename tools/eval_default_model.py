@@ -30,7 +30,7 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guida
     """One image per (prompt, seed), all in one batch: the noise of each is its own seeded CPU draw."""
     from ldm.diffusion.guidance import cfg
     from ldm.diffusion.plans import sampling_plan
-    from ldm.diffusion.samplers import SAMPLERS
+    from ldm.diffusion.sampler_registry import run_sampler
     from ldm.pipeline.images import to_pil
 
     size = pipe.default_size // pipe.autoencoder.downsample_factor
@@ -43,9 +43,8 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guida
     if guidance > 1.0:
         uncond = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in pipe.encode_prompts([""]).items()}
         cond, denoiser = {"cond": cond, "uncond": uncond}, cfg(pipe.denoiser, guidance)
-    x = SAMPLERS[sampler](denoiser, noise * plan.init_noise_scale, plan.sigmas.to(pipe.device), cond,
-                          generator=torch.Generator("cpu").manual_seed(seeds[0]), disable_progress=True,
-                          **dict(plan.sampler_kwargs))
+    x = run_sampler(sampler, denoiser, noise * plan.init_noise_scale, plan, cond,
+                    generator=torch.Generator("cpu").manual_seed(seeds[0]))
     return to_pil(pipe.autoencoder.decode_latents((x * plan.final_scale).to(pipe.dtype)))
 
 

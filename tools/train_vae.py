@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.cli.common import cli_main  # noqa: E402
-from ldm.train.run_args import report_to_launcher, resolve_run_config, run_parser  # noqa: E402
+from ldm.train.run_args import resolve_run_config, run_parser  # noqa: E402
 
 
 def build_parser():
@@ -35,7 +35,6 @@ def resolve_config(args):
 
 
 @cli_main
-@report_to_launcher
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     config = resolve_config(args)

@@ -115,8 +115,6 @@ def read_prompts(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sampler_options = check_sampler_options(args.sampler, parse_sampler_options(args.sampler_option))
-    if args.steps <= 0:
-        raise LdmError(f"--steps must be a positive number of sampling steps, got {args.steps}")
     prompts = read_prompts(args)
     check_output_dir(args.out)  # before the model loads, not after the images are made
 

@@ -146,6 +146,9 @@ def _write_folder(parts: ModelParts, folder: Path, step: int | None) -> None:
     write_manifest(folder, step)
 
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the bundled models and CLIP
+
+
 def shared_text_weights(folder: Path, text: TextEncoderConfig) -> Path:
     """The whole open_clip CLIP file whose text tower is this folder's text encoder (`text_encoder.pretrained`,
     relative to the folder): the bundled model shares its text tower with the bundled CLIP instead of a copy."""
@@ -153,6 +156,13 @@ def shared_text_weights(folder: Path, text: TextEncoderConfig) -> Path:
         raise CheckpointError(f"{folder}: no {FILES['text_encoder']}, and text_encoder.pretrained names no open_clip "
                               "weights file to take the text tower from")
     path = (folder / text.pretrained).resolve()
+    # A model folder may come from anywhere: it names a .safetensors file beside it (or the bundled assets), never
+    # an arbitrary file on disk and never a pickle.
+    roots = [folder.resolve().parent, ASSETS.resolve()]
+    if Path(text.pretrained).is_absolute() or path.suffix != ".safetensors" or \
+            not any(path.is_relative_to(root) for root in roots):
+        raise CheckpointError(f"{folder}: text_encoder.pretrained={text.pretrained!r} must be a relative path to a "
+                              ".safetensors file inside the model's parent folder or the bundled assets")
     if not path.is_file():
         raise CheckpointError(f"{folder}: the text tower comes from {text.pretrained} (text_encoder.pretrained), "
                               f"which does not exist at {path}")

@@ -200,7 +200,6 @@ def generate_to_folder(
                 "steps": steps,
                 "guidance": guidance,
                 "guidance_rescale": guidance_rescale or None,
-                "sampler_options": dict(sampler_options) if sampler_options else None,
                 "height": image.height,
                 "width": image.width,
                 "model": pipe.model_name,

@@ -18,15 +18,14 @@ from ldm.pipeline.strategies import strategy_for
 class Pipeline:
     """Text-to-image (img2img and inpainting too) for whatever the model is: a latent or a pixel-space model.
 
-    `stages` holds one stage per denoiser: a single-stage model has one (built from `parts` unless given). Calls
-    sample the first stage; a cascade's later stages (super-resolution) are the next addition. The usual parts are
-    reachable as attributes: `unet`, `autoencoder` (None for a pixel model), `text_encoder`, `denoiser`, `schedule`.
+    `stages` holds the model's one stage; several models run in turn are a `Cascade` (`ldm.pipeline.cascade`,
+    `load_cascade`), whose stages are pipelines like this one. The usual parts are reachable as attributes: `unet`,
+    `autoencoder` (None for a pixel model), `text_encoder`, `denoiser`, `schedule`.
     """
 
-    def __init__(self, parts: ModelParts, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 stages: list[Stage] | None = None):
+    def __init__(self, parts: ModelParts, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.components = parts
-        self.stages = stages or [Stage.from_parts(parts, device=device, dtype=dtype)]
+        self.stages = [Stage.from_parts(parts, device=device, dtype=dtype)]
         self.device, self.dtype = torch.device(device), dtype
 
     @property
@@ -83,9 +82,6 @@ class Pipeline:
         **settings,
     ) -> list[Image.Image]:
         """Generate `n` images for one prompt (txt2img, img2img with `init_image`, inpainting with `mask_image`)."""
-        if len(self.stages) > 1:
-            raise LdmError(f"this pipeline has {len(self.stages)} stages; sampling a cascade (super-resolution stages "
-                           "after the first) is not implemented yet: sample `pipe.stages[0]` with ldm.pipeline.sampling")
         if mask_image is not None and init_image is None:
             raise LdmError("inpainting needs an init image beside the mask")
         s = self.settings(from_image=init_image is not None, inpainting=mask_image is not None, strength=strength,

@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import json
-import os
-import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from ldm.config import apply_overrides, from_dict, load_yaml
-from ldm.errors import LdmError
 
 T = TypeVar("T")
 
@@ -47,27 +42,3 @@ def resolve_run_config(args: argparse.Namespace, cls: type[T]) -> T:
     if args.max_steps is not None:
         data["max_steps"] = args.max_steps
     return from_dict(cls, apply_overrides(data, args.overrides), where=str(args.config))
-
-
-def report_to_launcher(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Under torchrun / `accelerate launch --multi_gpu`, also hand an LdmError to the launcher's error file.
-
-    The launcher then ends its failure summary with our `error: ...` line (as the root cause's traceback) instead of
-    "To enable traceback see ...". Put it under `cli_main`, which still prints the line and returns exit code 2.
-    """
-
-    @functools.wraps(main)
-    def wrapper(argv: list[str] | None = None) -> int:
-        try:
-            return main(argv)
-        except LdmError as e:
-            error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-            if error_file:  # set by torch.distributed.elastic for each child; the format of its ErrorHandler
-                line = f"error: {e}"
-                record = {"message": {"message": line, "extraInfo": {"py_callstack": line,
-                                                                     "timestamp": str(int(time.time()))}}}
-                with open(error_file, "w") as f:
-                    json.dump(record, f)
-            raise
-
-    return wrapper

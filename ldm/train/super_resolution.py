@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ldm.diffusion.noise_augmentation import StageConfig, conditioning_image, downsample
+from ldm.diffusion.noise_augmentation import (StageConfig, conditioning_image, downsample, sample_aug_levels,
+                                              training_conditioning_image)
 
 
 def random_crops(images: torch.Tensor, low_res: torch.Tensor, stage: StageConfig,
@@ -31,10 +32,13 @@ def super_resolution_inputs(images: torch.Tensor, stage: StageConfig, seeds: lis
     """Targets `b c h w` (cropped when `train_crop_size` is set) and the network's extra arguments `concat` (the
     augmented low-res image at the target's size) and `aug_level` (`b` floats), each drawn from the sample's seed."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU: crops and levels; the noise below too
-    low_res = downsample(images, stage.low_res_size)
+    low_res = None
     if stage.train_crop_size is not None:
-        images, low_res = random_crops(images, low_res, stage, generators)
-    levels = torch.cat([torch.rand(1, generator=g) for g in generators]) * stage.train_aug_level_max
+        images, low_res = random_crops(images, downsample(images, stage.low_res_size), stage, generators)
+    levels = torch.cat([sample_aug_levels(1, stage.train_aug_level_max, generator=g) for g in generators])
     noise = torch.stack([torch.randn(images.shape[1:], generator=g) for g in generators]).to(images)
-    concat = conditioning_image(low_res, tuple(images.shape[-2:]), levels, noise, stage.resize_mode)
+    if low_res is None:  # the sample's own low-res image, then exactly the sampling-time path
+        concat = training_conditioning_image(images, stage.low_res_size, levels, noise, stage.resize_mode)
+    else:  # a crop of the whole image's low-res image (its pixels, not the crop's downsampling at the edges)
+        concat = conditioning_image(low_res, tuple(images.shape[-2:]), levels, noise, stage.resize_mode)
     return images.to(device), {"concat": concat.to(device), "aug_level": levels.to(device)}
