@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from ldm.eval.imagefolder import read_metadata
 from ldm.eval.inception import InceptionExtractor, MissingWeightsError
 from ldm.eval.prompts import load_prompts
 from ldm.eval.report import plot_tradeoff, write_index_html, write_report_json
+from ldm.pipeline.generate import check_generation, generate_to_folder
 from ldm.pipeline.load import load_pipeline
 from ldm.writable import check_output_dir
 
@@ -72,20 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_generate():
-    """The pipeline's generation module, imported lazily (only --model needs it)."""
-    try:
-        generate = importlib.import_module("ldm.pipeline.generate")
-    except ImportError as e:
-        if isinstance(e, ModuleNotFoundError) and e.name not in ("ldm.pipeline", "ldm.pipeline.generate"):
-            raise  # a dependency of the pipeline is missing: show the real traceback
-        raise LdmError(
-            f"--model needs ldm.pipeline.generate.generate_to_folder, which this installation lacks ({e}); "
-            "generate images yourself and score them with --images DIR"
-        ) from e
-    return generate
-
-
 def _sweep_grid(args) -> list[tuple[str, int, float]]:
     """(sampler, steps, guidance) per setting of the sweep, the numbers parsed and checked."""
     try:
@@ -107,13 +93,12 @@ def _to_generate(args, grid: list[tuple[str, int, float]]) -> list[tuple[str, in
 
 def _load_checked_pipeline(args, grid: list[tuple[str, int, float]]):
     """The model, loaded once, with every setting to generate checked against it first; None when none is."""
-    generate = _load_generate()
     if not _to_generate(args, grid):
         return None
     model = None if args.model == "default" else args.model  # "default": the bundled model
     pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
     for sampler, steps, guidance in _to_generate(args, grid):
-        generate.check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance,
+        check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance,
                                   n_per_prompt=args.n_per_prompt, height=args.height, width=args.width)
     return pipe
 
@@ -122,7 +107,7 @@ def _generate_folder(args, pipe, texts: list[str], folder: Path, sampler: str, s
     """Generate one setting's images into `folder` atomically (no half-written folder survives a crash)."""
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        _load_generate().generate_to_folder(
+        generate_to_folder(
             pipe,
             texts,
             tmp,
