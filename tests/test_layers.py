@@ -27,6 +27,10 @@ def _ldm_imports(tree: ast.AST):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             local_nodes.update(id(n) for n in ast.walk(fn) if n is not fn)
     for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+                and node.args[0].value.split(".")[0] == "ldm"):
+            yield node.args[0].value, node.lineno, True  # a dynamic import is a hidden function-local one
         names = []
         if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "ldm":
             names = [node.module]
@@ -78,8 +82,10 @@ def test_a_planted_upward_import_is_caught(tmp_path):
     target.write_text(target.read_text(encoding="utf-8") + "\nfrom ldm.pipeline.load import load_pipeline\n",
                       encoding="utf-8")
     (tmp_path / "ldm" / "models" / "planted.py").write_text(
-        "def f():\n    from ldm.io.checkpoint import load_into\n    return load_into\n", encoding="utf-8")
+        "import importlib\n\n\ndef f():\n    from ldm.io.checkpoint import load_into\n"
+        "    return load_into, importlib.import_module(\"ldm.data.loader\")\n", encoding="utf-8")
     problems = layer_violations(tmp_path)
     assert any("ldm/diffusion/samplers.py" in p and "layer above" in p for p in problems), problems
     assert any("ldm/models/planted.py" in p and "layer above" in p for p in problems), problems
     assert any("ldm/models/planted.py" in p and "function-local" in p for p in problems), problems
+    assert any("ldm/models/planted.py" in p and "`ldm.data.loader`" in p for p in problems), problems
