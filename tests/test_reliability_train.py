@@ -131,7 +131,7 @@ def test_under_torchrun_the_error_line_ends_the_launcher_summary(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip() and set(line.strip()) != {"="}]
     assert lines[-1].strip() == f"traceback : error: --output-dir {tmp_path / 'taken'} is a file, not a folder; " \
-                                "choose another path"
+                                "remove it or choose another name"
 
 
 # --- damaged checkpoints ------------------------------------------------------------------------------------------

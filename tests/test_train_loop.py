@@ -174,7 +174,7 @@ def _latent_sample(raw, config, rng):
 
 def test_latent_shards_train_with_dropped_captions_swapped_for_the_empty_prompt(shape_shards, tmp_path):
     from ldm.data.samples import register_sample_format
-    from ldm.train.loop import latent_text_tokens
+    from ldm.train.loop import latent_text_conditioning
     from ldm.train.model import build_parts
 
     register_sample_format("test_latent", _latent_sample)
@@ -184,7 +184,8 @@ def test_latent_shards_train_with_dropped_captions_swapped_for_the_empty_prompt(
     assert [s for s, _ in list_checkpoints(out)] == [2]
     parts = build_parts(tiny_train_config(shape_shards, tmp_path / "x", "model.text_encoder.freeze=true").model)
     tokens = torch.randn(3, 48, 32)
-    got = latent_text_tokens({"text_tokens": tokens, "drop_mask": torch.tensor([False, True, False])}, parts, "cpu")
+    batch = {"text_tokens": tokens, "drop_mask": torch.tensor([False, True, False])}
+    got = latent_text_conditioning(batch, parts, "cpu")["context"]
     empty = parts.text_encoder.encode([""]).tokens[0]
     assert torch.equal(got[0], tokens[0]) and torch.equal(got[2], tokens[2]) and torch.equal(got[1], empty)
 

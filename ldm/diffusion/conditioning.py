@@ -9,6 +9,11 @@ import torch
 from torch import nn
 
 
+def takes_pooled_text(network_config) -> bool:
+    """Whether a network takes the pooled text embedding as `y` (an ADM-style label embedding: SDXL, unCLIP)."""
+    return getattr(network_config, "adm_in_channels", None) is not None
+
+
 def text_conditioning(embeddings, *, pooled: bool) -> dict[str, torch.Tensor]:
     """TextEmbeddings -> network arguments: `context`, its `context_mask`, and the pooled `y` when `pooled`.
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ldm.config import from_dict
-from ldm.diffusion.conditioning import ConcatNetwork, text_conditioning
+from ldm.diffusion.conditioning import ConcatNetwork, takes_pooled_text, text_conditioning
 from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.guidance import dynamic_threshold
 from ldm.diffusion.noise_augmentation import StageConfig
@@ -98,7 +98,7 @@ class Stage:
         """Text -> the network's conditioning arguments (context, its mask, pooled `y` where the U-Net takes it)."""
         if self.text_encoder is None:
             return {}
-        pooled = getattr(self.unet.config, "adm_in_channels", None) is not None
+        pooled = takes_pooled_text(self.unet.config)
         cond = text_conditioning(self.text_encoder.encode(list(prompts)), pooled=pooled)
         return {k: v.to(self.device, v.dtype if k == "context_mask" else self.dtype) for k, v in cond.items()}
 

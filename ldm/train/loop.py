@@ -19,6 +19,7 @@ import torch
 from ldm.config import save_yaml, to_plain
 from ldm.data.latents import check_latent_shards
 from ldm.data.loader import make_loader
+from ldm.diffusion.conditioning import takes_pooled_text
 from ldm.errors import ConfigError, LdmError
 from ldm.eval.clip_score import ClipModel
 from ldm.eval.frechet import load_stats
@@ -37,10 +38,10 @@ from ldm.train.ema import EMA
 from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_parts, check_latent_batch,
                              latents_from_posterior, text_conditioning)
 from ldm.train.optim import lr_at, make_optimizer, set_lr
-from ldm.train.run_folder import check_run_folder, prepare_run_folder
+from ldm.train.run_folder import open_run
 from ldm.train.samples import sample_images, upscale_references
 from ldm.train.super_resolution import super_resolution_inputs
-from ldm.train.tracking import RunLogger, tracker_name
+from ldm.train.tracking import RunLogger
 
 TRAIN_CONFIG = "train_config.yaml"  # the resolved run config; DIR/config.yaml is the exported model's (native format)
 
@@ -107,7 +108,7 @@ def latent_text_conditioning(batch: dict, parts: LatentDiffusionParts, device: t
     mask, pooled = batch.get("text_mask"), batch.get("text_pooled")
     mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.to(device)
     pooled = None if pooled is None else pooled.to(device).float()
-    if getattr(parts.unet.config, "adm_in_channels", None) is not None and pooled is None:
+    if takes_pooled_text(parts.unet.config) and pooled is None:
         raise LdmError("loss.inputs=latents with a U-Net taking pooled text (adm_in_channels) needs `text_pooled` "
                        "from the loader; precompute the latents with a text encoder that has a pooled output")
     dropped = batch.get("drop_mask")
@@ -120,32 +121,24 @@ def latent_text_conditioning(batch: dict, parts: LatentDiffusionParts, device: t
     return text_conditioning(TextEmbeddings(tokens, pooled, mask), parts.unet.config)
 
 
-def latent_text_tokens(batch: dict, parts: LatentDiffusionParts, device: torch.device) -> torch.Tensor:
-    """Precomputed `b n d` text tokens, with the loader's caption-dropout rows swapped for the empty prompt's."""
-    return latent_text_conditioning(batch, parts, device)["context"]
-
-
 def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train the model of `config` into `config.output_dir`; returns that folder, which then holds the final model.
 
     A fresh run needs an empty folder; `resume` ("latest" or a checkpoint folder) continues the run there and
     `overwrite` deletes it first.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs
 
     out = Path(config.output_dir)
-    check_run_folder(out, resume, overwrite)
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
-    accelerator = Accelerator(
+    accelerator = open_run(
+        out, resume, overwrite,
         cpu=multi_cpu,  # without it accelerate runs each CPU process alone (DistributedType.NO)
         mixed_precision=config.mixed_precision,  # autocast in the wrapped forward; weights stay float32
-        log_with=tracker_name(config.log_with),
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        log_with=config.log_with,
         # DDP as measured in docs/multi-gpu.md: 100 MB buckets, gradients viewed in place (no extra copy)
         kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=100, gradient_as_bucket_view=True)],
     )
-    prepare_run_folder(accelerator, out, overwrite)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     set_attention_backend(config.attention_backend)
     if config.allow_tf32:

@@ -13,7 +13,7 @@ from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.losses import DiscreteSigmaSampler, LogNormalSigmaSampler, denoising_loss, get_weighting, hybrid_loss
 from ldm.diffusion.schedules import ScheduleConfig, short_prediction
 from ldm.errors import ConfigError, LdmError
-from ldm.diffusion.conditioning import ConcatNetwork
+from ldm.diffusion.conditioning import ConcatNetwork, takes_pooled_text
 from ldm.diffusion.conditioning import text_conditioning as _text_conditioning
 from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.io.checkpoint import load_into, read_state_dict
@@ -153,7 +153,7 @@ def build_parts(config: ModelConfig) -> LatentDiffusionParts:
 
 def text_conditioning(embeddings, unet_config: UNetConfig) -> dict[str, torch.Tensor]:
     """TextEmbeddings -> the U-Net's keyword arguments (context and its mask, pooled `y` for ADM-style U-Nets)."""
-    return _text_conditioning(embeddings, pooled=getattr(unet_config, "adm_in_channels", None) is not None)
+    return _text_conditioning(embeddings, pooled=takes_pooled_text(unet_config))
 
 
 

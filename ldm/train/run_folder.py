@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ldm.errors import LdmError
 from ldm.train.checkpointing import tidy_checkpoints
+from ldm.train.tracking import tracker_name
+from ldm.writable import check_output_dir
 
 # What the training tools write into a run folder; --overwrite deletes only a folder holding one of them.
 RUN_ENTRIES = ("checkpoints", "logs", "samples", "train_config.yaml", "config.yaml", "metrics.json")
@@ -18,10 +20,7 @@ def check_run_folder(out: str | Path, resume: str | None, overwrite: bool) -> No
     out = Path(out)
     if resume is not None and overwrite:
         raise LdmError("--resume continues the run in --output-dir and --overwrite deletes it: give only one")
-    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))  # "." or "/" at the latest
-    if not existing.is_dir():
-        where = f"{out} is a file" if existing == out else f"{out}: {existing} is a file, so no folder can be made there"
-        raise LdmError(f"--output-dir {where}, not a folder; choose another path")
+    check_output_dir(out, "--output-dir")  # not a file, nor under one
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if entries and resume is None and not overwrite:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
@@ -36,6 +35,21 @@ def check_run_folder(out: str | Path, resume: str | None, overwrite: bool) -> No
             pass
     except OSError as e:
         raise LdmError(f"--output-dir {out} cannot be written ({e.strerror or e}); choose a writable folder") from e
+
+
+def open_run(out: str | Path, resume: str | None, overwrite: bool, *, mixed_precision: str, log_with: str | None,
+             **accelerator_kwargs):
+    """The Accelerator of a training run in `out`: the folder checked first, then made ready (logs under out/logs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(out)
+    check_run_folder(out, resume, overwrite)
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=tracker_name(log_with),
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+                              **accelerator_kwargs)
+    prepare_run_folder(accelerator, out, overwrite)
+    return accelerator
 
 
 def prepare_run_folder(accelerator, out: str | Path, overwrite: bool) -> None:

@@ -44,8 +44,8 @@ from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_r
 from ldm.train.config import EMAConfig, OptimConfig
 from ldm.train.ema import EMA
 from ldm.train.optim import lr_at, make_optimizer, set_lr
-from ldm.train.run_folder import check_run_folder, prepare_run_folder
-from ldm.train.tracking import RunLogger, tracker_name
+from ldm.train.run_folder import open_run
+from ldm.train.tracking import RunLogger
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -236,14 +236,8 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
 
     A fresh run needs an empty folder; `resume` continues the run there and `overwrite` deletes it first.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     out = Path(config.output_dir)
-    check_run_folder(out, resume, overwrite)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=tracker_name(config.log_with),
-                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    prepare_run_folder(accelerator, out, overwrite)
+    accelerator = open_run(out, resume, overwrite, mixed_precision=config.mixed_precision, log_with=config.log_with)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
