@@ -132,6 +132,22 @@ def level_from_if_noise_level(noise_level: int | torch.Tensor, num_train_timeste
     return torch.atan2((1 - acp).sqrt(), acp.sqrt()) * (2 / math.pi)
 
 
+def if_noise_level_from_level(level: torch.Tensor | float, num_train_timesteps: int = 1000,
+                              snap: float = 1e-4) -> torch.Tensor:
+    """The inverse of `level_from_if_noise_level`: IF's noise_level timestep (a float) with the same alpha and sigma.
+
+    Linear between IF's integer levels; within `snap` of an integer it is that integer exactly, so a float32 level
+    of noise_level 250 gives back 250 (what IF-II's noise-level embedding was trained on).
+    """
+    level = torch.as_tensor(level)
+    table = level_from_if_noise_level(torch.arange(num_train_timesteps), num_train_timesteps).to(level.device)
+    x = level.double().clamp(float(table[0]), float(table[-1]))
+    low = (torch.searchsorted(table, x.contiguous(), right=True) - 1).clamp(0, num_train_timesteps - 2)
+    t = low + (x - table[low]) / (table[low + 1] - table[low])
+    nearest = t.round()
+    return torch.where((t - nearest).abs() < snap, nearest, t)
+
+
 def level_from_imagen_pytorch(t: torch.Tensor | float) -> torch.Tensor:
     """imagen-pytorch's `lowres_sample_noise_level` t (default 0.2) on its linear log-SNR schedule as a level.
 

@@ -65,20 +65,29 @@ class ResBlock(nn.Module):
 
     `skip_scale` multiplies the sum of shortcut and residual branch: 1/sqrt(2) keeps its variance that of each
     branch (Efficient U-Net, Saharia et al. 2022 App. B; NCSN++'s skip_rescale); 1 (SD's U-Net) leaves it out.
+    ADM's options (Dhariwal & Nichol 2021, App. A; DeepFloyd IF): `use_scale_shift_norm` conditions by
+    GroupNorm(h) * (1 + scale) + shift instead of adding the embedding; `up` / `down` resample inside the block
+    (nearest / average pooling after the first norm and activation, on both branches); `activation` replaces SiLU.
+    The options add no keys of their own (only emb_layers' width doubles under scale-shift).
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
-                 use_checkpoint: bool = False, skip_scale: float = 1.0):
+                 use_checkpoint: bool = False, skip_scale: float = 1.0, *, use_scale_shift_norm: bool = False,
+                 up: bool = False, down: bool = False, activation: type[nn.Module] = nn.SiLU, eps: float = 1e-5):
         super().__init__()
         out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
         self.skip_scale = skip_scale
+        self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            normalization(channels, eps), activation(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.resample = Upsample(channels, use_conv=False) if up else Downsample(channels, use_conv=False) if down \
+            else None
+        emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
+        self.emb_layers = nn.Sequential(activation(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
+            normalization(out_channels, eps), activation(), nn.Dropout(dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
@@ -87,9 +96,18 @@ class ResBlock(nn.Module):
         return maybe_checkpoint(self, self._forward, x, emb)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        out = self.skip_connection(x) + self.out_layers(h)
+        if self.resample is None:
+            h = self.in_layers(x)
+        else:  # ADM: resample between the activation and the conv, and the shortcut alike
+            h = self.in_layers[-1](self.resample(self.in_layers[:-1](x)))
+            x = self.resample(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        out = self.skip_connection(x) + h
         return out if self.skip_scale == 1.0 else out * self.skip_scale
 
 
