@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ldm.diffusion.schedules import cosine_betas
 from ldm.errors import ConfigError, LdmError
 
-RESIZE_MODES = ("bicubic", "bilinear", "nearest")
+RESIZE_MODES = ("bicubic", "bilinear", "nearest", "bilinear_align_corners")  # the last: DeepFloyd IF-II
 
 
 @dataclass
@@ -34,6 +34,10 @@ class StageConfig:
     train_crop_size: int | None = None  # train on random crops of the target this size (1024 stage: 256)
     resize_mode: str = "bicubic"  # how the low-res image is upsampled to the resolution
     dynamic_threshold: float | None = 0.995  # percentile of |x0| for dynamic thresholding; None: off
+    dynamic_threshold_max: float | None = None  # cap on the threshold s (DeepFloyd IF: 1.5 stage I, 1.0 stage II)
+    steps: int | None = None  # the stage's own sampling defaults where the user gives none (IF: 100 / 50 steps)
+    guidance: float | None = None  # (IF: 7 / 4)
+    sampler: str | None = None  # (IF: ddpm, its DDPMScheduler)
 
     def __post_init__(self):
         for name in ("aug_level", "train_aug_level_max"):
@@ -68,7 +72,8 @@ def downsample(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor
 
 def upsample(image: torch.Tensor, size: int | tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
     """Upsample `b c h w` images in [-1, 1] to `size` (bicubic, as SR3 and Imagen's SR stages; clamped)."""
-    corners = {} if mode == "nearest" else {"align_corners": False}
+    corners = {} if mode == "nearest" else {"align_corners": mode == "bilinear_align_corners"}
+    mode = "bilinear" if mode == "bilinear_align_corners" else mode
     out = F.interpolate(image.float(), size=_size(size), mode=mode, **corners)
     return out.clamp(-1, 1).to(image.dtype)
 

@@ -15,6 +15,7 @@ from ldm.io.checkpoint import WEIGHT_SUFFIXES
 from ldm.io.components import ModelParts, SDComponents
 from ldm.io.diffusers_format import is_diffusers_folder, load_diffusers, save_diffusers
 from ldm.io.hub import looks_like_hub_id, resolve_hub_id
+from ldm.io.if_format import is_if_folder, load_if_diffusers, save_if_diffusers
 from ldm.io.native_format import is_native_folder, load_native, save_native
 from ldm.io.original_format import load_original, original_config, save_original
 
@@ -60,6 +61,9 @@ def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu", dt
                           "carries its own config")
     if kind == "native":
         return load_native(path, device=device, dtype=dtype, prediction_type=prediction_type)
+    if kind == "diffusers" and is_if_folder(path):  # DeepFloyd IF stage I or II
+        return load_if_diffusers(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                 prediction_type=prediction_type)
     if kind == "diffusers":
         return load_diffusers(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
                               prediction_type=prediction_type)
@@ -73,4 +77,7 @@ def save(components: ModelParts, dst: str | Path, to: str) -> None:
     writers = {"original": save_original, "diffusers": save_diffusers, "native": save_native}
     if to not in writers:
         raise ConfigError(f"unknown format {to!r}; use one of {list(writers)}")
+    if to == "diffusers" and "unet" in components.config and \
+            components.config["unet"].get("type") == "if_unet":  # DeepFloyd IF: its own pipeline folder
+        return save_if_diffusers(components, dst)
     writers[to](components, dst)

@@ -184,13 +184,17 @@ class OpenCLIPTextEncoder(TextEncoder):
 class T5TextEncoder(TextEncoder):
     """transformers `T5EncoderModel` (Imagen, Saharia et al. 2022); padded positions are masked and zeroed."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int = 128, freeze: bool = True):
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int = 128, freeze: bool = True,
+                 zero_padding: bool = True, lowercase: bool = False):
         super().__init__(freeze)
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.zero_padding, self.lowercase = zero_padding, lowercase
         self.dim = self.pooled_dim = model.config.d_model
         self._apply_freeze()
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
+        if self.lowercase:  # diffusers' IF pipelines (without caption cleaning): lower-cased, stripped
+            prompts = [p.lower().strip() for p in prompts]
         for prompt in prompts:
             ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
             if len(ids) > self.max_length - 1:  # room for </s>
@@ -199,7 +203,8 @@ class T5TextEncoder(TextEncoder):
                                return_tensors="pt")
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device).bool()
         tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        tokens = tokens * mask[..., None]
+        if self.zero_padding:
+            tokens = tokens * mask[..., None]
         pooled = tokens.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # masked mean
         return TextEmbeddings(tokens, pooled, mask)
 
@@ -274,6 +279,8 @@ class TextEncoderConfig:
     open_clip: dict | None = None  # {"name": "ViT-H-14"} or {"embed_dim", "text_cfg", "quick_gelu"}
     small: dict | None = None  # SmallTextEncoder kwargs: width, layers, heads
     pretrained: str | None = None  # local folder / file, or hub id / open_clip tag when online
+    zero_padding: bool = True  # t5: zero the padded positions' outputs (DeepFloyd IF keeps T5's values there)
+    lowercase: bool = False  # t5: lower-case and strip prompts, as diffusers' IF pipelines do
 
 
 def _from_pretrained(cls, pretrained: str, subfolder: str):
@@ -365,7 +372,7 @@ def build_text_encoder(config: TextEncoderConfig, tokenizer_dir: str | Path | No
             model = T5EncoderModel(T5Config(**(config.hf_config or {})))
         if tokenizer is None:
             raise ConfigError("a T5 text encoder needs a tokenizer: pass tokenizer_dir or a `pretrained` folder")
-        return T5TextEncoder(model, tokenizer, config.max_length or 128, freeze)
+        return T5TextEncoder(model, tokenizer, config.max_length or 128, freeze, config.zero_padding, config.lowercase)
     if config.type == "small":
         if layer != "last":
             raise ConfigError(f"SmallTextEncoder supports layer='last' only, got {layer!r}")

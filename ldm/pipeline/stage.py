@@ -68,7 +68,8 @@ class Stage:
     def thresholding(self, percentile: float | None = None) -> tuple:
         """The denoiser wrappers of dynamic thresholding (Saharia et al. 2022, Sec. 2.3), or none."""
         percentile = self.threshold_percentile(percentile)
-        return (partial(dynamic_threshold, percentile=percentile),) if percentile else ()
+        cap = (self.stage_config or StageConfig()).dynamic_threshold_max or float("inf")
+        return (partial(dynamic_threshold, percentile=percentile, max_value=cap),) if percentile else ()
 
     @property
     def conditional(self) -> bool:
