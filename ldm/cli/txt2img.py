@@ -9,7 +9,7 @@ from ldm.cli.common import cli_main, finite_float
 from ldm.diffusion.sampler_registry import check_sampler_options, sampler_names
 from ldm.errors import LdmError
 from ldm.models.attention import set_attention_backend
-from ldm.pipeline.cascade import load_cascade
+from ldm.pipeline.cascade import load_cascade, use_model_defaults
 from ldm.pipeline.generate import generate_to_folder
 from ldm.pipeline.load import load_pipeline
 from ldm.textfiles import read_text
@@ -23,11 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="a native/diffusers folder, an original .safetensors/.ckpt, or a hub id "
                    "(default: the bundled model)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of {', '.join(sampler_names())}")
+    p.add_argument("--sampler", default=None, help=f"one of {', '.join(sampler_names())} (default: the model's own, "
+                   "e.g. ddpm for DeepFloyd IF, else dpmpp_2m)")
     p.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
                    help="a sampler option, repeatable: e.g. eta=0.5 (ddim, euler_a, dpmpp_2m_sde), s_churn=10 (heun)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale (<= 1 disables it)")
+    p.add_argument("--steps", type=int, default=None, help="default: the model's own (DeepFloyd IF: 100, its stage "
+                   "II 50), else 30")
+    p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (<= 1 disables "
+                   "it; default: the model's own, DeepFloyd IF: 7, its stage II 4, else 7.5)")
     p.add_argument("--guidance-rescale", type=finite_float, default=0.0, help="Lin et al. 2023 rescale factor")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -114,7 +117,9 @@ def read_prompts(args) -> list[str]:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sampler_options = check_sampler_options(args.sampler, parse_sampler_options(args.sampler_option))
+    sampler_options = parse_sampler_options(args.sampler_option)
+    if args.sampler is not None:  # a typo fails before the model loads
+        check_sampler_options(args.sampler, sampler_options)
     prompts = read_prompts(args)
     check_output_dir(args.out)  # before the model loads, not after the images are made
 
@@ -131,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                  if v is not None and (k, v) != ("start_stage", 1)]
         if given:
             raise LdmError(f"{', '.join(given)}: cascade options; give the super-resolution stages with --upscaler")
+    chosen = use_model_defaults(pipe, sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+    check_sampler_options(chosen["sampler"], sampler_options)
     records = generate_to_folder(
-        pipe, prompts, args.out, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+        pipe, prompts, args.out, sampler=chosen["sampler"], steps=chosen["steps"], guidance=chosen["guidance"],
         guidance_rescale=args.guidance_rescale, seed=args.seed,
         n_per_prompt=args.n, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
         init_image=args.init_image, strength=args.strength, mask_image=args.mask, sampler_options=sampler_options,

@@ -239,3 +239,30 @@ def load_cascade(base, upscalers=(), *, device: str | None = None, dtype=None, a
         return load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
 
     return Cascade([pipeline(base), *(pipeline(m) for m in upscalers)], **options)
+
+
+SAMPLING_DEFAULTS = ("steps", "guidance", "sampler")  # what a model's `stage` section may choose for its users
+
+
+def use_model_defaults(pipe, **given) -> dict:
+    """The call's common steps / guidance / sampler: the user's where given (not None), else the model's own.
+
+    A model's own defaults are its `stage` section's (DeepFloyd IF: 100 / 50 steps, guidance 7 / 4, ddpm). For a
+    cascade each stage keeps its own: they become the per-stage lists where the user set neither the common value nor
+    a per-stage list (`pipe.options`); the common value is then GenerationSettings' default.
+    """
+    stages = pipe.stages
+    out = {}
+    for name in SAMPLING_DEFAULTS:
+        own = [getattr(s.stage_config, name, None) if s.stage_config is not None else None for s in stages]
+        fallback = getattr(GenerationSettings, name)
+        if given.get(name) is not None:
+            out[name] = given[name]
+        elif isinstance(pipe, Cascade):
+            out[name] = fallback
+            if pipe.options[f"stage_{name}"] is None and any(v is not None for v in own):
+                pipe.options[f"stage_{name}"] = own
+        else:
+            out[name] = own[0] if own[0] is not None else fallback
+    return out
+

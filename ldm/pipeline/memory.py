@@ -26,7 +26,13 @@ def _attends(unet_config, level: int) -> bool:
     """Whether a level has attention: SD's `attention_resolutions` (downsampling rates) or Efficient U-Net's levels."""
     if hasattr(unet_config, "attention_resolutions"):
         return 2**level in unet_config.attention_resolutions
-    return level in (*unet_config.attention_levels, *unet_config.cross_attention_levels)
+    return level in (*unet_config.attention_levels, *getattr(unet_config, "cross_attention_levels", ()))
+
+
+def _level_channels(unet_config) -> list[int]:
+    """Channels per level: `block_channels` (IF's U-Net) or model_channels times channel_mult."""
+    own = getattr(unet_config, "block_channels", None)
+    return list(own) if own is not None else [unet_config.model_channels * m for m in unet_config.channel_mult]
 
 
 def estimate_generation_bytes(
@@ -57,8 +63,7 @@ def estimate_generation_bytes(
     # q, k, v, attention output, the GEGLU's 8c projection, its gate and product).
     skips, work = 0, 0
     heads = getattr(unet_config, "num_heads", -1)
-    for level, mult in enumerate(unet_config.channel_mult):
-        channels = unet_config.model_channels * mult
+    for level, channels in enumerate(_level_channels(unet_config)):
         tokens = (height // f // 2**level) * (width // f // 2**level)
         act = batch * channels * tokens * elem
         skips += (_blocks(unet_config, level) + 1) * act
@@ -66,7 +71,8 @@ def estimate_generation_bytes(
         if _attends(unet_config, level):
             level_work += 20 * act
             if math_scores:
-                h = heads if heads > 0 else channels // unet_config.num_head_channels
+                head_dim = getattr(unet_config, "num_head_channels", None) or unet_config.attention_head_dim
+                h = heads if heads > 0 else channels // head_dim
                 level_work += 2 * batch * h * tokens * tokens * _SCORES_BYTES
         work = max(work, level_work)
     unet_peak = skips + work

@@ -1,0 +1,73 @@
+"""The DeepFloyd IF cascade through ldm's own doors: ldm-txt2img --model IF-I --upscaler IF-II, IF's defaults, one T5
+embedding for both stages, and every sampler and guidance wrapper on an IF stage."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_cli
+from if_helpers import if_pipeline
+
+from ldm.cli.txt2img import main as txt2img
+from ldm.diffusion.guidance import classifier_guidance
+from ldm.diffusion.sampler_registry import sampler_names
+from ldm.models.text_encoders import T5TextEncoder
+from ldm.pipeline.cascade import load_cascade, use_model_defaults
+from ldm.pipeline.load import load_pipeline
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """IF-I at 8 px and IF-II 8 -> 32 px (IF's factor 4), diffusers folders with the same T5."""
+    root = tmp_path_factory.mktemp("if")
+    return if_pipeline(root, False, sample_size=8)[1], if_pipeline(root, True, sample_size=32)[1]
+
+
+def test_if_defaults_apply_unless_overridden(folders):
+    base, sr = folders
+    cascade = load_cascade(base, [sr])
+    common = use_model_defaults(cascade, steps=None, guidance=None, sampler=None)
+    assert cascade.options["stage_steps"] == [100, 50] and cascade.options["stage_guidance"] == [7.0, 4.0]
+    assert cascade.options["stage_sampler"] == ["ddpm", "ddpm"] and common["steps"] == 30
+    # an explicit common value wins over the stages' own
+    cascade = load_cascade(base, [sr])
+    assert use_model_defaults(cascade, steps=20, guidance=None, sampler="ddim")["steps"] == 20
+    assert cascade.options["stage_steps"] is None and cascade.options["stage_sampler"] is None
+    assert cascade.options["stage_guidance"] == [7.0, 4.0]
+    alone = load_pipeline(base)
+    assert use_model_defaults(alone, steps=None, guidance=None, sampler=None) == \
+        {"steps": 100, "guidance": 7.0, "sampler": "ddpm"}
+    low, high = cascade.stages
+    assert (low.threshold_percentile(), high.threshold_percentile()) == (0.95, 0.95)
+    assert (low.stage_config.dynamic_threshold_max, high.stage_config.dynamic_threshold_max) == (1.5, 1.0)
+
+
+@pytest.mark.slow
+def test_cascade_from_the_cli_encodes_t5_once(folders, tmp_path, capsys, monkeypatch):
+    base, sr = folders
+    calls = []
+    encode = T5TextEncoder._encode
+    monkeypatch.setattr(T5TextEncoder, "_encode", lambda self, prompts: calls.append(list(prompts)) or
+                        encode(self, prompts))
+    out = tmp_path / "out"
+    code, err = run_cli(txt2img, ["A photo of a cat", "--model", base, "--upscaler", sr, "--out", out,
+                                  "--stage-steps", "3,2", "--seed", 5], capsys)
+    assert code == 0, err
+    assert calls == [["A photo of a cat"], [""]]  # the prompt and "" once, for both stages
+    record = json.loads((out / "metadata.jsonl").read_text())
+    assert (record["width"], record["height"]) == (32, 32)
+    first, second = record["stages"]
+    assert (first["steps"], first["guidance"], first["sampler"], first["size"]) == (3, 7.0, "ddpm", 8)
+    assert (second["steps"], second["guidance"], second["sampler"], second["size"]) == (2, 4.0, "ddpm", 32)
+    assert second["aug_level"] == pytest.approx(0.25683, abs=1e-5)  # IF's noise_level 250
+
+
+@pytest.mark.slow
+def test_every_sampler_and_guidance_wrapper_runs_on_an_if_stage(folders):
+    pipe = load_pipeline(folders[0])
+    grad = lambda x, sigma, cond: -0.1 * x  # a classifier pulling towards 0  # noqa: E731
+    for name in sampler_names():
+        images = pipe("a cat", seed=0, steps=3, guidance=5.0, guidance_rescale=0.5, sampler=name,
+                      wrappers=(lambda d: classifier_guidance(d, grad),))
+        pixels = torch.from_numpy(np.asarray(images[0], dtype=np.float32))
+        assert images[0].size == (8, 8) and pixels.std() > 1, name  # an image, not a constant
