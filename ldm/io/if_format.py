@@ -22,7 +22,7 @@ from ldm.io.components import ModelParts, make_parts, section_type, text_config
 from ldm.io.diffusers_format import _read_json, _read_weights, _write_json
 from ldm.io.keys_if import (if_config_from_diffusers, if_config_to_diffusers, if_unet_diffusers_to_native,
                             if_unet_native_to_diffusers, is_if_unet_config)
-from ldm.models.text_encoders import TextEncoderConfig
+from ldm.models.text_encoders import TextEncoderConfig, hf_config_fields
 from ldm.models.tokenizers import save_tokenizer
 
 DIFFUSERS_VERSION = "0.30.0"
@@ -64,8 +64,7 @@ def _text_encoder(folder: Path, allow_pickle: bool) -> tuple[TextEncoderConfig, 
     if cfg.get("model_type") != "t5":
         raise ConfigError(f"{folder}/config.json: an IF stage's text encoder is T5 (T5EncoderModel), not "
                           f"{cfg.get('model_type')!r}")
-    hf_config = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures",
-                                                                                     "transformers_version", "dtype")}
+    hf_config = hf_config_fields(cfg)
     sd, _ = _read_weights(folder, "model", allow_pickle)
     for name in EMBEDDINGS:  # transformers writes the tied embedding once
         sd.setdefault(name, sd.get(EMBEDDINGS[0], sd.get(EMBEDDINGS[1])))

@@ -283,6 +283,12 @@ class TextEncoderConfig:
     lowercase: bool = False  # t5: lower-case and strip prompts, as diffusers' IF pipelines do
 
 
+def hf_config_fields(config: dict) -> dict:
+    """A transformers config dict without its bookkeeping (what `TextEncoderConfig.hf_config` holds)."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures",
+                                                                                     "transformers_version", "dtype")}
+
+
 def _from_pretrained(cls, pretrained: str, subfolder: str):
     """`cls.from_pretrained` on a folder (or its `subfolder`, diffusers layout) or hub id, with an offline hint."""
     local = Path(pretrained)
