@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if given:
             raise LdmError(f"{', '.join(given)}: cascade options; give the super-resolution stages with --upscaler")
     chosen = use_model_defaults(pipe, sampler=args.sampler, steps=args.steps, guidance=args.guidance)
-    check_sampler_options(chosen["sampler"], sampler_options)
+    if len(pipe.stages) == 1:  # a cascade checks each stage's sampler against the options itself
+        check_sampler_options(chosen["sampler"], sampler_options)
     records = generate_to_folder(
         pipe, prompts, args.out, sampler=chosen["sampler"], steps=chosen["steps"], guidance=chosen["guidance"],
         guidance_rescale=args.guidance_rescale, seed=args.seed,

@@ -11,6 +11,7 @@ settings onto these levels (same alpha and sigma). Images are in [-1, 1].
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -55,6 +56,12 @@ class StageConfig:
                                   f"map to whole low-res pixels (x {self.low_res_size}/{self.resolution})")
         if self.resize_mode not in RESIZE_MODES:
             raise ConfigError(f"stage.resize_mode={self.resize_mode!r}; use one of {', '.join(RESIZE_MODES)}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or
+                                       self.steps <= 0):
+            raise ConfigError(f"stage.steps={self.steps} must be a positive number of sampling steps, or null")
+        if self.dynamic_threshold_max is not None and not self.dynamic_threshold_max >= 1.0:
+            raise ConfigError(f"stage.dynamic_threshold_max={self.dynamic_threshold_max} must be at least 1 (the "
+                              "threshold is never below 1), or null for no cap")
         if self.dynamic_threshold is not None and not 0.0 < self.dynamic_threshold <= 1.0:
             raise ConfigError(f"stage.dynamic_threshold={self.dynamic_threshold} must be a percentile in (0, 1] "
                               "(e.g. 0.995), or null for none")
@@ -137,6 +144,12 @@ def level_from_if_noise_level(noise_level: int | torch.Tensor, num_train_timeste
     return torch.atan2((1 - acp).sqrt(), acp.sqrt()) * (2 / math.pi)
 
 
+@functools.lru_cache(maxsize=4)
+def _if_levels(num_train_timesteps: int) -> torch.Tensor:
+    """The level of each of IF's integer noise levels (float64, increasing); computed once per schedule length."""
+    return level_from_if_noise_level(torch.arange(num_train_timesteps), num_train_timesteps)
+
+
 def if_noise_level_from_level(level: torch.Tensor | float, num_train_timesteps: int = 1000,
                               snap: float = 1e-4) -> torch.Tensor:
     """The inverse of `level_from_if_noise_level`: IF's noise_level timestep (a float) with the same alpha and sigma.
@@ -145,7 +158,7 @@ def if_noise_level_from_level(level: torch.Tensor | float, num_train_timesteps: 
     of noise_level 250 gives back 250 (what IF-II's noise-level embedding was trained on).
     """
     level = torch.as_tensor(level)
-    table = level_from_if_noise_level(torch.arange(num_train_timesteps), num_train_timesteps).to(level.device)
+    table = _if_levels(num_train_timesteps).to(level.device)
     x = level.double().clamp(float(table[0]), float(table[-1]))
     low = (torch.searchsorted(table, x.contiguous(), right=True) - 1).clamp(0, num_train_timesteps - 2)
     t = low + (x - table[low]) / (table[low + 1] - table[low])
