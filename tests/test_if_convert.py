@@ -78,3 +78,21 @@ def test_original_format_refuses_an_if_stage(tmp_path, capsys):
     code, err = run_cli(convert, [folder, tmp_path / "if.safetensors", "--to", "original"], capsys)
     assert code == 2 and "native" in err
     assert not (tmp_path / "if.safetensors").exists()
+
+
+def test_tokenizer_from_spiece_model_alone(tmp_path):
+    """The hub's IF folders hold tokenizer/spiece.model and tokenizer_config.json only (no tokenizer.json)."""
+    import shutil
+
+    pipe, folder = if_pipeline(tmp_path, False, sample_size=16)
+    tokenizer = folder / "tokenizer"
+    shutil.rmtree(tokenizer)
+    tokenizer.mkdir()
+    shutil.copy(tmp_path / "sp.model", tokenizer / "spiece.model")
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 77, "eos_token": "</s>",
+         "pad_token": "<pad>", "unk_token": "<unk>"}))
+    parts = load_model(folder)
+    got = parts.text_encoder.encode(["A photo of a Cat", ""])
+    expected, negative = pipe.encode_prompt("A photo of a Cat", do_classifier_free_guidance=True, clean_caption=False)
+    assert torch.equal(got.tokens[:1], expected) and torch.equal(got.tokens[1:], negative)
