@@ -94,3 +94,16 @@ def test_bad_requests_are_refused_with_the_way_out(upscaler):
         pipe(PROMPT, init_image=noisy_image(1, 18), steps=2)
     with pytest.raises(LdmError, match="--height"):
         pipe(PROMPT, init_image=noisy_image(1, 16), steps=2, height=64)
+
+
+def test_in_float16_the_autoencoder_runs_in_float32(upscaler):
+    folder, _ = upscaler
+    half = load_pipeline(folder, device="cpu", dtype="fp16")
+    full = load_pipeline(folder, device="cpu", dtype="fp32")
+    assert next(half.unet.parameters()).dtype == torch.float16
+    assert next(half.autoencoder.parameters()).dtype == torch.float32  # diffusers' force_upcast: fp16 overflows
+    image = noisy_image(4, 16)
+    kwargs = dict(init_image=image, sampler="ddim", steps=2, guidance=6.0, seed=3)
+    a = np.asarray(half(PROMPT, NEGATIVE, **kwargs)[0], dtype=float)
+    b = np.asarray(full(PROMPT, NEGATIVE, **kwargs)[0], dtype=float)
+    assert np.abs(a - b).mean() < 2.0  # on the 0..255 scale: fp16 rounding in the U-Net only

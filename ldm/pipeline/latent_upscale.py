@@ -10,11 +10,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ldm.diffusion.conditioning import add_conditioning
 from ldm.diffusion.latent_upscale import LatentUpscaleConfig, check_noise_level, noise_low_res
 from ldm.errors import LdmError
 from ldm.pipeline.strategies import Start, draw_noise
+
+
+class Float32Codec(nn.Module):
+    """A codec run in float32 whatever the stage's dtype: the x4 upscaler's autoencoder overflows in float16 (its
+    x4-upscaling.yaml says the decoder breaks in half precision; diffusers upcasts it, `force_upcast`)."""
+
+    def __init__(self, codec: nn.Module):
+        super().__init__()
+        self.inner = codec.float()
+
+    downsample_factor = property(lambda self: self.inner.downsample_factor)
+    latent_channels = property(lambda self: self.inner.latent_channels)
+    autoencoder = property(lambda self: self.inner.autoencoder)
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.inner.encode(x.float(), generator).to(x.dtype)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(z.float()).to(z.dtype)
 
 
 @dataclass

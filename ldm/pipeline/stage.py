@@ -20,6 +20,7 @@ from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.io.components import ModelParts
 from ldm.models.codecs import IdentityCodec
+from ldm.pipeline.latent_upscale import Float32Codec
 
 
 class Stage:
@@ -34,6 +35,8 @@ class Stage:
         self.latent_upscale = latent_upscale  # a latent SR stage's low-res noise schedule (the SD x4 upscaler)
         self.unet = network.to(device=device, dtype=dtype).eval()
         self.codec = codec.to(device=device, dtype=dtype).eval()
+        if latent_upscale is not None and dtype == torch.float16:
+            self.codec = Float32Codec(self.codec)  # the x4 upscaler's autoencoder overflows in float16
         # The text encoder keeps its stored precision, except that an fp32 pipeline computes it in fp32 too: half
         # precision on the CPU is slow (no fast kernels) and buys nothing there.
         text_dtype = torch.float32 if dtype == torch.float32 else None
