@@ -27,10 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. ddpm for DeepFloyd IF, else dpmpp_2m)")
     p.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
                    help="a sampler option, repeatable: e.g. eta=0.5 (ddim, euler_a, dpmpp_2m_sde), s_churn=10 (heun)")
-    p.add_argument("--steps", type=int, default=None, help="default: the model's own (DeepFloyd IF: 100, its stage "
-                   "II 50), else 30")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own: DeepFloyd IF "
+                   "100, its stage II 50, the x4 upscaler 75, else 30; in a cascade each stage's)")
     p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (<= 1 disables "
-                   "it; default: the model's own, DeepFloyd IF: 7, its stage II 4, else 7.5)")
+                   "it; default: the model's own: DeepFloyd IF 7, its stage II 4, the x4 upscaler 9, else 7.5)")
     p.add_argument("--guidance-rescale", type=finite_float, default=0.0, help="Lin et al. 2023 rescale factor")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     cascade.add_argument("--aug-level", type=finite_float, default=None,
                          help="noise-conditioning augmentation level of the SR stages, in [0, 1] (default: each "
                          "stage's config)")
+    cascade.add_argument("--noise-level", type=int, default=None,
+                         help="the x4 upscaler's noise level on its low-res input, 0..350 (default: its config's, 20)")
     cascade.add_argument("--stage-steps", type=_stage_list(int), default=None, metavar="N,N",
                          help="sampling steps per stage, e.g. 50,25 (default: --steps)")
     cascade.add_argument("--stage-guidance", type=_stage_list(float), default=None, metavar="G,G",
@@ -128,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     cascade_options = dict(stage_steps=args.stage_steps, stage_guidance=args.stage_guidance,
                            stage_sampler=args.stage_sampler, aug_level=args.aug_level, start_stage=args.start_stage)
+    noise_level = args.noise_level
     if args.upscaler:
         pipe = load_cascade(pipe, args.upscaler, device=args.device, dtype=args.dtype,
-                            allow_pickle=args.allow_pickle, **cascade_options)
+                            allow_pickle=args.allow_pickle, noise_level=noise_level, **cascade_options)
+        noise_level = None  # the cascade holds it
     else:
         given = [f"--{k.replace('_', '-')}" for k, v in cascade_options.items()
                  if v is not None and (k, v) != ("start_stage", 1)]
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         guidance_rescale=args.guidance_rescale, seed=args.seed,
         n_per_prompt=args.n, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
         init_image=args.init_image, strength=args.strength, mask_image=args.mask, sampler_options=sampler_options,
-        dynamic_threshold=args.dynamic_threshold,
+        dynamic_threshold=args.dynamic_threshold, noise_level=noise_level,
     )
     for r in records:
         print(args.out / r["file_name"])

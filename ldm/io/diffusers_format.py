@@ -16,6 +16,8 @@ from ldm.io.components import ModelParts, check_can_hold, make_parts, text_confi
 from ldm.io.keys_text import hf_clip_config_from_openclip, hf_clip_to_openclip, openclip_to_hf_clip
 from ldm.io.keys_unet import unet_config_from_diffusers, unet_config_to_diffusers, unet_diffusers_to_original, \
     unet_original_to_diffusers
+from ldm.io.latent_upscale_format import (LATENT_UPSCALE_SECTION, LOW_RES_SCHEDULER, diffusers_entries,
+                                          is_upscale_pipeline, section_from_diffusers)
 from ldm.io.keys_vae import vae_config_from_diffusers, vae_config_to_diffusers, vae_diffusers_to_original, \
     vae_original_to_diffusers
 from ldm.models.text_encoders import TextEncoderConfig
@@ -117,9 +119,19 @@ def load_diffusers(folder: str | Path, *, device="cpu", dtype=None, allow_pickle
     if text_cfg.type == "clip" and tokenizer_dir is None:
         notes.append("no tokenizer/ folder; using the CLIP BPE tokenizer that open_clip ships (SD-1 padding)")
     sections = {"unet": unet_cfg, "autoencoder": vae_cfg, "text_encoder": text_cfg, "scheduler": schedule}
-    return make_parts(sections, weights, source=str(folder), sources={"unet": unet_src, "autoencoder": vae_src,
-                           "text_encoder": text_src}, device=device, dtype=dtype, prediction_type=prediction_type,
-                           notes=notes, tokenizer_dir=tokenizer_dir)
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    upscale = None
+    if is_upscale_pipeline(index):  # the SD x4 upscaler: the low-res image's own noise schedule
+        try:
+            upscale = section_from_diffusers(index, _read_json(folder / LOW_RES_SCHEDULER / "scheduler_config.json"))
+        except ConfigError as e:
+            raise ConfigError(f"{folder}: {e}") from e
+    parts = make_parts(sections, weights, source=str(folder), sources={"unet": unet_src, "autoencoder": vae_src,
+                       "text_encoder": text_src}, device=device, dtype=dtype, prediction_type=prediction_type,
+                       notes=notes, tokenizer_dir=tokenizer_dir)
+    if upscale is not None:
+        parts.config[LATENT_UPSCALE_SECTION] = upscale
+    return parts
 
 
 def _write_json(path: Path, data: Mapping) -> None:
@@ -186,6 +198,11 @@ def save_diffusers(components: ModelParts, folder: str | Path) -> None:
              "scheduler": ["diffusers", scheduler_class(components.schedule)], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"]}
+    low_res_scheduler = None
+    if components.config.get(LATENT_UPSCALE_SECTION) is not None:  # the SD x4 upscaler's pipeline
+        upscale_index, low_res_scheduler = diffusers_entries(components.config[LATENT_UPSCALE_SECTION])
+        index = {k: v for k, v in index.items() if k not in ("image_encoder", "requires_safety_checker")}
+        index.update(upscale_index)
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         for name, (config, weights) in files.items():
@@ -196,4 +213,7 @@ def save_diffusers(components: ModelParts, folder: str | Path) -> None:
         write_safetensors(text_weights, tmp / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
         save_tokenizer(tokenizer, tmp / "tokenizer")
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config_dict(components.schedule))
+        if low_res_scheduler is not None:
+            _write_json(tmp / LOW_RES_SCHEDULER / "scheduler_config.json",
+                        {**low_res_scheduler, "_diffusers_version": DIFFUSERS_VERSION})
         _write_json(tmp / "model_index.json", index)

@@ -14,6 +14,7 @@ import torch
 
 from ldm.diffusion.schedules import PREDICTION_ALIASES, ScheduleConfig
 from ldm.errors import CheckpointError, ConfigError
+from ldm.io.latent_upscale_format import X4_DIFFUSION, X4_HEADS, add_to_original
 from ldm.models.autoencoder import AutoencoderConfig
 
 UNET_PREFIX = "model.diffusion_model."
@@ -89,6 +90,7 @@ def infer_unet(sd: Mapping[str, torch.Tensor]) -> dict:
         depth = len(_indices(u, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\."))
         if depth:
             level["attn"], level["depth"] = True, depth
+            level["cross_only"] = _attn1_reads_text(u, f"input_blocks.{i}.1")
     if max(_indices(u, r"input_blocks\.(\d+)\."), default=0) + 1 > len(_indices(u, r"input_blocks\.(\d+)\.")):
         conv_resample = False
     if any(lv["mult"] is None for lv in levels):
@@ -113,6 +115,11 @@ def infer_unet(sd: Mapping[str, torch.Tensor]) -> dict:
     }
     if not conv_resample:
         params["conv_resample"] = False
+    # attn1 reading the text (keys of the context's width) instead of the pixels: the SD x4 upscaler
+    if any(lv.get("cross_only") for lv in levels):
+        params["disable_self_attentions"] = [bool(lv.get("cross_only")) for lv in levels]
+    if _attn1_reads_text(u, "middle_block.1"):
+        params["disable_middle_self_attn"] = True
     # Head counts leave no trace in the shapes: use SD's conventions (SD-1: 8 heads; SD-2: 64-channel heads).
     if linear:
         params["num_head_channels"] = min(HEAD_WIDTH, int(model_channels))
@@ -123,6 +130,21 @@ def infer_unet(sd: Mapping[str, torch.Tensor]) -> dict:
     elif "label_emb.weight" in u:
         params["num_classes"] = int(u["label_emb.weight"].shape[0])
     return params
+
+
+def _attn1_reads_text(u: Mapping[str, torch.Tensor], transformer: str) -> bool:
+    """Whether a SpatialTransformer's attn1 takes keys from the text (CompVis disable_self_attn): its to_k reads a
+    width other than the transformer's own. Where the text is as wide as the transformer the shapes cannot tell,
+    and self-attention (the usual case, and the x4 upscaler's deepest level) is assumed."""
+    to_k, proj_in = u.get(f"{transformer}.transformer_blocks.0.attn1.to_k.weight"), u.get(f"{transformer}.proj_in.weight")
+    return to_k is not None and proj_in is not None and to_k.shape[1] != proj_in.shape[0]
+
+
+def looks_like_latent_upscaler(unet: Mapping, autoencoder: Mapping) -> bool:
+    """The SD x4 upscaler's signature in inferred configs: 3 low-res RGB channels beside the latent, a class label
+    (the noise level), and an f=4 autoencoder."""
+    return (unet["in_channels"] == unet["out_channels"] + 3 and isinstance(unet.get("num_classes"), int)
+            and len(autoencoder["ddconfig"]["ch_mult"]) == 3)
 
 
 def infer_autoencoder(sd: Mapping[str, torch.Tensor]) -> dict:
@@ -194,8 +216,13 @@ def infer_original_config(sd: Mapping[str, torch.Tensor], *,
     """An original-layout config for a single-file state dict, and notes on what was assumed."""
     unet = infer_unet(sd)
     text = infer_text_encoder(sd)
+    autoencoder = infer_autoencoder(sd)
+    upscaler = looks_like_latent_upscaler(unet, autoencoder)
     sd2 = text["type"] == "openclip" or unet["use_linear_in_transformer"]
-    family = "SD-2.x" if sd2 else "SD-1.x"
+    family = "SD x4 upscaler" if upscaler else "SD-2.x" if sd2 else "SD-1.x"
+    if upscaler:  # x4-upscaling.yaml: 8 heads at every level (not SD-2's 64-channel heads)
+        unet.pop("num_head_channels", None)
+        unet["num_heads"] = X4_HEADS
     notes = [f"architecture inferred from tensor shapes: {family}-style "
              f"(model_channels={unet['model_channels']}, channel_mult={unet['channel_mult']}, "
              f"context_dim={unet['context_dim']}, in_channels={unet['in_channels']}"
@@ -203,7 +230,12 @@ def infer_original_config(sd: Mapping[str, torch.Tensor], *,
     heads = (f"num_head_channels={unet['num_head_channels']}" if "num_head_channels" in unet
              else f"num_heads={unet['num_heads']}")
     notes.append(f"attention heads are not stored in the weights; assumed {family}'s {heads}")
-    if prediction_type is None:
+    if upscaler:
+        notes.append("the x4 upscaler's schedule, latent scale, noise-level schedule and v-prediction are not stored "
+                     f"in the weights; assumed x4-upscaling.yaml's ({X4_DIFFUSION})")
+    if upscaler and prediction_type is None:
+        parameterization = "v"
+    elif prediction_type is None:
         parameterization = "eps"
         notes.append("prediction type cannot be read from the weights; assumed eps (noise). SD-2 768-v models need "
                      "--prediction-type v_prediction or a config with `parameterization: v`")
@@ -213,10 +245,13 @@ def infer_original_config(sd: Mapping[str, torch.Tensor], *,
         "linear_start": _SD_SCHEDULE.beta_start, "linear_end": _SD_SCHEDULE.beta_end,
         "timesteps": _SD_SCHEDULE.num_train_timesteps, "parameterization": parameterization, "scale_factor": _SD_SCALE, "conditioning_key": "crossattn",
         "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
-        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": infer_autoencoder(sd)},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": autoencoder},
         "cond_stage_config": {"target": OPENCLIP_TARGET if text["type"] == "openclip" else CLIP_TARGET,
                               "params": {"layer": text["layer"]}},
     }}}
+    if upscaler:
+        config["model"]["params"].update(X4_DIFFUSION)
+        config = add_to_original(config, {})
     return config, notes
 
 

@@ -105,7 +105,7 @@ _FIXED = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
     "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "num_attention_heads": None, "dual_cross_attention": False,
-    "only_cross_attention": False, "mid_block_only_cross_attention": None, "addition_embed_type": None,
+    "mid_block_only_cross_attention": None, "addition_embed_type": None,
     "addition_time_embed_dim": None, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
     "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
@@ -115,6 +115,21 @@ _FIXED = {
 }
 
 
+def _only_cross_attention_from_diffusers(cfg: dict, levels: int) -> tuple[bool, ...] | None:
+    """diffusers' `only_cross_attention` (one bool, or one per down block) as CompVis' `disable_self_attentions`.
+
+    diffusers' UNetMidBlock2DCrossAttn always keeps its self-attention (its mid_block_only_cross_attention only acts
+    on the SimpleCrossAttn mid block), so the middle block maps to disable_middle_self_attn=False.
+    """
+    value = cfg.get("only_cross_attention", False)
+    if isinstance(value, bool):
+        return (value,) * levels if value else None
+    value = tuple(bool(v) for v in value)
+    if len(value) != levels:
+        raise ConfigError(f"U-Net config: only_cross_attention {list(value)} needs one entry per down block ({levels})")
+    return value if any(value) else None
+
+
 def unet_config_to_diffusers(config: UNetConfig) -> dict:
     """A `config.json` dict for diffusers' UNet2DConditionModel with the same architecture and weights layout."""
     c = config
@@ -122,6 +137,9 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
         raise ConfigError("UNetConfig.context_dim=None (no cross-attention) has no diffusers UNet2DConditionModel form")
     if not c.conv_resample:
         raise ConfigError("UNetConfig.conv_resample=False has no diffusers UNet2DConditionModel form")
+    if c.disable_middle_self_attn:
+        raise ConfigError("UNetConfig.disable_middle_self_attn=True has no diffusers UNet2DConditionModel form (its "
+                          "cross-attention mid block always keeps self-attention)")
     levels = len(c.channel_mult)
     channels = [c.model_channels * m for m in c.channel_mult]
     attn = [2 ** level in c.attention_resolutions for level in range(levels)]
@@ -149,6 +167,7 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
     if c.sample_size is not None:
         out["sample_size"] = c.sample_size
     out.update(_FIXED)
+    out["only_cross_attention"] = list(c.disable_self_attentions) if c.disable_self_attentions else False
     return out
 
 
@@ -163,7 +182,7 @@ def unet_config_from_diffusers(cfg: dict, learn_sigma: bool = False) -> UNetConf
         raise ConfigError(f"U-Net config: expected a diffusers UNet2DConditionModel config, got {name!r}")
     for key, allowed in _FIXED.items():
         value = cfg.get(key, allowed)
-        if value != allowed and not (key == "mid_block_only_cross_attention" and value is False):
+        if value != allowed and not (key == "mid_block_only_cross_attention" and isinstance(value, bool)):
             raise ConfigError(f"U-Net config: {key}={value!r} is not supported (only {allowed!r})")
     if cfg.get("class_embed_type") not in (None, "projection"):
         raise ConfigError(f"U-Net config: class_embed_type={cfg['class_embed_type']!r} is not supported "
@@ -205,6 +224,7 @@ def unet_config_from_diffusers(cfg: dict, learn_sigma: bool = False) -> UNetConf
             raise ConfigError(f"U-Net config: learn_sigma needs an even out_channels, got {out_channels}")
         out_channels //= 2
     projection = cfg.get("class_embed_type") == "projection"
+    no_self_attention = _only_cross_attention_from_diffusers(cfg, len(channels))
     return UNetConfig(
         in_channels=cfg.get("in_channels", 4),
         out_channels=out_channels,
@@ -222,4 +242,5 @@ def unet_config_from_diffusers(cfg: dict, learn_sigma: bool = False) -> UNetConf
         learn_sigma=learn_sigma,
         dropout=float(cfg.get("dropout", 0.0)),
         sample_size=cfg.get("sample_size"),
+        disable_self_attentions=no_self_attention,
     )

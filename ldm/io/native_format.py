@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ldm.atomic import atomic_path, atomic_write_text
 from ldm.config import from_dict, load_yaml, save_yaml, to_plain
+from ldm.diffusion.latent_upscale import SECTION as LATENT_UPSCALE_SECTION
+from ldm.diffusion.latent_upscale import LatentUpscaleConfig
 from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import CheckpointError, ConfigError
@@ -29,7 +31,9 @@ MANIFEST = "manifest.json"
 SCHEDULE_SECTION = "scheduler"
 STAGE_SECTION = "stage"  # a pixel cascade stage's StageConfig (sizes, augmentation level, dynamic thresholding)
 REQUIRED = ("unet", SCHEDULE_SECTION)
-_NOT_PARTS = ("format", SCHEDULE_SECTION, STAGE_SECTION)
+# sections that configure a stage rather than a part: kept in ModelParts.config as checked plain dicts
+STAGE_SECTIONS = {STAGE_SECTION: StageConfig, LATENT_UPSCALE_SECTION: LatentUpscaleConfig}
+_NOT_PARTS = ("format", SCHEDULE_SECTION, *STAGE_SECTIONS)
 
 
 def weights_file(role: str) -> str:
@@ -102,9 +106,8 @@ def load_native(folder: str | Path, *, device="cpu", dtype=None, prediction_type
     try:
         sections = {role: read_section(role, config[role]) for role in roles}
         sections[SCHEDULE_SECTION] = from_dict(ScheduleConfig, config[SCHEDULE_SECTION], where=SCHEDULE_SECTION)
-        stage = config.get(STAGE_SECTION)
-        if stage is not None:
-            stage = to_plain(from_dict(StageConfig, stage, where=STAGE_SECTION))  # checked now, kept as a section
+        stages = {name: to_plain(from_dict(cls, config[name], where=name))  # checked now, kept as sections
+                  for name, cls in STAGE_SECTIONS.items() if config.get(name) is not None}
     except ConfigError as e:
         raise ConfigError(f"{folder / 'config.yaml'}: {e}") from e
     sources = {role: folder / weights_file(role) for role in roles}
@@ -127,15 +130,14 @@ def load_native(folder: str | Path, *, device="cpu", dtype=None, prediction_type
     parts = make_parts(sections, weights, source=str(folder), sources=sources, device=device, dtype=dtype,
                        prediction_type=prediction_type, notes=notes,
                        tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
-    if stage is not None:
-        parts.config[STAGE_SECTION] = stage
+    parts.config.update(stages)
     return parts
 
 
 def _write_folder(parts: ModelParts, folder: Path, step: int | None) -> None:
     folder.mkdir(parents=True)
     sections = {r: parts.config[r] for r in parts.roles}
-    stage = {STAGE_SECTION: parts.config[STAGE_SECTION]} if parts.config.get(STAGE_SECTION) is not None else {}
+    stage = {name: parts.config[name] for name in STAGE_SECTIONS if parts.config.get(name) is not None}
     save_yaml({"format": FORMAT, **sections, SCHEDULE_SECTION: parts.config[SCHEDULE_SECTION], **stage},
               folder / "config.yaml")
     for role, module in parts.parts.items():

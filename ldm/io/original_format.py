@@ -16,6 +16,7 @@ from ldm.io.components import (ModelParts, autoencoder_config, check_can_hold, m
 from ldm.io.infer import (CLIP_PREFIX, OPENCLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, infer_original_config,
                           infer_text_encoder, normalize_text_keys, original_config_from_sections,
                           sections_from_original_config, select_ema, strip_prefix)
+from ldm.io.latent_upscale_format import LATENT_UPSCALE_SECTION, add_to_original, section_from_original
 
 METADATA_KEY = "ldm_config"  # resolved config stored in the header of the files we write
 
@@ -47,7 +48,8 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
                      else "EMA weights found but incomplete; using the non-EMA U-Net weights")
     if not any(k.startswith(UNET_PREFIX) for k in sd):
         raise CheckpointError(f"{path}: no `model.diffusion_model.*` keys; not an original Stable Diffusion "
-                              "single-file checkpoint (a diffusers folder or a native folder is loaded by its path)")
+                              "single-file checkpoint (a diffusers folder or a native folder is loaded by its path); "
+                              f"the first keys it could not place: {list(sd)[:5]}")
     ignored = [k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX))]
     if ignored:
         notes.append(f"ignored {len(ignored)} key(s) outside the three networks, e.g. {ignored[0]} "
@@ -70,12 +72,14 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
             notes.append(f"architecture from {where}; text-encoder sizes read from the weights")
             built = {"unet": unet_config(sections["unet"]), "autoencoder": autoencoder_config(sections["autoencoder"]),
                      "text_encoder": text, "scheduler": ScheduleConfig.from_diffusers(sections["scheduler"])}
+            upscale = section_from_original(original["model"]["params"], where)
         elif metadata is not None:
             resolved = json.loads(metadata)
             notes.append(f"architecture from the config stored in {path.name} by ldm")
             built = {"unet": unet_config(resolved["unet"]), "autoencoder": autoencoder_config(resolved["autoencoder"]),
                      "text_encoder": text_config(resolved["text_encoder"]),
                      "scheduler": ScheduleConfig.from_diffusers(resolved["scheduler"])}
+            upscale = resolved.get(LATENT_UPSCALE_SECTION)
         else:
             original, inferred = infer_original_config(sd, prediction_type=prediction_type)
             notes += inferred
@@ -83,6 +87,7 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
             built = {"unet": unet_config(sections["unet"]), "autoencoder": autoencoder_config(sections["autoencoder"]),
                      "text_encoder": text_config_from_dims(infer_text_encoder(sd)),
                      "scheduler": ScheduleConfig.from_diffusers(sections["scheduler"])}
+            upscale = section_from_original(original["model"]["params"], "the inferred config")
     except (ConfigError, CheckpointError) as e:
         raise type(e)(f"{path}: {e}") from e
     except (KeyError, IndexError) as e:  # a weight the shape reading relies on is absent
@@ -98,8 +103,11 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
                "text_encoder": _text_weights(sd, kind, notes)}
     sources = {"unet": f"{path} (U-Net, {UNET_PREFIX}*)", "autoencoder": f"{path} (autoencoder, {VAE_PREFIX}*)",
                "text_encoder": f"{path} (text encoder, {CLIP_PREFIX if kind == 'clip' else OPENCLIP_PREFIX}*)"}
-    return make_parts(built, weights, source=str(path), sources=sources, device=device, dtype=dtype,
-                           prediction_type=prediction_type, notes=notes)
+    parts = make_parts(built, weights, source=str(path), sources=sources, device=device, dtype=dtype,
+                       prediction_type=prediction_type, notes=notes)
+    if upscale is not None:  # the SD x4 upscaler: the low-res image's noise schedule
+        parts.config[LATENT_UPSCALE_SECTION] = upscale
+    return parts
 
 
 def original_config(components: ModelParts) -> dict:
@@ -109,8 +117,10 @@ def original_config(components: ModelParts) -> dict:
         raise LdmError("the original single-file format cannot hold an EDM model: CompVis configs know the discrete "
                        "eps / v / x0 parameterisations only; save it with --to native or --to diffusers")
     text = components.config["text_encoder"]
-    return original_config_from_sections(components.config["unet"], components.config["autoencoder"], text["type"],
-                                         text["layer"] or "last", components.config["scheduler"])
+    config = original_config_from_sections(components.config["unet"], components.config["autoencoder"], text["type"],
+                                           text["layer"] or "last", components.config["scheduler"])
+    upscale = components.config.get(LATENT_UPSCALE_SECTION)
+    return add_to_original(config, upscale) if upscale is not None else config
 
 
 def original_state_dict(components: ModelParts) -> dict[str, torch.Tensor]:

@@ -58,15 +58,22 @@ class FeedForward(nn.Module):
 
 class BasicTransformerBlock(nn.Module):
     """Pre-norm block: self-attention (attn1, absent when self_attention=False), cross-attention (attn2, absent when
-    context_dim is None), GEGLU MLP."""
+    context_dim is None), GEGLU MLP.
+
+    `disable_self_attn` (CompVis; diffusers' `only_cross_attention`, the SD x4 upscaler) makes attn1 a second
+    cross-attention to the text: at high resolutions self-attention over every pixel is what costs the memory.
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None, dropout: float = 0.0,
-                 use_checkpoint: bool = False, self_attention: bool = True):
+                 use_checkpoint: bool = False, self_attention: bool = True, disable_self_attn: bool = False):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.has_self_attention = self_attention
+        self.disable_self_attn = disable_self_attn
+        if disable_self_attn and context_dim is None:
+            raise ValueError("disable_self_attn makes attn1 attend to the text: it needs a context_dim")
         if self_attention:
-            self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+            self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads, dim_head, dropout)
             self.norm1 = nn.LayerNorm(dim)
         if context_dim is not None:
             self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
@@ -80,7 +87,9 @@ class BasicTransformerBlock(nn.Module):
         return maybe_checkpoint(self, self._forward, x, context, context_mask)
 
     def _forward(self, x, context, context_mask):
-        if self.has_self_attention:
+        if self.has_self_attention and self.disable_self_attn:
+            x = x + self.attn1(self.norm1(x), context, context_mask)
+        elif self.has_self_attention:
             x = x + self.attn1(self.norm1(x))
         if self.has_cross_attention:
             if context is None:
@@ -94,7 +103,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, in_channels: int, heads: int, dim_head: int, depth: int = 1, context_dim: int | None = None,
                  dropout: float = 0.0, use_linear: bool = False, use_checkpoint: bool = False,
-                 self_attention: bool = True):
+                 self_attention: bool = True, disable_self_attn: bool = False):
         super().__init__()
         inner_dim = heads * dim_head
         self.use_linear = use_linear
@@ -106,7 +115,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(in_channels, inner_dim, 1)
             self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, 1))
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner_dim, heads, dim_head, context_dim, dropout, use_checkpoint, self_attention)
+            BasicTransformerBlock(inner_dim, heads, dim_head, context_dim, dropout, use_checkpoint, self_attention,
+                                  disable_self_attn)
             for _ in range(depth)
         )
 

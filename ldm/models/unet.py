@@ -42,6 +42,9 @@ class UNetConfig:
     sample_size: int | None = 64  # latent size the model was trained at: the default generation size (SD-1: 64)
     use_checkpoint: bool = False  # gradient checkpointing of ResBlocks and transformer blocks while training
     conv_resample: bool = True  # convolutions in Downsample/Upsample (False: avg-pool / plain nearest)
+    # per level: attn1 attends to the text instead of the pixels (SD x4 upscaler; diffusers' only_cross_attention)
+    disable_self_attentions: tuple[bool, ...] | None = None
+    disable_middle_self_attn: bool = False  # the same for the middle block's transformer
 
     def __post_init__(self):
         self.attention_resolutions = tuple(self.attention_resolutions)
@@ -51,6 +54,15 @@ class UNetConfig:
             if len(self.transformer_depth) != len(self.channel_mult):
                 raise ConfigError(f"UNetConfig.transformer_depth {self.transformer_depth} needs one entry per level "
                                   f"of channel_mult {self.channel_mult}")
+        if self.disable_self_attentions is not None:
+            self.disable_self_attentions = tuple(bool(v) for v in self.disable_self_attentions)
+            if len(self.disable_self_attentions) != len(self.channel_mult):
+                raise ConfigError(f"UNetConfig.disable_self_attentions {self.disable_self_attentions} needs one entry "
+                                  f"per level of channel_mult {self.channel_mult}")
+        if (self.disable_self_attentions and any(self.disable_self_attentions) or self.disable_middle_self_attn) \
+                and self.context_dim is None:
+            raise ConfigError("UNetConfig: disable_self_attentions makes attention attend to the text; it needs a "
+                              "context_dim")
         if (self.num_heads == -1) == (self.num_head_channels == -1):
             raise ConfigError("UNetConfig: set exactly one of num_heads and num_head_channels (the other to -1), "
                               f"got num_heads={self.num_heads}, num_head_channels={self.num_head_channels}")
@@ -105,10 +117,12 @@ class UNetModel(nn.Module):
         def block_kwargs():
             return {"dropout": c.dropout, "use_checkpoint": c.use_checkpoint}
 
-        def transformer(ch, level_depth):
+        def transformer(ch, level_depth, no_self_attn=False):
             heads, dim_head = c.heads_for(ch)
             return SpatialTransformer(ch, heads, dim_head, level_depth, c.context_dim, c.dropout,
-                                      c.use_linear_in_transformer, c.use_checkpoint)
+                                      c.use_linear_in_transformer, c.use_checkpoint, disable_self_attn=no_self_attn)
+
+        no_self_attn = c.disable_self_attentions or (False,) * len(c.channel_mult)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
         if c.num_classes is not None:
@@ -124,7 +138,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, ted, out_channels=mc * mult, **block_kwargs())]
                 ch = mc * mult
                 if ds in c.attention_resolutions:
-                    layers.append(transformer(ch, depth[level]))
+                    layers.append(transformer(ch, depth[level], no_self_attn[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -133,7 +147,8 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, ted, **block_kwargs()), transformer(ch, depth[-1]), ResBlock(ch, ted, **block_kwargs())
+            ResBlock(ch, ted, **block_kwargs()), transformer(ch, depth[-1], c.disable_middle_self_attn),
+            ResBlock(ch, ted, **block_kwargs()),
         )
 
         self.output_blocks = nn.ModuleList()
@@ -142,7 +157,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), ted, out_channels=mc * mult, **block_kwargs())]
                 ch = mc * mult
                 if ds in c.attention_resolutions:
-                    layers.append(transformer(ch, depth[level]))
+                    layers.append(transformer(ch, depth[level], no_self_attn[level]))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch, c.conv_resample))
                     ds //= 2

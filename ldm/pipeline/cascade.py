@@ -5,6 +5,10 @@ sampling function (`ldm.pipeline.sampling.sample`) with the `SuperResolution` st
 images pass between stages as 8-bit images, exactly what a saved PNG holds, so upscaling a saved stage-1 image with
 `start_stage=2` gives the same final image as the whole cascade. Stage k >= 2 samples with its own seed derived from
 (seed, k), so a stage's randomness does not depend on where the cascade started.
+
+A latent upscaler (the SD x4 upscaler, `ldm.pipeline.latent_upscale`) is a stage too: it takes the previous stage's
+pixels as its low-resolution conditioning at its `noise_level`, makes images its codec's factor larger, and brings
+its own text encoder, whose embedding it computes for itself.
 """
 from __future__ import annotations
 
@@ -15,12 +19,14 @@ import torch
 from PIL import Image
 
 from ldm.config import to_plain
+from ldm.diffusion.latent_upscale import check_noise_level
 from ldm.errors import LdmError
 from ldm.pipeline.images import from_pil, to_pil
+from ldm.pipeline.latent_upscale import LatentUpscale
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.sampling import sample
-from ldm.pipeline.settings import GenerationSettings, check_settings
+from ldm.pipeline.settings import GenerationSettings, check_settings, with_defaults
 from ldm.pipeline.super_resolution import SuperResolution
 from ldm.runtime import derive_seed
 
@@ -31,17 +37,20 @@ class Cascade:
     """Pipelines run in turn: `pipelines[0]` makes the image, each later one (a super-resolution stage) upscales it.
 
     Defaults for a call: `stage_steps` / `stage_guidance` / `stage_sampler` (one entry per stage, None = the call's
-    common setting), `aug_level` (None = each SR stage's config), `start_stage` (1-based) and `dynamic_threshold`
-    (None = each stage's default: on for pixel stages at their config's percentile).
+    common setting, then the stage's own defaults), `aug_level` (None = each SR stage's config), `noise_level`
+    (a latent upscaler's; None = its config's), `start_stage` (1-based) and `dynamic_threshold` (None = each stage's
+    default: on for pixel stages at their config's percentile).
     """
 
     def __init__(self, pipelines: list[Pipeline], *, stage_steps=None, stage_guidance=None, stage_sampler=None,
-                 aug_level: float | None = None, start_stage: int = 1, dynamic_threshold: float | None = None):
+                 aug_level: float | None = None, start_stage: int = 1, dynamic_threshold: float | None = None,
+                 noise_level: int | None = None):
         self.pipelines = list(pipelines)
         self.stages = [p.stage for p in self.pipelines]
-        check_cascade(self.pipelines)
+        self.text_groups = check_cascade(self.pipelines)  # stages with equal text encoders share one embedding
         self.options = dict(stage_steps=stage_steps, stage_guidance=stage_guidance, stage_sampler=stage_sampler,
-                            aug_level=aug_level, start_stage=start_stage, dynamic_threshold=dynamic_threshold)
+                            aug_level=aug_level, start_stage=start_stage, dynamic_threshold=dynamic_threshold,
+                            noise_level=noise_level)
         self.check_options(**self.options)
 
     # What generate_to_folder reads of a pipeline: the last stage is the largest, so memory is estimated on it.
@@ -59,11 +68,12 @@ class Cascade:
         return " -> ".join(p.model_name for p in self.pipelines)
 
     def output_sizes(self) -> list[int]:
-        """Each stage's output size in pixels: the base's default size, then each SR stage's resolution."""
-        return [self.stages[0].default_size] + [s.stage_config.resolution for s in self.stages[1:]]
+        """Each stage's output size in pixels: the base's default size, then each SR stage's resolution (a latent
+        upscaler's: its input times its codec's factor)."""
+        return _output_sizes(self.stages)
 
     def check_options(self, *, stage_steps=None, stage_guidance=None, stage_sampler=None, aug_level=None,
-                      start_stage: int = 1, dynamic_threshold=None) -> None:
+                      start_stage: int = 1, dynamic_threshold=None, noise_level=None) -> None:
         """Refuse per-stage lists of the wrong length, a level outside [0, 1] and a start stage that does not exist."""
         n = len(self.stages)
         for name, values in (("steps", stage_steps), ("guidance", stage_guidance), ("sampler", stage_sampler)):
@@ -75,15 +85,25 @@ class Cascade:
                            f"got {aug_level}")
         if not isinstance(start_stage, int) or not 1 <= start_stage <= n:
             raise LdmError(f"--start-stage {start_stage}: this cascade has stages 1..{n}")
+        if noise_level is not None:
+            upscalers = [s for s in self.stages if s.latent_upscaler]
+            if not upscalers:
+                raise LdmError("--noise-level is a latent upscaler's (the x4 upscaler's); this cascade has none")
+            for stage in upscalers:
+                check_noise_level(noise_level, stage.latent_upscale.max_noise_level)
 
     def stage_settings(self, settings: GenerationSettings, *, stage_steps=None, stage_guidance=None,
                        stage_sampler=None, **_) -> list[GenerationSettings]:
-        """Each stage's settings: the call's common ones, the per-stage lists over them, and the stage's own size."""
+        """Each stage's settings: the per-stage lists, over the call's common ones, over the stage's own defaults
+        (steps and guidance left None), and the stage's own size."""
         out = []
         for i, (stage, size) in enumerate(zip(self.stages, self.output_sizes())):
-            chosen = {name: values[i] for name, values in (("steps", stage_steps), ("guidance", stage_guidance),
-                                                            ("sampler", stage_sampler))
-                      if values is not None and values[i] is not None}
+            common = GenerationSettings(**with_defaults({"steps": settings.steps, "guidance": settings.guidance},
+                                                        stage.default_settings))
+            chosen = {"steps": common.steps, "guidance": common.guidance}
+            chosen.update({name: values[i] for name, values in (("steps", stage_steps), ("guidance", stage_guidance),
+                                                                 ("sampler", stage_sampler))
+                           if values is not None and values[i] is not None})
             s = dataclasses.replace(settings, height=size, width=size, strength=None, **chosen)
             if not stage.pixel and settings.dynamic_threshold is not None:
                 s.dynamic_threshold = 0.0  # the one percentile is for the pixel stages; a latent base keeps it off
@@ -118,7 +138,10 @@ class Cascade:
                    "guidance": s.guidance, "seed": self.stage_seed(settings.seed, i), "size": s.height,
                    "dynamic_threshold": pipe.stage.threshold_percentile(s.dynamic_threshold),
                    "ran": i + 1 >= options["start_stage"]}
-            if i > 0:
+            if pipe.stage.latent_upscaler:
+                row["noise_level"] = self.noise_level(i, options["noise_level"])
+                row["text_encoder"] = "own" if self.text_groups[i] == i else f"stage {self.text_groups[i] + 1}'s"
+            elif i > 0:
                 row["aug_level"] = self.aug_level(i, options["aug_level"])
             rows.append(row)
         return rows
@@ -131,17 +154,26 @@ class Cascade:
     def aug_level(self, index: int, override: float | None) -> float:
         return float(override if override is not None else self.stages[index].stage_config.aug_level)
 
+    def noise_level(self, index: int, override: int | None) -> int:
+        return int(override if override is not None else self.stages[index].latent_upscale.noise_level)
+
+    def _strategy(self, index: int, low_res: torch.Tensor, options: dict):
+        stage = self.stages[index]
+        if stage.latent_upscaler:
+            return LatentUpscale(low_res, self.noise_level(index, options["noise_level"]), stage.latent_upscale)
+        return SuperResolution(low_res, self.aug_level(index, options["aug_level"]), stage.stage_config.resize_mode)
+
     @torch.no_grad()
     def __call__(self, prompt: str, negative_prompt: str | None = None, *, seed: int = 0,
                  init_image: Image.Image | None = None, return_all_stages: bool = False,
                  progress: bool = False, callback: Callable | None = None, stage_steps=None, stage_guidance=None,
-                 stage_sampler=None, aug_level=None, start_stage=None, strength=None, **settings):
+                 stage_sampler=None, aug_level=None, start_stage=None, noise_level=None, strength=None, **settings):
         """The last stage's `n` images for `prompt` (with `return_all_stages`, a list of every run stage's images).
 
         `init_image` with `start_stage` k >= 2 upscales that image with stages k, k+1, ...
         """
         overrides = dict(stage_steps=stage_steps, stage_guidance=stage_guidance, stage_sampler=stage_sampler,
-                         aug_level=aug_level, start_stage=start_stage)
+                         aug_level=aug_level, start_stage=start_stage, noise_level=noise_level)
         options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
         self.check_options(**options)
         common = self.settings(from_image=init_image is not None, strength=strength, seed=seed, options=options,
@@ -151,17 +183,21 @@ class Cascade:
         low_res = None
         if init_image is not None:
             low_res = self._input_image(init_image, first)
-        # The text embedding, computed once (by the first stage that runs) and shared by every stage.
-        guided = any(s.guidance > 1.0 for s in per_stage[first:])
-        shared = self.stages[first].conditioning([prompt], [negative_prompt], common.n, 2.0 if guided else 1.0)
+        # The text embedding, computed once per text encoder (by the first stage that runs with it) and shared by
+        # every stage of its group; a latent upscaler with its own encoder is a group of its own.
+        groups = {}
+        for i in range(first, len(self.stages)):
+            group = [j for j in range(first, len(self.stages)) if self.text_groups[j] == self.text_groups[i]]
+            if self.text_groups[i] not in groups:
+                guided = any(per_stage[j].guidance > 1.0 for j in group)
+                groups[self.text_groups[i]] = (guided, self.stages[i].conditioning(
+                    [prompt], [negative_prompt], common.n, 2.0 if guided else 1.0))
         all_images = []
         for i in range(first, len(self.stages)):
             stage, s = self.stages[i], dataclasses.replace(per_stage[i], seed=self.stage_seed(seed, i))
+            guided, shared = groups[self.text_groups[i]]
             cond = shared if s.guidance > 1.0 or not guided else shared["cond"]
-            strategy = None
-            if i > 0:
-                strategy = SuperResolution(low_res, self.aug_level(i, options["aug_level"]),
-                                           stage.stage_config.resize_mode)
+            strategy = self._strategy(i, low_res, options) if i > 0 else None
             images = to_pil(sample(stage, [prompt], s, cond=cond, strategy=strategy, callback=callback,
                                    progress=progress))
             all_images.append(images)
@@ -175,7 +211,8 @@ class Cascade:
 
     def _input_image(self, image: Image.Image, index: int) -> torch.Tensor:
         """The image given to stage `index + 1`: its size must be the one the stage upscales."""
-        size = self.stages[index].stage_config.low_res_size
+        stage = self.stages[index]
+        size = self.output_sizes()[index - 1] if stage.latent_upscaler else stage.stage_config.low_res_size
         if image.size != (size, size):
             raise LdmError(f"--init-image is {image.size[0]}x{image.size[1]}, but stage {index + 1} upscales "
                            f"{size}x{size} images: resize it, or start at another stage")
@@ -201,33 +238,58 @@ def _same_text_encoder(a: tuple, b: tuple) -> bool:
     return wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape and torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def check_cascade(pipelines: list[Pipeline]) -> None:
+def _output_sizes(stages) -> list[int]:
+    sizes = [stages[0].default_size]
+    for stage in stages[1:]:
+        sizes.append(sizes[-1] * stage.codec.downsample_factor if stage.latent_upscaler
+                     else stage.stage_config.resolution)
+    return sizes
+
+
+def check_cascade(pipelines: list[Pipeline]) -> list[int]:
     """Refuse a cascade that cannot run: a super-resolution base, a latent or base model as an upscaler, sizes that
-    do not chain, or stages whose text encoders differ (the one text embedding is shared)."""
+    do not chain, or pixel stages whose text encoders differ from the base's (the one text embedding is shared).
+
+    A latent upscaler may bring its own text encoder (the x4 upscaler's OpenCLIP beside IF's T5). Returns, per stage,
+    the index of the first stage with an equal text encoder: the stages that share its embedding.
+    """
     if not pipelines:
         raise LdmError("a cascade needs a base model")
     base = pipelines[0]
-    if base.stage.super_resolution:
+    if base.stage.super_resolution or base.stage.latent_upscaler:
         raise LdmError(f"--model {base.model_name}: a super-resolution stage cannot be the base; give a base model "
                        "with --model and this one with --upscaler")
     size = base.stage.default_size
-    signature = text_encoder_signature(base)
+    signatures = [text_encoder_signature(base)]
+    groups = [0]
     for k, pipe in enumerate(pipelines[1:], start=2):
         stage = pipe.stage
+        signature = text_encoder_signature(pipe)
+        groups.append(next((j for j, other in enumerate(signatures) if _same_text_encoder(other, signature)), k - 1))
+        signatures.append(signature)
+        if stage.latent_upscaler:
+            unet_factor = stage.factor // stage.codec.downsample_factor
+            if size % unet_factor:
+                raise LdmError(f"--upscaler {pipe.model_name} (stage {k}) needs input sides that are multiples of "
+                               f"{unet_factor}, but stage {k - 1} makes {size} px images")
+            size *= stage.codec.downsample_factor
+            continue
         if not stage.pixel:
-            raise LdmError(f"--upscaler {pipe.model_name}: a latent model cannot be an upscaler; an upscaler is a "
-                           "pixel-space super-resolution stage (a `stage` section with `low_res_size`)")
+            raise LdmError(f"--upscaler {pipe.model_name}: a latent model cannot be an upscaler unless it is a latent "
+                           "upscaler (a `latent_upscale` section, as the SD x4 upscaler); a pixel-space upscaler "
+                           "is a super-resolution stage (a `stage` section with `low_res_size`)")
         if not stage.super_resolution:
             raise LdmError(f"--upscaler {pipe.model_name}: not a super-resolution stage (its config has no "
                            "stage.low_res_size); give a model trained to upscale")
         if stage.stage_config.low_res_size != size:
             raise LdmError(f"--upscaler {pipe.model_name} (stage {k}) upscales {stage.stage_config.low_res_size} px "
                            f"images, but stage {k - 1} makes {size} px images; chain stages whose sizes match")
-        if not _same_text_encoder(signature, text_encoder_signature(pipe)):
+        if groups[-1] != 0:
             raise LdmError(f"--upscaler {pipe.model_name} (stage {k}) has a different text encoder from "
-                           f"--model {base.model_name}: a cascade shares one text embedding, so every stage must "
-                           "be trained with the same (frozen) text encoder")
+                           f"--model {base.model_name}: a cascade shares one text embedding, so every pixel stage "
+                           "must be trained with the same (frozen) text encoder")
         size = stage.stage_config.resolution
+    return groups
 
 
 def load_cascade(base, upscalers=(), *, device: str | None = None, dtype=None, allow_pickle: bool = False,
@@ -247,14 +309,13 @@ SAMPLING_DEFAULTS = ("steps", "guidance", "sampler")  # what a model's `stage` s
 def use_model_defaults(pipe, **given) -> dict:
     """The call's common steps / guidance / sampler: the user's where given (not None), else the model's own.
 
-    A model's own defaults are its `stage` section's (DeepFloyd IF: 100 / 50 steps, guidance 7 / 4, ddpm). For a
+    A model's own defaults are its stages' `default_settings` (DeepFloyd IF: 100 / 50 steps, guidance 7 / 4, ddpm). For a
     cascade each stage keeps its own: they become the per-stage lists where the user set neither the common value nor
     a per-stage list (`pipe.options`); the common value is then GenerationSettings' default.
     """
-    stages = pipe.stages
     out = {}
     for name in SAMPLING_DEFAULTS:
-        own = [getattr(s.stage_config, name, None) if s.stage_config is not None else None for s in stages]
+        own = [s.default_settings.get(name) for s in pipe.stages]
         fallback = getattr(GenerationSettings, name)
         if given.get(name) is not None:
             out[name] = given[name]

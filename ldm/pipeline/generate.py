@@ -17,7 +17,7 @@ from ldm.models.attention import get_attention_backend
 from ldm.pipeline.images import read_png_parameters, save_png
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.memory import available_bytes, check_fits, estimate_generation_bytes
-from ldm.pipeline.settings import GenerationSettings
+from ldm.pipeline.settings import GenerationSettings, with_defaults
 from ldm.textfiles import read_jsonl
 from ldm.writable import check_output_dir
 
@@ -59,7 +59,7 @@ def _check_memory(pipe, height: int | None, width: int | None, n: int, guidance:
     """Refuse a size and batch that cannot fit in the device's free memory, before allocating anything."""
     height, width = height or pipe.default_size, width or pipe.default_size
     needed = estimate_generation_bytes(pipe.unet.config, getattr(pipe.autoencoder, 'config', None), height=height, width=width, n=n,
-                                       guidance=guidance > 1.0, dtype=pipe.dtype,
+                                       guidance=guidance is None or guidance > 1.0, dtype=pipe.dtype,
                                        attention_backend=get_attention_backend(), device_type=pipe.device.type)
     check_fits(needed, available_bytes(pipe.device), height=height, width=width, n=n, device=pipe.device)
 
@@ -68,8 +68,8 @@ def check_generation(
     pipe,
     *,
     sampler: str = "dpmpp_2m",
-    steps: int = 30,
-    guidance: float = 7.5,
+    steps: int | None = 30,
+    guidance: float | None = 7.5,
     guidance_rescale: float = 0.0,
     n_per_prompt: int = 1,
     height: int | None = None,
@@ -92,7 +92,7 @@ def check_generation(
         pipe.check_inputs(**modes)
     if init_image is not None:
         modes["strength"] = checked.strength
-    _check_memory(pipe, height, width, n_per_prompt, guidance)
+    _check_memory(pipe, height, width, n_per_prompt, checked.guidance)
     return modes
 
 
@@ -138,8 +138,8 @@ def generate_to_folder(
     out_dir: str | os.PathLike,
     *,
     sampler: str = "dpmpp_2m",
-    steps: int = 30,
-    guidance: float = 7.5,
+    steps: int | None = 30,  # None: the model's default (30; the x4 upscaler's 75; a cascade's per stage)
+    guidance: float | None = 7.5,  # None: the model's default (7.5; the x4 upscaler's 9)
     guidance_rescale: float = 0.0,
     seed: int = 0,
     n_per_prompt: int = 1,
@@ -154,6 +154,7 @@ def generate_to_folder(
     mask_image: str | os.PathLike | None = None,  # inpainting: white = repaint
     sampler_options: dict | None = None,  # e.g. {"eta": 0.5}; the options each sampler takes are in its registry entry
     dynamic_threshold: float | None = None,  # percentile; None: the model's default (on for pixel models), 0: off
+    noise_level: int | None = None,  # a latent upscaler's (x4) used alone; a cascade takes it from load_cascade
 ) -> list[dict]:
     """Generate `n_per_prompt` images per prompt; return the metadata records written to `out_dir/metadata.jsonl`.
 
@@ -172,6 +173,15 @@ def generate_to_folder(
                              n_per_prompt=n_per_prompt, height=height, width=width, init_image=init_image,
                              strength=strength, mask_image=mask_image, sampler_options=sampler_options,
                              dynamic_threshold=dynamic_threshold)
+    stage = getattr(pipe, "stage", None)
+    if stage is not None:  # a single model: the steps and guidance it samples with (its own defaults) are recorded
+        resolved = GenerationSettings(**with_defaults({"steps": steps, "guidance": guidance}, stage.default_settings))
+        steps, guidance = resolved.steps, resolved.guidance
+        settings.update(steps=steps, guidance=guidance)
+        if noise_level is not None or stage.latent_upscaler:
+            modes["noise_level"] = pipe.noise_level(noise_level)
+    elif noise_level is not None:  # a cascade records each stage's level
+        raise LdmError("a cascade takes its --noise-level when it is built (load_cascade(..., noise_level=))")
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata_path = out_dir / "metadata.jsonl"
     records = _open_index(out_dir)
@@ -208,6 +218,8 @@ def generate_to_folder(
                 record["stages"] = pipe.records(GenerationSettings(**{**settings, "seed": seed + i}))
             else:
                 record["dynamic_threshold"] = pipe.stage.threshold_percentile(dynamic_threshold)
+                if "noise_level" in modes:
+                    record["noise_level"] = modes["noise_level"]
             if init_image is not None:
                 record.update(init_image=str(init_image), strength=modes["strength"],
                               mask_image=str(mask_image) if mask_image is not None else None)

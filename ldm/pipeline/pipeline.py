@@ -8,9 +8,11 @@ from PIL import Image
 
 from ldm.errors import LdmError
 from ldm.io.components import ModelParts
-from ldm.pipeline.images import to_pil
+from ldm.pipeline.images import from_pil, to_pil
+from ldm.pipeline.latent_upscale import LatentUpscale
 from ldm.pipeline.sampling import sample
-from ldm.pipeline.settings import IMG2IMG_STRENGTH, INPAINT_STRENGTH, GenerationSettings, check_settings
+from ldm.pipeline.settings import (IMG2IMG_STRENGTH, INPAINT_STRENGTH, GenerationSettings, check_settings,
+                                   with_defaults)
 from ldm.pipeline.stage import Stage
 from ldm.pipeline.strategies import strategy_for
 
@@ -60,12 +62,55 @@ class Pipeline:
             raise LdmError(f"{self.model_name or 'this model'} is a super-resolution stage (it upscales "
                            f"{self.stage.stage_config.low_res_size} px images): give it as --upscaler after a base "
                            "model, or upscale an image with --init-image IMG --start-stage 2")
+        settings = with_defaults(settings, self.stage.default_settings)
+        if self.stage.latent_upscaler:
+            return self._upscale_settings(from_image, inpainting, settings)
         s = GenerationSettings(**settings)
         if from_image and s.strength is None:
             s.strength = INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
         check_settings(s, factor=self.factor, schedule_config=self.schedule_config,
                        conditional=self.stage.conditional, from_image=from_image)
         return s
+
+    def _upscale_settings(self, from_image: bool, inpainting: bool, settings: dict) -> GenerationSettings:
+        """A latent upscaler alone upscales the --init-image it is given to its codec's factor times its size."""
+        name = self.model_name or "this model"
+        if not from_image:
+            raise LdmError(f"{name} is a latent upscaler: give the image to upscale with --init-image (or use it as "
+                           "--upscaler after a base model)")
+        if inpainting or settings.get("strength") is not None:
+            raise LdmError(f"{name} upscales its --init-image: --mask and --strength do not apply")
+        if settings.get("height") is not None or settings.get("width") is not None:
+            raise LdmError(f"{name} makes images {self.codec.downsample_factor}x the size of --init-image: leave out "
+                           "--height and --width")
+        s = GenerationSettings(**settings)
+        check_settings(s, factor=1, schedule_config=self.schedule_config, conditional=self.stage.conditional)
+        return s
+
+    def check_inputs(self, init_image: Image.Image | None = None, **_) -> None:
+        """A latent upscaler's input image must map to a latent its U-Net can halve (before any file is written)."""
+        if init_image is not None and self.stage.latent_upscaler:
+            unet_factor = self.factor // self.codec.downsample_factor
+            if init_image.width % unet_factor or init_image.height % unet_factor:
+                name = self.model_name or "the upscaler"
+                raise LdmError(f"--init-image is {init_image.width}x{init_image.height}; {name} needs sides that "
+                               f"are multiples of {unet_factor}: resize or crop it")
+
+    def noise_level(self, override: int | None = None) -> int | None:
+        """A latent upscaler's noise level: `override`, else its config's; None for other models."""
+        if not self.stage.latent_upscaler:
+            if override is not None:
+                raise LdmError("--noise-level is the x4 upscaler's (a latent upscaler's); this model has none")
+            return None
+        return self.stage.latent_upscale.noise_level if override is None else override
+
+    def _upscale(self, prompt, negative_prompt, image: Image.Image, s: GenerationSettings, noise_level, **kwargs):
+        self.check_inputs(init_image=image)
+        f = self.codec.downsample_factor
+        s.height, s.width = image.height * f, image.width * f
+        strategy = LatentUpscale(from_pil(image), self.noise_level(noise_level), self.stage.latent_upscale)
+        return to_pil(sample(self.stage, [prompt], s, negative_prompts=[negative_prompt], strategy=strategy,
+                             **kwargs))
 
     @torch.no_grad()
     def __call__(
@@ -79,13 +124,19 @@ class Pipeline:
         wrappers: tuple = (),  # denoiser -> denoiser, applied after CFG: dynamic_threshold, classifier_guidance ...
         progress: bool = False,
         callback: Callable | None = None,
+        noise_level: int | None = None,  # a latent upscaler's (x4: default 20)
         **settings,
     ) -> list[Image.Image]:
-        """Generate `n` images for one prompt (txt2img, img2img with `init_image`, inpainting with `mask_image`)."""
+        """Generate `n` images for one prompt (txt2img, img2img with `init_image`, inpainting with `mask_image`;
+        a latent upscaler upscales `init_image`)."""
         if mask_image is not None and init_image is None:
             raise LdmError("inpainting needs an init image beside the mask")
         s = self.settings(from_image=init_image is not None, inpainting=mask_image is not None, strength=strength,
                           **settings)
+        if self.stage.latent_upscaler:
+            return self._upscale(prompt, negative_prompt, init_image, s, noise_level, wrappers=wrappers,
+                                 callback=callback, progress=progress)
+        self.noise_level(noise_level)  # refuses a noise level given to a model without one
         strategy = strategy_for(init_image, mask_image, s.strength)
         images = sample(self.stage, [prompt], s, negative_prompts=[negative_prompt], strategy=strategy,
                         wrappers=wrappers, callback=callback, progress=progress)

@@ -36,6 +36,18 @@ class GenerationSettings:
         return {**self.sampler_options, "eta": self.eta}
 
 
+def with_defaults(settings: dict, defaults: dict) -> dict:
+    """`settings` with steps / guidance that are absent or None taken from `defaults` (a stage's own, e.g. the x4
+    upscaler's 75 steps at guidance 9), else left to GenerationSettings' defaults."""
+    out = dict(settings)
+    for name in ("steps", "guidance"):
+        if out.get(name) is None:
+            out.pop(name, None)
+            if name in defaults:
+                out[name] = defaults[name]
+    return out
+
+
 def first_step(steps: int, strength: float) -> int:
     """Steps skipped when starting from an image at `strength` (diffusers' rule: run int(steps * strength))."""
     return steps - min(int(steps * strength), steps)

@@ -15,10 +15,12 @@ from ldm.config import from_dict
 from ldm.diffusion.conditioning import ConcatNetwork, takes_pooled_text, text_conditioning
 from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.guidance import dynamic_threshold
+from ldm.diffusion.latent_upscale import DEFAULT_GUIDANCE, DEFAULT_STEPS, SECTION, LatentUpscaleConfig
 from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.io.components import ModelParts
 from ldm.models.codecs import IdentityCodec
+from ldm.pipeline.latent_upscale import Float32Codec
 
 
 class Stage:
@@ -26,11 +28,15 @@ class Stage:
 
     def __init__(self, network: nn.Module, schedule_config: ScheduleConfig, codec: nn.Module,
                  text_encoder: nn.Module | None = None, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, stage_config: StageConfig | None = None):
+                 dtype: torch.dtype = torch.float32, stage_config: StageConfig | None = None,
+                 latent_upscale: LatentUpscaleConfig | None = None):
         self.device, self.dtype = torch.device(device), dtype
         self.stage_config = stage_config  # a pixel cascade stage's sizes, augmentation level and thresholding
+        self.latent_upscale = latent_upscale  # a latent SR stage's low-res noise schedule (the SD x4 upscaler)
         self.unet = network.to(device=device, dtype=dtype).eval()
         self.codec = codec.to(device=device, dtype=dtype).eval()
+        if latent_upscale is not None and dtype == torch.float16:
+            self.codec = Float32Codec(self.codec)  # the x4 upscaler's autoencoder overflows in float16
         # The text encoder keeps its stored precision, except that an fp32 pipeline computes it in fp32 too: half
         # precision on the CPU is slow (no fast kernels) and buys nothing there.
         text_dtype = torch.float32 if dtype == torch.float32 else None
@@ -45,8 +51,10 @@ class Stage:
         """The stage of a single-stage model: its U-Net, schedule, codec and text encoder."""
         section = parts.config.get("stage")
         stage_config = from_dict(StageConfig, section, where="stage") if section is not None else None
+        upscale = parts.config.get(SECTION)
+        upscale = from_dict(LatentUpscaleConfig, upscale, where=SECTION) if upscale is not None else None
         return cls(parts.unet, parts.schedule, parts.codec, parts.text_encoder, device=device, dtype=dtype,
-                   stage_config=stage_config)
+                   stage_config=stage_config, latent_upscale=upscale)
 
     @property
     def pixel(self) -> bool:
@@ -57,6 +65,20 @@ class Stage:
     def super_resolution(self) -> bool:
         """Whether the stage upscales a low-resolution image (its config names `low_res_size`)."""
         return self.stage_config is not None and self.stage_config.low_res_size is not None
+
+    @property
+    def latent_upscaler(self) -> bool:
+        """Whether the stage upscales an image by its codec's factor (the SD x4 upscaler: any input size)."""
+        return self.latent_upscale is not None
+
+    @property
+    def default_settings(self) -> dict:
+        """Steps, guidance and sampler this stage samples with unless told otherwise: its config's `stage` section
+        (DeepFloyd IF: 100 / 50 steps, guidance 7 / 4, ddpm), the x4 upscaler's 75 steps at guidance 9."""
+        if self.latent_upscaler:
+            return {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
+        own = {name: getattr(self.stage_config, name, None) for name in ("steps", "guidance", "sampler")}
+        return {name: value for name, value in own.items() if value is not None}
 
     def threshold_percentile(self, percentile: float | None = None) -> float | None:
         """Dynamic thresholding's percentile: on for pixel models at the stage config's (0.995 without one), off for

@@ -36,6 +36,8 @@ class ModelConfig:
     schedule: dict = field(default_factory=dict)  # ldm.diffusion.schedules.ScheduleConfig (diffusers keys)
     stage: dict | None = None  # a pixel cascade stage: ldm.diffusion.noise_augmentation.StageConfig (an SR stage
     # names low_res_size and trains on low-res images made from its own samples)
+    latent_upscale: dict | None = None  # a latent upscaler (the SD x4 upscaler): ldm.diffusion.latent_upscale.
+    # LatentUpscaleConfig; trains on low-res images made from its own samples, noised at random levels
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     random_autoencoder: bool = False  # allow a frozen random autoencoder (tests only: its latents mean nothing)
 

@@ -40,6 +40,7 @@ from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_par
 from ldm.train.optim import lr_at, make_optimizer, set_lr
 from ldm.train.run_folder import open_run
 from ldm.train.samples import sample_images, upscale_references
+from ldm.train.latent_upscale import latent_upscale_inputs
 from ldm.train.super_resolution import super_resolution_inputs
 from ldm.train.tracking import RunLogger
 
@@ -65,6 +66,14 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
     if parts.super_resolution:  # made from the sample itself: an SR stage trains without a base model
         mean, std = batch["image"].float(), None
         mean, extra = super_resolution_inputs(mean, parts.stage, [derive_seed(s, "sr") for s in seeds], device)
+    elif parts.latent_upscale is not None:  # the x4 upscaler: its low-res input made from the sample itself
+        if config.loss.inputs == "latents":
+            raise LdmError("a latent upscaler trains from images (its low-res input is made from each one): set "
+                           "loss.inputs=images")
+        extra = latent_upscale_inputs(batch["image"], parts.latent_upscale, parts.codec.downsample_factor,
+                                      [derive_seed(s, "latent-upscale") for s in seeds], device)
+        posterior = parts.autoencoder.encode(batch["image"].to(device))
+        mean, std = posterior.mean.float(), posterior.std.float()
     elif parts.autoencoder is None:  # a pixel-space model: its x0 is the image (no posterior to draw from)
         mean, std = batch["image"].to(device).float(), None
     elif config.loss.inputs == "latents":
@@ -211,7 +220,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         for micro in range(config.grad_accum):
             batch = next(batches)
             data_counts.add(batch)
-            if parts.super_resolution and references is None:  # the SR grid upscales these training images
+            if parts.upscales and references is None:  # the SR grid upscales these training images
                 count = min(len(batch["caption"]), len(config.sampling.prompts) * config.sampling.n_per_prompt)
                 images = batch["image"] if "image" in batch else batch["latent_mean"]  # precomputed: the images
                 references = (images[:count].float().clone(), list(batch["caption"][:count]))

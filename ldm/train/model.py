@@ -15,6 +15,8 @@ from ldm.diffusion.schedules import ScheduleConfig, short_prediction
 from ldm.errors import ConfigError, LdmError
 from ldm.diffusion.conditioning import ConcatNetwork, takes_pooled_text
 from ldm.diffusion.conditioning import text_conditioning as _text_conditioning
+from ldm.diffusion.latent_upscale import SECTION as LATENT_UPSCALE_SECTION
+from ldm.diffusion.latent_upscale import LatentUpscaleConfig
 from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.io.checkpoint import load_into, read_state_dict
 from ldm.io.components import ModelParts, codec_for, config_sections
@@ -40,11 +42,17 @@ class LatentDiffusionParts:
     schedule: ScheduleConfig
     text_encoder_config: Any  # ldm.models.text_encoders.TextEncoderConfig
     stage: StageConfig | None = None  # a pixel cascade stage (sizes, augmentation, thresholding)
+    latent_upscale: LatentUpscaleConfig | None = None  # a latent upscaler (the SD x4 upscaler)
 
     @property
     def super_resolution(self) -> bool:
         """Whether the network upscales a low-res image concatenated to its input (an SR stage)."""
         return self.stage is not None and self.stage.low_res_size is not None
+
+    @property
+    def upscales(self) -> bool:
+        """A pixel SR stage or a latent upscaler: the low-res input is made from each training sample itself."""
+        return self.super_resolution or self.latent_upscale is not None
 
     @property
     def codec(self) -> nn.Module:
@@ -63,6 +71,8 @@ class LatentDiffusionParts:
         config = config_sections(configs, self.schedule)
         if self.stage is not None:
             config["stage"] = to_plain(self.stage)
+        if self.latent_upscale is not None:
+            config[LATENT_UPSCALE_SECTION] = to_plain(self.latent_upscale)
         return ModelParts(unet=self.unet, autoencoder=self.autoencoder, text_encoder=self.text_encoder,
                           schedule=self.schedule, config=config, source=source)
 
@@ -70,7 +80,7 @@ class LatentDiffusionParts:
         """The model section with every default written out, as saved in DIR/train_config.yaml."""
         return {"unet": to_plain(self.unet.config), "autoencoder": to_plain(getattr(self.autoencoder, "config", None)),
                 "text_encoder": to_plain(self.text_encoder_config), "schedule": to_plain(self.schedule),
-                "stage": to_plain(self.stage)}
+                "stage": to_plain(self.stage), "latent_upscale": to_plain(self.latent_upscale)}
 
 
 def _load_weights(kind: str, module: nn.Module, path: str) -> nn.Module:
@@ -110,6 +120,8 @@ def build_parts(config: ModelConfig) -> LatentDiffusionParts:
                             where="model.unet")
     unet = build_part(unet_config)
     stage = from_dict(StageConfig, config.stage, where="model.stage") if config.stage is not None else None
+    upscale = (from_dict(LatentUpscaleConfig, config.latent_upscale, where="model.latent_upscale")
+               if config.latent_upscale is not None else None)
     pixel = config.autoencoder is None
     autoencoder = None if pixel else AutoencoderKL(from_dict(AutoencoderConfig, config.autoencoder,
                                                              where="model.autoencoder"))
@@ -150,7 +162,23 @@ def build_parts(config: ModelConfig) -> LatentDiffusionParts:
         raise ConfigError(f"model.unet.in_channels={unet.config.in_channels}: a super-resolution stage (model.stage."
                           f"low_res_size) takes {2 * channels} channels (the noisy image and the low-res image), a "
                           f"base stage {channels}")
-    return LatentDiffusionParts(unet, autoencoder, text_encoder, schedule, text_config, stage)
+    if upscale is not None:
+        check_latent_upscaler(unet.config, upscale, channels, pixel)
+    return LatentDiffusionParts(unet, autoencoder, text_encoder, schedule, text_config, stage, upscale)
+
+
+def check_latent_upscaler(unet_config, upscale: LatentUpscaleConfig, channels: int, pixel: bool) -> None:
+    """A latent upscaler needs an autoencoder, the 3 low-res channels beside the latent, and a label per level."""
+    if pixel:
+        raise ConfigError("model.latent_upscale describes a latent upscaler: it needs model.autoencoder (its factor "
+                          "is the upscale factor)")
+    if unet_config.in_channels != channels + 3:
+        raise ConfigError(f"model.unet.in_channels={unet_config.in_channels}: a latent upscaler takes {channels + 3} "
+                          f"({channels} latent + 3 low-res RGB channels)")
+    classes = getattr(unet_config, "num_classes", None)
+    if classes is None or classes < upscale.max_noise_level:
+        raise ConfigError(f"model.unet.num_classes={classes}: a latent upscaler's noise level is its class label, so "
+                          f"num_classes must be at least model.latent_upscale.max_noise_level={upscale.max_noise_level}")
 
 
 def text_conditioning(embeddings, unet_config: UNetConfig) -> dict[str, torch.Tensor]:
@@ -200,7 +228,7 @@ class DiffusionObjective(nn.Module):
             raise ConfigError("a learned-variance U-Net (learn_sigma) trains with the discrete hybrid loss; it cannot "
                               "be an EDM model (model.schedule.prediction_type=edm): set model.unet.learn_sigma=false")
         # An SR stage's low-res image enters beside x (`concat`), as at sampling (ldm.pipeline.stage.Stage).
-        network = ConcatNetwork(parts.unet) if parts.super_resolution else parts.unet
+        network = ConcatNetwork(parts.unet) if parts.upscales else parts.unet
         self.denoiser = build_denoiser(network, parts.schedule)
         self.text_encoder = parts.text_encoder if parts.train_text_encoder else None
         self.weighting = make_weighting(loss, parts.schedule)

@@ -12,11 +12,13 @@ from PIL import Image
 
 from ldm.diffusion.noise_augmentation import downsample, upsample
 from ldm.pipeline.images import to_pil
+from ldm.pipeline.latent_upscale import LatentUpscale
 from ldm.pipeline.sampling import sample
 from ldm.pipeline.settings import GenerationSettings, check_settings
 from ldm.pipeline.stage import Stage
 from ldm.pipeline.super_resolution import SuperResolution
 from ldm.train.config import SamplingConfig
+from ldm.train.latent_upscale import low_res_of
 from ldm.train.model import LatentDiffusionParts
 
 
@@ -27,7 +29,8 @@ def preview_stage(parts: LatentDiffusionParts, config: SamplingConfig, size: int
     modes = [(m, m.training) for m in (unet, text_encoder) if m is not None]
     try:
         stage = Stage(unet, parts.schedule, parts.codec, text_encoder, device=device,
-                      dtype=next(unet.parameters()).dtype, stage_config=parts.stage)
+                      dtype=next(unet.parameters()).dtype, stage_config=parts.stage,
+                      latent_upscale=parts.latent_upscale)
         settings = GenerationSettings(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
                                       seed=config.seed, height=size, width=size)
         check_settings(settings, factor=1, schedule_config=parts.schedule, conditional=stage.conditional)
@@ -49,7 +52,15 @@ def sample_images(parts: LatentDiffusionParts, prompts: list[str], config: Sampl
 def upscale_references(parts: LatentDiffusionParts, images: torch.Tensor, captions: list[str],
                        config: SamplingConfig, device: torch.device) -> list[Image.Image]:
     """An SR stage's preview: per training image, its low-res input (nearest-upsampled), the upscaled sample and the
-    ground truth, in rows of three; sampled at the stage's fixed `aug_level` through the pipeline's sampling."""
+    ground truth, in rows of three; sampled at the stage's fixed `aug_level` (a latent upscaler: its `noise_level`)
+    through the pipeline's sampling."""
+    if parts.latent_upscale is not None:
+        truth = images.float()
+        low_res = low_res_of(truth, parts.codec.downsample_factor)
+        with preview_stage(parts, config, truth.shape[-1], device) as (stage, settings):
+            strategy = LatentUpscale(low_res, parts.latent_upscale.noise_level, parts.latent_upscale)
+            upscaled = sample(stage, list(captions), settings, strategy=strategy)
+        return _rows(low_res, upscaled, truth)
     stage_config = parts.stage
     truth = center_crop(images.float(), stage_config.train_crop_size or images.shape[-1])
     size = truth.shape[-1]
@@ -57,7 +68,12 @@ def upscale_references(parts: LatentDiffusionParts, images: torch.Tensor, captio
     with preview_stage(parts, config, size, device) as (stage, settings):
         strategy = SuperResolution(low_res, stage_config.aug_level, stage_config.resize_mode)
         upscaled = sample(stage, list(captions), settings, strategy=strategy)
-    shown = upsample(low_res, size, mode="nearest")
+    return _rows(low_res, upscaled, truth)
+
+
+def _rows(low_res: torch.Tensor, upscaled: torch.Tensor, truth: torch.Tensor) -> list[Image.Image]:
+    """Rows of three: the low-res input (nearest-upsampled), the upscaled sample, the ground truth."""
+    shown = upsample(low_res, truth.shape[-1], mode="nearest")
     rows = [row for triple in zip(shown, upscaled, truth) for row in triple]
     return to_pil(torch.stack([r.to(shown) for r in rows]), check=False)
 
