@@ -125,3 +125,14 @@ def test_bad_x4_requests_exit_2_before_writing(models, tmp_path, capsys, case, m
     assert run(*args, "--out", out, "--steps", 2) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_memory_check_sizes_the_x4_output_from_its_input_image(models, tmp_path, capsys, monkeypatch):
+    import ldm.pipeline.generate as generate
+
+    monkeypatch.setattr(generate, "available_bytes", lambda device: 200 * 2**20)
+    image = tmp_path / "big.png"
+    noisy_image(2, 512).save(image)
+    out = tmp_path / "out"
+    assert run("a cat", "--model", models["x4"], "--init-image", image, "--out", out, "--steps", 2) == 2
+    assert "2048x2048" in capsys.readouterr().err and not out.exists()

@@ -92,6 +92,10 @@ def check_generation(
         pipe.check_inputs(**modes)
     if init_image is not None:
         modes["strength"] = checked.strength
+    stage = getattr(pipe, "stage", None)
+    if "init_image" in modes and stage is not None and stage.latent_upscaler:  # its output: the image, upscaled
+        f = stage.codec.downsample_factor
+        height, width = modes["init_image"].height * f, modes["init_image"].width * f
     _check_memory(pipe, height, width, n_per_prompt, checked.guidance)
     return modes
 
