@@ -7,6 +7,7 @@ compare mode puts A and B side by side, and the page asks nothing of any host bu
 import io
 import json
 import os
+import re
 import shutil
 import socket
 from urllib.parse import urlsplit
@@ -170,6 +171,15 @@ def test_bad_input_shows_the_cli_message_and_the_page_stays_usable(page, model, 
     sync_api.expect(page.locator("#message")).to_be_hidden()
 
 
+def test_a_progress_bar_follows_the_sampler_steps(page):
+    fill(page, steps=300, width=16, height=16, guidance=1)
+    page.locator("#prompt textarea").fill("a red circle")
+    page.locator("#generate").click()
+    page.locator("#gallery .progress-bar").wait_for()  # gradio's bar, fed by the sampler's tqdm (track_tqdm)
+    page.locator("#gallery").get_by_text(re.compile(r"\b\d+/300 steps")).wait_for()
+    page.locator("#gallery img").first.wait_for()
+
+
 def test_two_requests_at_once_both_finish(browser, server):
     tabs = []
     for prompt in ("a red circle", "a green triangle"):
@@ -205,7 +215,7 @@ def test_compare_mode_and_no_request_leaves_127_0_0_1(page, server):
     assert meta_a["seed"] == meta_b["seed"] == 3 and meta_a["text"] == meta_b["text"] == "a yellow star"
     assert not np.array_equal(a, b)
     page.get_by_text("a wooden rocking chair on a porch").first.click()  # an example fills the prompt box
-    assert page.locator("#prompt textarea").input_value() == "a wooden rocking chair on a porch"
+    sync_api.expect(page.locator("#prompt textarea")).to_have_value("a wooden rocking chair on a porch")
     hosts = {urlsplit(url).hostname for url in page.requested if urlsplit(url).scheme in ("http", "https", "ws", "wss")}
     assert hosts == {"127.0.0.1"}, f"the page asked other hosts: {sorted(hosts - {'127.0.0.1'})}"
     assert page.requested and all(url.split(":")[0] in ("http", "data", "blob") for url in page.requested)

@@ -19,11 +19,13 @@ from ldm.cli.txt2img import build_parser as txt2img_parser
 from ldm.diffusion.sampler_registry import sampler_names
 from ldm.errors import LdmError
 from ldm.eval.prompts import load_prompts
+from ldm.pipeline.default_model import BUNDLED
 from ldm.pipeline.generate import generate_to_folder
 
 INSTALL = "pip install -e '.[demo]'"
 MAX_SEED = 2**31 - 1  # what "randomize" draws from; any integer seed works
 CSS = ("#gallery img, #image-a img, #image-b img { image-rendering: pixelated; }"  # small images, enlarged crisply
+       " #image-a img, #image-b img { width: 100%; height: 100%; object-fit: contain; }"
        " #message { color: var(--error-text-color); font-family: var(--font-mono); }")
 
 
@@ -120,11 +122,12 @@ def build_page(generator: Generator, *, examples: list[str] = (), title: str = "
     def pick_seed(seed, randomize):
         return random.randint(0, MAX_SEED) if randomize else seed
 
-    def settings(negative, sampler, steps, guidance, seed, width, height, n, aug_level, *stage_steps):
-        return dict(negative_prompt=negative, sampler=sampler, steps=_number(steps), guidance=_number(guidance, float),
-                    seed=_number(seed), n=_number(n), width=None if cascade else _number(width),
-                    height=None if cascade else _number(height), aug_level=_number(aug_level, float),
-                    stage_steps=[_number(s) for s in stage_steps])
+    def settings(v: dict) -> dict:
+        """The Generator's keyword arguments from the fields' values (a dict keyed by component)."""
+        return dict(prompt=v[prompt], negative_prompt=v[negative], sampler=v[sampler], steps=_number(v[steps]),
+                    guidance=_number(v[guidance], float), seed=_number(v[seed]), n=_number(v[n]),
+                    width=None if cascade else _number(v[width]), height=None if cascade else _number(v[height]),
+                    aug_level=_number(v[aug_level], float), stage_steps=[_number(v[s]) for s in stage_steps])
 
     def run(call, outputs: int):
         """The outputs and a hidden message; on bad input the CLI's `error: ...` line and the outputs left as they were."""
@@ -133,68 +136,77 @@ def build_page(generator: Generator, *, examples: list[str] = (), title: str = "
         except LdmError as e:  # the page stays usable: the next request is an ordinary one
             return *[gr.skip()] * outputs, gr.HTML(f"error: {html.escape(str(e))}", visible=True)
 
-    def on_generate(prompt, *fields, progress=gr.Progress(track_tqdm=True)):
-        return run(lambda: ([(str(path), caption(r)) for path, r in generator.generate(prompt, **settings(*fields))],), 1)
+    # gradio passes a gr.Progress only to a positional parameter; with track_tqdm it shows the sampler's tqdm bar.
+    def on_generate(values: dict, progress=gr.Progress(track_tqdm=True)):
+        return run(lambda: ([(str(path), caption(r)) for path, r in generator.generate(**settings(values))],), 1)
 
-    def on_compare(prompt, sampler_b, guidance_b, *fields, progress=gr.Progress(track_tqdm=True)):
+    def on_compare(values: dict, progress=gr.Progress(track_tqdm=True)):
         def work():
-            kw = {**settings(*fields), "n": 1}
-            (a, ra), = generator.generate(prompt, **kw)
-            (b, rb), = generator.generate(prompt, **{**kw, "sampler": sampler_b, "guidance": _number(guidance_b, float)})
+            kw = {**settings(values), "n": 1}
+            (a, ra), = generator.generate(**kw)
+            (b, rb), = generator.generate(**{**kw, "sampler": values[sampler_b],
+                                             "guidance": _number(values[guidance_b], float)})
             return gr.Image(value=str(a), label=caption(ra)), gr.Image(value=str(b), label=caption(rb))
         return run(work, 2)
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:
-        gr.Markdown(f"## {html.escape(title)}\nModel: `{html.escape(pipe.model_name or 'the bundled model')}` · "
+        shown = (pipe.model_name or str(BUNDLED)).replace(str(BUNDLED), "ldm/assets/default-model (bundled)")
+        gr.Markdown(f"## {html.escape(title)}\nModel: `{html.escape(shown)}` · "
                     f"{pipe.default_size} px · images made by the same code as `ldm-txt2img`; each downloads as "
                     "the PNG it writes, with its parameters.")
         with gr.Row():
-            prompt = gr.Textbox(label="Prompt", placeholder="an emoji of a red heart, twemoji style", lines=2,
-                                scale=5, elem_id="prompt")
-            generate = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
-        message = gr.HTML("", visible=False, elem_id="message")
-        with gr.Accordion("Advanced", open=False, elem_id="advanced"):
-            negative = gr.Textbox(label="Negative prompt", elem_id="negative")
-            with gr.Row():
-                sampler = gr.Dropdown(samplers, value=d["sampler"], label="Sampler", elem_id="sampler")
-                steps = gr.Number(d["steps"], precision=0, label="Steps", elem_id="steps")
-                guidance = gr.Number(d["guidance"], label="Guidance (<= 1: off)", step=0.5, elem_id="guidance")
-            with gr.Row():
-                seed = gr.Number(d["seed"], precision=0, label="Seed", elem_id="seed")
-                randomize = gr.Checkbox(False, label="Randomize seed", elem_id="randomize")
-                n = gr.Number(d["n"], precision=0, label="Number of images", elem_id="n")
-            with gr.Row(visible=not cascade):
-                width = gr.Number(pipe.default_size, precision=0, label="Width", elem_id="width")
-                height = gr.Number(pipe.default_size, precision=0, label="Height", elem_id="height")
-            with gr.Row(visible=cascade):
-                stage_steps = [gr.Number(None, precision=0, label=f"Steps, stage {k + 1} (blank: Steps)",
-                                         elem_id=f"stage-steps-{k + 1}") for k in range(generator.stage_count)]
-                aug_level = gr.Number(None, label="Augmentation level, 0..1 (blank: each stage's own)",
-                                      elem_id="aug-level")
-        fields = [negative, sampler, steps, guidance, seed, width, height, n, aug_level, *stage_steps]
-        with gr.Tab("Images"):
-            gallery = gr.Gallery(label="Images", columns=4, height=420, object_fit="contain", format="png",
-                                 buttons=["download", "fullscreen"], elem_id="gallery")
-        with gr.Tab("Compare", elem_id="compare-tab"):
-            gr.Markdown("The same prompt and seed twice: A with the Advanced settings, B with another sampler or "
-                        "guidance scale.")
-            with gr.Row():
-                sampler_b = gr.Dropdown(samplers, value="euler" if d["sampler"] != "euler" else samplers[0],
-                                        label="Sampler B", elem_id="sampler-b")
-                guidance_b = gr.Number(d["guidance"], label="Guidance B", step=0.5, elem_id="guidance-b")
-                compare = gr.Button("Compare", elem_id="compare")
-            with gr.Row():
-                image_a = gr.Image(label="A", type="filepath", format="png", buttons=["download"], elem_id="image-a")
-                image_b = gr.Image(label="B", type="filepath", format="png", buttons=["download"], elem_id="image-b")
-        if examples:
-            gr.Examples([[e] for e in examples], inputs=[prompt], label="Examples", cache_examples=False)
+            with gr.Column(scale=2, min_width=360):  # the controls, left; the results, right
+                prompt = gr.Textbox(label="Prompt", placeholder="an emoji of a red heart, twemoji style", lines=2,
+                                    elem_id="prompt")
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                message = gr.HTML("", visible=False, elem_id="message")
+                with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                    negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+                    with gr.Row():
+                        sampler = gr.Dropdown(samplers, value=d["sampler"], label="Sampler", elem_id="sampler")
+                        steps = gr.Number(d["steps"], precision=0, label="Steps", elem_id="steps")
+                    with gr.Row():
+                        guidance = gr.Number(d["guidance"], label="Guidance (<= 1: off)", step=0.5,
+                                             elem_id="guidance")
+                        n = gr.Number(d["n"], precision=0, label="Number of images", elem_id="n")
+                    with gr.Row():
+                        seed = gr.Number(d["seed"], precision=0, label="Seed", elem_id="seed")
+                        randomize = gr.Checkbox(False, label="Randomize seed", elem_id="randomize")
+                    with gr.Row(visible=not cascade):
+                        width = gr.Number(pipe.default_size, precision=0, label="Width", elem_id="width")
+                        height = gr.Number(pipe.default_size, precision=0, label="Height", elem_id="height")
+                    with gr.Column(visible=cascade):
+                        stage_steps = [gr.Number(None, precision=0, label=f"Steps, stage {k + 1} (blank: Steps)",
+                                                 elem_id=f"stage-steps-{k + 1}") for k in range(generator.stage_count)]
+                        aug_level = gr.Number(None, label="Augmentation level, 0..1 (blank: each stage's own)",
+                                              elem_id="aug-level")
+                if examples:
+                    gr.Examples([[e] for e in examples], inputs=[prompt], label="Examples", cache_examples=False)
+            with gr.Column(scale=3):
+                with gr.Tab("Images"):
+                    gallery = gr.Gallery(label="Images", columns=3, fit_columns=False, height="auto",
+                                         object_fit="contain", format="png", buttons=["download", "fullscreen"],
+                                         elem_id="gallery")
+                with gr.Tab("Compare", elem_id="compare-tab"):
+                    gr.Markdown("The same prompt and seed twice: A with the Advanced settings, B with another sampler "
+                                "or guidance scale.")
+                    with gr.Row():
+                        sampler_b = gr.Dropdown(samplers, value="euler" if d["sampler"] != "euler" else samplers[0],
+                                                label="Sampler B", elem_id="sampler-b")
+                        guidance_b = gr.Number(d["guidance"], label="Guidance B", step=0.5, elem_id="guidance-b")
+                    compare = gr.Button("Compare", elem_id="compare")
+                    with gr.Row():
+                        image_a, image_b = (gr.Image(label=side, type="filepath", format="png", height=300,
+                                                     buttons=["download"], elem_id=f"image-{side.lower()}")
+                                            for side in ("A", "B"))
+        fields = {prompt, negative, sampler, steps, guidance, seed, width, height, n, aug_level, *stage_steps}
 
         # The seed is drawn first and shown, so a failed request leaves the seed box as it was.
         for event in (generate.click, prompt.submit):
             event(pick_seed, [seed, randomize], [seed], queue=False).then(
-                on_generate, [prompt, *fields], [gallery, message], concurrency_limit=1)
+                on_generate, fields, [gallery, message], concurrency_limit=1)
         compare.click(pick_seed, [seed, randomize], [seed], queue=False).then(
-            on_compare, [prompt, sampler_b, guidance_b, *fields], [image_a, image_b, message], concurrency_limit=1)
+            on_compare, fields | {sampler_b, guidance_b}, [image_a, image_b, message], concurrency_limit=1)
     # One request samples at a time (one model in memory); the others wait their turn in gradio's queue.
     page.queue(default_concurrency_limit=1)
     return page
