@@ -26,6 +26,7 @@ INSTALL = "pip install -e '.[demo]'"
 MAX_SEED = 2**31 - 1  # what "randomize" draws from; any integer seed works
 CSS = ("#gallery img, #image-a img, #image-b img { image-rendering: pixelated; }"  # small images, enlarged crisply
        " #image-a img, #image-b img { width: 100%; height: 100%; object-fit: contain; }"
+       " #gallery .thumbnail-item img { object-fit: contain; }"
        " #message { color: var(--error-text-color); font-family: var(--font-mono); }")
 
 
@@ -138,7 +139,7 @@ def build_page(generator: Generator, *, examples: list[str] = (), title: str = "
 
     # gradio passes a gr.Progress only to a positional parameter; with track_tqdm it shows the sampler's tqdm bar.
     def on_generate(values: dict, progress=gr.Progress(track_tqdm=True)):
-        return run(lambda: ([(str(path), caption(r)) for path, r in generator.generate(**settings(values))],), 1)
+        return run(lambda: ([str(path) for path, _ in generator.generate(**settings(values))],), 1)
 
     def on_compare(values: dict, progress=gr.Progress(track_tqdm=True)):
         def work():
