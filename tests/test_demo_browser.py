@@ -74,18 +74,24 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, server):
-    """A fresh tab on the page; every URL it requests is kept in `page.requested`."""
-    context = browser.new_context()
-    tab = context.new_page()
+def open_tab(browser, url: str):
+    """A fresh browser context's tab on the page, once the page has drawn; every URL it requests is kept in
+    `tab.requested`."""
+    tab = browser.new_context().new_page()
     tab.set_default_timeout(TIMEOUT_MS)
+    tab.set_default_navigation_timeout(TIMEOUT_MS)
     tab.requested = []
     tab.on("request", lambda request: tab.requested.append(request.url))
-    tab.goto(server["url"])
+    tab.goto(url)
     tab.locator("#prompt textarea").wait_for()
+    return tab
+
+
+@pytest.fixture
+def page(browser, server):
+    tab = open_tab(browser, server["url"])
     yield tab
-    context.close()
+    tab.context.close()
 
 
 def fill(tab, **fields):
@@ -94,8 +100,10 @@ def fill(tab, **fields):
         tab.locator("#advanced").click()
     for name, value in fields.items():
         box = tab.locator(f"#{name} textarea" if name == "negative" else f"#{name} input")
-        box.fill(str(value))
+        box.select_text()
+        box.press_sequentially(str(value))  # typed over the old value key by key, as a person does
         box.press("Tab")  # gradio takes a number when the box loses focus
+        sync_api.expect(box).to_have_value(str(value))
 
 
 def choose(tab, dropdown: str, option: str):
@@ -112,7 +120,7 @@ def generate(tab, prompt: str) -> list[bytes]:
         "before => { const s = [...document.querySelectorAll('#gallery img')].map(i => i.src);"
         " return s.length > 0 && s.join() !== before.join(); }", arg=before)
     sources = tab.locator("#gallery img").evaluate_all("imgs => [...new Set(imgs.map(i => i.src))]")
-    return [tab.request.get(src).body() for src in sources]
+    return [tab.request.get(src, timeout=TIMEOUT_MS).body() for src in sources]
 
 
 def png(data: bytes) -> tuple[np.ndarray, dict]:
@@ -183,10 +191,7 @@ def test_a_progress_bar_follows_the_sampler_steps(page):
 def test_two_requests_at_once_both_finish(browser, server):
     tabs = []
     for prompt in ("a red circle", "a green triangle"):
-        context = browser.new_context()
-        tab = context.new_page()
-        tab.set_default_timeout(TIMEOUT_MS)
-        tab.goto(server["url"])
+        tab = open_tab(browser, server["url"])
         fill(tab, n=2, **FAST)
         tab.locator("#prompt textarea").fill(prompt)
         tabs.append(tab)
@@ -195,7 +200,7 @@ def test_two_requests_at_once_both_finish(browser, server):
     for tab, prompt in zip(tabs, ("a red circle", "a green triangle")):
         tab.locator("#gallery img").nth(1).wait_for()
         sources = tab.locator("#gallery img").evaluate_all("imgs => [...new Set(imgs.map(i => i.src))]")
-        metadata = [png(tab.request.get(src).body())[1] for src in sources]
+        metadata = [png(tab.request.get(src, timeout=TIMEOUT_MS).body())[1] for src in sources]
         assert [(m["text"], m["batch_index"]) for m in metadata] == [(prompt, 0), (prompt, 1)]
         tab.context.close()
 
@@ -209,7 +214,8 @@ def test_compare_mode_and_no_request_leaves_127_0_0_1(page, server):
     images = []
     for side in ("#image-a", "#image-b"):
         page.locator(f"{side} img").wait_for()
-        images.append(png(page.request.get(page.locator(f"{side} img").get_attribute("src")).body()))
+        src = page.locator(f"{side} img").get_attribute("src")
+        images.append(png(page.request.get(src, timeout=TIMEOUT_MS).body()))
     (a, meta_a), (b, meta_b) = images
     assert (meta_a["sampler"], meta_b["sampler"]) == ("dpmpp_2m", "ddim")
     assert meta_a["seed"] == meta_b["seed"] == 3 and meta_a["text"] == meta_b["text"] == "a yellow star"

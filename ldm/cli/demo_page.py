@@ -205,10 +205,12 @@ def build_page(generator: Generator, *, examples: list[str] = (), title: str = "
         # The seed is drawn first and shown, so a failed request leaves the seed box as it was.
         for event in (generate.click, prompt.submit):
             event(pick_seed, [seed, randomize], [seed], queue=False).then(
-                on_generate, fields, [gallery, message], concurrency_limit=1)
+                on_generate, fields, [gallery, message], concurrency_limit=1, concurrency_id="sampling")
         compare.click(pick_seed, [seed, randomize], [seed], queue=False).then(
-            on_compare, fields | {sampler_b, guidance_b}, [image_a, image_b, message], concurrency_limit=1)
-    # One request samples at a time (one model in memory); the others wait their turn in gradio's queue.
+            on_compare, fields | {sampler_b, guidance_b}, [image_a, image_b, message], concurrency_limit=1,
+            concurrency_id="sampling")
+    # One request samples at a time (one model in memory, Generate and Compare share the "sampling" slot); the
+    # others wait their turn in gradio's queue.
     page.queue(default_concurrency_limit=1)
     return page
 
