@@ -1,5 +1,6 @@
 """ldm-demo's door and the page's generation without a browser: the missing extra, a model that does not load, the
 defaults it serves with, the cascade settings of the page against ldm-txt2img's flags, and the empty-prompt rule."""
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -49,11 +50,15 @@ def test_a_model_that_does_not_load_stops_start_up_with_the_clis_error(monkeypat
         assert code == 2 and cli_error and cli_error == [line for line in err.splitlines() if line.startswith("error:")]
 
 
-def test_it_serves_on_127_0_0_1_without_a_share_link_by_default(monkeypatch, model, capsys):
+def test_it_serves_on_127_0_0_1_without_a_share_link_by_default(monkeypatch, model, tmp_path):
     pytest.importorskip("gradio", reason="the demo extra is not installed")
     served = {}
     monkeypatch.setattr(demo, "launch", lambda page, **kw: served.update(kw, page=page))
+    images = tmp_path / "images"
+    monkeypatch.setattr(demo, "output_root", lambda: images.mkdir() or images)
+    handler = signal.getsignal(signal.SIGTERM)
     assert demo.main(["--model", str(model), "--device", "cpu"]) == 0
+    assert not images.exists() and signal.getsignal(signal.SIGTERM) is handler  # tidied when the server stops
     assert {k: served[k] for k in ("host", "port", "share")} == {"host": "127.0.0.1", "port": 7860, "share": False}
     assert served["page"].analytics_enabled is False
     assert demo.main(["--model", str(model), "--device", "cpu", "--share", "--host", "0.0.0.0", "--port", "7999"]) == 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ldm.cli.common import cli_main
@@ -39,6 +40,11 @@ def load_model(args):
     return pipe
 
 
+def _stop(signum, frame):
+    """SIGTERM (a service manager, `kill`) stops the server as Ctrl-C does, so its image folder is removed."""
+    raise KeyboardInterrupt
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -46,12 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     examples = example_prompts(args.examples)
     pipe = load_model(args)
     root = output_root()
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         page = build_page(Generator(pipe, root), examples=examples)
         print(f"ldm-demo: serving {pipe.model_name or 'the bundled model'} on http://{args.host}:{args.port} "
-              "(Ctrl-C stops it)", file=sys.stderr)
+              f"(Ctrl-C stops it; until then its images are in {root})", file=sys.stderr)
         launch(page, host=args.host, port=args.port, share=args.share)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         remove_output_root(root)
     return 0
 

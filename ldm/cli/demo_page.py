@@ -219,7 +219,7 @@ def launch(page, *, host: str = "127.0.0.1", port: int = 7860, share: bool = Fal
     """Serve the page locally: no share link unless asked, no server-side rendering (it would need node)."""
     try:
         page.launch(server_name=host, server_port=port, share=share, show_error=True, inbrowser=False,
-                    prevent_thread_lock=not block, ssr_mode=False, pwa=False, mcp_server=False, quiet=not block,
+                    prevent_thread_lock=not block, ssr_mode=False, pwa=False, mcp_server=False, quiet=True,
                     footer_links=["settings"], css=CSS)
     except OSError as e:
         raise LdmError(f"cannot serve on {host}:{port} ({e}); choose another --port or --host") from e
