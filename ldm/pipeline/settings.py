@@ -88,3 +88,11 @@ def check_settings(s: GenerationSettings, *, factor: int, schedule_config, condi
         raise LdmError(f"cannot sample {s.steps} steps with {s.sampler} on this model's schedule: {e}") from e
     if from_image and s.strength < 1.0 and first_step(s.steps, s.strength) >= s.steps:
         raise LdmError(f"--strength {s.strength} with --steps {s.steps} leaves no step to run; raise either")
+
+
+def check_prompts(prompts: list[str], negative_prompt: str | None, guidance: float) -> None:
+    """Refuse guidance with nothing to steer by: an empty prompt and no negative prompt make CFG the identity."""
+    if guidance > 1.0 and not (negative_prompt or "").strip() and any(not p.strip() for p in prompts):
+        raise LdmError(f"--guidance {guidance} with an empty prompt and no negative prompt: guidance has nothing to "
+                       "steer by (it would only double the work); give a prompt, or --guidance 1 for an "
+                       "unconditional image")
