@@ -45,6 +45,33 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(seed))
 
 
+class ImageGenerators:
+    """One CPU generator per image of a batch: image k's noise comes from `seeds[k]` alone, whatever the batch.
+
+    `randn` draws row k of a batch from generator k, so image k equals the image of a batch of one seeded with
+    `seeds[k]` (a CPU draw of one image's elements gives the same numbers with or without a batch axis).
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, seeds: list[int]):
+        self.seeds = [int(s) for s in seeds]
+        self.generators = [seeded_generator(s) for s in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | ImageGenerators,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A normal draw of `shape` on the generator's device: from one generator, or row by row from `ImageGenerators`."""
+    if isinstance(generator, ImageGenerators):
+        if shape[0] != len(generator):
+            raise ValueError(f"a batch of {shape[0]} drawn from {len(generator)} per-image generators")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generator.generators])
+    return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype)
+
+
 def derive_seed(*parts: Any) -> int:
     """A 63-bit seed from `parts` (e.g. seed, rank, sample index); SHA-256, so not Python's salted `hash`."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()

@@ -12,6 +12,8 @@ from ldm.errors import LdmError
 from ldm.eval.clip_score import ClipModel, clip_score
 from ldm.eval.features import compute_features
 from ldm.eval.frechet import fid, stats_from_features
+from ldm.pipeline.eval_images import image_record
+from ldm.pipeline.images import save_png
 
 from helpers import captioned_folder as _captioned_folder, patch_everywhere
 from helpers import noisy_image as _image
@@ -92,30 +94,16 @@ def test_eval_images_writes_report_html_and_plot(tiny_clip_config, tiny_clip, tm
 def test_eval_sweep_calls_generator_once_per_setting(tiny_clip_config, tmp_path, monkeypatch):
     calls = []
 
-    def generate_to_folder(
-        model,
-        prompts,
-        out_dir,
-        *,
-        sampler,
-        steps,
-        guidance,
-        seed,
-        n_per_prompt=1,
-        height=None,
-        width=None,
-        negative_prompt=None,
-        device=None,
-        dtype=None,
-    ):
-        calls.append(dict(model=model, sampler=sampler, steps=steps, guidance=guidance, seed=seed, n=len(prompts)))
-        lines = []
-        for i, text in enumerate(prompts):
-            _image(int(guidance * 10) + i).save(out_dir / f"{i:05d}.png")
-            lines.append(json.dumps({"file_name": f"{i:05d}.png", "text": text}))
-        (out_dir / "metadata.jsonl").write_text("\n".join(lines))
+    def generate_images(pipe, planned, folder, generation, settings, *, batch_size, negative_prompt=None, rank=0,
+                        world=1, progress=True):
+        calls.append(dict(model=pipe, sampler=generation["sampler"], steps=generation["steps"],
+                          guidance=generation["guidance"], seed=settings["base_seed"], n=len(planned)))
+        for p in planned:
+            save_png(_image(int(generation["guidance"] * 10) + p.index), folder / p.file_name,
+                     image_record(p, settings, negative_prompt))
 
-    patch_everywhere(monkeypatch, "ldm.pipeline.generate.generate_to_folder", generate_to_folder)
+    patch_everywhere(monkeypatch, "ldm.pipeline.eval_images.generate_images", generate_images)
+    patch_everywhere(monkeypatch, "ldm.pipeline.eval_images.check_batch_fits", lambda pipe, batch_size, **kw: None)
     patch_everywhere(monkeypatch, "ldm.pipeline.generate.check_generation", lambda pipe, **settings: None)
     loads = []
     patch_everywhere(monkeypatch, "ldm.pipeline.load.load_pipeline", lambda model, **kw: loads.append(model) or f"loaded:{model}")
@@ -167,12 +155,12 @@ def test_eval_sweep_calls_generator_once_per_setting(tiny_clip_config, tmp_path,
     assert len(report["per_image"]) == 8 and {i["sampler"] for i in report["per_image"]} == {"euler", "heun"}
     run = report["runs"][1]
     assert run["settings"]["sampler"] == "euler" and run["settings"]["guidance"] == 3.5
-    assert (out / "samples" / "euler-steps4-cfg3.5" / "00000.png").is_file()
+    assert (out / "samples" / "euler-steps4-cfg3.5" / "000000-a-red-cube.png").is_file()
     assert [p["category"] for p in run["per_image"]] == ["colours", "counts"]
     assert report["runs"][0]["fd_clip"] != report["runs"][1]["fd_clip"]  # different images per guidance
     html = (out / "index.html").read_text()
     assert html.count("<h2>") == 4 and "sampler=heun, steps=4, guidance=3.5" in html
-    assert "src='samples/heun-steps4-cfg3.5/00001.png'" in html
+    assert "src='samples/heun-steps4-cfg3.5/000001-three-cats.png'" in html
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
 
 

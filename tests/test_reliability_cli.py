@@ -13,7 +13,8 @@ from ldm.cli import convert, txt2img
 from ldm.cli.common import cli_main, finite_float
 from ldm.errors import LdmError
 from ldm.pipeline import load_pipeline
-from ldm.pipeline.generate import _slug, generate_to_folder
+from ldm.pipeline.generate import generate_to_folder
+from ldm.pipeline.generate import slug as _slug
 from ldm.pipeline.memory import estimate_generation_bytes
 from ldm.textfiles import read_text
 

@@ -16,6 +16,8 @@ import time
 import warnings
 from typing import Callable
 
+import torch
+
 from ldm.errors import LdmError
 
 
@@ -40,6 +42,30 @@ def finite_floats(texts: list[str], option: str) -> list[float]:
             except argparse.ArgumentTypeError as e:
                 raise LdmError(f"{option}: {e}") from None
     return values
+
+
+def parse_sampler_options(pairs: list[str]) -> dict[str, float]:
+    """`--sampler-option NAME=VALUE` arguments -> {NAME: float(VALUE)}."""
+    options = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not name.strip() or number is None:
+            raise LdmError(f"--sampler-option {pair!r}: write NAME=VALUE with a number, e.g. eta=0.5")
+        options[name.strip()] = number
+    return options
+
+
+def launched_accelerator(device: str | None):
+    """An accelerate.Accelerator when launched on several processes (one GPU each, or gloo on CPUs), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

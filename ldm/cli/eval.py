@@ -1,25 +1,38 @@
-"""ldm-eval: CLIP score (and FID / FD_CLIP to a reference) of an image folder, or of a model over a settings sweep."""
+"""ldm-eval: CLIP score (and FID / FD_CLIP to a reference) of an image folder, or of a model over a settings sweep.
+
+Several processes: `ldm-eval --num-processes N ...` (or `accelerate launch --num_processes N -m ldm.cli.eval ...`):
+the ranks generate disjoint shares of each setting's images and their features are merged; image i's seed depends on
+(--seed, i) alone, so any number of processes and any --batch-size give the same images and scores.
+"""
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from ldm.atomic import atomic_path
-from ldm.cli.common import cli_main, finite_floats
+from ldm.cli.common import cli_main, finite_floats, launched_accelerator, parse_sampler_options
+from ldm.diffusion.sampler_registry import check_sampler_options
 from ldm.errors import LdmError
 from ldm.eval.clip_score import ClipModel
 from ldm.eval.evaluate import Reference, score_folder
 from ldm.eval.imagefolder import read_metadata
-from ldm.eval.inception import InceptionExtractor, MissingWeightsError
+from ldm.eval.inception import RESIZERS, InceptionExtractor, MissingWeightsError
+from ldm.eval.precision_recall import PR_K
 from ldm.eval.prompts import load_prompts
 from ldm.eval.report import plot_tradeoff, write_index_html, write_report_json
-from ldm.pipeline.generate import check_generation, generate_to_folder
+from ldm.pipeline.cascade import load_cascade
+from ldm.pipeline.eval_images import (check_batch_fits, clear_temporaries, generate_images, missing_images,
+                                      open_setting_folder, plan_images, prompts_fingerprint, write_index)
+from ldm.pipeline.generate import check_generation
 from ldm.pipeline.load import load_pipeline
+from ldm.runtime import resolve_device, resolve_dtype
 from ldm.writable import check_output_dir
 
 
@@ -29,23 +42,32 @@ def _split(values: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldm-eval", description=__doc__)
+    p = argparse.ArgumentParser(prog="ldm-eval", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="folder of images with metadata.jsonl (file_name, text per line)")
     src.add_argument("--model", metavar="M",
                      help="model to generate with (path, id, or 'default': the bundled one), together with --prompts")
     g = p.add_argument_group("generation sweep (with --model)")
-    g.add_argument("--prompts", metavar="FILE", help="prompt set: .txt, .jsonl or a bundled name such as ldm_eval_v1")
+    g.add_argument("--prompts", metavar="FILE",
+                   help="prompt set: .txt (one a line), .jsonl (a 'text' field), .tsv with a caption column, or "
+                        "a bundled name such as ldm_eval_v1")
     g.add_argument("--samplers", nargs="+", default=["euler"], help="samplers to sweep (space or comma separated)")
+    g.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a sampler option for every sampler of the sweep, repeatable: e.g. eta=0.5")
     g.add_argument("--steps", nargs="+", default=["30"], help="step counts to sweep")
     g.add_argument("--guidance", nargs="+", default=["7.5"], help="guidance scales to sweep")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="base seed: image i uses a seed derived from (seed, i)")
     g.add_argument("--n-per-prompt", type=int, default=1)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--dtype", default=None, help="generation dtype, e.g. float16, bfloat16")
-    g.add_argument("--reuse-samples", action="store_true", help="score existing sample folders instead of regenerating")
+    g.add_argument("--upscaler", action="append", default=[], metavar="SR",
+                   help="a super-resolution stage after the model, repeatable: the cascade's final images are scored")
+    g.add_argument("--aug-levels", nargs="+", default=None, metavar="LEVEL",
+                   help="with --upscaler: the SR stages' noise-augmentation levels to sweep, e.g. 0,0.1,0.2")
+    g.add_argument("--reuse-samples", action="store_true",
+                   help="score setting folders that have a metadata.jsonl as they are, generating nothing there")
     m = p.add_argument_group("metrics")
     m.add_argument("--ref", metavar="DIR|NPZ", help="reference images or statistics: adds FID (or FD_CLIP)")
     m.add_argument(
@@ -55,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: FID when Inception weights are available, else Frechet distance in CLIP space",
     )
     m.add_argument("--kid", action="store_true", help="also KID (needs a folder as --ref)")
+    m.add_argument("--precision-recall", action="store_true",
+                   help=f"also improved precision and recall (Kynkaanniemi et al. 2019, k={PR_K}; needs a folder "
+                        "as --ref)")
+    m.add_argument("--resizer", choices=RESIZERS, default=RESIZERS[0],
+                   help="how images reach Inception's 299x299: tf-bilinear (torch-fidelity / pytorch-fid's TF1 "
+                        "resize, the default) or pil-bicubic (clean-fid's filter, rounded to 8 bits)")
     m.add_argument("--inception-weights", metavar="FILE", help="weights-inception-2015-12-05-6726825d.pth")
     m.add_argument("--clip-model", default=None,
                    help="open_clip architecture name or model config .json (default: the bundled CLIP, or ViT-B-32 "
@@ -66,84 +94,169 @@ def build_parser() -> argparse.ArgumentParser:
              "this and --clip-model: the bundled CLIP trained on the emoji data (offline)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="where report.json, index.html, tradeoff.png go")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per forward pass (generation mixes prompts in a batch; also feature extraction)")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="launch this many processes (accelerate launch: one GPU each, or CPU processes over gloo)")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
     p.add_argument("--device", default=None, help="default: cuda when available")
     return p
 
 
-def _sweep_grid(args) -> list[tuple[str, int, float]]:
-    """(sampler, steps, guidance) per setting of the sweep, the numbers parsed and checked."""
+def _sweep_grid(args) -> list[tuple[str, int, float, float | None]]:
+    """(sampler, steps, guidance, aug_level) per setting of the sweep, the numbers parsed and checked."""
     try:
         steps_list = [int(s) for s in _split(args.steps)]
     except ValueError as e:
         raise LdmError(f"--steps takes integers: {e}") from e
     guidance_list = finite_floats(args.guidance, "--guidance")
-    return list(itertools.product(_split(args.samplers), steps_list, guidance_list))
+    if args.aug_levels is not None and not args.upscaler:
+        raise LdmError("--aug-levels sweeps the super-resolution stages' augmentation: give them with --upscaler")
+    levels = finite_floats(args.aug_levels, "--aug-levels") if args.aug_levels is not None else [None]
+    for level in levels:
+        if level is not None and not 0.0 <= level <= 1.0:
+            raise LdmError(f"--aug-levels {level:g}: a level lies in [0, 1] (0 = the exact low-res image)")
+    return list(itertools.product(_split(args.samplers), steps_list, guidance_list, levels))
 
 
-def _setting_folder(args, sampler: str, steps: int, guidance: float) -> Path:
-    return Path(args.out) / "samples" / f"{sampler}-steps{steps}-cfg{guidance:g}"
+def _setting_folder(args, sampler: str, steps: int, guidance: float, aug_level: float | None) -> Path:
+    name = f"{sampler}-steps{steps}-cfg{guidance:g}" + (f"-aug{aug_level:g}" if aug_level is not None else "")
+    return Path(args.out) / "samples" / name
 
 
-def _to_generate(args, grid: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
-    """The settings whose samples are missing (all of them unless --reuse-samples)."""
-    return [g for g in grid if not (args.reuse_samples and (_setting_folder(args, *g) / "metadata.jsonl").is_file())]
+def _model_id(model: str) -> str:
+    """A model as settings.json names it: an existing path made absolute, anything else as given."""
+    return str(Path(model).resolve()) if model != "default" and Path(model).exists() else model
 
 
-def _load_checked_pipeline(args, grid: list[tuple[str, int, float]]):
-    """The model, loaded once, with every setting to generate checked against it first; None when none is."""
-    if not _to_generate(args, grid):
+def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
+    """Per setting: its folder, its settings (what settings.json pins) and its planned images; folders checked."""
+    sampler_options = parse_sampler_options(args.sampler_option)
+    for sampler in {g[0] for g in grid}:
+        check_sampler_options(sampler, sampler_options)
+    common = {
+        "model": _model_id(args.model),
+        "upscalers": [_model_id(m) for m in args.upscaler],
+        "prompts_sha256": prompts_fingerprint(texts),
+        "n_prompts": len(texts),
+        "n_per_prompt": args.n_per_prompt,
+        "base_seed": args.seed,  # each image's record holds its own seed, derived from this one and its index
+        "height": args.height,
+        "width": args.width,
+        "negative_prompt": args.negative_prompt,
+        "dtype": str(resolve_dtype(args.dtype, device)).removeprefix("torch."),
+        "sampler_options": sampler_options,
+    }
+    if args.n_per_prompt < 1:
+        raise LdmError(f"--n-per-prompt must be positive, got {args.n_per_prompt}")
+    planned = plan_images(texts, args.n_per_prompt, args.seed)
+    sweep = []
+    for sampler, steps, guidance, aug_level in grid:
+        folder = _setting_folder(args, sampler, steps, guidance, aug_level)
+        settings = {**common, "sampler": sampler, "steps": steps, "guidance": guidance}
+        if args.upscaler:
+            settings["aug_level"] = aug_level  # None: each SR stage's own level
+        reuse = args.reuse_samples and (folder / "metadata.jsonl").is_file()  # scored as it is, whatever made it
+        if not reuse:
+            open_setting_folder(folder, settings, create=False)  # other settings in a resumed folder: refused now
+        missing = [] if reuse else missing_images(folder, planned, settings, args.negative_prompt)
+        sweep.append({"folder": folder, "settings": settings, "planned": planned, "missing": missing,
+                      "generation": {"sampler": sampler, "steps": steps, "guidance": guidance,
+                                     "height": args.height, "width": args.width, "sampler_options": sampler_options,
+                                     **({"aug_level": aug_level} if aug_level is not None else {})}})
+    return sweep
+
+
+def _load_checked_pipeline(args, sweep: list[dict], device: torch.device):
+    """The model (a cascade with --upscaler), loaded once, every setting to generate checked against it first."""
+    todo = [s for s in sweep if s["missing"]]
+    if not todo:
         return None
     model = None if args.model == "default" else args.model  # "default": the bundled model
-    pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
-    for sampler, steps, guidance in _to_generate(args, grid):
-        check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance,
-                                  n_per_prompt=args.n_per_prompt, height=args.height, width=args.width)
+    if args.upscaler:
+        pipe = load_cascade(model, args.upscaler, device=str(device), dtype=args.dtype)
+    else:
+        pipe = load_pipeline(model, device=str(device), dtype=args.dtype)
+    for s in todo:
+        gen = s["generation"]
+        if "aug_level" in gen:
+            pipe.check_options(aug_level=gen["aug_level"])
+        check_generation(pipe, sampler=gen["sampler"], steps=gen["steps"], guidance=gen["guidance"],
+                         height=args.height, width=args.width, sampler_options=gen["sampler_options"])
+        check_batch_fits(pipe, args.batch_size, height=args.height, width=args.width, guidance=gen["guidance"])
     return pipe
 
 
-def _generate_folder(args, pipe, texts: list[str], folder: Path, sampler: str, steps: int, guidance: float) -> None:
-    """Generate one setting's images into `folder` atomically (no half-written folder survives a crash)."""
-    with atomic_path(folder) as tmp:
-        tmp.mkdir()
-        generate_to_folder(
-            pipe,
-            texts,
-            tmp,
-            sampler=sampler,
-            steps=steps,
-            guidance=guidance,
-            seed=args.seed,
-            n_per_prompt=args.n_per_prompt,
-            height=args.height,
-            width=args.width,
-            negative_prompt=args.negative_prompt,
-        )
+def _generate(args, pipe, sweep: list[dict], accelerator) -> None:
+    """Each setting's missing images, shared out over the processes; then its metadata.jsonl (by rank 0)."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    _wait(accelerator)  # every rank has listed what is missing before any rank writes
+    if rank == 0:
+        for s in sweep:
+            if s["missing"]:
+                open_setting_folder(s["folder"], s["settings"])
+                clear_temporaries(s["folder"])
+    _wait(accelerator)
+    for s in sweep:
+        if s["missing"]:
+            done = len(s["planned"]) - len(s["missing"])
+            if rank == 0:
+                print(f"generating {len(s['missing'])} images into {s['folder']}"
+                      + (f" ({done} already there)" if done else "")
+                      + (f" on {world} processes" if world > 1 else ""), file=sys.stderr)
+            generate_images(pipe, s["missing"], s["folder"], s["generation"], s["settings"],
+                            batch_size=args.batch_size, negative_prompt=args.negative_prompt, rank=rank, world=world)
+        _wait(accelerator)
+        if rank == 0 and (s["missing"] or not (s["folder"] / "metadata.jsonl").is_file()):
+            write_index(s["folder"], s["planned"], s["settings"], args.negative_prompt)
+        _wait(accelerator)
 
 
-def _sweep(args, grid, pipe, texts: list[str]) -> list[tuple[dict, Path]]:
-    """(settings, folder) per sampler x steps x guidance, generating what is missing."""
-    runs = []
-    missing = _to_generate(args, grid)
-    for sampler, steps, guidance in grid:
-        folder = _setting_folder(args, sampler, steps, guidance)
-        if (sampler, steps, guidance) in missing:
-            print(f"generating {folder}", file=sys.stderr)
-            _generate_folder(args, pipe, texts, folder, sampler, steps, guidance)
-        settings = {
-            "sampler": sampler,
-            "steps": steps,
-            "guidance": guidance,
-            "seed": args.seed,
-            "n_per_prompt": args.n_per_prompt,
-            "height": args.height,
-            "width": args.width,
-            "negative_prompt": args.negative_prompt,
-            "images": str(folder),
-        }
-        runs.append((settings, folder))
-    return runs
+def _wait(accelerator) -> None:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
+def _launch(args, argv: list[str]) -> int:
+    """Run this command again under `accelerate launch` with --num-processes processes; its exit code."""
+    if args.num_processes < 1:
+        raise LdmError(f"--num-processes must be positive, got {args.num_processes}")
+    rest, skip = [], False
+    for arg in argv:  # the same arguments, less --num-processes
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            rest.append(arg)
+    cpu = args.device == "cpu" or not torch.cuda.is_available()
+    with socket.socket() as s:  # a free port: several launches on one machine must not meet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           str(args.num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "ldm.cli.eval", *rest]
+    env = {**os.environ, **({"ACCELERATE_USE_CPU": "true"} if cpu else {})}
+    print(f"launching {args.num_processes} processes: {' '.join(cmd[1:])}", file=sys.stderr)
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def _protocol(result: dict, settings: dict, ref: Reference | None, distance, clip: ClipModel, resizer: str) -> str:
+    """The evaluation protocol in one line: what was measured against what, and how."""
+    from PIL import Image
+
+    first = Path(settings["images"]) / result["per_image"][0]["file_name"]
+    with Image.open(first) as image:
+        size = f"{image.width}x{image.height}"
+    parts = [f"{result['n_images']} images at {size}"]
+    if ref is not None and distance is not None:
+        what = "FD_CLIP" if distance is clip else "FID"
+        held = f"statistics of {ref.npz.n or 'an unknown number of'} images" if ref.npz is not None \
+            else f"{len(ref.images)} images"
+        parts.append(f"{what} against {ref.path} ({held})")
+        parts.append("features " + distance.name + ("" if distance is clip else f", resizer {resizer} to 299"))
+    parts.append(f"CLIP score with {clip.name}")
+    return "; ".join(parts)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -151,10 +264,18 @@ def run(args: argparse.Namespace) -> dict:
         raise LdmError("--model needs --prompts FILE (or a bundled set such as ldm_eval_v1)")
     if args.images and args.prompts:
         raise LdmError("--prompts is for --model; with --images the prompts come from metadata.jsonl")
+    if args.images and (args.upscaler or args.aug_levels):
+        raise LdmError("--upscaler and --aug-levels are for --model")
     if args.kid and not args.ref:
         raise LdmError("--kid needs --ref DIR")
+    if args.precision_recall and not args.ref:
+        raise LdmError("--precision-recall needs --ref DIR (reference images)")
+    if args.batch_size < 1:
+        raise LdmError(f"--batch-size must be positive, got {args.batch_size}")
     out = check_output_dir(args.out)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    accelerator = launched_accelerator(args.device)
+    main_process = accelerator is None or accelerator.is_main_process
+    device = accelerator.device if accelerator else torch.device(resolve_device(args.device))
     notes = []
     # Load and check everything that can fail before generating anything: settings first, the CLIP model last.
     prompts = load_prompts(args.prompts) if args.prompts else []
@@ -162,36 +283,41 @@ def run(args: argparse.Namespace) -> dict:
     if args.images:
         read_metadata(args.images)  # a broken metadata.jsonl fails now, not after the CLIP model loads
     else:
-        grid = _sweep_grid(args)
-        pipe = _load_checked_pipeline(args, grid)
+        sweep = _sweep(args, _sweep_grid(args), [p.text for p in prompts], device)
+        pipe = _load_checked_pipeline(args, sweep, device)
     clip = ClipModel(args.clip_model, args.clip_pretrained, device=device)
-    print(f"CLIP: {clip.name}" + (" (the bundled one)" if clip.bundled else ""), file=sys.stderr)
+    if main_process:
+        print(f"CLIP: {clip.name}" + (" (the bundled one)" if clip.bundled else ""), file=sys.stderr)
     if clip.random_weights:
         notes.append("CLIP has random weights (--clip-pretrained none): CLIP scores and FD_CLIP are meaningless")
-    ref = Reference(args.ref, batch_size=args.batch_size, num_workers=args.num_workers) if args.ref else None
-    if args.kid and ref.npz is not None:
-        raise LdmError(f"--kid needs reference images; {args.ref} holds only statistics")
+    ref = (Reference(args.ref, batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator,
+                     keep_features=args.kid or args.precision_recall) if args.ref else None)
+    if (args.kid or args.precision_recall) and ref.npz is not None:
+        raise LdmError(f"--kid and --precision-recall need reference images; {args.ref} holds only statistics")
     distance = None
     if ref is not None:
         if args.distance == "fd_clip":
             distance = clip
         else:
             try:
-                distance = InceptionExtractor(args.inception_weights, device=device)
+                distance = InceptionExtractor(args.inception_weights, device=device, resizer=args.resizer)
             except MissingWeightsError as e:
                 # Inception statistics (.npz) can only be compared with Inception features: no fallback then.
                 if args.distance == "fid" or (ref.npz is not None and not ref.npz.extractor.startswith("clip:")):
                     raise
                 notes.append(f"no Inception weights, reporting FD_CLIP instead of FID: the Frechet distance in the "
                              f"image space of CLIP {clip.name}, not comparable with FID ({e})")
-                print(f"warning: {notes[-1]}", file=sys.stderr)
+                if main_process:
+                    print(f"warning: {notes[-1]}", file=sys.stderr)
                 distance = clip
     if ref is not None and ref.npz is not None:
         ref.stats(distance)  # a statistics file of another feature space fails here, not after generating
     if args.images:
         runs = [({"images": str(Path(args.images))}, Path(args.images))]
     else:
-        runs = _sweep(args, grid, pipe, [p.text for p in prompts])
+        _generate(args, pipe, sweep, accelerator)
+        runs = [({**{k: s["settings"][k] for k in REPORTED if s["settings"].get(k) not in (None, {})},
+                  "images": str(s["folder"])}, s["folder"]) for s in sweep]
     results = []
     for settings, folder in runs:
         result = score_folder(
@@ -200,25 +326,32 @@ def run(args: argparse.Namespace) -> dict:
             ref=ref,
             distance=distance,
             with_kid=args.kid,
+            with_precision_recall=args.precision_recall,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
+            accelerator=accelerator,
         )
         for item in result["per_image"]:
             if "category" not in item and categories.get(item["text"]):
                 item["category"] = categories[item["text"]]
+        result["protocol"] = _protocol(result, settings, ref, distance, clip, args.resizer)
         results.append({"settings": settings, "fid": None, "fd_clip": None, **result})
         summary = ", ".join(
             f"{k} {results[-1][k]:.4f}" for k in ("clip_score", "fid", "fd_clip") if results[-1][k] is not None
         )
-        print(f"{folder}: {summary}", file=sys.stderr)
+        if main_process:
+            print(f"{folder}: {summary}\n  protocol: {result['protocol']}", file=sys.stderr)
     report = {
         "clip_model": clip.describe(),
         "clip": clip.name,
         "distance": None if distance is None else ("fd_clip" if distance is clip else "fid"),
         "distance_extractor": None if distance is None else distance.name,
+        "resizer": None if distance is None or distance is clip else args.resizer,
         "ref": args.ref,
         "model": args.model,
+        "upscalers": args.upscaler or None,
         "prompts": args.prompts,
+        "processes": accelerator.num_processes if accelerator else 1,
         "notes": notes,
         "runs": results,
     }
@@ -233,16 +366,27 @@ def run(args: argparse.Namespace) -> dict:
             "per_image": [{**item, **{k: v for k, v in r["settings"].items() if k != "images"}}
                           for r in results for item in r["per_image"]],
         })
-    write_report_json(out, report)
-    write_index_html(out, report)
-    plot_tradeoff(out, results, warning="RANDOM CLIP weights: scores are meaningless" if clip.random_weights else None)
-    print(f"wrote {out / 'report.json'}, {out / 'index.html'}, {out / 'tradeoff.png'}", file=sys.stderr)
+    if main_process:
+        write_report_json(out, report)
+        write_index_html(out, report)
+        plot_tradeoff(out, results,
+                      warning="RANDOM CLIP weights: scores are meaningless" if clip.random_weights else None)
+        print(f"wrote {out / 'report.json'}, {out / 'index.html'}, {out / 'tradeoff.png'}", file=sys.stderr)
     return report
+
+
+# The settings a run's report shows (settings.json holds more: the prompt fingerprint, the model path ...).
+REPORTED = ("sampler", "steps", "guidance", "aug_level", "sampler_options", "base_seed", "n_per_prompt", "height",
+            "width", "negative_prompt")
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.num_processes != 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _launch(args, argv)
+    run(args)
     return 0
 
 

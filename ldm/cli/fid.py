@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.common import cli_main
+from ldm.cli.common import cli_main, launched_accelerator
 from ldm.errors import LdmError
 from ldm.eval.features import compute_features
 from ldm.eval.frechet import fid, load_stats, save_stats
 from ldm.eval.imagefolder import list_images
-from ldm.eval.inception import InceptionExtractor
+from ldm.eval.inception import RESIZERS, InceptionExtractor
 from ldm.writable import check_output_path
 
 
@@ -33,20 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="weights-inception-2015-12-05-6726825d.pth (default: $LDM_INCEPTION_WEIGHTS, torch hub cache, download)",
     )
+    p.add_argument("--resizer", choices=RESIZERS, default=RESIZERS[0],
+                   help="how images reach 299x299: tf-bilinear (torch-fidelity / pytorch-fid, the default) or "
+                        "pil-bicubic (clean-fid's filter)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--recursive", action="store_true", help="also take images from subfolders")
     return p
-
-
-def _accelerator(device: str | None):
-    """An Accelerator when launched on several processes (one GPU each, or gloo on CPUs), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 def run(args: argparse.Namespace) -> float | None:
@@ -63,7 +57,7 @@ def run(args: argparse.Namespace) -> float | None:
                 raise LdmError(f"{p}: no such statistics file")
         else:
             list_images(p, args.recursive)
-    accelerator = _accelerator(args.device)
+    accelerator = launched_accelerator(args.device)
     device = (
         accelerator.device
         if accelerator
@@ -77,7 +71,7 @@ def run(args: argparse.Namespace) -> float | None:
             stats.append(load_stats(p))
             continue
         if extractor is None:
-            extractor = InceptionExtractor(args.inception_weights, device=device)
+            extractor = InceptionExtractor(args.inception_weights, device=device, resizer=args.resizer)
         images = list_images(p, args.recursive)
         feats = compute_features(
             images,

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.cli.common import cli_main, finite_float
+from ldm.cli.common import cli_main, finite_float, parse_sampler_options
 from ldm.diffusion.sampler_registry import check_sampler_options, sampler_names
 from ldm.errors import LdmError
 from ldm.models.attention import set_attention_backend
@@ -80,21 +80,6 @@ def _stage_list(kind):
             raise argparse.ArgumentTypeError(f"{text!r}: give one {kind.__name__} per stage, comma-separated") from e
 
     return parse
-
-
-def parse_sampler_options(pairs: list[str]) -> dict[str, float]:
-    """`--sampler-option NAME=VALUE` arguments -> {NAME: float(VALUE)}."""
-    options = {}
-    for pair in pairs:
-        name, _, value = pair.partition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-        if not name.strip() or number is None:
-            raise LdmError(f"--sampler-option {pair!r}: write NAME=VALUE with a number, e.g. eta=0.5")
-        options[name.strip()] = number
-    return options
 
 
 def read_prompts(args) -> list[str]:

@@ -15,12 +15,14 @@ import torch
 from tqdm.auto import trange
 
 from ldm.diffusion.learned_variance import interpolate_log_variance, log_variance_bounds, posterior
+from ldm.runtime import randn
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _noise(x: torch.Tensor, generator) -> torch.Tensor:
+    """Fresh noise like `x` from a torch.Generator, or per image from `ldm.runtime.ImageGenerators`."""
     if generator is None:
         return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    return randn(x.shape, generator, x.dtype).to(x.device)
 
 
 def _sigma_list(sigmas) -> list[float]:

@@ -14,20 +14,24 @@ from ldm.eval.frechet import GaussianStats, fid, load_stats
 from ldm.eval.imagefolder import list_images, read_metadata
 from ldm.eval.inception import EXTRACTOR_NAME as INCEPTION_NAME
 from ldm.eval.kid import kid
+from ldm.eval.precision_recall import PR_K, precision_recall
 
 
 class Reference:
     """Reference images (a folder) or statistics (.npz), with features computed once per extractor and cached."""
 
-    def __init__(self, path: str | os.PathLike, *, batch_size: int = 50, num_workers: int = 0, recursive: bool = False):
+    def __init__(self, path: str | os.PathLike, *, batch_size: int = 50, num_workers: int = 0, recursive: bool = False,
+                 accelerator=None, keep_features: bool = False):
         self.path = Path(path)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.accelerator = batch_size, num_workers, accelerator
+        self.keep_features = keep_features  # KID / precision-recall will ask: keep them from the first pass
         self.npz = load_stats(self.path) if self.path.suffix == ".npz" else None
         self.images = None if self.npz is not None else list_images(self.path, recursive)
         self._cache: dict[str, tuple[GaussianStats, torch.Tensor | None]] = {}
 
     def _compute(self, extractor: FeatureExtractor, keep: bool) -> tuple[GaussianStats, torch.Tensor | None]:
         cached = self._cache.get(extractor.name)
+        keep = keep or self.keep_features
         if cached is None or (keep and cached[1] is None):
             feats = compute_features(
                 self.images,
@@ -35,6 +39,7 @@ class Reference:
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
                 keep=keep,
+                accelerator=self.accelerator,
                 desc=f"reference {extractor.name}",
             )
             cached = self._cache[extractor.name] = (feats.moments.to_stats(extractor.name), feats.values)
@@ -55,9 +60,9 @@ class Reference:
         return self.npz
 
     def features(self, extractor: FeatureExtractor) -> torch.Tensor:
-        """Per-image reference features (folders only: KID needs them)."""
+        """Per-image reference features (folders only: KID and precision / recall need them)."""
         if self.npz is not None:
-            raise LdmError(f"{self.path}: KID needs reference images, not an .npz of statistics")
+            raise LdmError(f"{self.path}: KID and precision / recall need reference images, not an .npz of statistics")
         return self._compute(extractor, keep=True)[1]
 
 
@@ -69,10 +74,13 @@ def score_folder(
     distance: FeatureExtractor
     | None = None,  # the extractor of the distance to `ref`: Inception (FID) or `clip` (FD_CLIP)
     with_kid: bool = False,
+    with_precision_recall: bool = False,  # Kynkaanniemi et al. 2019, k = PR_K, in the distance's feature space
     batch_size: int = 50,
     num_workers: int = 0,
+    accelerator=None,  # several processes: each takes a share of the images; features and moments are gathered
 ) -> dict:
-    """Metrics of a folder with metadata.jsonl: {clip_score, fid | fd_clip, [kid], n_images, per_image}."""
+    """Metrics of a folder with metadata.jsonl: {clip_score, fid | fd_clip, [kid], [precision, recall], n_images,
+    per_image}."""
     rows = read_metadata(folder)
     img = compute_features(
         [r.path for r in rows],
@@ -80,6 +88,7 @@ def score_folder(
         batch_size=batch_size,
         num_workers=num_workers,
         keep=True,
+        accelerator=accelerator,
         desc=f"CLIP {Path(folder).name}",
     )
     txt = clip.encode_texts([r.text for r in rows])
@@ -95,7 +104,8 @@ def score_folder(
                 distance,
                 batch_size=batch_size,
                 num_workers=num_workers,
-                keep=with_kid,
+                keep=with_kid or with_precision_recall,
+                accelerator=accelerator,
                 desc=f"Inception {Path(folder).name}",
             )
         )
@@ -103,6 +113,10 @@ def score_folder(
         if with_kid:
             mean, std = kid(feats.values, ref.features(distance), subset_size=1000)
             result["kid" if key == "fid" else "kid_clip"] = {"mean": mean, "std": std}
+        if with_precision_recall:
+            precision, recall = precision_recall(ref.features(distance), feats.values, k=PR_K)
+            result["precision_recall"] = {"precision": precision, "recall": recall, "k": PR_K,
+                                          "features": distance.name}
     result["per_image"] = [
         {
             "file_name": r.file_name,

@@ -17,6 +17,11 @@ WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_NAME}"
 WEIGHTS_ENV = "LDM_INCEPTION_WEIGHTS"
 EXTRACTOR_NAME = "inception-v3-tf-2015-12-05"  # stored in .npz files we write, so unlike feature spaces never meet
+# How an image reaches 299x299. tf-bilinear: the network's own TF1-exact bilinear resize (torch-fidelity, pytorch-fid,
+# the FID of most papers). pil-bicubic: PIL's antialiased bicubic first (clean-fid's filter; rounded to 8 bits here,
+# as the network takes uint8), then the network's resize is the identity.
+RESIZERS = ("tf-bilinear", "pil-bicubic")
+INPUT_SIZE = 299
 
 
 class MissingWeightsError(LdmError):
@@ -63,11 +68,19 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, *, download
 class InceptionExtractor:
     """2048-d pool3 features of the TF FID Inception (torch-fidelity's port: TF1-exact bilinear resize to 299)."""
 
-    name = EXTRACTOR_NAME
+    name = EXTRACTOR_NAME  # with the default resizer
     dim = 2048
 
-    def __init__(self, weights: str | os.PathLike | None = None, device: torch.device | str = "cpu"):
+    def __init__(self, weights: str | os.PathLike | None = None, device: torch.device | str = "cpu",
+                 resizer: str = RESIZERS[0]):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        if resizer not in RESIZERS:
+            raise LdmError(f"unknown resizer {resizer!r}; choose one of {', '.join(RESIZERS)}")
+        self.resizer = resizer
+        # Another resizer gives other statistics: its name goes into the feature space's name (and .npz files).
+        if resizer != RESIZERS[0]:
+            self.name = f"{EXTRACTOR_NAME}+{resizer}"
 
         self.weights = resolve_inception_weights(weights)
         # torch-fidelity reads the file with weights_only=False; refuse anything a safe load would not accept.
@@ -85,7 +98,9 @@ class InceptionExtractor:
         self.net = net.to(self.device)
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
-        """RGB image -> uint8 `3 h w` (the network resizes and normalises itself)."""
+        """RGB image -> uint8 `3 h w` (the network resizes to 299 and normalises itself)."""
+        if self.resizer == "pil-bicubic" and image.size != (INPUT_SIZE, INPUT_SIZE):
+            image = image.resize((INPUT_SIZE, INPUT_SIZE), Image.BICUBIC)
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:

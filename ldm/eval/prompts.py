@@ -1,7 +1,9 @@
-"""Prompt sets: plain text (one prompt a line) or jsonl (`{"text": ..., "category": ...}`), by path or bundled name."""
+"""Prompt sets: plain text (one prompt a line), jsonl (`{"text": ..., "category": ...}`) or a .tsv with a caption
+column (COCO-style caption lists), by path or bundled name."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import dataclass
@@ -39,9 +41,38 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
     )
 
 
+CAPTION_COLUMNS = ("caption", "text", "prompt")  # the first of these a .tsv header names is read
+
+
+def _load_tsv(path: Path) -> list[Prompt]:
+    """A tab-separated table whose header names a caption column (`caption`, `text` or `prompt`)."""
+    rows = list(csv.reader(read_text(path, "prompt set").splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise LdmError(f"{path}: the prompt set is empty")
+    header = [h.strip().lower() for h in rows[0]]
+    column = next((header.index(c) for c in CAPTION_COLUMNS if c in header), None)
+    if column is None:
+        raise LdmError(f"{path}: no caption column in the header ({', '.join(rows[0]) or 'empty'}); name one of "
+                       f"{', '.join(CAPTION_COLUMNS)}")
+    category = header.index("category") if "category" in header else None
+    prompts = []
+    for lineno, row in enumerate(rows[1:], 2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) <= column or not row[column].strip():
+            raise LdmError(f"{path}:{lineno}: no caption in column {column + 1} ({rows[0][column]!r})")
+        label = row[category].strip() if category is not None and len(row) > category else None
+        prompts.append(Prompt(row[column].strip(), label or None))
+    if not prompts:
+        raise LdmError(f"{path}: the prompt set has a header but no captions")
+    return prompts
+
+
 def load_prompts(path_or_name: str | os.PathLike) -> list[Prompt]:
     """Read a prompt set; in .txt files blank lines and lines starting with `#` are skipped."""
     path = _resolve(path_or_name)
+    if path.suffix == ".tsv":
+        return _load_tsv(path)
     prompts = []
     for lineno, line in enumerate(read_text(path, "prompt set").splitlines(), 1):
         stripped = line.strip()
@@ -58,5 +89,5 @@ def load_prompts(path_or_name: str | os.PathLike) -> list[Prompt]:
         else:
             prompts.append(Prompt(stripped))
     if not prompts:
-        raise LdmError(f"{path}: the prompt set is empty")
+        raise LdmError(f"{path}: the prompt set holds no captions (blank lines and # comments only)")
     return prompts

@@ -27,10 +27,31 @@ def _label(settings: dict) -> str:
     return label or str(settings.get("images", ""))
 
 
+def _metrics(run: dict) -> list[tuple[str, str]]:
+    """(name, value) of every metric a run has, in the order the table shows them."""
+    out = [("CLIP score", f"{run['clip_score']:.2f}")]
+    out += [(k.upper(), f"{run[k]:.3f}") for k in DISTANCES if run.get(k) is not None]
+    out += [(k.upper(), f"{run[k]['mean']:.4g} ± {run[k]['std']:.2g}") for k in ("kid", "kid_clip") if run.get(k)]
+    if run.get("precision_recall"):
+        pr = run["precision_recall"]
+        out += [(f"precision (k={pr['k']})", f"{pr['precision']:.3f}"), (f"recall (k={pr['k']})", f"{pr['recall']:.3f}")]
+    return out
+
+
 def _metrics_line(run: dict) -> str:
-    parts = [f"CLIP score {run['clip_score']:.2f}"]
-    parts += [f"{k.upper()} {run[k]:.3f}" for k in DISTANCES if run.get(k) is not None]
+    parts = [f"{name} {value}" for name, value in _metrics(run)]
     return " &middot; ".join(html.escape(p) for p in parts) + f" &middot; {run['n_images']} images"
+
+
+def _table(runs: list[dict]) -> str:
+    """The sweep as one HTML table: a row per setting, a column per metric."""
+    names = list(dict.fromkeys(name for run in runs for name, _ in _metrics(run)))
+    rows = ["<table><tr><th>setting</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"]
+    for run in runs:
+        values = dict(_metrics(run))
+        rows.append(f"<tr><td>{html.escape(_label(run['settings']))}</td>"
+                    + "".join(f"<td>{html.escape(values.get(n, ''))}</td>" for n in names) + "</tr>")
+    return "\n".join(rows) + "</table>"
 
 
 def write_index_html(out_dir: str | os.PathLike, report: dict) -> Path:
@@ -43,12 +64,18 @@ def write_index_html(out_dir: str | os.PathLike, report: dict) -> Path:
     parts = [
         "<!doctype html>\n<html><head><meta charset='utf-8'><title>ldm evaluation</title><style>"
         "body{font-family:sans-serif;margin:1em} .grid{display:flex;flex-wrap:wrap;gap:8px}"
-        "figure{margin:0;width:200px} img{width:200px;height:auto} figcaption{font-size:12px}"
+        "figure{margin:0;width:200px} figure img{width:200px;height:auto} figcaption{font-size:12px}"
+        "table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:2px 6px}"
         "</style></head><body>",
         f"<h1>ldm evaluation</h1><p>{html.escape(head)}</p>",
+        _table(report["runs"]),
+        "<p><img src='tradeoff.png' alt='trade-off plot' style='width:600px'></p>",
     ]
     for run in report["runs"]:
-        parts.append(f"<h2>{html.escape(_label(run['settings']))}</h2><p>{_metrics_line(run)}</p><div class='grid'>")
+        parts.append(f"<h2>{html.escape(_label(run['settings']))}</h2><p>{_metrics_line(run)}</p>")
+        if run.get("protocol"):
+            parts.append(f"<p><small>protocol: {html.escape(run['protocol'])}</small></p>")
+        parts.append("<div class='grid'>")
         for item in run["per_image"]:
             rel = os.path.relpath(Path(run["settings"]["images"]) / item["file_name"], out_dir)
             src = urllib.parse.quote(Path(rel).as_posix(), safe="/")
@@ -65,7 +92,8 @@ def write_index_html(out_dir: str | os.PathLike, report: dict) -> Path:
 
 
 def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict], warning: str | None = None) -> Path:
-    """Write `tradeoff.png`: FID (or FD_CLIP) against CLIP score, one line per sampler and step count over guidance.
+    """Write `tradeoff.png`: FID (or FD_CLIP) against CLIP score, one line per sampler, step count (and SR augmentation
+    level) over guidance.
 
     Without a reference distance it plots CLIP score against guidance scale instead. A `warning` (such as random
     CLIP weights) is printed across the plot, so that the image cannot be shown without it.
@@ -77,7 +105,8 @@ def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict], warning: str | N
     lines = defaultdict(list)
     for i, run in enumerate(runs):
         s = run["settings"]
-        key = f"{s.get('sampler', 'images')}" + (f", {s['steps']} steps" if s.get("steps") is not None else "")
+        key = (f"{s.get('sampler', 'images')}" + (f", {s['steps']} steps" if s.get("steps") is not None else "")
+               + (f", aug {s['aug_level']:g}" if s.get("aug_level") is not None else ""))
         lines[key].append((s.get("guidance") if s.get("guidance") is not None else i, run))
     fig = Figure(figsize=(6, 4.5), dpi=100)
     FigureCanvasAgg(fig)

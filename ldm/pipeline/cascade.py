@@ -178,31 +178,50 @@ class Cascade:
         self.check_options(**options)
         common = self.settings(from_image=init_image is not None, strength=strength, seed=seed, options=options,
                                **settings)
+        low_res = None if init_image is None else self._input_image(init_image, options["start_stage"] - 1)
+        all_images = self._run([prompt], [negative_prompt], common, options, low_res=low_res, callback=callback,
+                               progress=progress)
+        return all_images if return_all_stages else all_images[-1]
+
+    @torch.no_grad()
+    def batch(self, prompts: list[str], seeds: list[int], negative_prompt: str | None = None, *,
+              aug_level: float | None = None, progress: bool = False, **settings) -> list[Image.Image]:
+        """One final image per (prompt, seed), the whole batch through every stage: image k is
+        `self(prompts[k], seed=seeds[k])[0]`, whatever else shares its batch (per-image noise at every stage)."""
+        if len(prompts) != len(seeds):
+            raise LdmError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        options = {**self.options, **({"aug_level": aug_level} if aug_level is not None else {})}
+        self.check_options(**options)
+        common = self.settings(options=options, **{**settings, "n": 1})
+        return self._run(list(prompts), [negative_prompt] * len(prompts), common, options, seeds=list(seeds),
+                         progress=progress)[-1]
+
+    def _run(self, prompts, negatives, common: GenerationSettings, options: dict, *, seeds=None, low_res=None,
+             callback=None, progress=False) -> list[list[Image.Image]]:
+        """Every run stage's images: `common.n` per prompt from `common.seed`, or one per prompt from `seeds`."""
         first = options["start_stage"] - 1
         per_stage = self.stage_settings(common, **options)
-        low_res = None
-        if init_image is not None:
-            low_res = self._input_image(init_image, first)
         # The text embedding, computed once per text encoder (by the first stage that runs with it) and shared by
         # every stage of its group; a latent upscaler with its own encoder is a group of its own.
         groups = {}
         for i in range(first, len(self.stages)):
-            group = [j for j in range(first, len(self.stages)) if self.text_groups[j] == self.text_groups[i]]
             if self.text_groups[i] not in groups:
+                group = [j for j in range(first, len(self.stages)) if self.text_groups[j] == self.text_groups[i]]
                 guided = any(per_stage[j].guidance > 1.0 for j in group)
                 groups[self.text_groups[i]] = (guided, self.stages[i].conditioning(
-                    [prompt], [negative_prompt], common.n, 2.0 if guided else 1.0))
+                    prompts, negatives, common.n, 2.0 if guided else 1.0))
         all_images = []
         for i in range(first, len(self.stages)):
-            stage, s = self.stages[i], dataclasses.replace(per_stage[i], seed=self.stage_seed(seed, i))
+            stage, s = self.stages[i], dataclasses.replace(per_stage[i], seed=self.stage_seed(common.seed, i))
             guided, shared = groups[self.text_groups[i]]
             cond = shared if s.guidance > 1.0 or not guided else shared["cond"]
             strategy = self._strategy(i, low_res, options) if i > 0 else None
-            images = to_pil(sample(stage, [prompt], s, cond=cond, strategy=strategy, callback=callback,
-                                   progress=progress))
+            stage_seeds = None if seeds is None else [self.stage_seed(seed, i) for seed in seeds]
+            images = to_pil(sample(stage, prompts, s, cond=cond, strategy=strategy, seeds=stage_seeds,
+                                   callback=callback, progress=progress))
             all_images.append(images)
             low_res = from_pil(images)  # 8-bit between stages: a saved PNG upscales to the same image
-        return all_images if return_all_stages else all_images[-1]
+        return all_images
 
     def check_inputs(self, init_image: Image.Image | None = None, **_) -> None:
         """Refuse an image to upscale whose size is not the start stage's input size (before any file is written)."""

@@ -25,7 +25,7 @@ _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # ldm.atomic's `.NAME.<mk
 _IMAGE = re.compile(r"^(\d{5,})-.+\.png$")  # the names generate_to_folder gives: index, then the prompt's slug
 
 
-def _slug(text: str, limit: int = 40) -> str:
+def slug(text: str, limit: int = 40) -> str:
     """A file-name-safe summary of the prompt; a prompt without ASCII letters or digits is named by its hash."""
     slug = re.sub(r"[^a-zA-Z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
     if slug:
@@ -55,13 +55,18 @@ def _load_mode_images(init_image, mask_image) -> dict:
     return out
 
 
+def generation_bytes(pipe, height: int | None, width: int | None, n: int, guidance: float) -> int:
+    """The estimated peak bytes of generating `n` images of `height` x `width` (None: the default size) in one call."""
+    height, width = height or pipe.default_size, width or pipe.default_size
+    return estimate_generation_bytes(pipe.unet.config, getattr(pipe.autoencoder, 'config', None), height=height,
+                                     width=width, n=n, guidance=guidance is None or guidance > 1.0, dtype=pipe.dtype,
+                                     attention_backend=get_attention_backend(), device_type=pipe.device.type)
+
+
 def _check_memory(pipe, height: int | None, width: int | None, n: int, guidance: float) -> None:
     """Refuse a size and batch that cannot fit in the device's free memory, before allocating anything."""
-    height, width = height or pipe.default_size, width or pipe.default_size
-    needed = estimate_generation_bytes(pipe.unet.config, getattr(pipe.autoencoder, 'config', None), height=height, width=width, n=n,
-                                       guidance=guidance is None or guidance > 1.0, dtype=pipe.dtype,
-                                       attention_backend=get_attention_backend(), device_type=pipe.device.type)
-    check_fits(needed, available_bytes(pipe.device), height=height, width=width, n=n, device=pipe.device)
+    check_fits(generation_bytes(pipe, height, width, n, guidance), available_bytes(pipe.device),
+               height=height or pipe.default_size, width=width or pipe.default_size, n=n, device=pipe.device)
 
 
 def check_generation(
@@ -196,14 +201,12 @@ def generate_to_folder(
         try:
             images = pipe(prompt, negative_prompt, seed=seed + i, progress=progress and len(prompts) < 2, **modes,
                           **settings)
-        except torch.OutOfMemoryError as e:
-            raise _out_of_memory(pipe, settings, i, len(prompts)) from e
-        except RuntimeError as e:
-            if "can't allocate memory" not in str(e):  # the CPU allocator's out-of-memory
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
                 raise
             raise _out_of_memory(pipe, settings, i, len(prompts)) from e
         for j, image in enumerate(images):
-            file_name = f"{_next_index(records):05d}-{_slug(prompt)}.png"
+            file_name = f"{_next_index(records):05d}-{slug(prompt)}.png"
             record = {
                 "file_name": file_name,
                 "text": prompt,
@@ -233,6 +236,11 @@ def generate_to_folder(
         # Rewrite the whole index atomically after each prompt: an interrupted run leaves a consistent folder.
         atomic_write_text(metadata_path, "".join(json.dumps(r) + "\n" for r in records))
     return records[start:]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a device's out-of-memory: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def _out_of_memory(pipe, settings: dict, i: int, total: int) -> LdmError:

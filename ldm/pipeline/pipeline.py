@@ -142,5 +142,17 @@ class Pipeline:
                         wrappers=wrappers, callback=callback, progress=progress)
         return to_pil(images)
 
+    @torch.no_grad()
+    def batch(self, prompts: list[str], seeds: list[int], negative_prompt: str | None = None, *,
+              progress: bool = False, **settings) -> list[Image.Image]:
+        """One text-to-image image per (prompt, seed), all in one batch: image k is `self(prompts[k],
+        seed=seeds[k])[0]`, whatever else shares its batch (per-image noise, `ldm.runtime.ImageGenerators`)."""
+        if len(prompts) != len(seeds):
+            raise LdmError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        s = self.settings(**{**settings, "n": 1})
+        images = sample(self.stage, list(prompts), s, negative_prompts=[negative_prompt] * len(prompts),
+                        seeds=list(seeds), progress=progress)
+        return to_pil(images)
+
 
 StableDiffusion = Pipeline  # the former name

@@ -15,13 +15,13 @@ from ldm.errors import LdmError
 from ldm.pipeline.settings import GenerationSettings
 from ldm.pipeline.stage import Stage
 from ldm.pipeline.strategies import TextToImage
-from ldm.runtime import seeded_generator
+from ldm.runtime import ImageGenerators, seeded_generator
 
 
 @torch.no_grad()
 def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
            negative_prompts: list[str | None] | None = None, cond: dict | None = None, strategy=None,
-           wrappers: tuple = (),
+           wrappers: tuple = (), seeds: list[int] | None = None,
            callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
     """Images `b c h w` (about [-1, 1]) for `prompts`, each `settings.n` times, from one draw of `settings.seed`.
 
@@ -29,9 +29,14 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
     `strategy` picks the start (default text-to-image); `wrappers` (denoiser -> denoiser) apply after CFG, e.g.
     `classifier_guidance`; dynamic thresholding comes first, from `settings.dynamic_threshold` (None: the stage's
     default, on for pixel models). Settings are assumed checked (`check_settings`).
+    `seeds`: one per image (`len(prompts) * settings.n`) in place of `settings.seed`: image k then draws all its noise
+    from `seeds[k]` alone, so it is the image of a batch of one with that seed (text-to-image and super-resolution
+    starts; img2img and inpainting draw shared posterior samples and take one seed).
     """
     s = settings
-    generator = seeded_generator(s.seed)
+    if seeds is not None and len(seeds) != len(prompts) * s.n:
+        raise LdmError(f"{len(seeds)} seeds for {len(prompts) * s.n} images; give one seed per image")
+    generator = ImageGenerators(seeds) if seeds is not None else seeded_generator(s.seed)
     plan = sampling_plan(stage.schedule_config, s.sampler, s.steps)
     if cond is None:
         cond = stage.conditioning(prompts, negative_prompts, s.n, s.guidance)

@@ -19,6 +19,7 @@ from ldm.diffusion.conditioning import add_conditioning
 from ldm.diffusion.plans import SamplingPlan
 from ldm.pipeline.images import from_pil, mask_from_pil
 from ldm.pipeline.settings import first_step
+from ldm.runtime import randn
 
 
 @dataclass
@@ -31,9 +32,10 @@ class Start:
     denoiser: Callable
 
 
-def draw_noise(shape: tuple[int, ...], generator: torch.Generator, stage) -> torch.Tensor:
-    """The initial noise exactly as diffusers draws it: one CPU randn of the full shape, then moved."""
-    return torch.randn(shape, generator=generator, dtype=stage.dtype).to(stage.device)
+def draw_noise(shape: tuple[int, ...], generator, stage) -> torch.Tensor:
+    """The initial noise exactly as diffusers draws it: one CPU randn of the full shape (or of each image, from
+    `ldm.runtime.ImageGenerators`), then moved."""
+    return randn(shape, generator, stage.dtype).to(stage.device)
 
 
 class TextToImage:
