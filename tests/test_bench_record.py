@@ -130,7 +130,8 @@ def test_bench_cpu_appends_the_default_model_row(tmp_path, monkeypatch):
     assert bench.main(["--cpu", "--runs", "1", "--out", str(out)]) == 0
     (row,) = read_rows(out)
     assert row["benchmark"] == "txt2img_default_model_cpu_25steps" and row["unit"] == "s" and row["ours"] > 0
-    assert row["peer"] is None and row["speedup"] is None and row["command"] == f"python tools/bench.py --cpu --runs 1 --out {out}"
+    assert row["peer"] is None and row["speedup"] is None
+    assert row["command"] == f"python tools/bench.py --cpu --runs 1 --out {out}"
     assert row["details"]["steps"] == 25 and row["details"]["guidance"] == 5.0 and row["details"]["runs"] == 1
 
 
