@@ -10,6 +10,7 @@ import os
 import statistics
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -250,5 +251,5 @@ def cpu_default_model(command: str, steps: int = 25, guidance: float = 5.0, runs
     ms = statistics.median(call_times_ms(run, "cpu", runs))
     return make_row("txt2img_default_model_cpu_25steps", ms / 1000, None, None, "s", mfu=None, device="cpu",
                     command=command, details={"steps": steps, "guidance": guidance, "runs": runs,
-                                              "model": pipe.model_name,
+                                              "model": Path(pipe.model_name).name,
                                               "load_average": os.getloadavg()})  # a shared machine: how busy
