@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Higher numbers sit higher. Same-rank packages may import each other only where ALLOWED_SIDEWAYS says so.
 RANKS = {
-    "cli": 5,
+    "cli": 5, "bench": 5,
     "pipeline": 4, "train": 4,
     "io": 3,
     "models": 2,

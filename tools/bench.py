@@ -1,178 +1,116 @@
-"""Benchmarks that report numbers (never assertions): ldm's SD-1.x U-Net and autoencoder, beside diffusers' on the same GPU.
+"""The benchmark record: ldm against diffusers on one GPU, same random SD-1.5 weights, ours and the peer timed in
+alternation; every run appends one JSON line per benchmark to docs/benchmarks/results.jsonl.
 
-    python tools/bench.py --out bench.json                # everything, ours and diffusers (when installed)
-    python tools/bench.py --only sample_step --compile    # one benchmark, with torch.compile too
+    python tools/bench.py                                   # every GPU benchmark, rows appended to the record
+    python tools/bench.py --only unet_step_sd15_512_b1_cfg  # one benchmark
+    python tools/bench.py --cpu                             # the bundled default model on this machine's CPU
 
-Each number is the median over repeats of CUDA-event timings after warm-up, random (not zero) inputs, random weights.
+A row: benchmark, ours, peer, peer_name, speedup (> 1: ours faster), unit, mfu (counted FLOPs per second over the
+device's measured bf16 matmul peak), device, torch, date, command, and details. docs/benchmarks/README.md says
+what each lever is predicted and measured to give.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL  # noqa: E402
-from ldm.models.unet import UNetConfig, UNetModel  # noqa: E402
+from ldm.bench import benchmarks as bench  # noqa: E402
+from ldm.bench.flops import measure_peak  # noqa: E402
+from ldm.bench.record import RESULTS, append_rows, row_json  # noqa: E402
+from ldm.cli.common import cli_main  # noqa: E402
+from ldm.errors import LdmError  # noqa: E402
+from ldm.models.attention import set_sdpa_kernels  # noqa: E402
+from ldm.pipeline.fast import COMPILE_MODES  # noqa: E402
 
-SD1_UNET = UNetConfig()  # the dataclass defaults are SD-1.x
-SD1_VAE = AutoencoderConfig()
-
-
-def timed(fn, warmup: int = 3, repeats: int = 10) -> float:
-    """Median milliseconds of `fn()` measured with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+GPU_BENCHMARKS = ("unet_step_sd15_512_b1_cfg", "txt2img_sd15_512_50steps_b1", "vae_encode_256",
+                  "train_sd15_unet_256", "train_sd15_unet_512", "eval_generate_sd15_512_25steps")
 
 
-def diffusers_unet():
-    import diffusers
-
-    from ldm.io.keys_unet import unet_config_to_diffusers
-
-    return diffusers.UNet2DConditionModel(**unet_config_to_diffusers(SD1_UNET))
-
-
-def diffusers_vae():
-    import diffusers
-
-    from ldm.io.keys_vae import vae_config_to_diffusers
-
-    return diffusers.AutoencoderKL(**vae_config_to_diffusers(SD1_VAE))
-
-
-def unet_call(model, impl):
-    if impl == "ldm":
-        return lambda x, t, c: model(x, t, context=c)
-    return lambda x, t, c: model(x, t, encoder_hidden_states=c, return_dict=False)[0]
-
-
-def bench_sample_step(impl, compile_):
-    """One guided sampling step: batch 2 (uncond + cond) at 64x64 latents (512 px), bf16 weights."""
-    model = (UNetModel(SD1_UNET) if impl == "ldm" else diffusers_unet()).cuda().to(torch.bfloat16).eval()
-    model = model.to(memory_format=torch.channels_last)
-    call = unet_call(model, impl)
-    if compile_:
-        call = torch.compile(call)
-    x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-    t = torch.tensor([500.0, 500.0], device="cuda")
-    c = torch.randn(2, 77, 768, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        ms = timed(lambda: call(x, t, c), warmup=5 if compile_ else 3, repeats=20)
-    return {"ms_per_step": ms}
-
-
-def bench_train(impl, compile_, resolution, batch):
-    """U-Net training step on latents: fp32 master weights, bf16 autocast, fused AdamW."""
-    model = (UNetModel(SD1_UNET) if impl == "ldm" else diffusers_unet()).cuda().train()
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    call = unet_call(model, impl)
-    if compile_:
-        call = torch.compile(call)
-    size = resolution // 8
-    x = torch.randn(batch, 4, size, size, device="cuda").to(memory_format=torch.channels_last)
-    t = torch.randint(0, 1000, (batch,), device="cuda").float()
-    c = torch.randn(batch, 77, 768, device="cuda")
-    target = torch.randn_like(x)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.mse_loss(call(x, t, c).float(), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    ms = timed(step, warmup=4 if compile_ else 2, repeats=8)
-    return {"ms_per_step": ms, "img_per_s": batch * 1000 / ms, "batch": batch}
-
-
-def bench_vae(impl, what):
-    """VAE decode at 512 px (batch 1) and encode at 256 px (batch 32), bf16."""
-    vae = (AutoencoderKL(SD1_VAE) if impl == "ldm" else diffusers_vae()).cuda().to(torch.bfloat16).eval()
-    with torch.no_grad():
-        if what == "decode":
-            z = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
-            fn = (lambda: vae.decode(z)) if impl == "ldm" else (lambda: vae.decode(z, return_dict=False)[0])
-            return {"ms": timed(fn)}
-        x = torch.rand(32, 3, 256, 256, device="cuda", dtype=torch.bfloat16) * 2 - 1
-        fn = (lambda: vae.encode(x).mean) if impl == "ldm" else (lambda: vae.encode(x).latent_dist.mean)
-        ms = timed(fn)
-        return {"ms": ms, "img_per_s": 32 * 1000 / ms}
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--only", nargs="*", default=None,
-                   help="subset of: sample_step train_256 train_512 vae_decode_512 vae_encode_256")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile for the U-Net benchmarks")
-    p.add_argument("--impls", nargs="*", default=["ldm", "diffusers"])
-    p.add_argument("--batch-256", type=int, default=64)
-    p.add_argument("--batch-512", type=int, default=16)
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: tools/bench.py measures GPU throughput and needs CUDA", file=sys.stderr)
-        return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    impls = [i for i in args.impls if i == "ldm" or _has_diffusers()]
-    benches = {
-        "sample_step": lambda impl, comp: bench_sample_step(impl, comp),
-        "train_256": lambda impl, comp: bench_train(impl, comp, 256, args.batch_256),
-        "train_512": lambda impl, comp: bench_train(impl, comp, 512, args.batch_512),
-        "vae_decode_512": lambda impl, comp: bench_vae(impl, "decode"),
-        "vae_encode_256": lambda impl, comp: bench_vae(impl, "encode"),
-    }
-    results = []
-    for name, fn in benches.items():
-        if args.only and name not in args.only:
-            continue
-        modes = [False, True] if args.compile and not name.startswith("vae") else [False]
-        for impl in impls:
-            for comp in modes:
-                torch.cuda.empty_cache()
-                try:
-                    r = fn(impl, comp)
-                except Exception as e:  # report, keep going: a benchmark tool must not lose the other numbers
-                    r = {"error": f"{type(e).__name__}: {e}"[:300]}
-                row = {"bench": name, "impl": impl, "compile": comp, **r}
-                results.append(row)
-                print(json.dumps(row), flush=True)
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
-    if args.out:
-        args.out.write_text(json.dumps(info, indent=2))
-    print(f"\n{'bench':<16}{'impl':<11}{'compile':<9}{'ms':>10}{'img/s':>10}")
-    for r in results:
-        ms = r.get("ms_per_step", r.get("ms"))
-        ips = r.get("img_per_s")
-        print(f"{r['bench']:<16}{r['impl']:<11}{str(r['compile']):<9}"
-              f"{(f'{ms:.2f}' if ms else r.get('error', '')[:30]):>10}{(f'{ips:.1f}' if ips else ''):>10}")
-    return 0
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / RESULTS,
+                   help="the JSONL record the rows are appended to")
+    p.add_argument("--only", nargs="+", default=None, choices=GPU_BENCHMARKS, metavar="NAME",
+                   help=f"a subset of: {' '.join(GPU_BENCHMARKS)}")
+    p.add_argument("--cpu", action="store_true", help="time the bundled default model on the CPU (25 steps, "
+                   "guidance 5) instead of the GPU benchmarks")
+    p.add_argument("--runs", type=int, default=3, help="--cpu: timed images after one warm-up (the median)")
+    p.add_argument("--mode", default="reduce-overhead", choices=COMPILE_MODES, help="torch.compile mode, both sides")
+    p.add_argument("--sdpa", nargs="+", default=None, metavar="KERNEL",
+                   help="preferred SDPA kernels for ours (flash, cudnn, efficient, math)")
+    p.add_argument("--no-peer", action="store_true", help="ours only (no diffusers)")
+    p.add_argument("--no-train-compile", action="store_true", help="eager training steps on both sides")
+    p.add_argument("--eager", action="store_true", help="no torch.compile anywhere, both sides (fused q|k|v and "
+                   "channels_last stay): the levers without compile time")
+    p.add_argument("--batch-256", type=int, default=64, help="training batch at 256 px")
+    p.add_argument("--batch-512", type=int, default=32, help="training batch at 512 px")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="skip the benchmarks still to run once this many seconds have passed")
+    return p
 
 
 def _has_diffusers() -> bool:
     try:
         import diffusers  # noqa: F401
-        return True
     except ImportError:
         return False
+    return True
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = "python tools/bench.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if args.cpu:
+        row = bench.cpu_default_model(command.strip(), runs=args.runs)
+        append_rows(args.out, [row])
+        print(row_json(row))
+        return 0
+    if not torch.cuda.is_available():
+        raise LdmError("tools/bench.py times GPUs and found no CUDA device; use --cpu for the CPU row")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    if args.eager:
+        args.no_train_compile = True
+    if args.sdpa:
+        set_sdpa_kernels(args.sdpa)
+    device = torch.device("cuda")
+    b = bench.Bench(device, command.strip(), peak_flops=measure_peak(device),
+                    mode=None if args.eager else args.mode,
+                    peer=not args.no_peer and _has_diffusers())
+    print(f"measured peak: {b.peak_flops / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul)", flush=True)
+    runs = {
+        "unet_step_sd15_512_b1_cfg": lambda: bench.unet_step(b),
+        "txt2img_sd15_512_50steps_b1": lambda: bench.txt2img(b),
+        "vae_encode_256": lambda: bench.vae_encode(b),
+        "eval_generate_sd15_512_25steps": lambda: bench.eval_generate(b),
+        "train_sd15_unet_256": lambda: bench.train(b, 256, args.batch_256, not args.no_train_compile),
+        "train_sd15_unet_512": lambda: bench.train(b, 512, args.batch_512, not args.no_train_compile),
+    }
+    start = time.perf_counter()
+    for name, run in runs.items():
+        if args.only and name not in args.only:
+            continue
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            print(f"skipped {name}: the --budget-s of {args.budget_s:.0f} s is spent", flush=True)
+            continue
+        t = time.perf_counter()
+        try:
+            row = run()
+        except Exception as e:  # noqa: BLE001  one failing benchmark must not lose the others' rows
+            print(f"{name} failed after {time.perf_counter() - t:.0f} s: {type(e).__name__}: {e}"[:3000], flush=True)
+            continue
+        append_rows(args.out, [row])  # at once: a run cut short keeps every row it finished
+        print(row_json(row), f"({time.perf_counter() - t:.0f} s)", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ from ldm.train.run_args import resolve_run_config, run_parser  # noqa: E402
 
 
 def build_parser():
-    return run_parser("tools/train.py", __doc__, "training YAML (configs/tiny.yaml, sd-v1.yaml ...)",
-                      "optim.lr=5e-5 data.batch_size=4")
+    p = run_parser("tools/train.py", __doc__, "training YAML (configs/tiny.yaml, sd-v1.yaml ...)",
+                   "optim.lr=5e-5 data.batch_size=4")
+    p.add_argument("--no-compile", action="store_true",
+                   help="train eagerly (compile=false); by default the U-Net step is compiled on GPUs")
+    return p
 
 
 @cli_main
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.train.config import TrainConfig
     from ldm.train.loop import train
 
+    if args.no_compile:
+        args.overrides.append("compile=false")
     config = resolve_run_config(args, TrainConfig)
     out = train(config, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:

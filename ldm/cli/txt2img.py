@@ -10,6 +10,7 @@ from ldm.diffusion.sampler_registry import check_sampler_options, sampler_names
 from ldm.errors import LdmError
 from ldm.models.attention import set_attention_backend
 from ldm.pipeline.cascade import load_cascade, use_model_defaults
+from ldm.pipeline.fast import COMPILE_MODES, DEFAULT_MODE, compile_pipeline
 from ldm.pipeline.generate import generate_to_folder
 from ldm.pipeline.load import load_pipeline
 from ldm.textfiles import read_text
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "config's percentile, off for latent models; 0 = off)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],
                    help="attention backend (xformers falls back to sdpa with a warning without a CUDA build)")
+    p.add_argument("--compile", nargs="?", const=DEFAULT_MODE, default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="the fast path: fused q|k|v, NHWC, U-Net and VAE decoder compiled (MODE default "
+                        f"{DEFAULT_MODE}: CUDA graphs); the first image pays the compile time")
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
     return p
 
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = use_model_defaults(pipe, sampler=args.sampler, steps=args.steps, guidance=args.guidance)
     if len(pipe.stages) == 1:  # a cascade checks each stage's sampler against the options itself
         check_sampler_options(chosen["sampler"], sampler_options)
+    if args.compile:
+        compile_pipeline(pipe, mode=args.compile)
     records = generate_to_folder(
         pipe, prompts, args.out, sampler=chosen["sampler"], steps=chosen["steps"], guidance=chosen["guidance"],
         guidance_rescale=args.guidance_rescale, seed=args.seed,

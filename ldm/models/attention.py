@@ -7,12 +7,16 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = ("sdpa", "xformers", "math")
+SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                "math": "MATH"}  # names for set_sdpa_kernels -> torch.nn.attention.SDPBackend members
 
 _backend = "sdpa"
 _xformers_ok: bool | None = None  # result of the one-time probe; None = not probed yet
 _warned_fallback = False
+_sdpa_kernels: list | None = None  # SDPBackend members PyTorch may pick from, in order; None = its own choice
 
 
 def _probe_xformers() -> bool:
@@ -71,6 +75,20 @@ def attention_backend(name: str) -> Iterator[None]:
         set_attention_backend(previous)
 
 
+def set_sdpa_kernels(names: list[str] | None) -> None:
+    """Prefer these PyTorch SDPA kernels, in order (e.g. ["cudnn"]); the others stay as fallbacks (a masked
+    cross-attention flash cannot run); None: PyTorch's own order."""
+    global _sdpa_kernels
+    if names is None:
+        _sdpa_kernels = None
+        return
+    unknown = [n for n in names if n not in SDPA_KERNELS]
+    if unknown or not names:
+        raise ValueError(f"unknown SDPA kernels {unknown or names}; choose from {list(SDPA_KERNELS)}")
+    order = list(dict.fromkeys([*names, *SDPA_KERNELS]))
+    _sdpa_kernels = [getattr(SDPBackend, SDPA_KERNELS[n]) for n in order]
+
+
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Reference softmax(q k^T / sqrt(d)) v computed in float32 (eq. 1 of Vaswani et al. 2017)."""
     scale = q.shape[-1] ** -0.5
@@ -103,4 +121,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             return _attention_xformers(q, k, v, mask)
         _warn_fallback("inputs are not on a CUDA device" if xformers_available() else "xformers is unavailable")
     attn_mask = None if mask is None else mask[:, None, None, :]  # b n_k -> b 1 1 n_k, broadcast over heads/queries
+    if _sdpa_kernels is not None and q.is_cuda:
+        with sdpa_kernel(_sdpa_kernels, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

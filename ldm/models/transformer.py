@@ -7,6 +7,7 @@ from einops import rearrange
 from torch import nn
 
 from ldm.models.attention import attention
+from ldm.models.fused import share_qkv
 from ldm.models.unet_blocks import maybe_checkpoint, normalization, zero_module
 
 
@@ -23,12 +24,24 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.register_buffer("qkv_weight", None, persistent=False)  # set by ldm.models.fused.fuse_qkv
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        fused = self.qkv_weight
+        if fused is not None and fused.data_ptr() != self.to_q.weight.data_ptr():
+            share_qkv(self)  # a move or cast copied q, k, v apart from the fused matrix: share storage again
+        return out
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        if context is None and self.qkv_weight is not None and not (
+                torch.is_grad_enabled() and self.to_q.weight.requires_grad):  # fused (inference): one product
+            projections = F.linear(x, self.qkv_weight).chunk(3, dim=-1)
+        else:
+            context = x if context is None else context
+            projections = (self.to_q(x), self.to_k(context), self.to_v(context))
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in projections)
         out = attention(q, k, v, mask)  # mask: b m bool, True = attend
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from ldm.errors import LdmError
 from ldm.io.components import ModelParts
+from ldm.pipeline.fast import DEFAULT_MODE, compile_pipeline
 from ldm.pipeline.images import from_pil, to_pil
 from ldm.pipeline.latent_upscale import LatentUpscale
 from ldm.pipeline.sampling import sample
@@ -51,6 +52,10 @@ class Pipeline:
     @property
     def model_name(self) -> str:
         return str(getattr(self.components, "source", "") or "")
+
+    def compile(self, mode: str | None = DEFAULT_MODE, **options) -> "Pipeline":
+        """Turn the fast path on in place: fused q|k|v, NHWC, compiled networks (`ldm.pipeline.fast`)."""
+        return compile_pipeline(self, mode=mode, **options)
 
     def encode_prompts(self, prompts: list[str]) -> dict:
         """Text -> the U-Net's conditioning keyword arguments."""

@@ -145,6 +145,7 @@ class TrainConfig:
     log_with: str = "tensorboard"  # "tensorboard" | "wandb" | "none"
     attention_backend: str = "sdpa"  # "sdpa" | "xformers" (falls back to sdpa with a warning) | "math"
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+    compile: bool | None = None  # torch.compile (inductor) the U-Net's training step; None = on CUDA, off on CPUs
     progress: bool = True  # tqdm bar on the main process
 
     def __post_init__(self):

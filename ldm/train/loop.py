@@ -33,6 +33,7 @@ from ldm.models.text_encoders import TextEmbeddings
 from ldm.runtime import derive_seed
 from ldm.train.batches import DataCounts, TrainState, batch_stream
 from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_resume, save_checkpoint
+from ldm.train.compiled import compile_for_training
 from ldm.train.config import TrainConfig
 from ldm.train.ema import EMA
 from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_parts, check_latent_batch,
@@ -156,6 +157,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     # The model: identical random init on every rank (DDP broadcasts rank 0's weights anyway).
     torch.manual_seed(config.seed)
     parts = build_parts(config.model)
+    if config.compile if config.compile is not None else device.type == "cuda":
+        compile_for_training(parts.unet)  # in place: state_dict keys, EMA and checkpoints are unchanged
     if config.data.sample_format == "latent":  # precomputed shards: refuse ones made by other encoders, at once
 
         if config.loss.inputs != "latents":
