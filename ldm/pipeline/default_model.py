@@ -68,6 +68,7 @@ def default_model_path() -> Path:
 def default_upscaler_path() -> Path:
     """The bundled 64 -> 256 super-resolution stage of the default model (docs/imagen.md)."""
     if not (BUNDLED_UPSCALER / "config.yaml").is_file():
-        raise LdmError(f"--upscaler default: no bundled upscaler in {BUNDLED_UPSCALER}; give a trained "
-                       "super-resolution stage's folder instead")
+        raise LdmError(f"--upscaler default: no bundled upscaler in {BUNDLED_UPSCALER} (none trained so far beats "
+                       "bicubic upsampling, docs/imagen.md); give a trained super-resolution stage's folder instead, "
+                       "e.g. one made with tools/device_train_sr.sh")
     return BUNDLED_UPSCALER
