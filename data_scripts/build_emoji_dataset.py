@@ -1,7 +1,7 @@
 """Build an offline captioned emoji dataset from published packages ("an emoji of a red apple, twemoji style").
 
-Sources: npm `emoji-datasource-{twitter,google,apple}` (64 px PNGs), npm `openmoji` (SVGs, rendered with cairosvg when
-installed) and Debian's `fonts-noto-color-emoji` (CBDT bitmaps rendered with PIL at size 109). Labels come from npm
+Sources: npm `emoji-datasource-{twitter,google,apple}` (64 px PNGs), npm `openmoji` and `@twemoji/svg` (SVGs, rendered
+with cairosvg at any --resolution when installed) and Debian's `fonts-noto-color-emoji` (CBDT bitmaps rendered with PIL at size 109). Labels come from npm
 `emojibase-data` (or the `emoji` PyPI package). Output: `OUT/train/NNNNN.tar`, `OUT/validation/NNNNN.tar` in
 img2dataset layout, split by a hash of the emoji's code points (one emoji is in the same split in every style),
 and `OUT/stats.json` with the sample count of each source.
@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ldm.atomic import atomic_write_text
-from ldm.data.emoji import SOURCES, EmojiRecord, datasource_records, emoji_caption, emojibase_labels, openmoji_records, split_of
+from ldm.data.emoji import (SOURCES, EmojiRecord, datasource_records, emoji_caption, emojibase_labels, openmoji_records,
+                            split_of, twemoji_svg_records)
 from ldm.data.shards import AtomicShardWriter, encode_image, make_record
 from ldm.data.transforms import to_rgb
 from ldm.cli.common import cli_main
@@ -129,21 +130,46 @@ def strip_openmoji_grid(svg: bytes) -> bytes:
     return ET.tostring(root)
 
 
-def openmoji_images(cache: Path, resolution: int, limit: int | None):
-    """(record, RGBA image or skip reason) pairs from openmoji's SVGs, rendered with cairosvg."""
+def svg_renderer():
+    """cairosvg's `svg2png`, or an LdmError saying how to install it (the SVG sources need it)."""
     try:
         import cairosvg
     except (ImportError, OSError) as e:
-        raise LdmError(f"openmoji ships SVGs only: install cairosvg (pip install cairosvg) to render them ({e})") from e
-    folder = npm_package("openmoji", cache)
-    records = [r for r in openmoji_records(package_text(folder / "data" / "openmoji.csv")) if (folder / r.image).is_file()]
-    for record in records[:limit]:
+        raise LdmError(f"SVG sources (openmoji, twemoji-svg) need cairosvg to render: pip install cairosvg ({e})") from e
+    return cairosvg.svg2png
+
+
+def render_svgs(folder: Path, records: list, resolution: int, clean=lambda svg: svg):
+    """(record, RGBA image or skip reason) pairs: each record's SVG (`record.image`, inside folder) rendered at
+    resolution x resolution with cairosvg."""
+    svg2png = svg_renderer()
+    for record in records:
         try:
-            png = cairosvg.svg2png(bytestring=strip_openmoji_grid((folder / record.image).read_bytes()), output_width=resolution, output_height=resolution)
+            png = svg2png(bytestring=clean((folder / record.image).read_bytes()), output_width=resolution,
+                          output_height=resolution)
         except Exception:  # noqa: BLE001 - cairosvg fails on a few SVG features; such an emoji is counted and skipped
             yield record, "render_error"
             continue
         yield record, Image.open(io.BytesIO(png))
+
+
+def openmoji_images(cache: Path, resolution: int, limit: int | None):
+    """(record, RGBA image or skip reason) pairs from openmoji's SVGs, rendered with cairosvg."""
+    svg_renderer()  # fail before the download when cairosvg is missing
+    folder = npm_package("openmoji", cache)
+    records = [r for r in openmoji_records(package_text(folder / "data" / "openmoji.csv")) if (folder / r.image).is_file()]
+    return render_svgs(folder, records[:limit], resolution, strip_openmoji_grid)
+
+
+def twemoji_svg_images(cache: Path, labels: dict, resolution: int, limit: int | None):
+    """(record, RGBA image or skip reason) pairs from `@twemoji/svg`, rendered with cairosvg: the records (labels,
+    hexcodes, so splits) of emoji-datasource-twitter, the vector artwork of the same emoji."""
+    svg_renderer()
+    folder = npm_package("@twemoji/svg", cache)
+    datasource = npm_package("emoji-datasource-twitter", cache)
+    records = datasource_records(package_json(datasource / "emoji.json"), "twitter", labels)
+    names = sorted(path.name for path in folder.glob("*.svg"))
+    return render_svgs(folder, twemoji_svg_records(records, names)[:limit], resolution)
 
 
 def noto_font_images(font_path: str, labels: dict, limit: int | None):
@@ -184,6 +210,9 @@ def build(args: argparse.Namespace) -> dict:
             try:
                 if source == "openmoji":
                     pairs, version = openmoji_images(cache, args.resolution, args.limit), package_version(npm_package("openmoji", cache))
+                elif source == "twemoji-svg":
+                    pairs = twemoji_svg_images(cache, labels, args.resolution, args.limit)
+                    version = package_version(npm_package("@twemoji/svg", cache))
                 elif source == "noto-font":
                     pairs, version = noto_font_images(args.font, labels, args.limit), "debian"
                 else:

@@ -5,12 +5,14 @@ import csv
 import hashlib
 import io
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 # source -> (style phrase in captions, licence of the images, where they come from)
 SOURCES = {
     "twitter": ("twemoji style", "CC-BY-4.0 (Twemoji, Twitter Inc. and contributors)", "npm:emoji-datasource-twitter"),
     "google": ("noto emoji style", "Apache-2.0 (Noto Emoji, Google)", "npm:emoji-datasource-google"),
     "apple": ("apple emoji style", "proprietary (Apple Inc.); not openly licensed, research use at your own risk", "npm:emoji-datasource-apple"),
+    "twemoji-svg": ("twemoji style", "CC-BY-4.0 (Twemoji graphics, Twitter Inc. and contributors; package MIT)", "npm:@twemoji/svg"),
     "openmoji": ("openmoji style", "CC-BY-SA-4.0 (OpenMoji, HfG Schwaebisch Gmuend)", "npm:openmoji"),
     "noto-font": ("noto emoji style", "OFL-1.1 font, Apache-2.0 images (Noto Color Emoji, Google)", "deb:fonts-noto-color-emoji"),
 }
@@ -59,6 +61,19 @@ def datasource_records(data: list[dict], image_set: str, labels: dict[str, tuple
             label, tags = labels.get(normalise_hexcode(item["unified"]), (entry["name"].lower(), entry.get("short_names", [])))
             records.append(EmojiRecord(item["unified"], label, item["image"], list(tags)))
     return records
+
+
+def svg_file_key(hexcode: str) -> str:
+    """The code points as Twemoji names its SVG files: lowercase hex without leading zeros or FE0F ('23-20e3')."""
+    return "-".join(f"{int(p, 16):x}" for p in normalise_hexcode(hexcode).split("-"))
+
+
+def twemoji_svg_records(records: list[EmojiRecord], svg_names: list[str]) -> list[EmojiRecord]:
+    """emoji-datasource's Twemoji records (their labels, hexcodes and hence splits) whose SVG `@twemoji/svg` ships,
+    each pointing at that SVG file."""
+    by_key = {svg_file_key(PurePosixPath(name).stem): name for name in svg_names}
+    return [EmojiRecord(r.hexcode, r.label, by_key[svg_file_key(r.hexcode)], r.tags)
+            for r in records if svg_file_key(r.hexcode) in by_key]
 
 
 def openmoji_records(csv_text: str) -> list[EmojiRecord]:

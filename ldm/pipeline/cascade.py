@@ -22,6 +22,7 @@ from ldm.config import to_plain
 from ldm.diffusion.latent_upscale import check_noise_level
 from ldm.errors import LdmError
 from ldm.pipeline.images import from_pil, to_pil
+from ldm.pipeline.default_model import DEFAULT, default_upscaler_path
 from ldm.pipeline.latent_upscale import LatentUpscale
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.pipeline import Pipeline
@@ -313,12 +314,15 @@ def check_cascade(pipelines: list[Pipeline]) -> list[int]:
 
 def load_cascade(base, upscalers=(), *, device: str | None = None, dtype=None, allow_pickle: bool = False,
                  **options) -> Cascade:
-    """`load_cascade(base, [sr, ...])(prompt, seed=0)`: models (paths or loaded pipelines) run as one cascade."""
+    """`load_cascade(base, [sr, ...])(prompt, seed=0)`: models (paths or loaded pipelines) run as one cascade.
+    "default" names the bundled model as the base and its bundled 64 -> 256 stage as an upscaler:
+    `load_cascade("default", ["default"])`."""
     def pipeline(model):
         if isinstance(model, Pipeline):
             return model
         return load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
 
+    upscalers = [default_upscaler_path() if m == DEFAULT else m for m in upscalers]
     return Cascade([pipeline(base), *(pipeline(m) for m in upscalers)], **options)
 
 

@@ -11,6 +11,8 @@ from ldm.config import from_dict, load_yaml
 
 from ldm.diffusion.schedules import ScheduleConfig
 
+from ldm.errors import LdmError
+
 from ldm.io.components import SDComponents
 
 from ldm.io.native_format import save_native
@@ -23,6 +25,8 @@ from ldm.models.unet import UNetConfig, UNetModel
 
 ASSETS = Path(str(resources.files("ldm") / "assets"))
 BUNDLED = ASSETS / "default-model"  # the project's trained model, when bundled
+BUNDLED_UPSCALER = ASSETS / "default-upscaler"  # its 64 -> 256 super-resolution stage (`--upscaler default`)
+DEFAULT = "default"  # the name that means the bundled model (`--model default`) or upscaler (`--upscaler default`)
 TINY_RANDOM = ASSETS / "tiny-random-model.yaml"
 
 
@@ -59,3 +63,12 @@ def default_model_path() -> Path:
     if not (folder / "config.yaml").is_file():
         build_tiny_random(folder)
     return folder
+
+
+def default_upscaler_path() -> Path:
+    """The bundled 64 -> 256 super-resolution stage of the default model (docs/imagen.md)."""
+    if not (BUNDLED_UPSCALER / "config.yaml").is_file():
+        raise LdmError(f"--upscaler default: no bundled upscaler in {BUNDLED_UPSCALER} (none trained so far beats "
+                       "bicubic upsampling, docs/imagen.md); give a trained super-resolution stage's folder instead, "
+                       "e.g. one made with tools/device_train_sr.sh")
+    return BUNDLED_UPSCALER

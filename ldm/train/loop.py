@@ -329,6 +329,8 @@ def log_samples(parts, ema, objective, config, latent_size, device, logger, step
     """
     if not accelerator.is_main_process or not config.sampling.prompts:
         return
+    if parts.super_resolution and references is None:  # resumed at its last step: no training image read to upscale
+        return
 
     s = config.sampling
     if references is not None:
