@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm.errors import CheckpointError
+from ldm.train.sharding import is_sharded, load_sharded_ema, save_sharded_ema
 
 STATE_FILE = "trainer_state.json"  # written last: a folder without it is not a checkpoint
 MANIFEST_FILE = "files.json"  # {file name: size in bytes} of the checkpoint, written just before STATE_FILE
@@ -63,7 +64,13 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def accelerate_files(accelerator) -> list[str]:
-    """The files `accelerator.load_state` needs for what was prepared: model[_i].safetensors, optimizer[_i].bin."""
+    """The files `accelerator.load_state` needs for what was prepared: model[_i].safetensors, optimizer[_i].bin, or
+    under FSDP the metadata of each sharded model and optimizer folder."""
+    if is_sharded(accelerator):
+        from accelerate.utils.constants import FSDP_MODEL_NAME, OPTIMIZER_NAME
+
+        return [f"{FSDP_MODEL_NAME}_{i}/.metadata" for i in range(max(1, len(accelerator._models)))] + \
+            [f"{OPTIMIZER_NAME}_{i}/.metadata" for i in range(len(accelerator._optimizers))]
     models = [f"model{f'_{i}' if i else ''}.safetensors" for i in range(max(1, len(accelerator._models)))]
     optimizers = [f"optimizer{f'_{i}' if i else ''}.bin" for i in range(len(accelerator._optimizers))]
     return models + optimizers + (["scaler.pt"] if accelerator.scaler is not None else [])
@@ -191,14 +198,17 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_stat
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)  # every rank: its RNG states; main: the rest
-        if accelerator.is_main_process and ema is not None:
+        if ema is not None and is_sharded(accelerator):  # every rank: its slices (FSDP shards the EMA too)
+            save_sharded_ema(ema, tmp, accelerator.process_index, accelerator.num_processes)
+        elif accelerator.is_main_process and ema is not None:
             save_file(ema.state_dict(), str(tmp / EMA_FILE))
         accelerator.wait_for_everyone()  # every rank's files are in tmp
         if accelerator.is_main_process:
             sizes = {}
-            for file in sorted(tmp.iterdir()):
+            for file in sorted(tmp.rglob("*")):  # FSDP's sharded model and optimizer are folders of files
                 _fsync(file)  # on disk before the folder can be renamed into place
-                sizes[file.name] = file.stat().st_size
+                if file.is_file():
+                    sizes[file.relative_to(tmp).as_posix()] = file.stat().st_size
             _write_synced(tmp / MANIFEST_FILE, json.dumps(sizes, indent=2))
             _write_synced(tmp / STATE_FILE, json.dumps({**trainer_state, "step": step}, indent=2))
             old = final.with_name(f".{final.name}.old")
@@ -258,7 +268,9 @@ def load_checkpoint(accelerator, path: str | Path, ema=None) -> dict:
         accelerator.load_state(str(path))
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"cannot restore the training state from {path}: {e}") from e
-    if ema is not None:
+    if ema is not None and is_sharded(accelerator):
+        load_sharded_ema(ema, path, accelerator.process_index, accelerator.num_processes)
+    elif ema is not None:
         if not (path / EMA_FILE).is_file():
             raise CheckpointError(f"{path} holds no {EMA_FILE}; was it written with ema.enabled=false?")
         device = next(iter(ema.shadow.values())).device if ema.shadow else "cpu"

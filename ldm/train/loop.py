@@ -42,6 +42,7 @@ from ldm.train.optim import lr_at, make_optimizer, set_lr
 from ldm.train.run_folder import open_run
 from ldm.train.samples import sample_images, upscale_references
 from ldm.train.latent_upscale import latent_upscale_inputs
+from ldm.train.sharding import finish_wrapping, is_sharded, set_wrap_units, unsharded_parts
 from ldm.train.super_resolution import super_resolution_inputs
 from ldm.train.tracking import RunLogger
 
@@ -168,12 +169,16 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     if accelerator.is_main_process:
         save_yaml(resolved, out / TRAIN_CONFIG)
     objective = DiffusionObjective(parts, config.loss)
-    ema = None
-    if config.ema.enabled:  # on the unwrapped parameters, never DDP's
-        e = config.ema
-        ema = EMA(objective, e.decay, warmup=e.warmup, inv_gamma=e.inv_gamma, power=e.power).to(device)
+    if is_sharded(accelerator):  # FSDP2 (the accelerate config): the U-Net and its blocks are the units
+        set_wrap_units(accelerator, objective)
     optimizer = make_optimizer(objective.parameters(), config.optim, device)
     model, optimizer = accelerator.prepare(objective, optimizer)
+    if is_sharded(accelerator):
+        accelerator.print(f"FSDP2 over {accelerator.num_processes} ranks, units: {finish_wrapping(objective)}")
+    ema = None
+    if config.ema.enabled:  # on the unwrapped parameters, never DDP's; under FSDP on this rank's slices
+        e = config.ema
+        ema = EMA(objective, e.decay, warmup=e.warmup, inv_gamma=e.inv_gamma, power=e.power).to(device)
     parts.codec.to(device)  # float32 weights: the exported model keeps the pretrained precision
     parts.text_encoder.to(device)
 
@@ -194,7 +199,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
 
     def checkpoint_now() -> None:
         nonlocal saved_step
-        sync_counts()
+        data_counts.sync(accelerator, state)  # into the checkpoint; the pending loss stays for its log line
         save_checkpoint(accelerator, out, state.step, dataclasses.asdict(state), ema, config.checkpoints_total_limit)
         saved_step = state.step
 
@@ -256,6 +261,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 values["grad_norm"] = float(grad_norm)
             if ema is not None:
                 values["ema_decay"] = ema.current_decay()
+            if device.type == "cuda":  # DDP vs FSDP: what each GPU held at most (docs/multi-gpu.md)
+                values["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if not math.isfinite(values["loss"]):
                 raise LdmError(f"the loss became {values['loss']} at step {state.step}; lower optim.lr, or use "
                                "mixed_precision=bf16 instead of fp16")
@@ -264,8 +271,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.1f}",
                                      skipped=state.skipped)
             else:  # headless runs (batch jobs) get a plain line instead of the bar
+                memory = f" peak_mem_gib {values['peak_mem_gib']:.2f}" if "peak_mem_gib" in values else ""
                 accelerator.print(f"step {state.step} loss {values['loss']:.4f} lr {lr:.3g} "
-                                  f"img/s {values['img_per_s']:.1f} skipped {state.skipped}")
+                                  f"img/s {values['img_per_s']:.1f} skipped {state.skipped}{memory}")
             loss_count, timer_start, timer_step = 0, time.perf_counter(), state.step
         sampled = bool(config.sampling.every) and state.step % config.sampling.every == 0
         if sampled:
@@ -285,8 +293,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     if config.sampling.at_end:
         log_samples(parts, ema, objective, config, latent_size, device, logger, state.step, accelerator,
                         references)
-    if accelerator.is_main_process:
-        export_model(parts, ema, objective, out, state.step)
+    export_model(parts, ema, objective, out, state.step, accelerator)
     accelerator.wait_for_everyone()
     logger.close()
     return out
@@ -309,6 +316,9 @@ def check_replicas_in_sync(accelerator, objective: torch.nn.Module) -> None:
     """Under DDP every rank must end with identical weights; say so in the log, and fail loudly if not."""
     if accelerator.num_processes == 1:
         return
+    if is_sharded(accelerator):
+        accelerator.print(f"parameters sharded over {accelerator.num_processes} ranks (FSDP): one copy, no replicas")
+        return
     mine = parameter_fingerprint(objective).to(accelerator.device)
     every = accelerator.gather(mine[None]).cpu()
     if not torch.equal(every, every[:1].expand_as(every)):
@@ -326,8 +336,9 @@ def log_samples(parts, ema, objective, config, latent_size, device, logger, step
     """A grid of EMA samples for the configured prompts (and the evaluation metrics), drawn on the main process.
 
     An SR stage upscales `references` (training images and their captions) instead: rows low-res | SR | truth.
+    Under FSDP every rank samples too (each U-Net unit gathers its weights from all ranks); only the main one logs.
     """
-    if not accelerator.is_main_process or not config.sampling.prompts:
+    if not (accelerator.is_main_process or is_sharded(accelerator)) or not config.sampling.prompts:
         return
     if parts.super_resolution and references is None:  # resumed at its last step: no training image read to upscale
         return
@@ -377,7 +388,14 @@ def evaluate_in_training(parts, ema, objective, s, latent_size, device, logger, 
     accelerator.print(f"step {step} eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
-def export_model(parts, ema, objective, out: Path, step: int | None = None) -> None:
-    """Write the EMA weights in the native format into `out`, loadable with `ldm-txt2img --model out`."""
+def export_model(parts, ema, objective, out: Path, step: int | None = None, accelerator=None) -> None:
+    """Write the EMA weights in the native format into `out` (main process), loadable with `ldm-txt2img --model out`.
+
+    Under FSDP every rank calls it: the sharded networks are gathered into whole copies on the main process.
+    """
+    main = accelerator is None or accelerator.is_main_process
     with _ema_weights(ema, objective):
-        export_native(parts.model_parts(source=str(out)), out, step=step)
+        if accelerator is not None and is_sharded(accelerator):
+            parts = unsharded_parts(parts, keep=main)
+        if main:
+            export_native(parts.model_parts(source=str(out)), out, step=step)
