@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from PIL import Image
 
 from ldm.config import apply_overrides, from_dict, load_yaml
@@ -16,7 +17,8 @@ from ldm.data.shards import AtomicShardWriter, encode_image, make_record
 from ldm.data.synthetic import generate_shapes
 from ldm.diffusion import SAMPLERS, DiscreteDenoiser, DiscreteSchedule, sampling_plan
 from ldm.diffusion.schedules import ScheduleConfig
-from ldm.io.components import SDComponents, resolved_config
+from ldm.io.components import ModelParts, SDComponents, config_sections, resolved_config
+from ldm.io.part_types import build_part, read_section
 from ldm.io.native_format import save_native
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
@@ -420,3 +422,23 @@ def patch_everywhere(monkeypatch, dotted: str, replacement) -> None:
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("ldm") and getattr(module, attr, None) is original:
             monkeypatch.setattr(module, attr, replacement)
+
+
+def visible_weights(module: nn.Module) -> nn.Module:
+    """Small random weights in the zero-initialised layers, so that the prompt and the low-res image matter."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(std=0.05)
+    return module
+
+
+def stage_parts(name: str, text_encoder: nn.Module | None = None, **stage) -> ModelParts:
+    """A random tiny stage of configs/imagen-tiny-NAME.yaml (sharing `text_encoder` when given)."""
+    raw = load_yaml(Path(__file__).resolve().parents[1] / "configs" / f"imagen-tiny-{name}.yaml")["model"]
+    configs = {role: read_section(role, raw[role]) for role in ("unet", "text_encoder")}
+    text_encoder = text_encoder if text_encoder is not None else build_part(configs["text_encoder"])
+    schedule = from_dict(ScheduleConfig, raw["schedule"])
+    config = {**config_sections(configs, schedule), "stage": {**raw["stage"], **stage}}
+    return ModelParts(unet=visible_weights(build_part(configs["unet"])), text_encoder=text_encoder, schedule=schedule,
+                      config=config)

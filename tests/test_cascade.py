@@ -19,7 +19,7 @@ from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import LdmError
 from ldm.io.components import ModelParts, config_sections
 from ldm.io.native_format import save_native
-from ldm.io.part_types import build_part, read_section
+from ldm.io.part_types import read_section
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.efficient_unet import EfficientUNet
 from ldm.models.unet import UNetConfig, UNetModel
@@ -28,28 +28,10 @@ from ldm.pipeline.images import from_pil, read_png_parameters, to_pil
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.pipeline import Pipeline
 
+from helpers import stage_parts, visible_weights
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FAST = ["--steps", "2", "--sampler", "ddim", "--guidance", "3"]
-
-
-def _visible(module: nn.Module) -> nn.Module:
-    """Small random weights in the zero-initialised layers, so that the prompt and the low-res image matter."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.ndim > 1 and not p.any():
-                p.normal_(std=0.05)
-    return module
-
-
-def stage_parts(name: str, text_encoder: nn.Module | None = None, **stage) -> ModelParts:
-    """A random tiny stage of configs/imagen-tiny-NAME.yaml (sharing `text_encoder` when given)."""
-    raw = load_yaml(CONFIGS / f"imagen-tiny-{name}.yaml")["model"]
-    configs = {role: read_section(role, raw[role]) for role in ("unet", "text_encoder")}
-    text_encoder = text_encoder if text_encoder is not None else build_part(configs["text_encoder"])
-    schedule = from_dict(ScheduleConfig, raw["schedule"])
-    config = {**config_sections(configs, schedule), "stage": {**raw["stage"], **stage}}
-    return ModelParts(unet=_visible(build_part(configs["unet"])), text_encoder=text_encoder, schedule=schedule,
-                      config=config)
 
 
 def latent_base_parts(text_encoder: nn.Module) -> ModelParts:
@@ -59,7 +41,7 @@ def latent_base_parts(text_encoder: nn.Module) -> ModelParts:
     autoencoder = from_dict(AutoencoderConfig, dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=16))
     text_config = read_section("text_encoder", load_yaml(CONFIGS / "imagen-tiny-base.yaml")["model"]["text_encoder"])
     schedule = ScheduleConfig(beta_schedule="scaled_linear")
-    return ModelParts(unet=_visible(UNetModel(unet)), autoencoder=AutoencoderKL(autoencoder),
+    return ModelParts(unet=visible_weights(UNetModel(unet)), autoencoder=AutoencoderKL(autoencoder),
                       text_encoder=text_encoder, schedule=schedule,
                       config=config_sections({"unet": unet, "autoencoder": autoencoder, "text_encoder": text_config},
                                              schedule))

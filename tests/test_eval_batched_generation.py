@@ -2,7 +2,7 @@
 with its seed, for every sampler kind (deterministic and ancestral), for a pipeline and for a cascade."""
 import numpy as np
 import pytest
-from test_cascade import stage_parts
+from helpers import stage_parts
 
 from ldm.io.native_format import save_native
 from ldm.pipeline.cascade import load_cascade

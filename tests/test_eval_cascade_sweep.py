@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_cascade import stage_parts
+from helpers import stage_parts
 
 from ldm.cli.eval import main
 from ldm.io.native_format import save_native

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import noisy_image
 from PIL import Image
-from test_cascade import stage_parts
+from helpers import stage_parts
 from upscaler_helpers import tiny_diffusers_upscale_pipeline
 
 from ldm import load_cascade

@@ -21,8 +21,8 @@ from PIL import Image
 from ldm.config import to_plain
 from ldm.diffusion.latent_upscale import check_noise_level
 from ldm.errors import LdmError
-from ldm.pipeline.images import from_pil, to_pil
 from ldm.pipeline.default_model import DEFAULT, default_upscaler_path
+from ldm.pipeline.images import from_pil, to_pil
 from ldm.pipeline.latent_upscale import LatentUpscale
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.pipeline import Pipeline
