@@ -17,6 +17,7 @@ from ldm.config import from_dict, to_plain
 from ldm.errors import ConfigError
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.efficient_unet import EfficientUNet, EfficientUNetConfig
+from ldm.models.sdxl_text import SDXLTextConfig, build_sdxl_text_encoder
 from ldm.models.text_encoders import TEXT_ENCODER_TYPES, TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNetConfig, UNetModel
 
@@ -72,6 +73,9 @@ register_part_type("autoencoder_kl", PartType(AutoencoderConfig, autoencoder_con
 register_part_type("efficient_unet", PartType(  # Imagen's pixel-space U-Net (base and super-resolution stages)
     EfficientUNetConfig, lambda section: from_dict(EfficientUNetConfig, section, where="efficient_unet config"),
     lambda cfg, tokenizer_dir=None: EfficientUNet(cfg)))
+register_part_type("sdxl", PartType(  # SDXL's CLIP ViT-L + OpenCLIP bigG (the refiner: bigG only)
+    SDXLTextConfig, lambda section: from_dict(SDXLTextConfig, section, where="text_encoder config"),
+    lambda cfg, tokenizer_dir=None: build_sdxl_text_encoder(cfg), keeps_type=True))
 for _name in TEXT_ENCODER_TYPES:
     register_part_type(_name, PartType(TextEncoderConfig, text_config, _build_text, keeps_type=True))
 
