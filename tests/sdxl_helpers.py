@@ -29,19 +29,26 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedu
                  timestep_spacing="leading")  # diffusers' SDXL tests (EulerDiscreteScheduler)
 
 
-def tiny_sdxl_diffusers(seed: int = 0, refiner: bool = False) -> dict:
-    """diffusers' SDXL pipeline components (realistic random weights, eval mode); `refiner`: no text_encoder."""
+def tiny_sdxl_diffusers(seed: int = 0, refiner: bool = False, bigg_width: int = 32) -> dict:
+    """diffusers' SDXL pipeline components (realistic random weights, eval mode); `refiner`: no text_encoder.
+
+    `bigg_width`: text_encoder_2's width. diffusers' tests make both encoders 32 wide; `from_single_file` tells the
+    two towers apart by their widths (768 and 1280 in the real model), so its tests need them to differ.
+    """
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(SEED + seed)
-    unet = realistic_weights(diffusers.UNet2DConditionModel(**(REFINER_UNET_KW if refiner else UNET_KW)), seed)
+    unet_kw = dict(REFINER_UNET_KW if refiner else UNET_KW)
+    unet_kw["cross_attention_dim"] += bigg_width - 32
+    unet = realistic_weights(diffusers.UNet2DConditionModel(**unet_kw), seed)
     vae = diffusers.AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
                                   down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                                   latent_channels=4, sample_size=128)  # diffusers' own initialisation
     config = CLIPTextConfig(**TEXT_HF)
     text_encoder = None if refiner else realistic_weights(CLIPTextModel(config), seed + 2)
-    text_encoder_2 = realistic_weights(CLIPTextModelWithProjection(config), seed + 3)
+    config_2 = CLIPTextConfig(**{**TEXT_HF, "hidden_size": bigg_width})
+    text_encoder_2 = realistic_weights(CLIPTextModelWithProjection(config_2), seed + 3)
     scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
     parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                  tokenizer=None if refiner else clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"),
@@ -52,11 +59,11 @@ def tiny_sdxl_diffusers(seed: int = 0, refiner: bool = False) -> dict:
     return parts
 
 
-def save_diffusers_sdxl(folder, *, seed: int = 0, refiner: bool = False):
+def save_diffusers_sdxl(folder, *, seed: int = 0, refiner: bool = False, bigg_width: int = 32):
     """(folder, pipe): a tiny StableDiffusionXL(Img2Img)Pipeline saved as a diffusers folder."""
     import diffusers
 
-    parts = tiny_sdxl_diffusers(seed, refiner)
+    parts = tiny_sdxl_diffusers(seed, refiner, bigg_width)
     if refiner:
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True,
                                                           force_zeros_for_empty_prompt=False)

@@ -5,13 +5,14 @@ import torch
 from helpers import assert_close_to_ref
 from sdxl_helpers import tiny_sdxl_diffusers
 
+from ldm.errors import ConfigError
+from ldm.io.infer import infer_unet
 from ldm.io.keys_sdxl import sdxl_text_config_from_hf, sdxl_text_from_diffusers, sdxl_text_to_diffusers
 from ldm.io.keys_unet import unet_config_from_diffusers, unet_config_to_diffusers, unet_diffusers_to_original, \
     unet_original_to_diffusers
 from ldm.models.micro_conditioning import SDXL_BASE, SDXL_REFINER, micro_values
 from ldm.models.sdxl_text import SDXLTextConfig, build_sdxl_text_encoder
 from ldm.models.unet import UNetConfig, UNetModel
-from ldm.errors import ConfigError
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -121,3 +122,13 @@ def test_sdxl_paper_layout_and_checks():
     with pytest.raises(ConfigError, match="adm_in_channels"):
         UNetConfig(adm_in_channels=1000, micro_conditioning=SDXL_BASE)
     assert SDXLTextConfig().open_clip == {"name": "ViT-bigG-14"}
+    # the published layouts read back from the shapes alone (meta tensors: no memory)
+    refiner = UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2), num_heads=-1,
+                         num_head_channels=64, transformer_depth=4, context_dim=1280, use_linear_in_transformer=True,
+                         adm_in_channels=2560, micro_conditioning=SDXL_REFINER)
+    for config, depth in ((base, [1, 2, 10]), (refiner, 4)):
+        with torch.device("meta"):
+            sd = {"model.diffusion_model." + k: v for k, v in UNetModel(config).state_dict().items()}
+        params = infer_unet(sd)
+        assert params["transformer_depth"] == depth and params["num_head_channels"] == 64
+        assert params["attention_resolutions"] == [4, 2] and params["adm_in_channels"] == config.adm_in_channels
