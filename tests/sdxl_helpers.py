@@ -27,6 +27,7 @@ UNET_KW = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, 
 REFINER_UNET_KW = {**UNET_KW, "cross_attention_dim": 32, "projection_class_embeddings_input_dim": 72}
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear",
                  timestep_spacing="leading")  # diffusers' SDXL tests (EulerDiscreteScheduler)
+SDXL_SCHEDULER_EXTRA = dict(clip_sample=False, set_alpha_to_one=False, sample_max_value=1.0)
 
 
 def tiny_sdxl_diffusers(seed: int = 0, refiner: bool = False, bigg_width: int = 32) -> dict:
@@ -72,4 +73,12 @@ def save_diffusers_sdxl(folder, *, seed: int = 0, refiner: bool = False, bigg_wi
     pipe.save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"].startswith("StableDiffusionXL")
+    # as stabilityai's SDXL scheduler_config.json: DDIM built from it neither clips x0 nor ends at alpha 1
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **SDXL_SCHEDULER_EXTRA}))
     return folder, pipe
+
+
+def scheduler_config(folder) -> dict:
+    """The folder's scheduler_config.json (what diffusers' other schedulers are built from in the tests)."""
+    return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())

@@ -298,6 +298,7 @@ def original_config_from_sections(unet: Mapping, autoencoder: Mapping, text_type
     ae = {k: (list(v) if isinstance(v, tuple) else v) for k, v in autoencoder.items()}
     scale, shift, embed_dim = ae.pop("scale_factor", _SD_SCALE), ae.pop("shift_factor", 0.0), ae.pop("embed_dim", 4)
     ae.pop("norm_groups", None)
+    ae.pop("force_upcast", None)  # a sampling precision choice, not CompVis architecture
     params = {
         "linear_start": scheduler.get("beta_start", _SD_SCHEDULE.beta_start),
         "linear_end": scheduler.get("beta_end", _SD_SCHEDULE.beta_end),

@@ -2,6 +2,7 @@
 written: unet/ vae/ text_encoder/ (not in the refiner) text_encoder_2/ tokenizer/ tokenizer_2/ scheduler/."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ldm.atomic import atomic_path
@@ -49,7 +50,10 @@ def load_sdxl_diffusers(folder: str | Path, *, device="cpu", dtype=None, allow_p
     try:
         unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"),
                                               micro_conditioning=SDXL_REFINER if refiner else SDXL_BASE)
-        vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
+        vae_json = _read_json(folder / "vae" / "config.json")
+        # diffusers' AutoencoderKL defaults force_upcast to True, and SDXL pipelines honour it
+        vae_cfg = dataclasses.replace(vae_config_from_diffusers(vae_json),
+                                      force_upcast=bool(vae_json.get("force_upcast", True)))
         text_cfg = sdxl_text_config_from_hf(
             _read_json(folder / "text_encoder" / "config.json") if has_clip else None,
             _read_json(folder / "text_encoder_2" / "config.json"),
@@ -87,7 +91,8 @@ def save_sdxl_diffusers(parts: ModelParts, folder: str | Path) -> None:
     files = {
         "unet": ({**unet_config_to_diffusers(unet_cfg), "_diffusers_version": DIFFUSERS_VERSION},
                  unet_original_to_diffusers(parts.unet.state_dict(), unet_cfg)),
-        "vae": ({**vae_config_to_diffusers(vae_cfg), "_diffusers_version": DIFFUSERS_VERSION},
+        "vae": ({**vae_config_to_diffusers(vae_cfg), "force_upcast": vae_cfg.force_upcast,
+                 "_diffusers_version": DIFFUSERS_VERSION},
                 vae_original_to_diffusers(parts.autoencoder.state_dict(), vae_cfg)),
     }
     texts = {"text_encoder_2": ("CLIPTextModelWithProjection", second_cfg, second)}

@@ -92,13 +92,15 @@ def infer_sdxl_sections(sd: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]
                               f"plus {micro_width(names)} embedded numbers ({', '.join(names)})")
     unet.update(micro_conditioning=names, micro_conditioning_dim=extra // micro_width(names), sample_size=128)
     ae = infer_autoencoder(sd)
-    autoencoder = {**ae["ddconfig"], "embed_dim": ae["embed_dim"], "scale_factor": SDXL_SCALE_FACTOR}
+    autoencoder = {**ae["ddconfig"], "embed_dim": ae["embed_dim"], "scale_factor": SDXL_SCALE_FACTOR,
+                   "force_upcast": True}  # SDXL's VAE overflows in fp16
     schedule = ScheduleConfig(steps_offset=1, set_alpha_to_one=False, timestep_spacing="leading")
     notes = [f"architecture inferred from tensor shapes: SDXL {'refiner' if refiner else 'base'} "
              f"(model_channels={unet['model_channels']}, channel_mult={unet['channel_mult']}, "
              f"transformer_depth={unet['transformer_depth']}, context_dim={unet['context_dim']})",
              "attention heads are not stored in the weights; assumed SDXL's 64-channel heads; scale_factor "
-             f"{SDXL_SCALE_FACTOR}, eps prediction (sd_xl_base.yaml)"]
+             f"{SDXL_SCALE_FACTOR}, eps prediction (sd_xl_base.yaml); the VAE decodes in float32 under fp16 "
+             "(force_upcast; a fixed fp16 VAE can be given with --vae)"]
     return {"unet": unet_config(unet), "autoencoder": autoencoder_config(autoencoder), "text_encoder": text_cfg,
             "scheduler": schedule}, notes
 
@@ -137,7 +139,7 @@ def sections_from_sgm_config(config: Mapping, sd: Mapping[str, torch.Tensor], *,
                 sample_size=128)
     first = _get(params, "first_stage_config.params", where)
     autoencoder = {**_get(first, "ddconfig", where), "embed_dim": first.get("embed_dim", 4),
-                   "scale_factor": float(params.get("scale_factor", SDXL_SCALE_FACTOR))}
+                   "scale_factor": float(params.get("scale_factor", SDXL_SCALE_FACTOR)), "force_upcast": True}
     scaling = str(_get(params, "denoiser_config.params.scaling_config.target", where)).rsplit(".", 1)[-1]
     if scaling not in _SCALINGS:
         raise ConfigError(f"{where}: denoiser scaling {scaling!r} is not one of {list(_SCALINGS)}")
@@ -169,7 +171,7 @@ def sgm_config(parts: ModelParts) -> dict:
             for n in parts.unet.config.micro_conditioning]
     ae = {k: (list(v) if isinstance(v, tuple) else v) for k, v in to_plain(parts.autoencoder.config).items()}
     scale, embed_dim = ae.pop("scale_factor"), ae.pop("embed_dim")
-    for key in ("shift_factor", "norm_groups"):
+    for key in ("shift_factor", "norm_groups", "force_upcast"):
         ae.pop(key, None)
     prediction = parts.schedule.prediction_type
     scaling = {v: k for k, v in _SCALINGS.items()}.get(prediction)

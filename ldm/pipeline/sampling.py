@@ -22,13 +22,14 @@ from ldm.runtime import seeded_generator
 def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
            negative_prompts: list[str | None] | None = None, cond: dict | None = None, strategy=None,
            wrappers: tuple = (),
-           callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+           callback: Callable | None = None, progress: bool = False, decode: bool = True) -> torch.Tensor:
     """Images `b c h w` (about [-1, 1]) for `prompts`, each `settings.n` times, from one draw of `settings.seed`.
 
     `cond`: conditioning already built (`stage.conditioning`), e.g. the one text embedding a cascade's stages share.
     `strategy` picks the start (default text-to-image); `wrappers` (denoiser -> denoiser) apply after CFG, e.g.
     `classifier_guidance`; dynamic thresholding comes first, from `settings.dynamic_threshold` (None: the stage's
-    default, on for pixel models). Settings are assumed checked (`check_settings`).
+    default, on for pixel models). Settings are assumed checked (`check_settings`). `decode=False` returns the
+    sampler's x itself (VE coordinates at the plan's last sigma), for a model that continues from it (SDXL's refiner).
     """
     s = settings
     generator = seeded_generator(s.seed)
@@ -37,10 +38,13 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
         cond = stage.conditioning(prompts, negative_prompts, s.n, s.guidance)
     denoiser = cfg(stage.denoiser, s.guidance, rescale=s.guidance_rescale) if s.guidance > 1.0 else stage.denoiser
     shape = stage.shape(len(prompts) * s.n, s.height, s.width)
+    cond = stage.micro_conditioning(cond, shape, s.micro_conditioning)  # SDXL's sizes, crop, aesthetic score
     start = (strategy or TextToImage()).start(stage, shape, plan, cond, denoiser, generator)
     denoiser = start.denoiser
     for wrap in (*stage.thresholding(s.dynamic_threshold), *wrappers):  # dynamic thresholding: pixel models
         denoiser = wrap(denoiser)
     x = run_sampler(s.sampler, denoiser, start.x, start.plan, start.cond, options=s.options(), generator=generator,
                     callback=callback, progress=progress)
+    if not decode:
+        return x
     return stage.codec.decode((x * start.plan.final_scale).to(stage.dtype))
