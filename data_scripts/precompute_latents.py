@@ -103,7 +103,7 @@ def precompute(loader, autoencoder, text_encoder, out: Path, *, samples_per_shar
                     store.add(h, emb.tokens[i], emb.mask[i], None if emb.pooled is None else emb.pooled[i])
             for i, key in enumerate(batch["key"]):
                 writer.write(latent_record(key, batch["caption"][i], batch["meta"][i], mean[i], std[i], image_size,
-                                           hashes[i], store.where[hashes[i]]))
+                                           hashes[i], store.where[hashes[i]], batch["micro"][i]))
             if bar is not None:
                 bar.update(len(hashes))
         store.flush()

@@ -13,6 +13,7 @@ from ldm.pipeline.cascade import load_cascade, use_model_defaults
 from ldm.pipeline.fast import COMPILE_MODES, DEFAULT_MODE, compile_pipeline
 from ldm.pipeline.generate import generate_to_folder
 from ldm.pipeline.load import load_pipeline
+from ldm.pipeline.refiner import HIGH_NOISE_FRAC, ExpertEnsemble
 from ldm.textfiles import read_text
 from ldm.writable import check_output_dir
 
@@ -62,6 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sampler per stage, e.g. ddim,euler (default: --sampler)")
     cascade.add_argument("--start-stage", type=int, default=1,
                          help="upscale --init-image starting at this stage (2 = the first upscaler)")
+    sdxl = p.add_argument_group("SDXL (micro-conditioning, the refiner, a replacement VAE)")
+    sdxl.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="the size the model is told the training image had (default: the image size)")
+    sdxl.add_argument("--crops-coords-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                      help="the crop the model is told was taken (default: 0 0, an uncropped look)")
+    sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="base model: the target size (default: the image size)")
+    sdxl.add_argument("--aesthetic-score", type=finite_float, default=None, help="refiner: default 6.0")
+    sdxl.add_argument("--negative-aesthetic-score", type=finite_float, default=None, help="refiner: default 2.5")
+    sdxl.add_argument("--refiner", metavar="MODEL", default=None,
+                      help="an SDXL refiner that runs the low-noise steps after the model (ensemble of experts)")
+    sdxl.add_argument("--high-noise-frac", type=finite_float, default=None,
+                      help=f"with --refiner: the fraction of the schedule the base model runs (default "
+                      f"{HIGH_NOISE_FRAC}; diffusers' denoising_end)")
+    sdxl.add_argument("--vae", type=Path, default=None,
+                      help="a VAE (.safetensors or a diffusers vae/ folder) in place of the model's, e.g. a fixed-fp16 "
+                      "SDXL VAE that decodes in fp16 (the SDXL VAE otherwise decodes in fp32)")
     p.add_argument("--dynamic-threshold", type=finite_float, default=None, metavar="P",
                    help="dynamic thresholding percentile, e.g. 0.995 (default: on for pixel models at their "
                    "config's percentile, off for latent models; 0 = off)")
@@ -105,6 +123,22 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+MICRO_ARGS = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score")
+
+
+def micro_conditioning(args, pipe) -> dict:
+    """The --original-size ... --negative-aesthetic-score values given, checked against what the model takes."""
+    given = {k: getattr(args, k) for k in MICRO_ARGS if getattr(args, k) is not None}
+    models = [pipe.base, pipe.refiner] if isinstance(pipe, ExpertEnsemble) else [pipe]
+    names = {n for m in models for n in getattr(m.unet.config, "micro_conditioning", ())}
+    unused = [k for k in given if k.removeprefix("negative_") not in names]
+    if unused:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in unused)
+        takes = f"takes {', '.join(sorted(names))}" if names else "has no micro-conditioning (SDXL models have)"
+        raise LdmError(f"{flags}: the model {takes}")
+    return given
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -116,7 +150,18 @@ def main(argv: list[str] | None = None) -> int:
 
     set_attention_backend(args.attention)
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    if args.high_noise_frac is not None and args.refiner is None:
+        raise LdmError("--high-noise-frac: give the refiner with --refiner")
+    if args.refiner is not None and args.upscaler:
+        raise LdmError("--refiner and --upscaler: an SDXL ensemble and a pixel cascade do not combine")
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                         vae=args.vae)
+    if args.refiner is not None:
+        refiner = load_pipeline(args.refiner, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                                vae=args.vae)
+        frac = HIGH_NOISE_FRAC if args.high_noise_frac is None else args.high_noise_frac
+        pipe = ExpertEnsemble(pipe, refiner, frac)
+    micro = micro_conditioning(args, pipe)
     cascade_options = dict(stage_steps=args.stage_steps, stage_guidance=args.stage_guidance,
                            stage_sampler=args.stage_sampler, aug_level=args.aug_level, start_stage=args.start_stage)
     noise_level = args.noise_level
@@ -139,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         guidance_rescale=args.guidance_rescale, seed=args.seed,
         n_per_prompt=args.n, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
         init_image=args.init_image, strength=args.strength, mask_image=args.mask, sampler_options=sampler_options,
-        dynamic_threshold=args.dynamic_threshold, noise_level=noise_level,
+        dynamic_threshold=args.dynamic_threshold, noise_level=noise_level, micro_conditioning=micro,
     )
     for r in records:
         print(args.out / r["file_name"])

@@ -79,13 +79,16 @@ def encoder_identity(autoencoder: "nn.Module | None", text_encoder: "nn.Module")
 
 
 def latent_record(key: str, caption: str, meta: dict, mean: torch.Tensor, std: torch.Tensor | None,
-                  image_size: tuple[int, int], text_sha1: str, text_file: str) -> dict[str, Any]:
+                  image_size: tuple[int, int], text_sha1: str, text_file: str,
+                  micro: torch.Tensor | None = None) -> dict[str, Any]:
     """One latent sample for AtomicShardWriter: float16 `c h w` posterior mean/std, caption, json with references.
 
     A pixel-space model's sample holds the image as `mean` and no `std` (float16 keeps 8-bit images exact)."""
     tensors = {"mean": mean, **({"std": std} if std is not None else {})}
     blob = save_safetensors({k: v.detach().to("cpu", STORE_DTYPE).contiguous() for k, v in tensors.items()})
     info = {"image_size": list(image_size), "text_sha1": text_sha1, "text_file": text_file}
+    if micro is not None:  # SDXL's size numbers of the encoded crop (ldm.data.samples.size_conditioning)
+        info["micro"] = [float(v) for v in micro]
     return {"__key__": key, LATENT_MEMBER: blob, "txt": caption.encode("utf-8"),
             "json": json.dumps({**meta, "latent": info}, sort_keys=True).encode("utf-8")}
 
@@ -189,6 +192,8 @@ def latent_sample(raw: dict, config: "DataConfig", rng: random.Random) -> tuple[
     fields = {"latent_mean": latent["mean"], **text, "caption": caption, "key": raw["__key__"]}
     if "std" in latent:  # absent in a pixel model's shards (the mean is the image)
         fields["latent_std"] = latent["std"]
+    if "micro" in info:
+        fields["micro"] = torch.tensor(info["micro"], dtype=torch.float32)
     return sizes.index(size), fields
 
 

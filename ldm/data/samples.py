@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ldm.data.buckets import nearest_bucket
-from ldm.data.transforms import CorruptImage, decode_image, image_transform
+from ldm.data.transforms import CorruptImage, decode_image, image_transform_with_crop
 from ldm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -86,8 +86,21 @@ def image_sample(raw: dict, config: "DataConfig", rng: random.Random) -> tuple[i
         raise FilteredSample(reason)
     sizes = config.sizes
     bucket = nearest_bucket(image.width, image.height, sizes) if config.buckets else 0
-    tensor = image_transform(image, sizes[bucket], config.crop, config.flip_prob, rng)
-    return bucket, {"image": tensor, "caption": caption, "key": raw["__key__"]}
+    tensor, (top, left) = image_transform_with_crop(image, sizes[bucket], config.crop, config.flip_prob, rng)
+    return bucket, {"image": tensor, "caption": caption, "key": raw["__key__"],
+                    "micro": size_conditioning(meta, image.size, (top, left), sizes[bucket])}
+
+
+def size_conditioning(meta: dict, image_size: tuple[int, int], corner: tuple[int, int],
+                      target: tuple[int, int]) -> torch.Tensor:
+    """SDXL's size numbers of a sample (Podell et al. 2023, sec. 2.2): original (h, w), crop (top, left), target
+    (h, w). The original size is img2dataset's `original_height`/`original_width` (the size before it resized),
+    else the stored image's."""
+    w, h = image_size
+    original = (meta.get("original_height"), meta.get("original_width"))
+    if not all(isinstance(v, (int, float)) and v > 0 for v in original):
+        original = (h, w)
+    return torch.tensor([*original, *corner, *target], dtype=torch.float32)
 
 
 SAMPLE_FORMATS: dict[str, SampleFormatFn] = {"image": image_sample}

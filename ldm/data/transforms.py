@@ -52,6 +52,12 @@ def resize_to_cover(image: Image.Image, height: int, width: int) -> Image.Image:
 
 def crop(image: Image.Image, height: int, width: int, mode: str = "center", rng: random.Random | None = None) -> Image.Image:
     """Crop a height x width window, centred or at a uniformly random offset."""
+    return crop_with_offset(image, height, width, mode, rng)[0]
+
+
+def crop_with_offset(image: Image.Image, height: int, width: int, mode: str = "center",
+                     rng: random.Random | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """`crop`, and the window's (top, left) corner (SDXL conditions on it)."""
     w, h = image.size
     if mode == "center":
         left, top = (w - width) // 2, (h - height) // 2
@@ -60,7 +66,7 @@ def crop(image: Image.Image, height: int, width: int, mode: str = "center", rng:
         left, top = rng.randint(0, w - width), rng.randint(0, h - height)
     else:
         raise ValueError(f"crop must be 'center' or 'random', got {mode!r}")
-    return image.crop((left, top, left + width, top + height))
+    return image.crop((left, top, left + width, top + height)), (top, left)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -86,9 +92,16 @@ def image_transform(
     rng: random.Random | None = None,
 ) -> torch.Tensor:
     """Resize the shorter side, crop to size = (h, w), flip horizontally with flip_prob; returns `c h w` in [-1, 1]."""
+    return image_transform_with_crop(image, size, crop_mode, flip_prob, rng)[0]
+
+
+def image_transform_with_crop(image: Image.Image, size: tuple[int, int], crop_mode: str = "center",
+                              flip_prob: float = 0.0,
+                              rng: random.Random | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`image_transform`, and the crop's (top, left) in the resized image (SDXL's crop conditioning)."""
     rng = rng or random.Random()
     height, width = size
-    image = crop(resize_to_cover(image, height, width), height, width, crop_mode, rng)
+    image, corner = crop_with_offset(resize_to_cover(image, height, width), height, width, crop_mode, rng)
     if flip_prob > 0 and rng.random() < flip_prob:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    return to_tensor(image), corner

@@ -13,11 +13,14 @@ import torch
 from ldm.errors import CheckpointError, ConfigError
 from ldm.io.checkpoint import WEIGHT_SUFFIXES
 from ldm.io.components import ModelParts, SDComponents
-from ldm.io.diffusers_format import is_diffusers_folder, load_diffusers, save_diffusers
+from ldm.io.diffusers_format import is_diffusers_folder, load_diffusers
+from ldm.io.diffusers_format import save_diffusers as save_sd_diffusers
 from ldm.io.hub import looks_like_hub_id, resolve_hub_id
 from ldm.io.if_format import is_if_folder, load_if_diffusers, save_if_diffusers
 from ldm.io.native_format import is_native_folder, load_native, save_native
 from ldm.io.original_format import load_original, original_config, save_original
+from ldm.io.sdxl_diffusers import is_sdxl_folder, load_sdxl_diffusers, save_sdxl_diffusers
+from ldm.io.sdxl_original import is_sdxl
 
 __all__ = ["ModelParts", "SDComponents", "load_model", "detect_format", "save_native", "save_diffusers", "save_original",
            "original_config", "FORMATS"]
@@ -65,10 +68,16 @@ def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu", dt
         return load_if_diffusers(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                  prediction_type=prediction_type)
     if kind == "diffusers":
-        return load_diffusers(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+        load = load_sdxl_diffusers if is_sdxl_folder(path) else load_diffusers
+        return load(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
                               prediction_type=prediction_type)
     return load_original(path, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
                          prediction_type=prediction_type)
+
+
+def save_diffusers(components: ModelParts, folder: str | Path) -> None:
+    """Write a diffusers pipeline folder: StableDiffusion(XL)Pipeline, whichever the model is."""
+    (save_sdxl_diffusers if is_sdxl(components) else save_sd_diffusers)(components, folder)
 
 
 def save(components: ModelParts, dst: str | Path, to: str) -> None:

@@ -96,7 +96,11 @@ def infer_unet(sd: Mapping[str, torch.Tensor]) -> dict:
     if any(lv["mult"] is None for lv in levels):
         raise CheckpointError("U-Net weights: a resolution level without ResBlocks; not a CompVis U-Net layout")
     mid_depth = len(_indices(u, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
-    depths = [lv["depth"] or mid_depth for lv in levels]
+    # A level without attention has no depth of its own: the common depth when there is one, else 1 (sgm's SDXL
+    # yaml: [1, 2, 10]); the last level's is the middle block's.
+    common = {lv["depth"] for lv in levels if lv["attn"]} | {mid_depth}
+    fill = mid_depth if len(common) == 1 else 1
+    depths = [lv["depth"] or (mid_depth if i == len(levels) - 1 else fill) for i, lv in enumerate(levels)]
     proj_in = next((v for k, v in u.items() if k.endswith(".1.proj_in.weight")), None)
     to_k = next((v for k, v in u.items() if k.endswith("attn2.to_k.weight")), None)
     linear = proj_in is not None and proj_in.ndim == 2
@@ -255,11 +259,14 @@ def infer_original_config(sd: Mapping[str, torch.Tensor], *,
     return config, notes
 
 
-def _get(node: Mapping, path: str, where: str):
+COMPVIS_LAYOUT = "the CompVis layout model.params.{unet_config,first_stage_config,cond_stage_config}"
+
+
+def config_entry(node: Mapping, path: str, where: str, layout: str = COMPVIS_LAYOUT):
+    """The entry at dotted `path` of an original config, or a ConfigError naming `where` and the expected layout."""
     for part in path.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            raise ConfigError(f"{where}: the original config has no `{path}` (expected the CompVis layout "
-                              "model.params.{unet_config,first_stage_config,cond_stage_config})")
+            raise ConfigError(f"{where}: the original config has no `{path}` (expected {layout})")
         node = node[part]
     return node
 
@@ -271,13 +278,13 @@ def sections_from_original_config(config: Mapping, *, where: str = "original con
     Returns {"unet": unet_config.params, "autoencoder": ddconfig + embed_dim + scale_factor,
     "text_encoder": {"type", "layer"}, "scheduler": diffusers scheduler-config keys}.
     """
-    params = _get(config, "model.params", where)
-    unet = dict(_get(params, "unet_config.params", where))
+    params = config_entry(config, "model.params", where)
+    unet = dict(config_entry(params, "unet_config.params", where))
     # The latent size the model was trained at lives in LatentDiffusion's `image_size` (64 for SD-1/2-base, 96 for
     # 768-v); unet_config's own `image_size` is a legacy value the network never reads.
     unet["sample_size"] = int(params["image_size"]) if "image_size" in params else 64
-    first = _get(params, "first_stage_config.params", where)
-    autoencoder = {**_get(first, "ddconfig", where), "embed_dim": first.get("embed_dim", 4)}
+    first = config_entry(params, "first_stage_config.params", where)
+    autoencoder = {**config_entry(first, "ddconfig", where), "embed_dim": first.get("embed_dim", 4)}
     autoencoder["scale_factor"] = float(params.get("scale_factor", 1.0))
     if "shift_factor" in params:
         autoencoder["shift_factor"] = float(params["shift_factor"])
@@ -326,6 +333,7 @@ def original_config_from_sections(unet: Mapping, autoencoder: Mapping, text_type
     ae = {k: (list(v) if isinstance(v, tuple) else v) for k, v in autoencoder.items()}
     scale, shift, embed_dim = ae.pop("scale_factor", _SD_SCALE), ae.pop("shift_factor", 0.0), ae.pop("embed_dim", 4)
     ae.pop("norm_groups", None)
+    ae.pop("force_upcast", None)  # a sampling precision choice, not CompVis architecture
     params = {
         "linear_start": scheduler.get("beta_start", _SD_SCHEDULE.beta_start),
         "linear_end": scheduler.get("beta_end", _SD_SCHEDULE.beta_end),

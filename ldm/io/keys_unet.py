@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ldm.errors import CheckpointError, ConfigError
+from ldm.models.micro_conditioning import SDXL_BASE
 from ldm.models.unet import UNetConfig
 
 # ResBlock sub-module names: CompVis -> diffusers ResnetBlock2D
@@ -28,8 +29,8 @@ def _module_map(config: UNetConfig) -> list[tuple[str, str, bool]]:
     if c.num_classes is not None:
         pairs.append(("label_emb", "class_embedding", False))
     elif c.adm_in_channels is not None:
-        pairs += [("label_emb.0.0", "class_embedding.linear_1", False),
-                  ("label_emb.0.2", "class_embedding.linear_2", False)]
+        mlp = "add_embedding" if c.micro_conditioning else "class_embedding"  # SDXL's is diffusers' text_time
+        pairs += [("label_emb.0.0", f"{mlp}.linear_1", False), ("label_emb.0.2", f"{mlp}.linear_2", False)]
 
     levels = len(c.channel_mult)
     index, ds = 1, 1
@@ -168,19 +169,30 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
         out["sample_size"] = c.sample_size
     out.update(_FIXED)
     out["only_cross_attention"] = list(c.disable_self_attentions) if c.disable_self_attentions else False
+    if c.micro_conditioning:  # SDXL: pooled text + embedded sizes through add_embedding
+        out.update(class_embed_type=None, addition_embed_type="text_time",
+                   addition_time_embed_dim=c.micro_conditioning_dim)
     return out
 
 
-def unet_config_from_diffusers(cfg: dict, learn_sigma: bool = False) -> UNetConfig:
+def unet_config_from_diffusers(cfg: dict, learn_sigma: bool = False,
+                               micro_conditioning: tuple[str, ...] = SDXL_BASE) -> UNetConfig:
     """Our UNetConfig from a diffusers UNet2DConditionModel `config.json` dict.
 
     diffusers' U-Net config does not say whether the extra output channels are a learned variance; pass
     `learn_sigma=True` (e.g. when the scheduler's variance_type is "learned_range") to halve `out_channels`.
+    Nor does an SDXL (`addition_embed_type: text_time`) config name its numbers: `micro_conditioning` does (the
+    base model's by default; the refiner's pipeline says `requires_aesthetics_score`).
     """
     name = cfg.get("_class_name", "UNet2DConditionModel")
     if name != "UNet2DConditionModel":
         raise ConfigError(f"U-Net config: expected a diffusers UNet2DConditionModel config, got {name!r}")
+    text_time = cfg.get("addition_embed_type") == "text_time"
+    if text_time and not cfg.get("projection_class_embeddings_input_dim"):
+        raise ConfigError("U-Net config: addition_embed_type='text_time' needs projection_class_embeddings_input_dim")
     for key, allowed in _FIXED.items():
+        if text_time and key in ("addition_embed_type", "addition_time_embed_dim"):
+            continue
         value = cfg.get(key, allowed)
         if value != allowed and not (key == "mid_block_only_cross_attention" and isinstance(value, bool)):
             raise ConfigError(f"U-Net config: {key}={value!r} is not supported (only {allowed!r})")
@@ -223,8 +235,10 @@ def unet_config_from_diffusers(cfg: dict, learn_sigma: bool = False) -> UNetConf
         if out_channels % 2:
             raise ConfigError(f"U-Net config: learn_sigma needs an even out_channels, got {out_channels}")
         out_channels //= 2
-    projection = cfg.get("class_embed_type") == "projection"
+    projection = cfg.get("class_embed_type") == "projection" or text_time
     no_self_attention = _only_cross_attention_from_diffusers(cfg, len(channels))
+    micro = dict(micro_conditioning=tuple(micro_conditioning),
+                 micro_conditioning_dim=cfg.get("addition_time_embed_dim") or 256) if text_time else {}
     return UNetConfig(
         in_channels=cfg.get("in_channels", 4),
         out_channels=out_channels,
@@ -243,4 +257,5 @@ def unet_config_from_diffusers(cfg: dict, learn_sigma: bool = False) -> UNetConf
         dropout=float(cfg.get("dropout", 0.0)),
         sample_size=cfg.get("sample_size"),
         disable_self_attentions=no_self_attention,
+        **micro,
     )

@@ -17,6 +17,7 @@ from ldm.io.infer import (CLIP_PREFIX, OPENCLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX
                           infer_text_encoder, normalize_text_keys, original_config_from_sections,
                           sections_from_original_config, select_ema, strip_prefix)
 from ldm.io.latent_upscale_format import LATENT_UPSCALE_SECTION, add_to_original, section_from_original
+from ldm.io.sdxl_original import is_sdxl, is_sdxl_original, load_sdxl_original, save_sdxl_original
 
 METADATA_KEY = "ldm_config"  # resolved config stored in the header of the files we write
 
@@ -50,6 +51,9 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
         raise CheckpointError(f"{path}: no `model.diffusion_model.*` keys; not an original Stable Diffusion "
                               "single-file checkpoint (a diffusers folder or a native folder is loaded by its path); "
                               f"the first keys it could not place: {list(sd)[:5]}")
+    if is_sdxl_original(sd):  # sgm's layout: text encoders under conditioner.embedders.*
+        return load_sdxl_original(path, sd, notes, device=device, dtype=dtype, config=config,
+                                  prediction_type=prediction_type)
     ignored = [k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX))]
     if ignored:
         notes.append(f"ignored {len(ignored)} key(s) outside the three networks, e.g. {ignored[0]} "
@@ -137,6 +141,8 @@ def save_original(components: ModelParts, path: str | Path, *, write_yaml: bool 
     if path.suffix.lower() != ".safetensors":
         raise LdmError(f"{path}: the original single-file export is written as .safetensors; "
                        "name the file *.safetensors")
+    if is_sdxl(components):
+        return save_sdxl_original(components, path, write_yaml=write_yaml)
     config = original_config(components)  # fails before anything is written
     metadata = {"format": "pt", METADATA_KEY: json.dumps(to_plain(components.config))}
     write_safetensors(original_state_dict(components), path, metadata=metadata)

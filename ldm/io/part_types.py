@@ -18,6 +18,7 @@ from ldm.errors import ConfigError
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.efficient_unet import EfficientUNet, EfficientUNetConfig
 from ldm.models.if_unet import IFUNet, IFUNetConfig
+from ldm.models.sdxl_text import SDXLTextConfig, build_sdxl_text_encoder
 from ldm.models.text_encoders import TEXT_ENCODER_TYPES, TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNetConfig, UNetModel
 
@@ -76,6 +77,9 @@ register_part_type("efficient_unet", PartType(  # Imagen's pixel-space U-Net (ba
 register_part_type("if_unet", PartType(  # DeepFloyd IF's pixel U-Net (stages I and II; docs/deepfloyd-if.md)
     IFUNetConfig, lambda section: from_dict(IFUNetConfig, section, where="if_unet config"),
     lambda cfg, tokenizer_dir=None: IFUNet(cfg)))
+register_part_type("sdxl", PartType(  # SDXL's CLIP ViT-L + OpenCLIP bigG (the refiner: bigG only)
+    SDXLTextConfig, lambda section: from_dict(SDXLTextConfig, section, where="text_encoder config"),
+    lambda cfg, tokenizer_dir=None: build_sdxl_text_encoder(cfg), keeps_type=True))
 for _name in TEXT_ENCODER_TYPES:
     register_part_type(_name, PartType(TextEncoderConfig, text_config, _build_text, keeps_type=True))
 

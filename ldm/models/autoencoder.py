@@ -29,6 +29,7 @@ class AutoencoderConfig:
     scale_factor: float = 0.18215
     shift_factor: float = 0.0
     norm_groups: int = 32  # GroupNorm groups (32 in every published checkpoint; smaller for tiny test models)
+    force_upcast: bool = False  # runs in float32 under half-precision sampling (SDXL's VAE overflows in fp16)
 
 
 class DiagonalGaussian:

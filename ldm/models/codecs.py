@@ -27,9 +27,13 @@ class KLCodec(nn.Module):
     def latent_channels(self) -> int:
         return self.autoencoder.latent_channels
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.autoencoder.parameters()).dtype
+
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Image `b 3 h w` in [-1, 1] -> diffusion-space latent: a posterior draw from `generator`, else the mode."""
-        posterior = self.autoencoder.encode(x)
+        posterior = self.autoencoder.encode(x.to(self._dtype))
         z = posterior.mode()
         if generator is not None:
             # Drawn on the generator's device and moved, as diffusers' randn_tensor does: a CPU generator gives the
@@ -37,11 +41,11 @@ class KLCodec(nn.Module):
             noise = torch.randn(z.shape, generator=generator, device=generator.device, dtype=z.dtype)
             z = posterior.mean + posterior.std * noise.to(z.device)
         c = self.autoencoder.config
-        return (z - c.shift_factor) * c.scale_factor
+        return ((z - c.shift_factor) * c.scale_factor).to(x.dtype)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Diffusion-space latent -> image `b 3 h w` in about [-1, 1]."""
-        return self.autoencoder.decode_latents(z)
+        return self.autoencoder.decode_latents(z.to(self._dtype))  # a float32 VAE under fp16 sampling
 
 
 class IdentityCodec(nn.Module):

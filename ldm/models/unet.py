@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.models.micro_conditioning import micro_embedding, micro_width
 from ldm.models.transformer import SpatialTransformer
 from ldm.models.unet_blocks import (
     Downsample,
@@ -45,10 +46,21 @@ class UNetConfig:
     # per level: attn1 attends to the text instead of the pixels (SD x4 upscaler; diffusers' only_cross_attention)
     disable_self_attentions: tuple[bool, ...] | None = None
     disable_middle_self_attn: bool = False  # the same for the middle block's transformer
+    # SDXL: numbers embedded beside the pooled text in `label_emb` (ldm.models.micro_conditioning), each into
+    # micro_conditioning_dim sinusoids; adm_in_channels = pooled width + numbers * micro_conditioning_dim
+    micro_conditioning: tuple[str, ...] = ()
+    micro_conditioning_dim: int = 256
 
     def __post_init__(self):
         self.attention_resolutions = tuple(self.attention_resolutions)
         self.channel_mult = tuple(self.channel_mult)
+        self.micro_conditioning = tuple(self.micro_conditioning)
+        if self.micro_conditioning:
+            extra = micro_width(self.micro_conditioning) * self.micro_conditioning_dim
+            if self.adm_in_channels is None or self.adm_in_channels <= extra:
+                raise ConfigError(f"UNetConfig: micro_conditioning {list(self.micro_conditioning)} adds {extra} "
+                                  f"inputs to label_emb; adm_in_channels={self.adm_in_channels} must be the pooled "
+                                  "text width plus that")
         if not isinstance(self.transformer_depth, int):
             self.transformer_depth = tuple(self.transformer_depth)
             if len(self.transformer_depth) != len(self.channel_mult):
@@ -171,14 +183,21 @@ class UNetModel(nn.Module):
         set_gradient_checkpointing(self, enabled)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Output for x `b c h w` at timesteps `b` (or a scalar), text `context` `b n d`, `y`, `context_mask` `b n`."""
+                y: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                micro: torch.Tensor | None = None) -> torch.Tensor:
+        """Output for x `b c h w` at timesteps `b` (or a scalar), text `context` `b n d`, `y`, `context_mask` `b n`,
+        and SDXL's micro-conditioning numbers `micro` `b k`."""
         t_emb = timestep_embedding(batch_timesteps(timesteps, x), self.config.model_channels)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         if hasattr(self, "label_emb"):
             if y is None:
                 raise ValueError("this U-Net is class/pooled-conditioned (num_classes or adm_in_channels): pass `y`")
             y = y if self.config.num_classes is not None else y.to(emb.dtype)
+            if self.config.micro_conditioning:  # SDXL: the pooled text, then the embedded sizes (sgm's `vector`)
+                if micro is None:
+                    raise ValueError(f"this U-Net is micro-conditioned on {list(self.config.micro_conditioning)}: "
+                                     "pass `micro`")
+                y = torch.cat([y, micro_embedding(micro, self.config.micro_conditioning_dim).to(y)], dim=1)
             emb = emb + self.label_emb(y).to(emb.dtype)
 
         skips = []

@@ -84,6 +84,7 @@ def check_generation(
     mask_image: str | os.PathLike | None = None,
     sampler_options: dict | None = None,
     dynamic_threshold: float | None = None,
+    micro_conditioning: dict | None = None,
 ) -> dict:
     """Every check that can fail before a generation starts (settings, input images, schedule, memory).
 
@@ -91,7 +92,8 @@ def check_generation(
     """
     checked = pipe.settings(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                             n=n_per_prompt, height=height, width=width, sampler_options=dict(sampler_options or {}),
-                            dynamic_threshold=dynamic_threshold, from_image=init_image is not None, inpainting=mask_image is not None, strength=strength)
+                            dynamic_threshold=dynamic_threshold, from_image=init_image is not None, inpainting=mask_image is not None, strength=strength,
+                            micro_conditioning=dict(micro_conditioning or {}))
     modes = _load_mode_images(init_image, mask_image)
     if hasattr(pipe, "check_inputs"):  # a cascade: the image to upscale must be its start stage's input size
         pipe.check_inputs(**modes)
@@ -164,6 +166,7 @@ def generate_to_folder(
     sampler_options: dict | None = None,  # e.g. {"eta": 0.5}; the options each sampler takes are in its registry entry
     dynamic_threshold: float | None = None,  # percentile; None: the model's default (on for pixel models), 0: off
     noise_level: int | None = None,  # a latent upscaler's (x4) used alone; a cascade takes it from load_cascade
+    micro_conditioning: dict | None = None,  # SDXL: original_size, crops_coords_top_left, target_size, aesthetic_score
 ) -> list[dict]:
     """Generate `n_per_prompt` images per prompt; return the metadata records written to `out_dir/metadata.jsonl`.
 
@@ -177,12 +180,14 @@ def generate_to_folder(
     settings = dict(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, n=n_per_prompt,
                     height=height, width=width, sampler_options=dict(sampler_options or {}),
                     dynamic_threshold=dynamic_threshold)
+    if micro_conditioning:  # only SDXL models take it (and the cascade has no such setting)
+        settings["micro_conditioning"] = dict(micro_conditioning)
     # Fail before anything is written.
     check_prompts(prompts, negative_prompt, guidance)
     modes = check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                              n_per_prompt=n_per_prompt, height=height, width=width, init_image=init_image,
                              strength=strength, mask_image=mask_image, sampler_options=sampler_options,
-                             dynamic_threshold=dynamic_threshold)
+                             dynamic_threshold=dynamic_threshold, micro_conditioning=micro_conditioning)
     stage = getattr(pipe, "stage", None)
     if stage is not None:  # a single model: the steps and guidance it samples with (its own defaults) are recorded
         resolved = GenerationSettings(**with_defaults({"steps": steps, "guidance": guidance}, stage.default_settings))
@@ -222,6 +227,9 @@ def generate_to_folder(
                 "width": image.width,
                 "model": pipe.model_name,
             }
+            if micro_conditioning:
+                record["micro_conditioning"] = {k: list(v) if isinstance(v, (list, tuple)) else v
+                                                for k, v in micro_conditioning.items()}
             if hasattr(pipe, "records"):  # a cascade: what every stage ran with
                 record["stages"] = pipe.records(GenerationSettings(**{**settings, "seed": seed + i}))
             else:

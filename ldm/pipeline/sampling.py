@@ -22,7 +22,7 @@ from ldm.runtime import ImageGenerators, seeded_generator
 def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
            negative_prompts: list[str | None] | None = None, cond: dict | None = None, strategy=None,
            wrappers: tuple = (), seeds: list[int] | None = None,
-           callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+           callback: Callable | None = None, progress: bool = False, decode: bool = True) -> torch.Tensor:
     """Images `b c h w` (about [-1, 1]) for `prompts`, each `settings.n` times, from one draw of `settings.seed`.
 
     `cond`: conditioning already built (`stage.conditioning`), e.g. the one text embedding a cascade's stages share.
@@ -32,6 +32,7 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
     `seeds`: one per image (`len(prompts) * settings.n`) in place of `settings.seed`: image k then draws all its noise
     from `seeds[k]` alone, so it is the image of a batch of one with that seed (text-to-image and super-resolution
     starts; img2img and inpainting draw shared posterior samples and take one seed).
+    `decode=False` returns the sampler's x itself (VE coordinates at the plan's last sigma), for a model that continues from it (SDXL's refiner).
     """
     s = settings
     if seeds is not None and len(seeds) != len(prompts) * s.n:
@@ -42,10 +43,13 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
         cond = stage.conditioning(prompts, negative_prompts, s.n, s.guidance)
     denoiser = cfg(stage.denoiser, s.guidance, rescale=s.guidance_rescale) if s.guidance > 1.0 else stage.denoiser
     shape = stage.shape(len(prompts) * s.n, s.height, s.width)
+    cond = stage.micro_conditioning(cond, shape, s.micro_conditioning)  # SDXL's sizes, crop, aesthetic score
     start = (strategy or TextToImage()).start(stage, shape, plan, cond, denoiser, generator)
     denoiser = start.denoiser
     for wrap in (*stage.thresholding(s.dynamic_threshold), *wrappers):  # dynamic thresholding: pixel models
         denoiser = wrap(denoiser)
     x = run_sampler(s.sampler, denoiser, start.x, start.plan, start.cond, options=s.options(), generator=generator,
                     callback=callback, progress=progress)
+    if not decode:
+        return x
     return stage.codec.decode((x * start.plan.final_scale).to(stage.dtype))

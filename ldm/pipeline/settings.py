@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ldm.diffusion.plans import sampling_plan
 from ldm.diffusion.sampler_registry import check_sampler_options
 from ldm.errors import ConfigError, LdmError
+from ldm.models.micro_conditioning import MICRO_FIELDS, micro_values
 
 IMG2IMG_STRENGTH = 0.8  # diffusers' defaults: img2img keeps 20% of the schedule's noise steps for the image
 INPAINT_STRENGTH = 1.0  # inpainting starts from pure noise
@@ -28,6 +29,9 @@ class GenerationSettings:
     sampler_options: dict = field(default_factory=dict)  # extra sampler arguments, e.g. {"eta": 0.5} for ddim
     eta: float | None = None  # DDIM stochasticity: the same as sampler_options={"eta": ...}
     dynamic_threshold: float | None = None  # percentile; None: the model's default (pixel models on), 0: off
+    # SDXL: original_size, crops_coords_top_left, target_size, aesthetic_score (and negative_*); unset: diffusers'
+    # defaults (the image size, (0, 0), 6.0 / 2.5). Models without micro-conditioning ignore it.
+    micro_conditioning: dict = field(default_factory=dict)
 
     def options(self) -> dict:
         """The sampler's extra keyword arguments (`eta` folded in)."""
@@ -72,6 +76,8 @@ def check_settings(s: GenerationSettings, *, factor: int, schedule_config, condi
     if s.guidance > 1.0 and not conditional:
         raise LdmError(f"--guidance {s.guidance}: this model has no text encoder, so there is nothing to guide "
                        "towards; use --guidance 1")
+    micro_values(tuple(MICRO_FIELDS), 1, 1, s.micro_conditioning)  # unknown names and wrong lengths say so
+    micro_values(tuple(MICRO_FIELDS), 1, 1, s.micro_conditioning, negative=True)
     if s.n <= 0:
         raise LdmError(f"--n must be positive, got {s.n}")
     for name, value in (("height", s.height), ("width", s.width)):

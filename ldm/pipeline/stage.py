@@ -21,6 +21,7 @@ from ldm.diffusion.schedules import ScheduleConfig
 from ldm.io.components import ModelParts
 from ldm.models.codecs import IdentityCodec
 from ldm.pipeline.latent_upscale import Float32Codec
+from ldm.models.micro_conditioning import with_micro_conditioning
 
 
 class Stage:
@@ -35,8 +36,11 @@ class Stage:
         self.latent_upscale = latent_upscale  # a latent SR stage's low-res noise schedule (the SD x4 upscaler)
         self.unet = network.to(device=device, dtype=dtype).eval()
         self.codec = codec.to(device=device, dtype=dtype).eval()
-        if latent_upscale is not None and dtype == torch.float16:
-            self.codec = Float32Codec(self.codec)  # the x4 upscaler's autoencoder overflows in float16
+        # Autoencoders that overflow in float16 decode in float32: the x4 upscaler's (its x4-upscaling.yaml) and those
+        # whose config says `force_upcast` (SDXL's), as diffusers does.
+        upcast = getattr(getattr(codec, "autoencoder", None), "config", None)
+        if dtype == torch.float16 and (latent_upscale is not None or getattr(upcast, "force_upcast", False)):
+            self.codec = Float32Codec(self.codec)
         # The text encoder keeps its stored precision, except that an fp32 pipeline computes it in fp32 too: half
         # precision on the CPU is slow (no fast kernels) and buys nothing there.
         text_dtype = torch.float32 if dtype == torch.float32 else None
@@ -131,8 +135,20 @@ class Stage:
         cond = _repeat(self.encode_prompts(prompts), repeat)
         if guidance <= 1.0:
             return cond
-        negatives = [n or "" for n in (negative_prompts or [None] * len(prompts))]
-        return {"cond": cond, "uncond": _repeat(self.encode_prompts(negatives), repeat)}
+        given = list(negative_prompts or [None] * len(prompts))
+        uncond = self.encode_prompts([n or "" for n in given])
+        if getattr(self.text_encoder, "force_zeros_for_empty_prompt", False):  # SDXL: no negative prompt -> zeros
+            keep = torch.tensor([n is not None for n in given], device=self.device)
+            uncond = {k: v * keep.view(-1, *[1] * (v.ndim - 1)).to(v.dtype) if k in ("context", "y") else v
+                      for k, v in uncond.items()}
+        return {"cond": cond, "uncond": _repeat(uncond, repeat)}
+
+    def micro_conditioning(self, cond: dict, shape: tuple[int, ...], given: dict | None = None) -> dict:
+        """`cond` with SDXL's micro-conditioning numbers for images of `shape` (`b c h w` in denoiser space); `given`
+        overrides diffusers' defaults. Unchanged for a U-Net without micro-conditioning."""
+        names = getattr(self.unet.config, "micro_conditioning", ())
+        f = self.codec.downsample_factor
+        return with_micro_conditioning(cond, names, shape[2] * f, shape[3] * f, given)
 
 
 def _repeat(cond: dict, n: int) -> dict:

@@ -94,6 +94,9 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
     if config.loss.offset_noise:  # a per-channel constant shift teaches the model to change mean brightness
         noise = noise + config.loss.offset_noise * randn_per_sample(generators, (shape[0], 1, 1), device)
     inputs = dict(x0=x0, sigma=sigma.to(device, torch.float32), noise=noise)
+    names = getattr(parts.unet.config, "micro_conditioning", ())
+    if names:  # SDXL: the sizes and crop of each sample, as the loader measured them
+        extra["micro"] = micro_from_batch(batch, names).to(device)
     if parts.train_text_encoder:
         return {**inputs, "captions": captions, "cond": extra or None}
     if config.loss.inputs == "latents":
@@ -101,6 +104,19 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
     else:
         cond = text_conditioning(parts.text_encoder.encode(captions), parts.unet.config)
     return {**inputs, "cond": {**{k: v.to(device) for k, v in cond.items()}, **extra}}
+
+
+def micro_from_batch(batch: dict, names: tuple[str, ...]) -> torch.Tensor:
+    """`b k` micro-conditioning numbers from the loader's `micro` (original h w, crop top left, target h w)."""
+    if "micro" not in batch:
+        raise LdmError(f"this U-Net is micro-conditioned on {list(names)} but the loader gave no `micro` sizes; "
+                       "latent shards made before SDXL support lack them: precompute them again")
+    columns = {"original_size": [0, 1], "crops_coords_top_left": [2, 3], "target_size": [4, 5]}
+    unknown = [n for n in names if n not in columns]
+    if unknown:
+        raise LdmError(f"training on {unknown} is not supported: the data gives sizes and crops, not "
+                       f"{', '.join(unknown)} (the refiner's aesthetic score)")
+    return batch["micro"].float()[:, [c for n in names for c in columns[n]]]
 
 
 _EMPTY_PROMPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # frozen text encoder -> its "" embedding

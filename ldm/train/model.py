@@ -23,7 +23,7 @@ from ldm.io.components import ModelParts, codec_for, config_sections
 from ldm.io.components import text_config as text_config_from
 from ldm.io.formats import load_model
 from ldm.io.infer import normalize_text_keys, strip_prefix
-from ldm.io.part_types import PART_TYPES, build_part, section_type
+from ldm.io.part_types import PART_TYPES, build_part, read_section, section_type
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder, hf_config_fields
 from ldm.models.unet import UNetConfig, UNetModel
@@ -125,10 +125,14 @@ def build_parts(config: ModelConfig) -> LatentDiffusionParts:
     pixel = config.autoencoder is None
     autoencoder = None if pixel else AutoencoderKL(from_dict(AutoencoderConfig, config.autoencoder,
                                                              where="model.autoencoder"))
-    text_config = from_dict(TextEncoderConfig, config.text_encoder, where="model.text_encoder")
-    text_encoder = build_text_encoder(text_config)
-    if text_config.type == "t5" and text_config.hf_config is None:  # a `pretrained` T5: the export must name its size
-        text_config.hf_config = hf_config_fields(text_encoder.model.config.to_dict())
+    if config.text_encoder.get("type") == "sdxl":  # SDXL's CLIP ViT-L + OpenCLIP bigG (weights: pretrained.*)
+        text_config = read_section("text_encoder", config.text_encoder)
+        text_encoder = build_part(text_config)
+    else:
+        text_config = from_dict(TextEncoderConfig, config.text_encoder, where="model.text_encoder")
+        text_encoder = build_text_encoder(text_config)
+        if text_config.type == "t5" and text_config.hf_config is None:  # a `pretrained` T5: the export must name its size
+            text_config.hf_config = hf_config_fields(text_encoder.model.config.to_dict())
     schedule = from_dict(ScheduleConfig, config.schedule, where="model.schedule")
 
     if not pixel and config.pretrained.autoencoder is None and not config.random_autoencoder:
