@@ -41,10 +41,10 @@ class GenerationSettings:
 
 
 def with_defaults(settings: dict, defaults: dict) -> dict:
-    """`settings` with steps / guidance that are absent or None taken from `defaults` (a stage's own, e.g. the x4
-    upscaler's 75 steps at guidance 9), else left to GenerationSettings' defaults."""
+    """`settings` with steps / guidance / sampler that are absent or None taken from `defaults` (a stage's own, e.g.
+    the x4 upscaler's 75 steps at guidance 9, DeepFloyd IF's ddpm), else left to GenerationSettings' defaults."""
     out = dict(settings)
-    for name in ("steps", "guidance"):
+    for name in ("steps", "guidance", "sampler"):
         if out.get(name) is None:
             out.pop(name, None)
             if name in defaults:
