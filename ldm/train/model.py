@@ -20,7 +20,6 @@ from ldm.diffusion.latent_upscale import LatentUpscaleConfig
 from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.io.checkpoint import load_into, read_state_dict
 from ldm.io.components import ModelParts, codec_for, config_sections
-from ldm.io.components import text_config as text_config_from
 from ldm.io.formats import load_model
 from ldm.io.infer import normalize_text_keys, strip_prefix
 from ldm.io.part_types import PART_TYPES, build_part, read_section, section_type
@@ -144,7 +143,7 @@ def build_parts(config: ModelConfig) -> LatentDiffusionParts:
         autoencoder, _ = _pretrained("autoencoder", autoencoder, config.pretrained.autoencoder)
     text_encoder, whole = _pretrained("text_encoder", text_encoder, config.pretrained.text_encoder)
     if whole is not None:
-        text_config = text_config_from(whole["text_encoder"])
+        text_config = read_section("text_encoder", whole["text_encoder"])  # any registered type (SDXL's too)
     for module in (m for m in (unet, autoencoder, text_encoder) if m is not None):
         module.float()  # stored fp16 weights would break float32 training; autocast picks the compute dtype
     unet.requires_grad_(True).train()
