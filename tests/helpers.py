@@ -420,3 +420,15 @@ def patch_everywhere(monkeypatch, dotted: str, replacement) -> None:
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("ldm") and getattr(module, attr, None) is original:
             monkeypatch.setattr(module, attr, replacement)
+
+
+def open_clip_text(model_cfg: dict, state_dict: dict) -> torch.nn.Module:
+    """open_clip's own CLIP (visual tower removed) of an open_clip model config, holding `state_dict`: the reference
+    for ldm's OpenCLIPTextTower."""
+    from open_clip.model import CLIP, CLIPVisionCfg
+
+    clip = CLIP(model_cfg["embed_dim"], CLIPVisionCfg(layers=1, width=8, head_width=8, patch_size=8, image_size=8),
+                model_cfg["text_cfg"], quick_gelu=model_cfg.get("quick_gelu", False))
+    del clip.visual
+    clip.load_state_dict(state_dict)
+    return clip.eval()
