@@ -442,3 +442,15 @@ def stage_parts(name: str, text_encoder: nn.Module | None = None, **stage) -> Mo
     config = {**config_sections(configs, schedule), "stage": {**raw["stage"], **stage}}
     return ModelParts(unet=visible_weights(build_part(configs["unet"])), text_encoder=text_encoder, schedule=schedule,
                       config=config)
+
+
+def open_clip_text(model_cfg: dict, state_dict: dict) -> torch.nn.Module:
+    """open_clip's own CLIP (visual tower removed) of an open_clip model config, holding `state_dict`: the reference
+    for ldm's OpenCLIPTextTower."""
+    from open_clip.model import CLIP, CLIPVisionCfg
+
+    clip = CLIP(model_cfg["embed_dim"], CLIPVisionCfg(layers=1, width=8, head_width=8, patch_size=8, image_size=8),
+                model_cfg["text_cfg"], quick_gelu=model_cfg.get("quick_gelu", False))
+    del clip.visual
+    clip.load_state_dict(state_dict)
+    return clip.eval()

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import CLIP_HF, assert_close_to_ref, realistic_weights
+from helpers import CLIP_HF, assert_close_to_ref, open_clip_text, realistic_weights
 
 from ldm.models.text_encoders import (CLIPTextEncoder, OpenCLIPTextEncoder, SmallTextEncoder, T5TextEncoder,
                                       TextEncoderConfig, build_openclip_model, build_text_encoder)
@@ -120,12 +120,13 @@ def test_openclip_penultimate_and_last():
     assert encoder.dim == 32 and encoder.pooled_dim == 24
     realistic_weights(encoder)  # LayerNorms away from identity
     ids = open_clip.get_tokenizer("ViT-H-14")(PROMPTS)
-    truncated = copy.deepcopy(encoder.model)
+    clip = open_clip_text(TINY_OPENCLIP, encoder.model.state_dict())  # open_clip's own model, the same weights
+    truncated = copy.deepcopy(clip)
     truncated.transformer.resblocks = truncated.transformer.resblocks[:-1]
     with torch.no_grad():  # SD-2's FrozenOpenCLIPEmbedder: all blocks but the last, then ln_final
         x = truncated.token_embedding(ids) + truncated.positional_embedding
         reference = truncated.ln_final(truncated.transformer(x, attn_mask=truncated.attn_mask))
-        pooled = encoder.model.encode_text(ids)
+        pooled = clip.encode_text(ids)
     out = encoder.encode(PROMPTS)
     assert out.tokens.shape == (3, 77, 32) and out.mask.all()
     assert_close_to_ref(out.tokens, reference)

@@ -147,10 +147,12 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], sd: Mapping[str, torc
         )
 
 
-def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str) -> nn.Module:
-    """Load `sd` into `module` after a strict check of names and shapes (never a silent partial load)."""
+def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str, assign: bool = False) -> nn.Module:
+    """Load `sd` into `module` after a strict check of names and shapes (never a silent partial load); `assign`
+    makes `sd`'s tensors the module's own (dtype included) instead of copying them into its tensors."""
     check_state_dict(module.state_dict(), sd, source=source)
-    module.load_state_dict(dict(sd), strict=True)
+    module.load_state_dict({k: v.contiguous() for k, v in sd.items()} if assign else dict(sd), strict=True,
+                           assign=assign)
     return module
 
 

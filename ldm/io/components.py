@@ -135,8 +135,8 @@ def build_module(cfg, sd: Mapping[str, torch.Tensor], *, source: str, device, dt
     """Build the part `cfg` describes, check and load `sd`, cast to `dtype` (None: as stored), move."""
     with skip_weight_init():
         module = build_part(cfg, tokenizer_dir=tokenizer_dir)
-    module.to(dtype=stored_dtype(sd))  # a lossless load: the module takes the file's precision
-    load_into(module, sd, source=source)
+    load_into(module, sd, source=source, assign=True)  # the file's tensors themselves: no cast, no copy
+    module.to(dtype=stored_dtype(sd))  # what the file does not hold (masks, position ids) follows its precision
     return module.to(device=device, dtype=dtype)
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from ldm.errors import CheckpointError, ConfigError
 from ldm.models.attention import attention
-from ldm.models.tokenizers import ByteTokenizer, clip_tokenizer, load_tokenizer
+from ldm.models.openclip_text import OpenCLIPTextTower, fits_tower
+from ldm.models.tokenizers import BPETokenizer, ByteTokenizer, clip_tokenizer, load_tokenizer
 
 # SD-1's text encoder: OpenAI CLIP ViT-L/14's text tower (Radford et al. 2021), as transformers' CLIPTextConfig.
 SD1_CLIP_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -128,20 +129,22 @@ class CLIPTextEncoder(TextEncoder):
 
 
 class OpenCLIPTextEncoder(TextEncoder):
-    """open_clip text tower (SD-2's FrozenOpenCLIPEmbedder) at `.model`; "penultimate" skips the last block."""
+    """open_clip text tower (SD-2's FrozenOpenCLIPEmbedder) at `.model`; "penultimate" skips the last block.
+
+    `model` is ldm's `OpenCLIPTextTower` or an open_clip `CLIP` (same keys); the tokenizer is ldm's `BPETokenizer`,
+    which gives open_clip's ids.
+    """
 
     def __init__(self, model: nn.Module, layer: str = "penultimate", max_length: int | None = None,
                  freeze: bool = True):
         super().__init__(freeze)
-        from open_clip.tokenizer import SimpleTokenizer
-
         if layer not in ("last", "penultimate"):
             raise ConfigError(f"OpenCLIPTextEncoder layer must be 'last' or 'penultimate', got {layer!r}")
         if hasattr(model, "visual"):
             del model.visual  # only the text tower is used
         self.model, self.layer = model, layer
         self.max_length = min(max_length or model.context_length, model.context_length)
-        self.tokenizer = SimpleTokenizer(context_length=self.max_length)
+        self.tokenizer = BPETokenizer(context_length=self.max_length)
         self.dim = model.token_embedding.weight.shape[1]
         proj = model.text_projection
         self.pooled_dim = self.dim if proj is None else (proj.out_features if isinstance(proj, nn.Linear)
@@ -305,11 +308,17 @@ def _from_pretrained(cls, pretrained: str, subfolder: str):
 
 
 def build_openclip_model(model_cfg: dict | None = None, pretrained: str | None = None) -> nn.Module:
-    """An open_clip CLIP without its visual tower; `model_cfg` as TextEncoderConfig.open_clip (default ViT-H-14)."""
+    """An open_clip CLIP text tower; `model_cfg` as TextEncoderConfig.open_clip (default ViT-H-14).
+
+    A config of `embed_dim` and a plain `text_cfg` builds ldm's `OpenCLIPTextTower` (no open_clip import); named
+    architectures and other text configs are built by open_clip (its CLIP without the visual tower).
+    """
+    model_cfg = copy.deepcopy(model_cfg or {"name": "ViT-H-14"})
+    if fits_tower(model_cfg):
+        return _load_openclip_weights(OpenCLIPTextTower.from_config(model_cfg), pretrained)
     import open_clip
     from open_clip.model import CLIP, CLIPVisionCfg
 
-    model_cfg = copy.deepcopy(model_cfg or {"name": "ViT-H-14"})
     name = model_cfg.pop("name", None)
     if name is not None and pretrained is not None:
         try:
@@ -331,6 +340,11 @@ def build_openclip_model(model_cfg: dict | None = None, pretrained: str | None =
     model = CLIP(model_cfg.get("embed_dim", 512), tiny_vision, model_cfg["text_cfg"],
                  quick_gelu=model_cfg.get("quick_gelu", False))
     del model.visual
+    return _load_openclip_weights(model, pretrained)
+
+
+def _load_openclip_weights(model: nn.Module, pretrained: str | None) -> nn.Module:
+    """Load an open_clip weights file (a whole CLIP: its `visual.*` keys are skipped) into a text tower."""
     if pretrained is not None:
         path = Path(pretrained)
         if not path.is_file():

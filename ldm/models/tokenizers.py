@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import gzip
+import html
+import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,13 +28,38 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm"
 
 
+def clip_bpe_file() -> Path:
+    """OpenAI CLIP's BPE merges (`bpe_simple_vocab_16e6.txt.gz`), found in the installed open_clip without importing
+    it (an import costs seconds: torchvision and transformers come with it)."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / "bpe_simple_vocab_16e6.txt.gz"
+        if path.is_file():
+            return path
+    raise LdmError("OpenAI CLIP's BPE vocabulary comes with the open_clip package (bpe_simple_vocab_16e6.txt.gz), "
+                   "which is not installed: pip install open-clip-torch")
+
+
+def byte_symbols() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map of the 256 bytes to printable characters: printable Latin-1 bytes stand for
+    themselves, the others (whitespace, control) for the characters from chr(256) on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in table)})
+    return table
+
+
+def clip_merges() -> list[str]:
+    """The 48894 merges CLIP uses, `"a b"` per line (the file's first line is a header)."""
+    lines = gzip.open(clip_bpe_file()).read().decode("utf-8").split("\n")
+    return lines[1:CLIP_VOCAB_SIZE - 256 * 2 - 2 + 1]
+
+
 def _write_clip_bpe_files(folder: Path) -> None:
     """Write transformers' vocab.json + merges.txt equivalent of open_clip's `bpe_simple_vocab_16e6.txt.gz`."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1:CLIP_VOCAB_SIZE - 256 * 2 - 2 + 1]  # the first line is a header; CLIP uses 48894 merges
-    byte_chars = list(bytes_to_unicode().values())
+    merges = clip_merges()
+    byte_chars = list(byte_symbols().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     assert len(tokens) == CLIP_VOCAB_SIZE, len(tokens)
@@ -39,6 +67,88 @@ def _write_clip_bpe_files(folder: Path) -> None:
         tmp.mkdir()
         (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
         (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+class BPETokenizer:
+    """OpenAI CLIP's byte-level BPE as open_clip tokenizes for its models (Radford et al. 2021; Sennrich et al. 2016).
+
+    Text is cleaned as open_clip's default ("lower"): ftfy, HTML entities unescaped twice, whitespace collapsed, lower
+    case. `tokenizer(texts)` gives `b context_length` ids: <start_of_text>, the text, <end_of_text> (kept as the last
+    id when the text is cut), zero padding. `encode` / `decode` map one text without the special tokens.
+    """
+
+    START, END = "<start_of_text>", "<end_of_text>"
+
+    def __init__(self, context_length: int = 77):
+        import regex  # \p{L} / \p{N} classes (as CLIP's pattern); not in the standard library's re
+
+        merges = [tuple(line.split()) for line in clip_merges()]
+        self.byte_to_symbol = byte_symbols()
+        self.symbol_to_byte = {c: b for b, c in self.byte_to_symbol.items()}
+        symbols = list(self.byte_to_symbol.values())
+        self.vocab = [*symbols, *(c + "</w>" for c in symbols), *("".join(m) for m in merges), self.START, self.END]
+        self.ids = {token: i for i, token in enumerate(self.vocab)}
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.vocab_size = len(self.vocab)
+        self.sot_token_id, self.eot_token_id = self.ids[self.START], self.ids[self.END]
+        self.context_length = context_length
+        self._words: dict[str, list[str]] = {self.START: [self.START], self.END: [self.END]}
+        # CLIP's pre-tokenizer: the special tokens, English contractions, letter runs, single digits, other symbols.
+        self._pattern = regex.compile(r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
+                                      r"[^\s\p{L}\p{N}]+", regex.IGNORECASE)
+
+    @staticmethod
+    def clean(text: str) -> str:
+        """ftfy, HTML entities unescaped (twice, as CLIP), whitespace runs to one space, lower case."""
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        return " ".join(text.split()).lower()
+
+    def _bpe(self, word: str) -> list[str]:
+        """One pre-token's symbols merged by rank: the best-ranked adjacent pair first, everywhere, until none is left."""
+        if word in self._words:
+            return self._words[word]
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            rank, pair = min((self.ranks.get(p, math.inf), p) for p in zip(parts, parts[1:]))
+            if rank == math.inf:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self._words[word] = parts
+        return parts
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of `text`, without the start and end tokens."""
+        ids = []
+        for word in self._pattern.findall(self.clean(text)):
+            symbols = "".join(self.byte_to_symbol[b] for b in word.encode("utf-8"))
+            ids.extend(self.ids[part] for part in self._bpe(symbols))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids (word ends become spaces; bytes that do not form UTF-8 become U+FFFD)."""
+        symbols = "".join(self.vocab[i] for i in ids)
+        return bytes(self.symbol_to_byte[c] for c in symbols).decode("utf-8", errors="replace").replace("</w>", " ")
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        """`b context_length` long ids, zero-padded; a cut text still ends with <end_of_text>."""
+        texts = [texts] if isinstance(texts, str) else texts
+        length = context_length or self.context_length
+        out = torch.zeros(len(texts), length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = [self.sot_token_id, *self.encode(text), self.eot_token_id][:length]
+            tokens[-1] = self.eot_token_id
+            out[row, :len(tokens)] = torch.tensor(tokens)
+        return out
 
 
 def clip_tokenizer(cache_dir: str | Path | None = None, pad_token: str = "<|endoftext|>", max_length: int = 77):
@@ -92,13 +202,13 @@ class ByteTokenizer:
 
 def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
     """Write a tokenizer to `folder` atomically (transformers files, or a marker for file-less tokenizers)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
+    # open_clip's own SimpleTokenizer is recognised without importing open_clip: the same vocabulary as BPETokenizer
+    open_clip_bpe = type(tokenizer).__module__.startswith("open_clip") and type(tokenizer).__name__ == "SimpleTokenizer"
     with atomic_path(folder) as tmp:
         if isinstance(tokenizer, ByteTokenizer):
             tmp.mkdir()
             (tmp / _MARKER).write_text(json.dumps({"type": "bytes"}))
-        elif isinstance(tokenizer, SimpleTokenizer):
+        elif isinstance(tokenizer, BPETokenizer) or open_clip_bpe:
             tmp.mkdir()
             (tmp / _MARKER).write_text(json.dumps({"type": "open_clip", "context_length": tokenizer.context_length}))
         elif hasattr(tokenizer, "save_pretrained"):
@@ -116,9 +226,7 @@ def load_tokenizer(folder: str | Path) -> Any:
         info = json.loads((folder / _MARKER).read_text())
         if info["type"] == "bytes":
             return ByteTokenizer()
-        from open_clip.tokenizer import SimpleTokenizer
-
-        return SimpleTokenizer(context_length=info["context_length"])
+        return BPETokenizer(context_length=info["context_length"])
     from transformers import AutoTokenizer
 
     try:
