@@ -59,9 +59,12 @@ def test_default_cascade_makes_256px_images_on_the_cpu():
     cascade = load_cascade("default", ["default"], device="cpu")
     low, high = cascade(PROMPT, seed=0, stage_steps=[3, 2], guidance=1.0, return_all_stages=True)
     assert low[0].size == (64, 64) and high[0].size == (256, 256)
-    # The SR stage follows its input: its output, shrunk back to 64 px, is close to the base's image.
-    shrunk = np.asarray(high[0].resize((64, 64), Image.BICUBIC), dtype=float)
-    assert np.abs(shrunk - np.asarray(low[0], dtype=float)).mean() < 40.0
+    # The SR stage follows its input: its output, shrunk back to 64 px, matches the base's image pixel by pixel far
+    # better than the same image upside down does.
+    shrunk = np.asarray(high[0].resize((64, 64), Image.BICUBIC), dtype=float).ravel()
+    base = np.asarray(low[0], dtype=float)
+    follows = np.corrcoef(shrunk, base.ravel())[0, 1]
+    assert follows > 0.5 and follows > np.corrcoef(shrunk, base[::-1].ravel())[0, 1] + 0.2
 
 
 @pytest.mark.slow
