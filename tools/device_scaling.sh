@@ -21,7 +21,8 @@ work = sys.argv[1]
 config = apply_overrides(load_yaml("configs/sd-v1.yaml"), [
     "model.random_autoencoder=true", "model.text_encoder.pretrained=null", "model.unet.use_checkpoint=false",
     "sampling.every=0", "sampling.at_end=false", "log_with=none", "progress=false", "checkpoint_every=1000000",
-    "log_every=20", "optim.warmup_steps=0", "ema.enabled=true"])
+    "log_every=20", "optim.warmup_steps=0", "ema.enabled=true",
+    "data.min_size=null"])  # synthetic shards carry no img2dataset original size: sd-v1's 512 px filter drops all
 save_yaml(config, f"{work}/sd1-random.yaml")
 EOF
 
@@ -33,7 +34,7 @@ for res in $RESOLUTIONS; do
   fi
   batch=$([ "$res" = 256 ] && echo 64 || echo 16)  # per GPU: the batch of docs/multi-gpu.md at 256 px, a quarter at 512
   for n in $GPUS; do
-    for cfg in ddp fsdp2; do
+    for cfg in ${CONFIGS:-ddp fsdp2}; do  # CONFIGS=ddp: DDP only
       run="$WORK/run-$cfg-$res-$n"
       rm -rf "$run"
       timeout 900 accelerate launch --config_file "configs/accelerate/$cfg.yaml" --num_processes "$n" \
@@ -45,11 +46,11 @@ for res in $RESOLUTIONS; do
 import json, re, sys
 log, cfg, res, n, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 lines = [l for l in open(log) if l.startswith("step ")]
-fields = dict(re.findall(r"(img/s|peak_mem_gib) ([0-9.]+)", lines[-1])) if lines else {}
+fields = {k: float(v) for k, v in re.findall(r"(img/s|peak_mem_gib) ([0-9.]+)", lines[-1])} if lines else {}
+ips = fields.get("img/s")  # None (JSON null) when the run logged no step: see its log
 print(json.dumps({"run": "tools/train.py sd-v1 latents", "strategy": cfg, "resolution": res, "gpus": n,
-                  "batch_per_gpu": batch, "img_per_s": float(fields.get("img/s", "nan")),
-                  "img_per_s_per_gpu": float(fields.get("img/s", "nan")) / n,
-                  "peak_mem_gib": float(fields.get("peak_mem_gib", "nan"))}))
+                  "batch_per_gpu": batch, "img_per_s": ips, "img_per_s_per_gpu": None if ips is None else ips / n,
+                  "peak_mem_gib": fields.get("peak_mem_gib"), "failed": ips is None}))
 EOF
     done
   done
