@@ -154,7 +154,10 @@ def test_layout_read_from_keys_or_sgm_yaml(tmp_path, refiner):
     with torch.no_grad():
         want = parts.unet(x, t, context, y=y, micro=micro)
         for loaded in (inferred, from_yaml):
-            assert_close_to_ref(loaded.unet(x, t, context, y=y, micro=micro), want, rel=0, floor=0)
+            state, source = loaded.unet.state_dict(), parts.unet.state_dict()
+            assert state.keys() == source.keys() and all(torch.equal(state[k], source[k]) for k in source)
+            # the same weights; loaded by assignment their memory layout may differ, so the sums may round apart
+            assert_close_to_ref(loaded.unet(x, t, context, y=y, micro=micro), want)
             assert torch.equal(loaded.text_encoder.encode(["a cat"]).tokens, parts.text_encoder.encode(["a cat"]).tokens)
 
 

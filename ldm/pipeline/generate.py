@@ -189,10 +189,11 @@ def generate_to_folder(
                              strength=strength, mask_image=mask_image, sampler_options=sampler_options,
                              dynamic_threshold=dynamic_threshold, micro_conditioning=micro_conditioning)
     stage = getattr(pipe, "stage", None)
-    if stage is not None:  # a single model: the steps and guidance it samples with (its own defaults) are recorded
-        resolved = GenerationSettings(**with_defaults({"steps": steps, "guidance": guidance}, stage.default_settings))
-        steps, guidance = resolved.steps, resolved.guidance
-        settings.update(steps=steps, guidance=guidance)
+    if stage is not None:  # a single model: the settings it samples with (its own defaults) are recorded
+        resolved = GenerationSettings(**with_defaults({"steps": steps, "guidance": guidance, "sampler": sampler},
+                                                      stage.default_settings))
+        steps, guidance, sampler = resolved.steps, resolved.guidance, resolved.sampler
+        settings.update(steps=steps, guidance=guidance, sampler=sampler)
         if noise_level is not None or stage.latent_upscaler:
             modes["noise_level"] = pipe.noise_level(noise_level)
     elif noise_level is not None:  # a cascade records each stage's level

@@ -72,6 +72,7 @@ class ExpertEnsemble:
         self.base, self.refiner, self.high_noise_frac = base, refiner, high_noise_frac
 
     stage = property(lambda self: self.base.stage)
+    stages = property(lambda self: self.base.stages)  # the settings it is called with are the base's
     unet = property(lambda self: self.base.unet)
     autoencoder = property(lambda self: self.refiner.autoencoder)  # the refiner decodes
     device = property(lambda self: self.base.device)
