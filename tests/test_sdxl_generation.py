@@ -78,3 +78,10 @@ def test_force_upcast_keeps_the_vae_in_float32_under_fp16(base):
     z = torch.randn(1, 4, 8, 8, dtype=torch.float16)
     out = half.codec.decode(z)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()  # decoded in float32, handed back in fp16
+
+
+def test_img2img_strength_defaults_to_diffusers_sdxl_value(base):
+    _, _, ours = base
+    assert ours.settings(from_image=True).strength == 0.3  # StableDiffusionXLImg2ImgPipeline's default
+    assert ours.settings(from_image=True, strength=0.6).strength == 0.6
+    assert ours.settings(from_image=True, inpainting=True).strength == 1.0

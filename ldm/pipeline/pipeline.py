@@ -72,7 +72,7 @@ class Pipeline:
             return self._upscale_settings(from_image, inpainting, settings)
         s = GenerationSettings(**settings)
         if from_image and s.strength is None:
-            s.strength = INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
+            s.strength = INPAINT_STRENGTH if inpainting else self.stage.default_settings.get("strength", IMG2IMG_STRENGTH)
         check_settings(s, factor=self.factor, schedule_config=self.schedule_config,
                        conditional=self.stage.conditional, from_image=from_image)
         return s

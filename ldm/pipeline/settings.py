@@ -10,6 +10,7 @@ from ldm.errors import ConfigError, LdmError
 from ldm.models.micro_conditioning import MICRO_FIELDS, micro_values
 
 IMG2IMG_STRENGTH = 0.8  # diffusers' defaults: img2img keeps 20% of the schedule's noise steps for the image
+SDXL_IMG2IMG_STRENGTH = 0.3  # diffusers' StableDiffusionXLImg2ImgPipeline: a refiner pass keeps most of the image
 INPAINT_STRENGTH = 1.0  # inpainting starts from pure noise
 
 

@@ -21,6 +21,7 @@ from ldm.diffusion.schedules import ScheduleConfig
 from ldm.io.components import ModelParts
 from ldm.models.codecs import IdentityCodec
 from ldm.pipeline.latent_upscale import Float32Codec
+from ldm.pipeline.settings import SDXL_IMG2IMG_STRENGTH
 from ldm.models.micro_conditioning import with_micro_conditioning
 
 
@@ -78,10 +79,13 @@ class Stage:
     @property
     def default_settings(self) -> dict:
         """Steps, guidance and sampler this stage samples with unless told otherwise: its config's `stage` section
-        (DeepFloyd IF: 100 / 50 steps, guidance 7 / 4, ddpm), the x4 upscaler's 75 steps at guidance 9."""
+        (DeepFloyd IF: 100 / 50 steps, guidance 7 / 4, ddpm), the x4 upscaler's 75 steps at guidance 9; and an SDXL
+        model's img2img `strength` (0.3, as diffusers' SDXL img2img)."""
         if self.latent_upscaler:
             return {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
         own = {name: getattr(self.stage_config, name, None) for name in ("steps", "guidance", "sampler")}
+        if getattr(self.unet.config, "micro_conditioning", ()):  # SDXL: diffusers' img2img default strength
+            own["strength"] = SDXL_IMG2IMG_STRENGTH
         return {name: value for name, value in own.items() if value is not None}
 
     def threshold_percentile(self, percentile: float | None = None) -> float | None:
