@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from ldm.cli import eval as eval_cli
 from ldm.cli.eval import main
 from ldm.pipeline.eval_images import image_seed, is_complete
 from ldm.pipeline.pipeline import Pipeline
@@ -95,3 +96,14 @@ def test_a_folder_of_unknown_images_is_refused(tiny_sd_folder, tiny_clip_config,
     (folder / "000000-a-red-circle.png").write_bytes(b"not ours")
     assert main(_argv(tiny_sd_folder, tiny_clip_config, prompts, out)) == 2
     assert "no settings.json" in capsys.readouterr().err
+
+
+def test_compile_is_on_for_gpus_by_default_and_reaches_the_loaded_pipeline(tiny_sd_folder, tiny_clip_config, prompts,
+                                                                           tmp_path, monkeypatch):
+    cpu, cuda = eval_cli.torch.device("cpu"), eval_cli.torch.device("cuda")
+    assert eval_cli.compile_mode("auto", cpu) is None and eval_cli.compile_mode("auto", cuda) == "reduce-overhead"
+    assert eval_cli.compile_mode("off", cuda) is None and eval_cli.compile_mode("max-autotune", cpu) == "max-autotune"
+    calls = []
+    monkeypatch.setattr(eval_cli, "compile_pipeline", lambda pipe, mode: calls.append((type(pipe), mode)) or pipe)
+    assert main(_argv(tiny_sd_folder, tiny_clip_config, prompts, tmp_path / "eval", "--compile", "default")) == 0
+    assert calls == [(Pipeline, "default")]

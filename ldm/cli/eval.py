@@ -28,6 +28,7 @@ from ldm.eval.precision_recall import PR_K
 from ldm.eval.prompts import load_prompts
 from ldm.eval.report import plot_tradeoff, write_index_html, write_report_json
 from ldm.pipeline.cascade import load_cascade
+from ldm.pipeline.fast import COMPILE_MODES, DEFAULT_MODE, compile_pipeline
 from ldm.pipeline.eval_images import (check_batch_fits, clear_temporaries, generate_images, missing_images,
                                       open_setting_folder, plan_images, prompts_fingerprint, write_index)
 from ldm.pipeline.generate import check_generation
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--dtype", default=None, help="generation dtype, e.g. float16, bfloat16")
+    g.add_argument("--compile", default="auto", choices=("auto", "off", *COMPILE_MODES),
+                   help=f"the fast generation path (fused q|k|v, channels_last, compiled networks): auto = {DEFAULT_MODE} "
+                        "(CUDA graphs) on a GPU, off on the CPU")
     g.add_argument("--upscaler", action="append", default=[], metavar="SR",
                    help="a super-resolution stage after the model, repeatable: the cascade's final images are scored")
     g.add_argument("--aug-levels", nargs="+", default=None, metavar="LEVEL",
@@ -184,7 +188,17 @@ def _load_checked_pipeline(args, sweep: list[dict], device: torch.device):
         check_generation(pipe, sampler=gen["sampler"], steps=gen["steps"], guidance=gen["guidance"],
                          height=args.height, width=args.width, sampler_options=gen["sampler_options"])
         check_batch_fits(pipe, args.batch_size, height=args.height, width=args.width, guidance=gen["guidance"])
+    mode = compile_mode(args.compile, device)
+    if mode is not None:
+        compile_pipeline(pipe, mode=mode)
     return pipe
+
+
+def compile_mode(choice: str, device: torch.device) -> str | None:
+    """The torch.compile mode `--compile` asks for on `device` (None: the eager path)."""
+    if choice == "auto":
+        return DEFAULT_MODE if device.type == "cuda" else None
+    return None if choice == "off" else choice
 
 
 def _generate(args, pipe, sweep: list[dict], accelerator) -> None:
