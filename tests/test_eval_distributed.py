@@ -34,6 +34,8 @@ def test_two_processes_and_two_batch_sizes_give_the_one_process_images_and_score
 
     a, b = (json.loads((out / "report.json").read_text()) for out in (one, two))
     assert a["processes"] == 1 and b["processes"] == 2
+    assert (a["generation"]["images"], a["generation"]["processes"]) == (10, 1)
+    assert (b["generation"]["images"], b["generation"]["processes"]) == (10, 2)  # all ranks' images, one clock
     folder_a, folder_b = (out / "samples" / "euler_a-steps2-cfg3" for out in (one, two))
     names = sorted(p.name for p in folder_a.glob("*.png"))
     assert len(names) == 10 and names == sorted(p.name for p in folder_b.glob("*.png"))

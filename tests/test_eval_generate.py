@@ -1,6 +1,8 @@
 """ldm-eval --model: generate a sweep with the real pipeline, then score every setting."""
 import json
 
+import pytest
+
 from ldm.cli.eval import main
 
 
@@ -22,6 +24,9 @@ def test_generate_sweep_then_score(tiny_sd_folder, tiny_clip_config, tmp_path):
         scores = [r["clip_score"] for r in run["per_image"]]
         assert all(0.0 <= s <= 100.0 for s in scores)
         assert abs(run["clip_score"] - sum(scores) / len(scores)) < 1e-6
+        speed = run["generation"]  # the generation's own time, for throughput on N processes
+        assert speed["images"] == 2 and speed["processes"] == 1 and speed["seconds"] > 0
+        assert speed["images_per_s"] == pytest.approx(2 / speed["seconds"], rel=1e-2)
     assert (out / "index.html").is_file()
     assert len(report["per_image"]) == 8 and len(report["settings"]) == 4
 
@@ -43,3 +48,16 @@ def test_reference_of_another_feature_space_fails_before_generating(tiny_sd_fold
     assert code == 2
     assert "Inception" in capsys.readouterr().err
     assert not (out / "samples").exists()  # nothing was generated
+
+
+def test_scoring_existing_images_reports_no_generation_time(tiny_sd_folder, tiny_clip_config, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "eval"
+    argv = ["--model", str(tiny_sd_folder), "--prompts", str(prompts), "--steps", "2", "--guidance", "1",
+            "--height", "16", "--width", "16", "--clip-model", str(tiny_clip_config), "--clip-pretrained", "none"]
+    assert main([*argv, "--out", str(out)]) == 0
+    again = tmp_path / "again"  # the same images, scored from the folder: nothing was generated, so no time
+    assert main(["--images", str(next((out / "samples").iterdir())),
+                 "--clip-model", str(tiny_clip_config), "--clip-pretrained", "none", "--out", str(again)]) == 0
+    assert json.loads((again / "report.json").read_text())["generation"] is None

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -213,6 +214,8 @@ def _generate(args, pipe, sweep: list[dict], accelerator) -> None:
     _wait(accelerator)
     for s in sweep:
         if s["missing"]:
+            _wait(accelerator)  # the clock starts when every rank is ready: the slowest rank's time is the run's
+            start = time.perf_counter()
             done = len(s["planned"]) - len(s["missing"])
             if rank == 0:
                 print(f"generating {len(s['missing'])} images into {s['folder']}"
@@ -220,6 +223,13 @@ def _generate(args, pipe, sweep: list[dict], accelerator) -> None:
                       + (f" on {world} processes" if world > 1 else ""), file=sys.stderr)
             generate_images(pipe, s["missing"], s["folder"], s["generation"], s["settings"],
                             batch_size=args.batch_size, negative_prompt=args.negative_prompt, rank=rank, world=world)
+            _wait(accelerator)
+            seconds = time.perf_counter() - start
+            s["throughput"] = {"images": len(s["missing"]), "seconds": round(seconds, 3), "processes": world,
+                               "images_per_s": round(len(s["missing"]) / seconds, 3)}
+            if rank == 0:
+                print(f"generated {len(s['missing'])} images in {seconds:.1f} s "
+                      f"({len(s['missing']) / seconds:.2f} images/s on {world} process(es))", file=sys.stderr)
         _wait(accelerator)
         if rank == 0 and (s["missing"] or not (s["folder"] / "metadata.jsonl").is_file()):
             write_index(s["folder"], s["planned"], s["settings"], args.negative_prompt)
@@ -327,13 +337,13 @@ def run(args: argparse.Namespace) -> dict:
     if ref is not None and ref.npz is not None:
         ref.stats(distance)  # a statistics file of another feature space fails here, not after generating
     if args.images:
-        runs = [({"images": str(Path(args.images))}, Path(args.images))]
+        runs = [({"images": str(Path(args.images))}, Path(args.images), None)]
     else:
         _generate(args, pipe, sweep, accelerator)
         runs = [({**{k: s["settings"][k] for k in REPORTED if s["settings"].get(k) not in (None, {})},
-                  "images": str(s["folder"])}, s["folder"]) for s in sweep]
+                  "images": str(s["folder"])}, s["folder"], s.get("throughput")) for s in sweep]
     results = []
-    for settings, folder in runs:
+    for settings, folder, throughput in runs:
         result = score_folder(
             folder,
             clip,
@@ -349,7 +359,8 @@ def run(args: argparse.Namespace) -> dict:
             if "category" not in item and categories.get(item["text"]):
                 item["category"] = categories[item["text"]]
         result["protocol"] = _protocol(result, settings, ref, distance, clip, args.resizer)
-        results.append({"settings": settings, "fid": None, "fd_clip": None, **result})
+        # generation time between barriers (model loading and scoring excluded); None for images made before
+        results.append({"settings": settings, "fid": None, "fd_clip": None, **result, "generation": throughput})
         summary = ", ".join(
             f"{k} {results[-1][k]:.4f}" for k in ("clip_score", "fid", "fd_clip") if results[-1][k] is not None
         )
