@@ -31,6 +31,14 @@ from ldm.train.config import TrainConfig
 SEED = int(os.environ.get("LDM_TEST_SEED", "0"))
 
 
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a child Python process that imports this checkout first, then whatever this process's
+    PYTHONPATH reaches (dependencies carried on PYTHONPATH, as on the GPU machines, stay importable)."""
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]]
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def assert_close_to_ref(actual, reference, *, rel: float = 1e-5, floor: float = 1e-6, what: str = "") -> None:
     """max|actual - reference| <= rel * max|reference| + floor: the tolerance scales with the reference's magnitude."""
     actual, reference = _as_float64(actual), _as_float64(reference)

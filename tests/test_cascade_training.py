@@ -18,6 +18,7 @@ from ldm.diffusion.noise_augmentation import StageConfig, downsample, upsample
 from ldm.train.config import TrainConfig
 from ldm.train.loop import train
 from ldm.train.super_resolution import super_resolution_inputs
+from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["progress=false", "log_with=none", "sampling.steps=2", "sampling.n_per_prompt=1", "data.batches_per_epoch=2",
@@ -116,7 +117,7 @@ def test_a_base_and_an_sr_stage_train_from_shards_and_sample_as_a_cascade(shards
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "tools" / "train.py"), "--config", str(ROOT / "configs" / "imagen-tiny-base.yaml"),
            "--train-data", shards, "--output-dir", str(base), *FAST, "max_steps=2", "data.resolution=16"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert (base / "unet.safetensors").is_file() and "autoencoder" not in load_yaml(base / "config.yaml")
     assert load_yaml(base / "config.yaml")["stage"]["resolution"] == 16

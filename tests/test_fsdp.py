@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import assert_close_to_ref
+from helpers import assert_close_to_ref, subprocess_env
 from safetensors.torch import load_file
 
 from ldm.data.synthetic import write_shape_shards
@@ -67,7 +67,7 @@ def _train(script: str, run: Path, shards: Path, steps: int, *extra: str, env: d
            "--train-data", str(shards), "--output-dir", str(run), "progress=false", "log_with=none",
            "sampling.at_end=false", "data.batches_per_epoch=2", "checkpoint_every=2", "ema.decay=0.5",
            f"max_steps={steps}", *extra]
-    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(**(env or {}), OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result.stdout
@@ -128,7 +128,7 @@ def test_accelerate_launch_with_the_fsdp2_config_matches_the_ddp_config_on_two_g
                str(shards), "--output-dir", str(tmp_path / name), "progress=false", "log_with=none",
                "sampling.at_end=false", "max_steps=4", "allow_tf32=false"]
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                env=subprocess_env())
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         runs[name] = _weights(tmp_path / name)
     flat = {name: torch.cat([run[k].flatten() for k in sorted(run)]) for name, run in runs.items()}

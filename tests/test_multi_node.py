@@ -11,6 +11,8 @@ import pytest
 from ldm.data.loader import shard_partition
 from ldm.data.synthetic import write_shape_shards
 
+from helpers import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,7 +44,7 @@ def test_two_nodes_of_two_processes_read_equal_batches_and_end_with_identical_re
     train_args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--train-data", str(shards), "--output-dir", str(run),
                   "progress=false", "log_with=none", "sampling.at_end=false", f"max_steps={steps}",
                   "checkpoint_every=100", f"data.batch_size={batch}", "data.num_workers=2", "data.batches_per_epoch=2"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     # Two launchers, as on two machines: static rendezvous at node 0's address (127.0.0.1 here).
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
                                "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),

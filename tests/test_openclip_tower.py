@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import OPENCLIP, assert_close_to_ref, open_clip_text, realistic_weights
+from helpers import OPENCLIP, assert_close_to_ref, open_clip_text, realistic_weights, subprocess_env
 
 from ldm.io.formats import load_model
 from ldm.models.openclip_text import OpenCLIPTextTower, fits_tower
@@ -78,6 +78,6 @@ def test_loading_the_default_model_imports_neither_open_clip_nor_torchvision():
     code = ("import sys; from ldm import load_pipeline; load_pipeline(device='cpu'); "
             "print(sorted(m for m in ('open_clip', 'torchvision', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env=subprocess_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"

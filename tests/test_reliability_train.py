@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_resumable_config
+from helpers import tiny_resumable_config, subprocess_env
 from safetensors.torch import load_file
 
 from ldm.config import apply_overrides, from_dict, load_yaml
@@ -127,7 +127,7 @@ def test_under_torchrun_the_error_line_ends_the_launcher_summary(tmp_path):
     (tmp_path / "taken").write_text("x")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(ROOT / "tools" / "train.py"),
            "--config", str(ROOT / "configs" / "tiny.yaml"), "--output-dir", str(tmp_path / "taken")]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip() and set(line.strip()) != {"="}]
     assert lines[-1].strip() == f"traceback : error: --output-dir {tmp_path / 'taken'} is a file, not a folder; " \
@@ -294,7 +294,7 @@ def test_kill_9_at_each_point_then_resume_latest_ends_as_the_uninterrupted_run(p
     run = tmp_path / "run"
     limit = ["checkpoints_total_limit=1"] if point == "rotation" else []
     cmd = [sys.executable, "-c", KILL, str(ROOT / "tests"), point, shape_shards, str(run), "max_steps=2", *limit]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
     assert result.returncode == -9, result.stderr[-2000:]
     ckpts = run / "checkpoints"
     left = {"checkpoint": [".step-000002.tmp", "step-000001"], "rotation": [".step-000001.deleting", "step-000002"],
