@@ -4,6 +4,7 @@ alternation; every run appends one JSON line per benchmark to docs/benchmarks/re
     python tools/bench.py                                   # every GPU benchmark, rows appended to the record
     python tools/bench.py --only unet_step_sd15_512_b1_cfg  # one benchmark
     python tools/bench.py --cpu                             # the bundled default model on this machine's CPU
+    python tools/bench.py --dry-run --out /tmp/dry.jsonl    # every path with toy networks on the CPU (no numbers)
 
 A row: benchmark, ours, peer, peer_name, speedup (> 1: ours faster), unit, mfu (counted FLOPs per second over the
 device's measured bf16 matmul peak), device, torch, date, command, and details. docs/benchmarks/README.md says
@@ -53,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-256", type=int, default=64, help="training batch at 256 px")
     p.add_argument("--batch-512", type=int, default=32, help="training batch at 512 px")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="skip the benchmarks still to run once this many seconds have passed")
+                   help="skip the benchmarks still to run (and unet_step's compiled levers) once this many seconds "
+                   "have passed")
+    p.add_argument("--levers", type=Path, default=None, metavar="JSONL",
+                   help="unet_step also times its levers one at a time (eager: NHWC, fused q|k|v, SDPA kernels, no "
+                   "mask; compiled: default, CUDA graphs alone, no mask) and appends them to this file")
+    p.add_argument("--dry-run", action="store_true", help="toy-width networks on the CPU, torch.compile's eager "
+                   "backend: runs every code path the GPU run will take, in seconds; the rows say dry_run")
     return p
 
 
@@ -74,42 +81,51 @@ def main(argv: list[str] | None = None) -> int:
         append_rows(args.out, [row])
         print(row_json(row))
         return 0
-    if not torch.cuda.is_available():
-        raise LdmError("tools/bench.py times GPUs and found no CUDA device; use --cpu for the CPU row")
+    start = time.monotonic()
+    if not args.dry_run and not torch.cuda.is_available():
+        raise LdmError("tools/bench.py times GPUs and found no CUDA device; use --cpu for the CPU row "
+                       "(or --dry-run to exercise the code paths)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     if args.eager:
         args.no_train_compile = True
     if args.sdpa:
         set_sdpa_kernels(args.sdpa)
-    device = torch.device("cuda")
-    b = bench.Bench(device, command.strip(), peak_flops=measure_peak(device),
-                    mode=None if args.eager else args.mode,
-                    peer=not args.no_peer and _has_diffusers())
-    print(f"measured peak: {b.peak_flops / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul)", flush=True)
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    b = bench.Bench(device, command.strip(), peak_flops=None if args.dry_run else measure_peak(device),
+                    mode=None if args.eager else args.mode, peer=not args.no_peer and _has_diffusers(),
+                    backend="eager" if args.dry_run else "inductor", tiny=args.dry_run, sdpa=args.sdpa,
+                    levers=args.levers, deadline=None if args.budget_s is None else start + args.budget_s)
+    if b.peak_flops:
+        print(f"measured peak: {b.peak_flops / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul)", flush=True)
+    vae_batch = 2 if args.dry_run else 32
+    record = lambda row: (append_rows(args.out, [row]), print(row_json(row), flush=True))  # noqa: E731
     runs = {
         "unet_step_sd15_512_b1_cfg": lambda: bench.unet_step(b),
         "txt2img_sd15_512_50steps_b1": lambda: bench.txt2img(b),
-        "vae_encode_256": lambda: bench.vae_encode(b),
+        "vae_encode_256": lambda: bench.vae_encode(b, batch=vae_batch),
         "eval_generate_sd15_512_25steps": lambda: bench.eval_generate(b),
-        "train_sd15_unet_256": lambda: bench.train(b, 256, args.batch_256, not args.no_train_compile),
-        "train_sd15_unet_512": lambda: bench.train(b, 512, args.batch_512, not args.no_train_compile),
+        "train_sd15_unet_256": lambda: bench.train(b, 256, args.batch_256, not args.no_train_compile, record),
+        "train_sd15_unet_512": lambda: bench.train(b, 512, args.batch_512, not args.no_train_compile, record),
     }
-    start = time.perf_counter()
     for name, run in runs.items():
         if args.only and name not in args.only:
             continue
-        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
             print(f"skipped {name}: the --budget-s of {args.budget_s:.0f} s is spent", flush=True)
             continue
-        t = time.perf_counter()
+        t = time.monotonic()
         try:
             row = run()
         except Exception as e:  # noqa: BLE001  one failing benchmark must not lose the others' rows
-            print(f"{name} failed after {time.perf_counter() - t:.0f} s: {type(e).__name__}: {e}"[:3000], flush=True)
-            continue
+            message = f"{type(e).__name__}: {e}"[:3000]
+            print(f"{name} failed after {time.monotonic() - t:.0f} s: {message}", flush=True)
+            row = b.row(name, None, None, None, bench.UNITS[name], None,
+                        {"error": message, "seconds": round(time.monotonic() - t)})
         append_rows(args.out, [row])  # at once: a run cut short keeps every row it finished
-        print(row_json(row), f"({time.perf_counter() - t:.0f} s)", flush=True)
+        print(row_json(row), f"({time.monotonic() - t:.0f} s)", flush=True)
+        if name == "unet_step_sd15_512_b1_cfg" and args.levers and row.ours is not None and b.mode:
+            bench.compiled_levers(b)  # after the row is safe: each lever waits for the budget to allow it
     return 0
 
 

@@ -6,8 +6,10 @@ settings (channels_last, fused q|k|v, torch.compile in the same mode). Eager num
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ from ldm.bench.flops import count_flops, mfu, mfu_from_throughput
 from ldm.bench.models import diffusers_pipeline, diffusers_unet, diffusers_vae, sd15_parts, sd15_unet
 from ldm.bench.record import Row, make_row
 from ldm.bench.timing import alternate, call_times_ms
+from ldm.models.attention import set_sdpa_kernels
+from ldm.models.fused import fuse_qkv
 from ldm.pipeline.fast import fast_network
 from ldm.pipeline.images import to_pil
 from ldm.pipeline.load import load_pipeline
@@ -26,6 +30,8 @@ from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.sampling import sample
 from ldm.train.compiled import compile_for_training
 
+UNITS = {"unet_step_sd15_512_b1_cfg": "ms", "txt2img_sd15_512_50steps_b1": "s", "vae_encode_256": "img/s",
+         "train_sd15_unet_256": "img/s", "train_sd15_unet_512": "img/s", "eval_generate_sd15_512_25steps": "images/s"}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 35 mm"
 
 
@@ -39,11 +45,29 @@ class Bench:
     mode: str | None = "reduce-overhead"  # compile mode of both sides; None: eager
     dtype: torch.dtype = torch.bfloat16
     peer: bool = True  # diffusers installed
+    backend: str = "inductor"  # torch.compile backend of both sides ("eager" for --dry-run's plumbing)
+    tiny: bool = False  # --dry-run: toy-width networks and 64 px images, to exercise every path on the CPU
+    sdpa: list[str] | None = None  # the preferred SDPA kernels of ours (--sdpa), restored after each lever
+    levers: Path | None = None  # where unet_step writes its one-lever-at-a-time table (JSON lines)
+    deadline: float | None = None  # time.monotonic() after which optional extras are skipped
     cache: dict = field(default_factory=dict)
 
     def row(self, name, ours, peer, peer_name, unit, mfu_value, details) -> Row:
+        if self.tiny:
+            details = {**details, "dry_run": "toy-width networks on the CPU: plumbing only, not a measurement"}
         return make_row(name, ours, peer if self.peer else None, peer_name if self.peer else None, unit,
                         mfu=mfu_value, device=self.device, command=self.command, details=details)
+
+    @property
+    def image_size(self) -> int:
+        return 64 if self.tiny else 512
+
+    def seconds_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def compile_options(self, mode: str | None) -> dict:
+        """torch.compile keywords for `mode` under this run's backend (modes are inductor's)."""
+        return {"backend": self.backend, **({"mode": mode} if self.backend == "inductor" and mode else {})}
 
     @property
     def compiled(self) -> str:
@@ -56,19 +80,25 @@ class Bench:
     def parts(self):
         """The SD-1.5 parts (inference dtype), built once and shared by the inference benchmarks."""
         if "parts" not in self.cache:
-            self.cache["parts"] = sd15_parts(self.device, self.dtype)
+            self.cache["parts"] = sd15_parts(self.device, self.dtype, tiny=self.tiny)
         return self.cache["parts"]
 
     def unet_flops(self) -> int:
         """FLOPs of one guided step's U-Net call (batch 2, 64x64 latents), counted eagerly, once."""
         if "unet_flops" not in self.cache:
-            unet, g = self.parts().unet, torch.Generator(self.device).manual_seed(0)
-            x = torch.randn(2, 4, 64, 64, device=self.device, dtype=self.dtype, generator=g)
-            c = torch.randn(2, 77, 768, device=self.device, dtype=self.dtype, generator=g)
-            t = torch.tensor([501.0, 501.0], device=self.device)
+            unet = self.parts().unet
+            x, t, c = self.step_inputs()
             with torch.no_grad(), eager():
                 self.cache["unet_flops"] = count_flops(lambda: unet(x, t, context=c))
         return self.cache["unet_flops"]
+
+    def step_inputs(self):
+        """(x, t, context) of one guided step: batch 2, the image size's latents, 77 random text tokens."""
+        config, size = self.parts().unet.config, self.image_size // 8
+        g = torch.Generator(self.device).manual_seed(0)
+        x = torch.randn(2, config.in_channels, size, size, device=self.device, dtype=self.dtype, generator=g)
+        c = torch.randn(2, 77, config.context_dim, device=self.device, dtype=self.dtype, generator=g)
+        return x, torch.tensor([501.0, 501.0], device=self.device), c
 
     def peer_pipeline(self):
         if "peer_pipe" not in self.cache:
@@ -76,7 +106,7 @@ class Bench:
         return self.cache["peer_pipe"]
 
 
-def diffusers_fast(module, mode: str, *, fuse: bool = True):
+def diffusers_fast(module, mode: str, *, fuse: bool = True, backend: str = "inductor"):
     """diffusers' fastest documented settings: fused q|k|v projections, channels_last, torch.compile(mode); once."""
     if getattr(module, "_bench_fast", False):
         return module
@@ -85,7 +115,7 @@ def diffusers_fast(module, mode: str, *, fuse: bool = True):
         module.fuse_qkv_projections()
     module.to(memory_format=torch.channels_last)
     if mode is not None:
-        module.compile(mode=mode, dynamic=False)
+        module.compile(dynamic=False, backend=backend, **({"mode": mode} if backend == "inductor" else {}))
     return module
 
 
@@ -94,45 +124,123 @@ def eager():
     return torch.compiler.set_stance("force_eager")
 
 
+PEER_AUTOTUNE_NOTE = ("max-autotune not tried for the peer in this run: its compile autotunes every matrix product "
+                      "and convolution of the U-Net (many minutes), beyond a 9-minute window")
+
+
 def unet_step(b: Bench) -> Row:
     """One guided SD-1.5 step at 512 px: the U-Net at batch 2 (uncond + cond), 64x64 latents, 77 text tokens."""
     unet = b.parts().unet
-    g = torch.Generator(b.device).manual_seed(0)
-    x = torch.randn(2, 4, 64, 64, device=b.device, dtype=b.dtype, generator=g)
-    t = torch.tensor([501.0, 501.0], device=b.device)
-    c = torch.randn(2, 77, 768, device=b.device, dtype=b.dtype, generator=g)
+    x, t, c = b.step_inputs()
     mask = torch.ones(2, 77, dtype=torch.bool, device=b.device)  # what the pipeline passes (CLIP: all True)
     ours = lambda: unet(x, t, context=c, context_mask=mask)  # noqa: E731
     sides = {"ours": ours}
     if b.peer:
         peer_unet = b.peer_pipeline().unet
         sides["peer"] = lambda: peer_unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
-    details = {"batch": 2, "latent": 64, "dtype": str(b.dtype), "mode": b.mode}
+    details = {"batch": 2, "latent": x.shape[-1], "dtype": str(b.dtype), "mode": b.mode, "context_mask": "all True"}
     flops = b.unet_flops()
     with torch.no_grad():
         with eager():
             details["eager_ms"] = alternate(sides, b.device, rounds=3, repeats=5)
-        fast_network(unet, mode=b.mode)
+        if b.levers:
+            eager_levers(b, unet, x, t, c, mask)
+        fast_network(unet, mode=b.mode, backend=b.backend)
         if b.peer:
-            diffusers_fast(peer_unet, b.mode)
+            diffusers_fast(peer_unet, b.mode, backend=b.backend)
         times = alternate(sides, b.device, warmup=4, rounds=5, repeats=10)
     details["flops"] = flops
+    if b.peer and b.mode:
+        details["peer_modes"] = {b.mode: times["peer"], "max-autotune": PEER_AUTOTUNE_NOTE}
+    if b.levers:
+        write_lever(b, f"+ torch.compile({b.mode}), {b.backend}: the fast path", times["ours"], times.get("peer"))
     return b.row("unet_step_sd15_512_b1_cfg", times["ours"], times.get("peer"),
                  f"diffusers UNet2DConditionModel, fused qkv, channels_last, {b.compiled}", "ms",
                  b.mfu(flops, times["ours"]), details)
 
 
+def write_lever(b: Bench, config: str, ms: float, peer_ms: float | None = None, **extra) -> None:
+    """Append one line of the lever table (ms per guided step of ours; the peer where it ran the same lever)."""
+    line = {"benchmark": "unet_step_sd15_512_b1_cfg", "config": config, "ours_ms": ms, "peer_ms": peer_ms, **extra}
+    if b.tiny:
+        line["dry_run"] = True
+    b.levers.parent.mkdir(parents=True, exist_ok=True)
+    with open(b.levers, "a", encoding="utf-8") as f:  # line by line: a run cut short keeps what it measured
+        f.write(json.dumps(line, allow_nan=False) + "\n")
+    print("lever:", json.dumps(line), flush=True)
+
+
+def _step_ms(b: Bench, fn) -> float:
+    return alternate({"ours": fn}, b.device, warmup=3, rounds=3, repeats=5)["ours"]
+
+
+def eager_levers(b: Bench, unet, x, t, c, mask) -> None:
+    """The eager step with one lever added at a time (each on top of the ones before, SDPA kernels one by one)."""
+    with_mask = lambda: unet(x, t, context=c, context_mask=mask)  # noqa: E731
+    write_lever(b, "eager, NCHW, separate q/k/v, all-True context mask, SDPA default", _step_ms(b, with_mask))
+    unet.to(memory_format=torch.channels_last)
+    write_lever(b, "+ channels_last (NHWC)", _step_ms(b, with_mask))
+    fuse_qkv(unet)
+    write_lever(b, "+ fused q|k|v", _step_ms(b, with_mask))
+    if b.device.type == "cuda":  # the kernel preferences only steer CUDA's SDPA
+        for kernel in ("flash", "cudnn", "efficient"):
+            set_sdpa_kernels([kernel])
+            try:
+                write_lever(b, f"+ SDPA prefers {kernel} (others as fallback)", _step_ms(b, with_mask))
+            except Exception as e:  # noqa: BLE001  a kernel this build lacks: say so, keep going
+                write_lever(b, f"+ SDPA prefers {kernel} (others as fallback)", None, error=f"{type(e).__name__}: {e}")
+            finally:
+                set_sdpa_kernels(b.sdpa)
+    write_lever(b, "+ no context mask (None: CLIP's all-True mask dropped, flash can take cross-attention)",
+                _step_ms(b, lambda: unet(x, t, context=c)))
+
+
+COMPILED_LEVERS = (  # (name, compile keywords over `backend`, seconds it needs at least, with mask)
+    ("CUDA graphs alone (backend cudagraphs: eager kernels replayed)", {"backend": "cudagraphs"}, 60, True),
+    ("torch.compile default (inductor kernels, no CUDA graphs)", {"mode": "default"}, 150, True),
+    ("torch.compile reduce-overhead, no context mask", {"mode": "reduce-overhead"}, 150, False),
+)
+
+
+def compiled_levers(b: Bench) -> None:
+    """The compiled step's levers one at a time, each while --budget-s leaves it time (after unet_step's row)."""
+    unet = b.parts().unet  # fused and NHWC by unet_step
+    x, t, c = b.step_inputs()
+    mask = torch.ones(2, 77, dtype=torch.bool, device=b.device)
+    for name, options, needs_s, with_mask in COMPILED_LEVERS:
+        if b.seconds_left() < needs_s:
+            write_lever(b, name, None, skipped=f"{b.seconds_left():.0f} s left of --budget-s, needs ~{needs_s} s")
+            continue
+        options = {"backend": b.backend, **options}
+        if options["backend"] != "inductor":
+            options.pop("mode", None)
+        if b.tiny:
+            options = {"backend": "eager"}
+        torch._dynamo.reset()  # the next compile starts clean (inductor's on-disk caches still help)
+        unet.compile(dynamic=False, **options)
+        call = (lambda: unet(x, t, context=c, context_mask=mask)) if with_mask else (lambda: unet(x, t, context=c))
+        started = time.monotonic()
+        try:
+            with torch.no_grad():
+                call()  # the compile
+                compile_s = time.monotonic() - started
+                write_lever(b, name, _step_ms(b, call), compile_s=round(compile_s, 1))
+        except Exception as e:  # noqa: BLE001  one lever failing must not lose the next
+            write_lever(b, name, None, error=f"{type(e).__name__}: {e}"[:2000])
+
+
 def txt2img(b: Bench, steps: int = 50, guidance: float = 7.5) -> Row:
     """One 512 px image end to end: text encoder, 50 guided DDIM steps, VAE decode, PIL image."""
-    pipe = Pipeline(b.parts(), device=b.device, dtype=b.dtype).compile(mode=b.mode)
+    size = b.image_size
+    pipe = Pipeline(b.parts(), device=b.device, dtype=b.dtype).compile(mode=b.mode, backend=b.backend)
     sides = {"ours": lambda: pipe(PROMPT, steps=steps, guidance=guidance, sampler="ddim", seed=0,
-                                  height=512, width=512)}
+                                  height=size, width=size)}
     if b.peer:
         peer = b.peer_pipeline()
-        diffusers_fast(peer.unet, b.mode)  # nothing more when unet_step made it fast already
-        diffusers_fast(peer.vae.decoder, b.mode, fuse=False)
-        sides["peer"] = lambda: peer(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=512,
-                                     width=512, generator=torch.Generator(b.device).manual_seed(0))
+        diffusers_fast(peer.unet, b.mode, backend=b.backend)  # nothing more when unet_step made it fast already
+        diffusers_fast(peer.vae.decoder, b.mode, fuse=False, backend=b.backend)
+        sides["peer"] = lambda: peer(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=size,
+                                     width=size, generator=torch.Generator(b.device).manual_seed(0))
     with torch.no_grad():
         times = alternate(sides, b.device, warmup=2, rounds=3, repeats=2)
     flops = steps * b.unet_flops()  # the U-Net's share; the decoder and text encoder add a few per cent
@@ -144,27 +252,31 @@ def txt2img(b: Bench, steps: int = 50, guidance: float = 7.5) -> Row:
                   "flops_unet_only": flops})
 
 
-def train(b: Bench, resolution: int, batch: int, compile_: bool = True) -> Row:
-    """One U-Net training step on precomputed latents: fp32 weights, bf16 autocast, fused AdamW, MSE on eps."""
-    size = resolution // 8
-    unet = sd15_unet(b.device, torch.float32).train()
+def train(b: Bench, resolution: int, batch: int, compile_: bool = True, record=None) -> Row:
+    """One U-Net training step on precomputed latents: fp32 weights, bf16 autocast, fused AdamW, MSE on eps.
+
+    The eager step of both sides is timed first; with `compile_` its row goes to `record(row)` at once, so a
+    compile that fails or runs out of time still leaves the eager row in the record.
+    """
+    size = resolution // 8 if not b.tiny else b.image_size // 8
+    unet = sd15_unet(b.device, torch.float32, tiny=b.tiny).train()
     models = {"ours": unet}
     if b.peer:
         models["peer"] = diffusers_unet(unet).train()
     g = torch.Generator(b.device).manual_seed(1)
     x = torch.randn(batch, 4, size, size, device=b.device, generator=g)
     t = torch.randint(0, 1000, (batch,), device=b.device, generator=g).float()
-    c = torch.randn(batch, 77, 768, device=b.device, generator=g)
+    c = torch.randn(batch, 77, unet.config.context_dim, device=b.device, generator=g)
     target = torch.randn(x.shape, device=b.device, generator=g)
     calls = {"ours": lambda m: m(x, t, context=c),
              "peer": lambda m: m(x, t, encoder_hidden_states=c, return_dict=False)[0]}
     steps = {}
     for name, model in models.items():
         model.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=b.device.type == "cuda")
 
         def step(model=model, opt=opt, call=calls[name]):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(b.device.type, dtype=torch.bfloat16):
                 loss = F.mse_loss(call(model).float(), target)
             loss.backward()
             opt.step()
@@ -172,20 +284,32 @@ def train(b: Bench, resolution: int, batch: int, compile_: bool = True) -> Row:
         steps[name] = step
     flops = count_flops(steps["ours"])
     details = {"batch": batch, "resolution": resolution, "compile": compile_, "flops_per_step": flops}
+    times = alternate(steps, b.device, warmup=2, rounds=3, repeats=3)
+    details["eager_img_s"] = {k: batch * 1000 / v for k, v in times.items()}
+    if compile_ and record is not None:
+        record(_train_row(b, resolution, batch, times, flops, {**details, "compile": False,
+                                                                "note": "eager, timed before the compiled step"}))
     if compile_:
-        compile_for_training(unet)
+        compile_for_training(unet, backend=b.backend)
         if b.peer:
-            models["peer"].compile(dynamic=False)
-    try:
-        times = alternate(steps, b.device, warmup=3, rounds=3, repeats=3)
-    except Exception as e:  # noqa: BLE001  the compiled step failed: record why, and the eager numbers
-        details["compile_error"] = "".join(traceback.format_exception_only(e)).strip()[-2000:]
-        with eager():
-            times = alternate(steps, b.device, warmup=2, rounds=3, repeats=3)
-        details["compile"] = False
-    ips = {k: batch * 1000 / v for k, v in times.items()}
+            models["peer"].compile(dynamic=False, backend=b.backend)
+        started = time.monotonic()
+        try:
+            for fn in steps.values():
+                fn()  # the compiles, forward and backward
+            details["compile_s"] = round(time.monotonic() - started, 1)
+            times = alternate(steps, b.device, warmup=3, rounds=3, repeats=3)
+        except Exception as e:  # noqa: BLE001  the compiled step failed: record why, keep the eager numbers
+            details["compile_error"] = "".join(traceback.format_exception_only(e)).strip()[-2000:]
+            details["compile"] = False
     del models, steps, unet
-    torch.cuda.empty_cache()
+    if b.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return _train_row(b, resolution, batch, times, flops, details)
+
+
+def _train_row(b: Bench, resolution: int, batch: int, times: dict, flops: int, details: dict) -> Row:
+    ips = {k: batch * 1000 / v for k, v in times.items()}
     return b.row(f"train_sd15_unet_{resolution}", ips["ours"], ips.get("peer"),
                  "diffusers UNet2DConditionModel, same step" + (" (torch.compile)" if details["compile"] else ""),
                  "img/s", mfu_from_throughput(flops / batch, ips["ours"], b.peak_flops) if b.peak_flops else None,
@@ -206,9 +330,9 @@ def vae_encode(b: Bench, batch: int = 32, resolution: int = 256) -> Row:
         flops = count_flops(ours)
         with eager():
             details["eager_ms"] = alternate(sides, b.device, rounds=3, repeats=3)
-        fast_network(autoencoder.encoder, mode=b.mode, fuse=False)
+        fast_network(autoencoder.encoder, mode=b.mode, fuse=False, backend=b.backend)
         if b.peer:
-            diffusers_fast(peer.encoder, b.mode, fuse=False)
+            diffusers_fast(peer.encoder, b.mode, fuse=False, backend=b.backend)
         times = alternate(sides, b.device, warmup=3, rounds=3, repeats=5)
     ips = {k: batch * 1000 / v for k, v in times.items()}
     details["flops_per_batch"] = flops
@@ -221,7 +345,8 @@ def eval_generate(b: Bench, prompts: int = 16, steps: int = 25, batches: tuple[i
     """Prompt-set generation: `prompts` prompts x 25 guided steps at 512 px, each side at its best batch size."""
     texts = [f"{PROMPT}, variation {i}" for i in range(prompts)]
     pipe = Pipeline(b.parts(), device=b.device, dtype=b.dtype)
-    settings = pipe.settings(steps=steps, guidance=7.5, sampler="ddim", seed=0, height=512, width=512)
+    size = b.image_size
+    settings = pipe.settings(steps=steps, guidance=7.5, sampler="ddim", seed=0, height=size, width=size)
     best: dict[str, tuple[float, int]] = {}
     for batch in batches:
         groups = [texts[i:i + batch] for i in range(0, prompts, batch)]
@@ -229,7 +354,7 @@ def eval_generate(b: Bench, prompts: int = 16, steps: int = 25, batches: tuple[i
         if b.peer:
             peer = b.peer_pipeline()
             sides["peer"] = lambda groups=groups, peer=peer: [
-                peer(g, num_inference_steps=steps, guidance_scale=7.5, height=512, width=512,
+                peer(g, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
                      generator=torch.Generator(b.device).manual_seed(0)) for g in groups]
         with torch.no_grad(), eager():
             times = alternate(sides, b.device, warmup=1, rounds=2, repeats=1)

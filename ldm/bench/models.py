@@ -21,6 +21,14 @@ SD15_UNET = UNetConfig()  # the dataclass defaults are SD-1.x: 320 channels, (1,
 SD15_VAE = AutoencoderConfig()
 SD15_TEXT = TextEncoderConfig(type="clip")  # CLIP ViT-L/14's text tower, random init
 SD15_SCHEDULE = ScheduleConfig()  # scaled_linear 0.00085 .. 0.012, epsilon
+# `tools/bench.py --dry-run`: the same layout at toy width (8x downsampling, 77 CLIP tokens), for the CPU
+TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                       num_heads=2, context_dim=32)
+TINY_VAE = AutoencoderConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, resolution=64)
+TINY_TEXT = TextEncoderConfig(type="clip", hf_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                                          num_hidden_layers=1, num_attention_heads=2,
+                                                          max_position_embeddings=77, hidden_act="quick_gelu",
+                                                          projection_dim=32))
 
 
 def redraw_zero_init_(module: nn.Module, std: float = 0.02, seed: int = 0) -> int:
@@ -39,25 +47,28 @@ def redraw_zero_init_(module: nn.Module, std: float = 0.02, seed: int = 0) -> in
     return count
 
 
-def sd15_unet(device: torch.device | str, dtype: torch.dtype = torch.float32, seed: int = 0) -> UNetModel:
-    """Our SD-1.5 U-Net with random (nowhere zero) weights, built directly on `device`."""
+def sd15_unet(device: torch.device | str, dtype: torch.dtype = torch.float32, seed: int = 0, *,
+              tiny: bool = False) -> UNetModel:
+    """Our SD-1.5 U-Net (`tiny`: toy width) with random (nowhere zero) weights, built directly on `device`."""
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNetModel(SD15_UNET)
+        unet = UNetModel(TINY_UNET if tiny else SD15_UNET)
     redraw_zero_init_(unet, seed=seed)
     return unet.to(dtype)
 
 
-def sd15_parts(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> ModelParts:
+def sd15_parts(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, *,
+               tiny: bool = False) -> ModelParts:
     """The whole SD-1.5 model (U-Net, KL autoencoder, CLIP text encoder, schedule) with random weights."""
-    unet = sd15_unet(device, dtype, seed)
+    unet = sd15_unet(device, dtype, seed, tiny=tiny)
+    vae_config, text_config = (TINY_VAE, TINY_TEXT) if tiny else (SD15_VAE, SD15_TEXT)
     with torch.device(device):
-        autoencoder = AutoencoderKL(SD15_VAE)
-        text_encoder = build_text_encoder(SD15_TEXT)
+        autoencoder = AutoencoderKL(vae_config)
+        text_encoder = build_text_encoder(text_config)
     redraw_zero_init_(autoencoder, seed=seed + 1)
     return SDComponents(unet=unet, autoencoder=autoencoder.to(dtype), text_encoder=text_encoder.to(dtype),
-                        schedule=SD15_SCHEDULE, source="random SD-1.5 (ldm.bench.models)",
-                        config=resolved_config(SD15_UNET, SD15_VAE, SD15_TEXT, SD15_SCHEDULE))
+                        schedule=SD15_SCHEDULE, source="random SD-1.5 (ldm.bench.models)" + (", tiny" if tiny else ""),
+                        config=resolved_config(unet.config, vae_config, text_config, SD15_SCHEDULE))
 
 
 def _diffusers_twin(module: nn.Module, class_name: str, config_to_diffusers, weights_to_diffusers):
