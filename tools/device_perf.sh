@@ -3,7 +3,8 @@
 # timeout (a hang or a slow compile costs only its own step), in priority order:
 #   1. unet_step_sd15_512_b1_cfg, clean (nothing else on this GPU), reduce-overhead both sides, with the lever
 #      table: eager levers one at a time, then compiled ones while its budget lasts -> $OUT/levers.jsonl
-#   2. train_sd15_unet_512, compiled training step, both sides (its eager row is written first)
+#   2. train_sd15_unet_512, compiled training step, both sides (rows as they come: both eager; ours compiled with
+#      the peer eager; both compiled)
 #   3. train_sd15_unet_256, the same, when enough time is left
 #   4. eval_generate_sd15_512_25steps (eager, best of batch 8 and 16), when enough time is left
 # Rows go to $OUT/results.jsonl as each benchmark finishes; a step killed by its timeout, or skipped for lack of
