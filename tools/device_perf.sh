@@ -85,4 +85,4 @@ step unet_step_sd15_512_b1_cfg 250 60 --levers "$OUT/levers.jsonl" --budget-s 19
 step train_sd15_unet_512 300 120
 step train_sd15_unet_256 300 150
 step eval_generate_sd15_512_25steps 150 75 --eager
-log "done: $(wc -l <"$RESULTS") rows in $RESULTS, $(cat "$OUT/levers.jsonl" 2>/dev/null | wc -l) levers"
+log "done: $(cat "$RESULTS" 2>/dev/null | wc -l) rows in $RESULTS, $(cat "$OUT/levers.jsonl" 2>/dev/null | wc -l) levers"
