@@ -3,7 +3,8 @@
 # timeout (a hang or a slow compile costs only its own step), in priority order:
 #   1. unet_step_sd15_512_b1_cfg, clean (nothing else on this GPU), reduce-overhead both sides, with the lever
 #      table: eager levers one at a time, then compiled ones while its budget lasts -> $OUT/levers.jsonl
-#   2. train_sd15_unet_512, compiled training step, both sides (its eager row is written first)
+#   2. train_sd15_unet_512, compiled training step, both sides (rows as they come: both eager; ours compiled with
+#      the peer eager; both compiled)
 #   3. train_sd15_unet_256, the same, when enough time is left
 #   4. eval_generate_sd15_512_25steps (eager, best of batch 8 and 16), when enough time is left
 # Rows go to $OUT/results.jsonl as each benchmark finishes; a step killed by its timeout, or skipped for lack of
@@ -78,8 +79,10 @@ log "device_perf.sh: budget ${BUDGET_S} s, OUT=$OUT, CUDA_VISIBLE_DEVICES=${CUDA
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")' >>"$LOG" 2>&1
 nvidia-smi --query-gpu=index,name,utilization.gpu,memory.used --format=csv >>"$LOG" 2>&1
 
-step unet_step_sd15_512_b1_cfg 250 60 --levers "$OUT/levers.jsonl"
+# --budget-s 190: unet_step's optional compiled levers start only while they leave training its time (the last
+# --budget-s given wins over step's own)
+step unet_step_sd15_512_b1_cfg 250 60 --levers "$OUT/levers.jsonl" --budget-s 190
 step train_sd15_unet_512 300 120
-step train_sd15_unet_256 300 200
+step train_sd15_unet_256 300 150
 step eval_generate_sd15_512_25steps 150 75 --eager
-log "done: $(wc -l <"$RESULTS") rows in $RESULTS, $(cat "$OUT/levers.jsonl" 2>/dev/null | wc -l) levers"
+log "done: $(cat "$RESULTS" 2>/dev/null | wc -l) rows in $RESULTS, $(cat "$OUT/levers.jsonl" 2>/dev/null | wc -l) levers"

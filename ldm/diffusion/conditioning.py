@@ -25,6 +25,21 @@ def text_conditioning(embeddings, *, pooled: bool) -> dict[str, torch.Tensor]:
     return cond
 
 
+def drop_full_masks(cond: dict) -> dict:
+    """`cond` with `context_mask` set to None in every half when each mask in it is all True (CLIP's always is).
+
+    Attention over an all-True mask is attention without one, but a mask rules out the flash kernel and costs a
+    broadcast per cross-attention, every step; checked once per generation call (one device sync, before the loop).
+    """
+    guided = "cond" in cond and "uncond" in cond
+    halves = [h for h in ((cond["cond"], cond["uncond"]) if guided else (cond,)) if h]
+    masks = [h.get("context_mask") for h in halves]
+    if not masks or any(m is None for m in masks) or not all(bool(m.all()) for m in masks):
+        return cond
+    strip = lambda half: {**half, "context_mask": None} if half else half  # noqa: E731
+    return {**cond, "cond": strip(cond["cond"]), "uncond": strip(cond["uncond"])} if guided else strip(cond)
+
+
 def add_conditioning(cond: dict, **extra: torch.Tensor) -> dict:
     """`cond` with `extra` arguments added to both halves under guidance (the same tensors: e.g. an inpainting mask)."""
     if "cond" in cond and "uncond" in cond:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ldm.config import from_dict
-from ldm.diffusion.conditioning import ConcatNetwork, takes_pooled_text, text_conditioning
+from ldm.diffusion.conditioning import ConcatNetwork, drop_full_masks, takes_pooled_text, text_conditioning
 from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.guidance import dynamic_threshold
 from ldm.diffusion.latent_upscale import DEFAULT_GUIDANCE, DEFAULT_STEPS, SECTION, LatentUpscaleConfig
@@ -135,17 +135,18 @@ class Stage:
 
     def conditioning(self, prompts: list[str], negative_prompts: list[str | None] | None, repeat: int,
                      guidance: float) -> dict:
-        """Conditioning for `prompts`, each repeated `repeat` times; `{"cond", "uncond"}` under guidance > 1."""
+        """Conditioning for `prompts`, each repeated `repeat` times; `{"cond", "uncond"}` under guidance > 1; an
+        all-True text mask (CLIP's) is dropped (`drop_full_masks`)."""
         cond = _repeat(self.encode_prompts(prompts), repeat)
         if guidance <= 1.0:
-            return cond
+            return drop_full_masks(cond)
         given = list(negative_prompts or [None] * len(prompts))
         uncond = self.encode_prompts([n or "" for n in given])
         if getattr(self.text_encoder, "force_zeros_for_empty_prompt", False):  # SDXL: no negative prompt -> zeros
             keep = torch.tensor([n is not None for n in given], device=self.device)
             uncond = {k: v * keep.view(-1, *[1] * (v.ndim - 1)).to(v.dtype) if k in ("context", "y") else v
                       for k, v in uncond.items()}
-        return {"cond": cond, "uncond": _repeat(uncond, repeat)}
+        return drop_full_masks({"cond": cond, "uncond": _repeat(uncond, repeat)})
 
     def micro_conditioning(self, cond: dict, shape: tuple[int, ...], given: dict | None = None) -> dict:
         """`cond` with SDXL's micro-conditioning numbers for images of `shape` (`b c h w` in denoiser space); `given`
