@@ -126,7 +126,8 @@ def test_accelerate_launch_with_the_fsdp2_config_matches_the_ddp_config_on_two_g
                "--num_processes", "2", "--main_process_port", "0", "--mixed_precision", "no",
                str(ROOT / "tools" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"), "--train-data",
                str(shards), "--output-dir", str(tmp_path / name), "progress=false", "log_with=none",
-               "sampling.at_end=false", "max_steps=4", "allow_tf32=false"]
+               "sampling.at_end=false", "max_steps=4", "allow_tf32=false",
+               "compile=false"]  # sharding is under test, not inductor: two eager runs, no minutes of compiling
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                                 env=subprocess_env())
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

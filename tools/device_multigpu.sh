@@ -17,7 +17,7 @@ mkdir -p "$OUT" "$WORK"
 python3 -c 'import torch, accelerate; print("torch", torch.__version__, "accelerate", accelerate.__version__, "gpus", torch.cuda.device_count())' | tee -a "$OUT/machine.txt"
 
 echo "== 1. FSDP2 vs DDP on two GPUs ($SECONDS s)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_fsdp.py -k two_gpus -W ignore 2>&1 | tail -15 > "$OUT/fsdp-test.log"
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_fsdp.py -k two_gpus -W ignore 2>&1 | tail -15 > "$OUT/fsdp-test.log"
 tail -1 "$OUT/fsdp-test.log"
 
 echo "== 2. scaling at 256 px ($SECONDS s)"
