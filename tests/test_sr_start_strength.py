@@ -2,6 +2,7 @@
 bit the old path; below 1 the sampler starts at the clean upsampled image plus sigma * noise and runs int(steps * s)
 steps. The option reaches the stage from its config, `load_cascade`, a call, `ldm-txt2img --upscale-strength` and
 the metadata."""
+import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from ldm import load_cascade
+from ldm.cli.eval import main as eval_main
 from ldm.cli.txt2img import main
 from ldm.config import from_dict, load_yaml
 from ldm.diffusion.conditioning import add_conditioning
@@ -246,6 +248,8 @@ def test_bad_strengths_are_refused_in_python_and_in_configs(models, cascade):
         cascade("a cat", steps=4, upscale_strength=0.2)
     with pytest.raises(LdmError, match=r"must lie in \(0, 1\]"):
         SuperResolution(low_res_images(), 0.1, strength=0.0)
+    with pytest.raises(LdmError, match="with 10 steps, which leaves no step to run"):
+        _start(0.05)  # the strategy itself refuses it too (tools, training previews): int(10 * 0.05) = 0
     for bad in (0.0, 1.2, -1.0):
         with pytest.raises(ConfigError, match=r"stage.start_strength=.* must lie in \(0, 1\]"):
             StageConfig(resolution=32, low_res_size=16, start_strength=bad)
@@ -258,3 +262,61 @@ def test_the_emoji_upscaler_starts_at_0_3_and_every_paper_stage_from_noise():
             continue
         strength = from_dict(StageConfig, section, where="stage").start_strength
         assert strength == (0.3 if path.name == "imagen-sr-emoji.yaml" else 1.0), path.name
+
+
+def _eval_sr():
+    path = Path(__file__).resolve().parents[1] / "tools" / "eval_sr.py"
+    spec = importlib.util.spec_from_file_location("eval_sr", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_sr_upscale_takes_the_strength_and_defaults_to_the_config(models, tmp_path, capsys):
+    eval_sr = _eval_sr()
+    inputs = tmp_path / "inputs"
+    (inputs / "low").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (200, 60, 20)).save(inputs / "low" / "k0.png")
+    (inputs / "captions.jsonl").write_text(json.dumps({"key": "k0", "caption": "an orange square"}) + "\n")
+    common = ["upscale", "--inputs", inputs, "--steps", 4, "--device", "cpu", "--dtype", "fp32"]
+    assert eval_sr.main([str(a) for a in [*common, "--model", models["sr_half"], "--out", tmp_path / "cfg"]]) == 0
+    assert eval_sr.main([str(a) for a in [*common, "--model", models["sr"], "--out", tmp_path / "flag",
+                                          "--strength", "0.5"]]) == 0
+    assert eval_sr.main([str(a) for a in [*common, "--model", models["sr"], "--out", tmp_path / "full"]]) == 0
+    by_config, by_flag, full = (np.asarray(Image.open(tmp_path / d / "k0.png")) for d in ("cfg", "flag", "full"))
+    assert by_config.shape == (32, 32, 3) and np.array_equal(by_config, by_flag)
+    assert not np.array_equal(by_config, full)
+    assert eval_sr.main([str(a) for a in [*common, "--model", models["sr"], "--out", tmp_path / "bad",
+                                          "--strength", "0.2"]]) == 2  # int(4 * 0.2) = 0 steps
+    assert "leaves no step to run" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_an_ldm_eval_sweep_over_start_strengths(models, tiny_clip_config, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "eval"
+    argv = ["--model", models["base"], "--upscaler", models["sr"], "--upscale-strengths", "1,0.5", "--prompts",
+            prompts, "--samplers", "ddim", "--steps", "4", "--guidance", "3", "--batch-size", "1", "--clip-model",
+            tiny_clip_config, "--clip-pretrained", "none", "--out", out]
+    assert eval_main([str(a) for a in argv]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["settings"]["upscale_strength"] for r in report["runs"]] == [1.0, 0.5]
+    folders = [out / "samples" / f"ddim-steps4-cfg3-start{s}" for s in ("1", "0.5")]
+    records = [json.loads((f / "metadata.jsonl").read_text()) for f in folders]
+    assert [r["upscale_strength"] for r in records] == [1.0, 0.5] and records[0]["seed"] == records[1]["seed"]
+    image = np.asarray(Image.open(folders[1] / records[1]["file_name"]))
+    cascade = load_cascade(models["base"], [models["sr"]], device="cpu")
+    alone = np.asarray(cascade("a red circle", seed=records[1]["seed"], sampler="ddim", steps=4, guidance=3.0,
+                               upscale_strength=0.5)[0])
+    assert np.abs(alone.astype(int) - image.astype(int)).max() <= 1  # the cascade's own image (batched: +-1)
+    assert "upscale_strength=0.5" in (out / "index.html").read_text()
+
+    capsys.readouterr()
+    bad = [str(a) for a in argv]
+    bad[bad.index("1,0.5")] = "0.2"  # int(4 * 0.2) = 0 steps
+    assert eval_main(bad) == 2
+    assert "leaves no step to run" in capsys.readouterr().err
+    bad[bad.index("0.2")] = "1.5"
+    assert eval_main(bad) == 2
+    assert "--upscale-strengths must lie in (0, 1]" in capsys.readouterr().err

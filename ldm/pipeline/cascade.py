@@ -28,7 +28,7 @@ from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.sampling import sample
 from ldm.pipeline.settings import GenerationSettings, check_settings, with_defaults
-from ldm.pipeline.super_resolution import SuperResolution, check_start_strength
+from ldm.pipeline.super_resolution import SuperResolution, check_start_strength, check_steps_left
 from ldm.runtime import derive_seed
 
 PER_STAGE = ("steps", "guidance", "sampler")  # the settings a cascade takes one per stage (--stage-steps 50,25)
@@ -135,11 +135,8 @@ class Cascade:
             raise LdmError(f"--start-stage {options['start_stage']} upscales an image: give it with --init-image")
         for i, (stage, s) in enumerate(zip(self.stages, self.stage_settings(common, **options))):
             check_settings(s, factor=1, schedule_config=stage.schedule_config, conditional=stage.conditional)
-            strength = self.start_strength(i, options["upscale_strength"]) if stage.super_resolution else 1.0
-            if int(s.steps * strength) == 0:  # the SR stage would run int(steps * strength) steps
-                raise LdmError(f"stage {i + 1} starts at strength {strength:g} (--upscale-strength, else its "
-                               f"stage.start_strength) with {s.steps} steps, which leaves no step to run: give it "
-                               "more steps (--stage-steps) or a higher strength")
+            if stage.super_resolution:
+                check_steps_left(self.start_strength(i, options["upscale_strength"]), s.steps, f"stage {i + 1}")
         return common
 
     def records(self, settings: GenerationSettings, **options) -> list[dict]:

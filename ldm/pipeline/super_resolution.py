@@ -33,6 +33,13 @@ def check_start_strength(strength, flag: str = "--upscale-strength") -> None:
                        f"the upsampled image noised 30% of the way up), got {strength}")
 
 
+def check_steps_left(strength: float, steps: int, where: str = "the SR stage") -> None:
+    """Refuse a strength that leaves no step: the stage runs int(steps * strength) of its steps."""
+    if int(steps * strength) == 0:
+        raise LdmError(f"{where} starts at strength {strength:g} (--upscale-strength, else its stage.start_strength) "
+                       f"with {steps} steps, which leaves no step to run: give it more steps or a higher strength")
+
+
 @dataclass
 class SuperResolution:
     """Upscale `low_res` (`b c h w` in [-1, 1]; one image or one per sample) with the level `aug_level` in [0, 1],
@@ -55,6 +62,7 @@ class SuperResolution:
         aug_noise = draw_noise((shape[0], low_res.shape[1], *shape[2:]), generator, stage)
         image = conditioning_image(low_res, tuple(shape[2:]), self.aug_level, aug_noise, self.resize_mode)
         if self.strength < 1.0:
+            check_steps_left(self.strength, len(plan.sigmas) - 1)
             known = upsample(low_res, tuple(shape[2:]), self.resize_mode)  # clean: not the augmented image
             x, plan = noised_start(known, noise, plan, len(plan.sigmas) - 1, self.strength)
         else:
