@@ -320,3 +320,15 @@ def test_an_ldm_eval_sweep_over_start_strengths(models, tiny_clip_config, tmp_pa
     bad[bad.index("0.2")] = "1.5"
     assert eval_main(bad) == 2
     assert "--upscale-strengths must lie in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_cascade_with_only_a_latent_upscaler_refuses_the_strength(models, tmp_path):
+    pytest.importorskip("diffusers")
+    from upscaler_helpers import tiny_diffusers_upscale_pipeline
+
+    torch.manual_seed(0)
+    tiny_diffusers_upscale_pipeline().save_pretrained(tmp_path / "x4")
+    with pytest.raises(LdmError, match="--upscale-strength is a pixel super-resolution stage's; this cascade has none"):
+        load_cascade(models["base"], [tmp_path / "x4"], device="cpu", dtype="fp32", upscale_strength=0.5)
+    cascade = load_cascade(models["base"], [tmp_path / "x4"], device="cpu", dtype="fp32")
+    assert "start_strength" not in cascade.records(GenerationSettings(steps=2))[1]  # its input noise is noise_level
