@@ -83,7 +83,7 @@ def upscale(args: argparse.Namespace) -> int:
     pipe = None if args.bicubic else load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if pipe is not None:
         strength = pipe.stage.stage_config.start_strength if args.strength is None else args.strength
-        check_steps_left(strength, args.steps)
+        check_steps_left(strength, args.steps, f"--model {args.model}", "--strength")
     args.out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start: start + args.batch_size]

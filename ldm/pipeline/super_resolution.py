@@ -33,11 +33,12 @@ def check_start_strength(strength, flag: str = "--upscale-strength") -> None:
                        f"the upsampled image noised 30% of the way up), got {strength}")
 
 
-def check_steps_left(strength: float, steps: int, where: str = "the SR stage") -> None:
+def check_steps_left(strength: float, steps: int, where: str = "the SR stage",
+                     flag: str = "--upscale-strength") -> None:
     """Refuse a strength that leaves no step: the stage runs int(steps * strength) of its steps."""
     if int(steps * strength) == 0:
-        raise LdmError(f"{where} starts at strength {strength:g} (--upscale-strength, else its stage.start_strength) "
-                       f"with {steps} steps, which leaves no step to run: give it more steps or a higher strength")
+        raise LdmError(f"{where} starts at strength {strength:g} with {steps} steps, which leaves no step to run "
+                       f"(int({steps} * {strength:g}) = 0): give it more steps or a higher {flag}")
 
 
 @dataclass
