@@ -2,6 +2,7 @@
 
     python tools/eval_sr.py inputs 'data/emoji256/validation/*.tar' --out eval/sr          # truth/, low/, captions
     python tools/eval_sr.py upscale --model ldm/assets/default-upscaler --inputs eval/sr --out eval/sr/sr-0.1
+    python tools/eval_sr.py upscale --model ldm/assets/default-upscaler --inputs eval/sr --out eval/sr/s0.3 --strength 0.3
     python tools/eval_sr.py upscale --bicubic --inputs eval/sr --out eval/sr/bicubic
     python tools/eval_sr.py score --truth eval/sr/truth --images eval/sr/bicubic eval/sr/sr-0.1 --json eval/sr/scores.json
     python tools/eval_sr.py figure --inputs eval/sr --images eval/sr/bicubic eval/sr/sr-0.1 --out docs/images/x.png
@@ -29,7 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.atomic import atomic_write_text  # noqa: E402
-from ldm.cli.common import cli_main  # noqa: E402
+from ldm.cli.common import cli_main, finite_float  # noqa: E402
 from ldm.diffusion.noise_augmentation import downsample, upsample  # noqa: E402
 from ldm.errors import LdmError  # noqa: E402
 from ldm.eval.clip_score import ClipModel  # noqa: E402
@@ -38,7 +39,7 @@ from ldm.pipeline.images import from_pil, to_pil  # noqa: E402
 from ldm.pipeline.load import load_pipeline  # noqa: E402
 from ldm.pipeline.sampling import sample  # noqa: E402
 from ldm.pipeline.settings import GenerationSettings  # noqa: E402
-from ldm.pipeline.super_resolution import SuperResolution  # noqa: E402
+from ldm.pipeline.super_resolution import SuperResolution, check_start_strength, check_steps_left  # noqa: E402
 
 LOW, TRUTH, CAPTIONS = "low", "truth", "captions.jsonl"
 TILE = 64
@@ -77,8 +78,13 @@ def read_captions(inputs: Path) -> list[dict]:
 def upscale(args: argparse.Namespace) -> int:
     """Upscale every low/KEY.png into out/KEY.png, with the model (batched) or bicubic."""
     rows = read_captions(args.inputs)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.strength is not None:
+        check_start_strength(args.strength, "--strength")
     pipe = None if args.bicubic else load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    if pipe is not None:
+        strength = pipe.stage.stage_config.start_strength if args.strength is None else args.strength
+        check_steps_left(strength, args.steps, f"--model {args.model}", "--strength")
+    args.out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start: start + args.batch_size]
         low = from_pil([Image.open(args.inputs / LOW / f"{r['key']}.png") for r in batch])
@@ -92,7 +98,7 @@ def upscale(args: argparse.Namespace) -> int:
                                           seed=args.seed + start, height=size, width=size,
                                           dynamic_threshold=args.dynamic_threshold)
             images = sample(stage, [r["caption"] for r in batch], settings,
-                            strategy=SuperResolution(low, level, stage.stage_config.resize_mode))
+                            strategy=SuperResolution(low, level, stage.stage_config.resize_mode, strength))
         for r, image in zip(batch, to_pil(images.float().cpu())):
             image.save(args.out / f"{r['key']}.png")
         print(f"{args.out}: {start + len(batch)}/{len(rows)}", file=sys.stderr)
@@ -179,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--bicubic", action="store_true", help="bicubic upsampling instead of a model")
     u.add_argument("--size", type=int, default=256, help="output size for --bicubic")
     u.add_argument("--aug-level", type=float, default=None, help="default: the model's stage.aug_level")
+    u.add_argument("--strength", type=finite_float, default=None,
+                   help="start strength in (0, 1]: 1 = from pure noise, s = from the bicubic image noised s of the "
+                   "way up, int(steps * s) steps (default: the model's stage.start_strength)")
     u.add_argument("--guidance", type=float, default=1.0)
     u.add_argument("--steps", type=int, default=20)
     u.add_argument("--sampler", default="dpmpp_2m")

@@ -34,6 +34,7 @@ from ldm.pipeline.eval_images import (check_batch_fits, clear_temporaries, gener
                                       open_setting_folder, plan_images, prompts_fingerprint, write_index)
 from ldm.pipeline.generate import check_generation
 from ldm.pipeline.load import load_pipeline
+from ldm.pipeline.super_resolution import check_start_strength
 from ldm.runtime import resolve_device, resolve_dtype
 from ldm.writable import check_output_dir
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a super-resolution stage after the model, repeatable: the cascade's final images are scored")
     g.add_argument("--aug-levels", nargs="+", default=None, metavar="LEVEL",
                    help="with --upscaler: the SR stages' noise-augmentation levels to sweep, e.g. 0,0.1,0.2")
+    g.add_argument("--upscale-strengths", nargs="+", default=None, metavar="S",
+                   help="with --upscaler: the SR stages' start strengths to sweep, e.g. 1,0.5,0.3 (1 = from pure "
+                        "noise; s = from the upsampled image noised s of the way up, int(steps * s) steps)")
     g.add_argument("--reuse-samples", action="store_true",
                    help="score setting folders that have a metadata.jsonl as they are, generating nothing there")
     m = p.add_argument_group("metrics")
@@ -108,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sweep_grid(args) -> list[tuple[str, int, float, float | None]]:
-    """(sampler, steps, guidance, aug_level) per setting of the sweep, the numbers parsed and checked."""
+def _sweep_grid(args) -> list[tuple[str, int, float, float | None, float | None]]:
+    """(sampler, steps, guidance, aug_level, upscale_strength) per setting of the sweep, the numbers parsed and
+    checked."""
     try:
         steps_list = [int(s) for s in _split(args.steps)]
     except ValueError as e:
@@ -121,11 +126,20 @@ def _sweep_grid(args) -> list[tuple[str, int, float, float | None]]:
     for level in levels:
         if level is not None and not 0.0 <= level <= 1.0:
             raise LdmError(f"--aug-levels {level:g}: a level lies in [0, 1] (0 = the exact low-res image)")
-    return list(itertools.product(_split(args.samplers), steps_list, guidance_list, levels))
+    if args.upscale_strengths is not None and not args.upscaler:
+        raise LdmError("--upscale-strengths sweeps where the super-resolution stages start: give them with --upscaler")
+    strengths = [None]
+    if args.upscale_strengths is not None:
+        strengths = finite_floats(args.upscale_strengths, "--upscale-strengths")
+        for strength in strengths:
+            check_start_strength(strength, "--upscale-strengths")
+    return list(itertools.product(_split(args.samplers), steps_list, guidance_list, levels, strengths))
 
 
-def _setting_folder(args, sampler: str, steps: int, guidance: float, aug_level: float | None) -> Path:
-    name = f"{sampler}-steps{steps}-cfg{guidance:g}" + (f"-aug{aug_level:g}" if aug_level is not None else "")
+def _setting_folder(args, sampler: str, steps: int, guidance: float, aug_level: float | None,
+                    strength: float | None) -> Path:
+    name = (f"{sampler}-steps{steps}-cfg{guidance:g}" + (f"-aug{aug_level:g}" if aug_level is not None else "")
+            + (f"-start{strength:g}" if strength is not None else ""))
     return Path(args.out) / "samples" / name
 
 
@@ -156,11 +170,13 @@ def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
         raise LdmError(f"--n-per-prompt must be positive, got {args.n_per_prompt}")
     planned = plan_images(texts, args.n_per_prompt, args.seed)
     sweep = []
-    for sampler, steps, guidance, aug_level in grid:
-        folder = _setting_folder(args, sampler, steps, guidance, aug_level)
+    for sampler, steps, guidance, aug_level, strength in grid:
+        folder = _setting_folder(args, sampler, steps, guidance, aug_level, strength)
         settings = {**common, "sampler": sampler, "steps": steps, "guidance": guidance}
         if args.upscaler:
             settings["aug_level"] = aug_level  # None: each SR stage's own level
+        if strength is not None:  # only when swept: folders of earlier sweeps keep their settings
+            settings["upscale_strength"] = strength
         reuse = args.reuse_samples and (folder / "metadata.jsonl").is_file()  # scored as it is, whatever made it
         if not reuse:
             open_setting_folder(folder, settings, create=False)  # other settings in a resumed folder: refused now
@@ -168,7 +184,8 @@ def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
         sweep.append({"folder": folder, "settings": settings, "planned": planned, "missing": missing,
                       "generation": {"sampler": sampler, "steps": steps, "guidance": guidance,
                                      "height": args.height, "width": args.width, "sampler_options": sampler_options,
-                                     **({"aug_level": aug_level} if aug_level is not None else {})}})
+                                     **({"aug_level": aug_level} if aug_level is not None else {}),
+                                     **({"upscale_strength": strength} if strength is not None else {})}})
     return sweep
 
 
@@ -184,10 +201,14 @@ def _load_checked_pipeline(args, sweep: list[dict], device: torch.device):
         pipe = load_pipeline(model, device=str(device), dtype=args.dtype)
     for s in todo:
         gen = s["generation"]
-        if "aug_level" in gen:
-            pipe.check_options(aug_level=gen["aug_level"])
+        swept = {k: gen[k] for k in ("aug_level", "upscale_strength") if k in gen}
+        if swept:
+            pipe.check_options(**swept)
         check_generation(pipe, sampler=gen["sampler"], steps=gen["steps"], guidance=gen["guidance"],
                          height=args.height, width=args.width, sampler_options=gen["sampler_options"])
+        if "upscale_strength" in gen:  # every SR stage keeps a step to run at this strength
+            pipe.settings(options={**pipe.options, **swept}, sampler=gen["sampler"], steps=gen["steps"],
+                          guidance=gen["guidance"], sampler_options=gen["sampler_options"])
         check_batch_fits(pipe, args.batch_size, height=args.height, width=args.width, guidance=gen["guidance"])
     mode = compile_mode(args.compile, device)
     if mode is not None:
@@ -288,8 +309,8 @@ def run(args: argparse.Namespace) -> dict:
         raise LdmError("--model needs --prompts FILE (or a bundled set such as ldm_eval_v1)")
     if args.images and args.prompts:
         raise LdmError("--prompts is for --model; with --images the prompts come from metadata.jsonl")
-    if args.images and (args.upscaler or args.aug_levels):
-        raise LdmError("--upscaler and --aug-levels are for --model")
+    if args.images and (args.upscaler or args.aug_levels or args.upscale_strengths):
+        raise LdmError("--upscaler, --aug-levels and --upscale-strengths are for --model")
     if args.kid and not args.ref:
         raise LdmError("--kid needs --ref DIR")
     if args.precision_recall and not args.ref:
@@ -401,8 +422,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # The settings a run's report shows (settings.json holds more: the prompt fingerprint, the model path ...).
-REPORTED = ("sampler", "steps", "guidance", "aug_level", "sampler_options", "base_seed", "n_per_prompt", "height",
-            "width", "negative_prompt")
+REPORTED = ("sampler", "steps", "guidance", "aug_level", "upscale_strength", "sampler_options", "base_seed",
+            "n_per_prompt", "height", "width", "negative_prompt")
 
 
 @cli_main

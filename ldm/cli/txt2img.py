@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     cascade.add_argument("--aug-level", type=finite_float, default=None,
                          help="noise-conditioning augmentation level of the SR stages, in [0, 1] (default: each "
                          "stage's config)")
+    cascade.add_argument("--upscale-strength", type=finite_float, default=None, metavar="S",
+                         help="where the SR stages start, in (0, 1]: 1 = from pure noise (Imagen), s < 1 = from the "
+                         "upsampled image noised s of the way up, running int(steps * s) steps (SDEdit; default: "
+                         "each stage's stage.start_strength)")
     cascade.add_argument("--noise-level", type=int, default=None,
                          help="the x4 upscaler's noise level on its low-res input, 0..350 (default: its config's, 20)")
     cascade.add_argument("--stage-steps", type=_stage_list(int), default=None, metavar="N,N",
@@ -163,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = ExpertEnsemble(pipe, refiner, frac)
     micro = micro_conditioning(args, pipe)
     cascade_options = dict(stage_steps=args.stage_steps, stage_guidance=args.stage_guidance,
-                           stage_sampler=args.stage_sampler, aug_level=args.aug_level, start_stage=args.start_stage)
+                           stage_sampler=args.stage_sampler, aug_level=args.aug_level, start_stage=args.start_stage,
+                           upscale_strength=args.upscale_strength)
     noise_level = args.noise_level
     if args.upscaler:
         pipe = load_cascade(pipe, args.upscaler, device=args.device, dtype=args.dtype,

@@ -34,6 +34,9 @@ class StageConfig:
     train_aug_level_max: float = 1.0  # SR stage: training draws levels uniformly in [0, train_aug_level_max]
     train_crop_size: int | None = None  # train on random crops of the target this size (1024 stage: 256)
     resize_mode: str = "bicubic"  # how the low-res image is upsampled to the resolution
+    # SR stage: where sampling starts. 1 = from pure noise (Imagen); s < 1 = from the upsampled low-res image noised
+    # to the sigma s of the way up, running int(steps * s) steps (SDEdit, as img2img's strength)
+    start_strength: float = 1.0
     dynamic_threshold: float | None = 0.995  # percentile of |x0| for dynamic thresholding; None: off
     dynamic_threshold_max: float | None = None  # cap on the threshold s (DeepFloyd IF: 1.5 stage I, 1.0 stage II)
     steps: int | None = None  # the stage's own sampling defaults where the user gives none (IF: 100 / 50 steps)
@@ -44,6 +47,9 @@ class StageConfig:
         for name in ("aug_level", "train_aug_level_max"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"stage.{name}={getattr(self, name)} is outside [0, 1] (0 = no augmentation)")
+        if not 0.0 < self.start_strength <= 1.0:
+            raise ConfigError(f"stage.start_strength={self.start_strength} must lie in (0, 1] (1 = start from pure "
+                              "noise, as Imagen; 0.3 = from the upsampled image noised 30% of the way up)")
         if self.low_res_size is not None and not 0 < self.low_res_size < self.resolution:
             raise ConfigError(f"stage.low_res_size={self.low_res_size} must be between 0 and stage.resolution="
                               f"{self.resolution}")

@@ -93,7 +93,7 @@ def write_index_html(out_dir: str | os.PathLike, report: dict) -> Path:
 
 def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict], warning: str | None = None) -> Path:
     """Write `tradeoff.png`: FID (or FD_CLIP) against CLIP score, one line per sampler, step count (and SR augmentation
-    level) over guidance.
+    level and start strength) over guidance.
 
     Without a reference distance it plots CLIP score against guidance scale instead. A `warning` (such as random
     CLIP weights) is printed across the plot, so that the image cannot be shown without it.
@@ -106,7 +106,8 @@ def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict], warning: str | N
     for i, run in enumerate(runs):
         s = run["settings"]
         key = (f"{s.get('sampler', 'images')}" + (f", {s['steps']} steps" if s.get("steps") is not None else "")
-               + (f", aug {s['aug_level']:g}" if s.get("aug_level") is not None else ""))
+               + (f", aug {s['aug_level']:g}" if s.get("aug_level") is not None else "")
+               + (f", start {s['upscale_strength']:g}" if s.get("upscale_strength") is not None else ""))
         lines[key].append((s.get("guidance") if s.get("guidance") is not None else i, run))
     fig = Figure(figsize=(6, 4.5), dpi=100)
     FigureCanvasAgg(fig)

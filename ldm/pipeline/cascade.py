@@ -28,7 +28,7 @@ from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.sampling import sample
 from ldm.pipeline.settings import GenerationSettings, check_settings, with_defaults
-from ldm.pipeline.super_resolution import SuperResolution
+from ldm.pipeline.super_resolution import SuperResolution, check_start_strength, check_steps_left
 from ldm.runtime import derive_seed
 
 PER_STAGE = ("steps", "guidance", "sampler")  # the settings a cascade takes one per stage (--stage-steps 50,25)
@@ -38,20 +38,21 @@ class Cascade:
     """Pipelines run in turn: `pipelines[0]` makes the image, each later one (a super-resolution stage) upscales it.
 
     Defaults for a call: `stage_steps` / `stage_guidance` / `stage_sampler` (one entry per stage, None = the call's
-    common setting, then the stage's own defaults), `aug_level` (None = each SR stage's config), `noise_level`
-    (a latent upscaler's; None = its config's), `start_stage` (1-based) and `dynamic_threshold` (None = each stage's
-    default: on for pixel stages at their config's percentile).
+    common setting, then the stage's own defaults), `aug_level` and `upscale_strength` (the SR stages' level and
+    start strength; None = each SR stage's config), `noise_level` (a latent upscaler's; None = its config's),
+    `start_stage` (1-based) and `dynamic_threshold` (None = each stage's default: on for pixel stages at their
+    config's percentile).
     """
 
     def __init__(self, pipelines: list[Pipeline], *, stage_steps=None, stage_guidance=None, stage_sampler=None,
                  aug_level: float | None = None, start_stage: int = 1, dynamic_threshold: float | None = None,
-                 noise_level: int | None = None):
+                 noise_level: int | None = None, upscale_strength: float | None = None):
         self.pipelines = list(pipelines)
         self.stages = [p.stage for p in self.pipelines]
         self.text_groups = check_cascade(self.pipelines)  # stages with equal text encoders share one embedding
         self.options = dict(stage_steps=stage_steps, stage_guidance=stage_guidance, stage_sampler=stage_sampler,
                             aug_level=aug_level, start_stage=start_stage, dynamic_threshold=dynamic_threshold,
-                            noise_level=noise_level)
+                            noise_level=noise_level, upscale_strength=upscale_strength)
         self.check_options(**self.options)
 
     # What generate_to_folder reads of a pipeline: the last stage is the largest, so memory is estimated on it.
@@ -74,8 +75,9 @@ class Cascade:
         return _output_sizes(self.stages)
 
     def check_options(self, *, stage_steps=None, stage_guidance=None, stage_sampler=None, aug_level=None,
-                      start_stage: int = 1, dynamic_threshold=None, noise_level=None) -> None:
-        """Refuse per-stage lists of the wrong length, a level outside [0, 1] and a start stage that does not exist."""
+                      start_stage: int = 1, dynamic_threshold=None, noise_level=None, upscale_strength=None) -> None:
+        """Refuse per-stage lists of the wrong length, a level outside [0, 1], a start strength outside (0, 1] or
+        without a pixel SR stage, and a start stage that does not exist."""
         n = len(self.stages)
         for name, values in (("steps", stage_steps), ("guidance", stage_guidance), ("sampler", stage_sampler)):
             if values is not None and len(values) != n:
@@ -84,6 +86,11 @@ class Cascade:
         if aug_level is not None and not (isinstance(aug_level, (int, float)) and 0.0 <= aug_level <= 1.0):
             raise LdmError(f"--aug-level must lie in [0, 1] (0 = the exact low-res image, 1 = pure noise), "
                            f"got {aug_level}")
+        if upscale_strength is not None:
+            check_start_strength(upscale_strength)
+            if not any(s.super_resolution for s in self.stages[1:]):
+                raise LdmError("--upscale-strength is a pixel super-resolution stage's; this cascade has none (a "
+                               "latent upscaler's input noise is --noise-level)")
         if not isinstance(start_stage, int) or not 1 <= start_stage <= n:
             raise LdmError(f"--start-stage {start_stage}: this cascade has stages 1..{n}")
         if noise_level is not None:
@@ -126,8 +133,10 @@ class Cascade:
             raise LdmError("--init-image with a cascade upscales that image: give --start-stage 2 (or later)")
         if not from_image and options["start_stage"] > 1:
             raise LdmError(f"--start-stage {options['start_stage']} upscales an image: give it with --init-image")
-        for stage, s in zip(self.stages, self.stage_settings(common, **options)):
+        for i, (stage, s) in enumerate(zip(self.stages, self.stage_settings(common, **options))):
             check_settings(s, factor=1, schedule_config=stage.schedule_config, conditional=stage.conditional)
+            if stage.super_resolution:
+                check_steps_left(self.start_strength(i, options["upscale_strength"]), s.steps, f"stage {i + 1}")
         return common
 
     def records(self, settings: GenerationSettings, **options) -> list[dict]:
@@ -144,6 +153,7 @@ class Cascade:
                 row["text_encoder"] = "own" if self.text_groups[i] == i else f"stage {self.text_groups[i] + 1}'s"
             elif i > 0:
                 row["aug_level"] = self.aug_level(i, options["aug_level"])
+                row["start_strength"] = self.start_strength(i, options["upscale_strength"])
             rows.append(row)
         return rows
 
@@ -155,6 +165,9 @@ class Cascade:
     def aug_level(self, index: int, override: float | None) -> float:
         return float(override if override is not None else self.stages[index].stage_config.aug_level)
 
+    def start_strength(self, index: int, override: float | None) -> float:
+        return float(override if override is not None else self.stages[index].stage_config.start_strength)
+
     def noise_level(self, index: int, override: int | None) -> int:
         return int(override if override is not None else self.stages[index].latent_upscale.noise_level)
 
@@ -162,19 +175,23 @@ class Cascade:
         stage = self.stages[index]
         if stage.latent_upscaler:
             return LatentUpscale(low_res, self.noise_level(index, options["noise_level"]), stage.latent_upscale)
-        return SuperResolution(low_res, self.aug_level(index, options["aug_level"]), stage.stage_config.resize_mode)
+        return SuperResolution(low_res, self.aug_level(index, options["aug_level"]), stage.stage_config.resize_mode,
+                               self.start_strength(index, options["upscale_strength"]))
 
     @torch.no_grad()
     def __call__(self, prompt: str, negative_prompt: str | None = None, *, seed: int = 0,
                  init_image: Image.Image | None = None, return_all_stages: bool = False,
                  progress: bool = False, callback: Callable | None = None, stage_steps=None, stage_guidance=None,
-                 stage_sampler=None, aug_level=None, start_stage=None, noise_level=None, strength=None, **settings):
+                 stage_sampler=None, aug_level=None, start_stage=None, noise_level=None, upscale_strength=None,
+                 strength=None, **settings):
         """The last stage's `n` images for `prompt` (with `return_all_stages`, a list of every run stage's images).
 
-        `init_image` with `start_stage` k >= 2 upscales that image with stages k, k+1, ...
+        `init_image` with `start_stage` k >= 2 upscales that image with stages k, k+1, ... `upscale_strength` in
+        (0, 1] starts the SR stages part-way down their schedules (`strength` is img2img's, refused here).
         """
         overrides = dict(stage_steps=stage_steps, stage_guidance=stage_guidance, stage_sampler=stage_sampler,
-                         aug_level=aug_level, start_stage=start_stage, noise_level=noise_level)
+                         aug_level=aug_level, start_stage=start_stage, noise_level=noise_level,
+                         upscale_strength=upscale_strength)
         options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
         self.check_options(**options)
         common = self.settings(from_image=init_image is not None, strength=strength, seed=seed, options=options,
@@ -186,12 +203,14 @@ class Cascade:
 
     @torch.no_grad()
     def batch(self, prompts: list[str], seeds: list[int], negative_prompt: str | None = None, *,
-              aug_level: float | None = None, progress: bool = False, **settings) -> list[Image.Image]:
+              aug_level: float | None = None, upscale_strength: float | None = None, progress: bool = False,
+              **settings) -> list[Image.Image]:
         """One final image per (prompt, seed), the whole batch through every stage: image k is
         `self(prompts[k], seed=seeds[k])[0]`, whatever else shares its batch (per-image noise at every stage)."""
         if len(prompts) != len(seeds):
             raise LdmError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-        options = {**self.options, **({"aug_level": aug_level} if aug_level is not None else {})}
+        overrides = dict(aug_level=aug_level, upscale_strength=upscale_strength)
+        options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
         self.check_options(**options)
         common = self.settings(options=options, **{**settings, "n": 1})
         return self._run(list(prompts), [negative_prompt] * len(prompts), common, options, seeds=list(seeds),

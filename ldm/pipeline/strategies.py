@@ -45,7 +45,7 @@ class TextToImage:
         return Start(draw_noise(shape, generator, stage) * plan.init_noise_scale, plan, cond, denoiser)
 
 
-def _noised(known: torch.Tensor, noise: torch.Tensor, plan: SamplingPlan, steps: int, strength: float):
+def noised_start(known: torch.Tensor, noise: torch.Tensor, plan: SamplingPlan, steps: int, strength: float):
     """The plan without its first steps, and the known latent noised to its first sigma (diffusers' add_noise)."""
     plan = plan.skip(first_step(steps, strength))
     return known + plan.sigmas[0].to(known.device) * noise, plan
@@ -61,7 +61,7 @@ class ImageToImage:
     def start(self, stage, shape, plan, cond, denoiser, generator) -> Start:
         pixels = from_pil(self.image, _pixel_size(stage, shape)).to(stage.device, stage.dtype)
         known = stage.codec.encode(pixels, generator).repeat(shape[0], 1, 1, 1)  # one draw, repeated for the batch
-        x, plan = _noised(known, draw_noise(shape, generator, stage), plan, len(plan.sigmas) - 1, self.strength)
+        x, plan = noised_start(known, draw_noise(shape, generator, stage), plan, len(plan.sigmas) - 1, self.strength)
         return Start(x, plan, cond, denoiser)
 
 
@@ -90,7 +90,7 @@ class Inpainting:
             known = stage.codec.encode(pixels, generator).repeat(shape[0], 1, 1, 1)
         noise = draw_noise(shape, generator, stage)
         if self.strength < 1.0:
-            x, plan = _noised(known, noise, plan, len(plan.sigmas) - 1, self.strength)
+            x, plan = noised_start(known, noise, plan, len(plan.sigmas) - 1, self.strength)
         else:
             x = noise * plan.init_noise_scale
         if not concat:

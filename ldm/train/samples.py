@@ -53,7 +53,8 @@ def upscale_references(parts: LatentDiffusionParts, images: torch.Tensor, captio
                        config: SamplingConfig, device: torch.device) -> list[Image.Image]:
     """An SR stage's preview: per training image, its low-res input (nearest-upsampled), the upscaled sample and the
     ground truth, in rows of three; sampled at the stage's fixed `aug_level` (a latent upscaler: its `noise_level`)
-    through the pipeline's sampling."""
+    through the pipeline's sampling, from pure noise whatever `stage.start_strength` says: the preview shows what the
+    network itself has learned, colours included."""
     if parts.latent_upscale is not None:
         truth = images.float()
         low_res = low_res_of(truth, parts.codec.downsample_factor)
