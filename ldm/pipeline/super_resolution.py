@@ -12,7 +12,7 @@ import torch
 
 from ldm.diffusion.conditioning import add_conditioning
 from ldm.diffusion.noise_augmentation import aug_alpha_sigma, conditioning_image
-from ldm.pipeline.strategies import Start, draw_noise
+from ldm.pipeline.strategies import Start, draw_noise, initial_noise
 
 
 @dataclass
@@ -27,7 +27,7 @@ class SuperResolution:
         aug_alpha_sigma(self.aug_level)  # a level outside [0, 1] is an LdmError now, not mid-sampling
 
     def start(self, stage, shape, plan, cond, denoiser, generator) -> Start:
-        x = draw_noise(shape, generator, stage) * plan.init_noise_scale  # first, as text-to-image draws it
+        x = initial_noise(shape, generator, stage) * plan.init_noise_scale  # first, as text-to-image draws it
         low_res = self.low_res.to(stage.device, stage.dtype)
         if low_res.shape[0] != shape[0]:
             low_res = low_res.repeat_interleave(shape[0] // low_res.shape[0], dim=0)
