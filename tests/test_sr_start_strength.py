@@ -99,7 +99,7 @@ def test_strength_1_is_the_old_start_bit_for_bit(cascade, sampler):
 
 def _start(strength: float, sampler: str = "ddim", steps: int = 10, seed: int = 3):
     """SuperResolution.start on known low-res images, with a stand-in stage: what the sampler would begin from."""
-    stage = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    stage = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, sample_dtype=torch.float32)
     plan = sampling_plan(ScheduleConfig(beta_schedule="cosine"), sampler, steps)
     strategy = SuperResolution(low_res_images(), 0.3, "bicubic", strength)
     start = strategy.start(stage, (2, 3, 32, 32), plan, {}, None, torch.Generator().manual_seed(seed))

@@ -36,7 +36,7 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guida
     size = pipe.default_size // pipe.autoencoder.downsample_factor
     shape = (1, pipe.autoencoder.latent_channels, size, size)
     noise = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=pipe.dtype)
-                       for s in seeds]).to(pipe.device)
+                       for s in seeds]).to(pipe.device, pipe.stage.sample_dtype)  # x in float32, as pipe() keeps it
     plan = sampling_plan(pipe.schedule_config, sampler, steps)
     cond = pipe.encode_prompts(prompts)
     denoiser = pipe.denoiser

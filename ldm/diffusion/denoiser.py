@@ -26,12 +26,18 @@ def batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
 
 
 class Denoiser(nn.Module):
-    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, eq. 7)."""
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, eq. 7).
 
-    def __init__(self, network, scaling):
+    `dtype`: the network's precision, None for x's own. A float16 network is given a float32 x (and returns x0 in
+    float32): x = x0 + sigma * noise reaches 4-5 sigma_max, and sigma_max is 20291 on the cosine schedule, past
+    float16's 65504. Only c_in x, about unit variance, is cast to the network's precision.
+    """
+
+    def __init__(self, network, scaling, dtype: torch.dtype | None = None):
         super().__init__()
         self.network = network
         self.scaling = scaling
+        self.network_dtype = dtype
 
     def noise_input(self, c_noise: torch.Tensor) -> torch.Tensor:
         """The network's noise-level input for the scaling's c_noise."""
@@ -41,7 +47,8 @@ class Denoiser(nn.Module):
         """(x0, variance output or None): a network with 2x the channels of x returns [output, variance] halves."""
         sigma = batch_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in self.scaling(sigma))
-        out = self.network((x * c_in).to(x.dtype), self.noise_input(c_noise.flatten()), **(cond or {}))
+        x_in = (x * c_in).to(self.network_dtype or x.dtype)
+        out = self.network(x_in, self.noise_input(c_noise.flatten()), **(cond or {}))
         if not torch.is_tensor(out):  # diffusers-style output objects
             out = out.sample
         variance = None
@@ -59,8 +66,9 @@ class DiscreteDenoiser(Denoiser):
     t = schedule.sigma_to_t(sigma) is a float32 timestep, an exact integer at the training sigmas.
     """
 
-    def __init__(self, network, schedule: DiscreteSchedule, prediction: str = "epsilon"):
-        super().__init__(network, scaling_for(prediction))
+    def __init__(self, network, schedule: DiscreteSchedule, prediction: str = "epsilon",
+                 dtype: torch.dtype | None = None):
+        super().__init__(network, scaling_for(prediction), dtype)
         self.schedule = schedule
         self.prediction = prediction
 
@@ -82,15 +90,17 @@ class EDMDenoiser(Denoiser):
     sigma_min / sigma_max are the model's sampling range (as `DiscreteDenoiser` has its training sigmas' range).
     """
 
-    def __init__(self, network, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        super().__init__(network, EDMScaling(sigma_data))
+    def __init__(self, network, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 dtype: torch.dtype | None = None):
+        super().__init__(network, EDMScaling(sigma_data), dtype)
         self.sigma_data = sigma_data
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
 
-def build_denoiser(network, schedule_config: ScheduleConfig) -> Denoiser:
-    """The denoiser of a model's schedule: EDM preconditioning for "edm", else its discrete timesteps (eps / v / x0)."""
+def build_denoiser(network, schedule_config: ScheduleConfig, dtype: torch.dtype | None = None) -> Denoiser:
+    """The denoiser of a model's schedule: EDM preconditioning for "edm", else its discrete timesteps (eps / v / x0).
+    `dtype`: the network's precision (None: x's)."""
     c = schedule_config
     if c.is_edm:
-        return EDMDenoiser(network, c.sigma_data, c.sigma_min, c.sigma_max)
-    return DiscreteDenoiser(network, DiscreteSchedule.from_config(c), c.prediction_type)
+        return EDMDenoiser(network, c.sigma_data, c.sigma_min, c.sigma_max, dtype)
+    return DiscreteDenoiser(network, DiscreteSchedule.from_config(c), c.prediction_type, dtype)

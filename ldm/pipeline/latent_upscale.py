@@ -15,7 +15,7 @@ from torch import nn
 from ldm.diffusion.conditioning import add_conditioning
 from ldm.diffusion.latent_upscale import LatentUpscaleConfig, check_noise_level, noise_low_res
 from ldm.errors import LdmError
-from ldm.pipeline.strategies import Start, draw_noise
+from ldm.pipeline.strategies import Start, draw_noise, initial_noise
 
 
 class Float32Codec(nn.Module):
@@ -60,6 +60,6 @@ class LatentUpscale:
         image = noise_low_res(low_res, noise, levels, self.config)
         if image.shape[0] != shape[0]:
             image = image.repeat_interleave(shape[0] // image.shape[0], dim=0)
-        x = draw_noise(shape, generator, stage) * plan.init_noise_scale
+        x = initial_noise(shape, generator, stage) * plan.init_noise_scale
         labels = torch.full((shape[0],), self.noise_level, dtype=torch.long, device=stage.device)
         return Start(x, plan, add_conditioning(cond, concat=image, y=labels), denoiser)

@@ -55,7 +55,7 @@ class LowNoise:
     steps: int
 
     def start(self, stage, shape, plan, cond, denoiser, generator) -> Start:
-        return Start(self.x.to(stage.device, stage.dtype), plan.skip(self.steps), cond, denoiser)
+        return Start(self.x.to(stage.device, stage.sample_dtype), plan.skip(self.steps), cond, denoiser)
 
 
 class ExpertEnsemble:

@@ -33,6 +33,9 @@ class Stage:
                  dtype: torch.dtype = torch.float32, stage_config: StageConfig | None = None,
                  latent_upscale: LatentUpscaleConfig | None = None):
         self.device, self.dtype = torch.device(device), dtype
+        # The sampler's x is at least float32 (float16 cannot hold sigma_max * noise, `Denoiser`); the network, its
+        # conditioning and the codec run in `dtype`.
+        self.sample_dtype = torch.promote_types(dtype, torch.float32)
         self.stage_config = stage_config  # a pixel cascade stage's sizes, augmentation level and thresholding
         self.latent_upscale = latent_upscale  # a latent SR stage's low-res noise schedule (the SD x4 upscaler)
         self.unet = network.to(device=device, dtype=dtype).eval()
@@ -49,7 +52,7 @@ class Stage:
                              else None)
         self.schedule_config = schedule_config
         self.network = ConcatNetwork(self.unet)  # extra input channels: inpainting masks, low-resolution images
-        self.denoiser = build_denoiser(self.network, schedule_config)  # discrete (eps / v / x0) or EDM
+        self.denoiser = build_denoiser(self.network, schedule_config, dtype)  # discrete (eps / v / x0) or EDM
 
     @classmethod
     def from_parts(cls, parts: ModelParts, *, device="cpu", dtype=torch.float32) -> "Stage":

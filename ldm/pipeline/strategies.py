@@ -38,11 +38,17 @@ def draw_noise(shape: tuple[int, ...], generator, stage) -> torch.Tensor:
     return randn(shape, generator, stage.dtype).to(stage.device)
 
 
+def initial_noise(shape: tuple[int, ...], generator, stage) -> torch.Tensor:
+    """`draw_noise` in the sampler's precision, to be scaled by sigma: in float16, randn * 20291 (the cosine
+    schedule's sigma_max) overflows wherever |randn| > 3.2."""
+    return draw_noise(shape, generator, stage).to(stage.sample_dtype)
+
+
 class TextToImage:
     """Start from pure noise: x_T = randn * plan.init_noise_scale."""
 
     def start(self, stage, shape, plan: SamplingPlan, cond: dict, denoiser, generator) -> Start:
-        return Start(draw_noise(shape, generator, stage) * plan.init_noise_scale, plan, cond, denoiser)
+        return Start(initial_noise(shape, generator, stage) * plan.init_noise_scale, plan, cond, denoiser)
 
 
 def noised_start(known: torch.Tensor, noise: torch.Tensor, plan: SamplingPlan, steps: int, strength: float):
@@ -61,7 +67,8 @@ class ImageToImage:
     def start(self, stage, shape, plan, cond, denoiser, generator) -> Start:
         pixels = from_pil(self.image, _pixel_size(stage, shape)).to(stage.device, stage.dtype)
         known = stage.codec.encode(pixels, generator).repeat(shape[0], 1, 1, 1)  # one draw, repeated for the batch
-        x, plan = noised_start(known, draw_noise(shape, generator, stage), plan, len(plan.sigmas) - 1, self.strength)
+        x, plan = noised_start(known, initial_noise(shape, generator, stage), plan, len(plan.sigmas) - 1,
+                               self.strength)
         return Start(x, plan, cond, denoiser)
 
 
@@ -88,7 +95,7 @@ class Inpainting:
             known = stage.codec.encode(pixels).repeat(shape[0], 1, 1, 1)
         elif self.strength < 1.0:
             known = stage.codec.encode(pixels, generator).repeat(shape[0], 1, 1, 1)
-        noise = draw_noise(shape, generator, stage)
+        noise = initial_noise(shape, generator, stage)
         if self.strength < 1.0:
             x, plan = noised_start(known, noise, plan, len(plan.sigmas) - 1, self.strength)
         else:

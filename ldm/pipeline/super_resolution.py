@@ -22,7 +22,7 @@ import torch
 from ldm.diffusion.conditioning import add_conditioning
 from ldm.diffusion.noise_augmentation import aug_alpha_sigma, conditioning_image, upsample
 from ldm.errors import LdmError
-from ldm.pipeline.strategies import Start, draw_noise, noised_start
+from ldm.pipeline.strategies import Start, draw_noise, initial_noise, noised_start
 
 
 def check_start_strength(strength, flag: str = "--upscale-strength") -> None:
@@ -56,7 +56,7 @@ class SuperResolution:
         check_start_strength(self.strength)
 
     def start(self, stage, shape, plan, cond, denoiser, generator) -> Start:
-        noise = draw_noise(shape, generator, stage)  # first, as text-to-image draws it
+        noise = initial_noise(shape, generator, stage)  # first, as text-to-image draws it; the sampler's precision
         low_res = self.low_res.to(stage.device, stage.dtype)
         if low_res.shape[0] != shape[0]:
             low_res = low_res.repeat_interleave(shape[0] // low_res.shape[0], dim=0)
@@ -64,7 +64,7 @@ class SuperResolution:
         image = conditioning_image(low_res, tuple(shape[2:]), self.aug_level, aug_noise, self.resize_mode)
         if self.strength < 1.0:
             check_steps_left(self.strength, len(plan.sigmas) - 1)
-            known = upsample(low_res, tuple(shape[2:]), self.resize_mode)  # clean: not the augmented image
+            known = upsample(low_res, tuple(shape[2:]), self.resize_mode).to(noise.dtype)  # clean: not the augmented image
             x, plan = noised_start(known, noise, plan, len(plan.sigmas) - 1, self.strength)
         else:
             x = noise * plan.init_noise_scale
