@@ -255,13 +255,21 @@ def test_bad_strengths_are_refused_in_python_and_in_configs(models, cascade):
             StageConfig(resolution=32, low_res_size=16, start_strength=bad)
 
 
-def test_the_emoji_upscaler_starts_at_0_3_and_every_paper_stage_from_noise():
+def test_the_emoji_upscaler_starts_part_way_as_its_bundle_does_and_every_paper_stage_from_noise():
+    bundled = Path(__file__).resolve().parents[1] / "ldm" / "assets" / "default-upscaler" / "config.yaml"
     for path in sorted(CONFIGS.glob("imagen-*.yaml")):
         section = load_yaml(path)["model"].get("stage")
         if section is None:
             continue
         strength = from_dict(StageConfig, section, where="stage").start_strength
-        assert strength == (0.3 if path.name == "imagen-sr-emoji.yaml" else 1.0), path.name
+        if path.name != "imagen-sr-emoji.yaml":
+            assert strength == 1.0, path.name  # the paper's stages start from pure noise
+            continue
+        assert 0.0 < strength < 1.0
+        if bundled.is_file():  # the recipe's sampling defaults are the bundle's
+            shipped = load_yaml(bundled)["stage"]
+            assert {k: shipped[k] for k in ("start_strength", "steps", "guidance")} == \
+                {k: section[k] for k in ("start_strength", "steps", "guidance")}
 
 
 def _eval_sr():
