@@ -2,7 +2,7 @@
 
     python tools/bundle_upscaler.py runs/sr-emoji ldm/assets/default-upscaler \
         --text-tower ../clip-emoji/clip-emoji.safetensors \
-        --set stage.start_strength=0.5 stage.steps=8 stage.guidance=1.0 stage.aug_level=0.0
+        --set stage.start_strength=0.5 stage.steps=8 stage.guidance=1.0
 
 The folder gets `config.yaml` (the run's, with `text_encoder.pretrained` naming the bundled CLIP, relative to the
 folder, so the cascade's stages share one text encoder and no copy travels; `--set` overrides, e.g. the sampling

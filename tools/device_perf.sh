@@ -10,7 +10,7 @@
 # Rows go to $OUT/results.jsonl as each benchmark finishes; a step killed by its timeout, or skipped for lack of
 # time, gets a row with `ours: null` and details.error saying so. Everything is logged to $OUT/perf.log.
 #
-#   CUDA_VISIBLE_DEVICES=1 PYTHONPATH=/tmp/site:$PWD bash tools/device_perf.sh        # on the GPU machine
+#   CUDA_VISIBLE_DEVICES=1 PYTHONPATH=/tmp/site:$PWD OUT=out bash tools/device_perf.sh       # on the GPU machine
 #   DRY_RUN=1 OUT=/tmp/dry PYTHONPATH=$PWD bash tools/device_perf.sh                  # every step on the CPU
 #
 # BUDGET_S (default 500) is the whole script's wall-clock limit; PYTHON (default python3) the interpreter.

@@ -10,6 +10,7 @@
 # whole shards, and one shard kept one worker busy and the GPU waiting (190 img/s in the first run).
 set -uo pipefail
 R=/tmp/sr; SHARDS=${SHARDS:-16}
+OUT=${OUT:?set OUT to the folder that receives sr.tar and sr-train.log}; mkdir -p "$OUT"
 TB=$(python3 -c 'import tensorboard' 2>/dev/null && echo tensorboard || echo none)
 export PYTHONUNBUFFERED=1
 rm -rf $R && mkdir -p $R/data
@@ -36,7 +37,13 @@ ARGS=(--config configs/imagen-sr-emoji.yaml --train-data "$R/data/{00000..$(prin
 timeout "${LIMIT:-430}" python3 tools/train.py "${ARGS[@]}" --max-steps "${SR_STEPS:-4000}" log_with=$TB 2>&1 \
     | grep -v -i warn | tee $OUT/sr-train.log | awk 'NR % 20 == 1'
 if [ ! -f $R/sr/unet.safetensors ]; then  # stopped by the time limit: export the newest checkpoint
-  last=$(ls $R/sr/checkpoints | sort | tail -1); step=$((10#${last#step-}))
+  last=$(ls $R/sr/checkpoints 2>/dev/null | sort | tail -1)
+  if [ -z "$last" ]; then  # stopped before the first checkpoint (checkpoint_every): nothing to export
+    echo "error: no checkpoint in $R/sr/checkpoints within LIMIT=${LIMIT:-430} s; lower checkpoint_every (SR_OVERRIDES)" \
+        | tee -a $OUT/sr-train.log
+    exit 1
+  fi
+  step=$((10#${last#step-}))
   # no preview grid here: a run resumed at its last step has read no training image to upscale
   python3 tools/train.py "${ARGS[@]}" --resume latest --max-steps $step log_with=none sampling.at_end=false 2>&1 \
       | tail -3 | tee -a $OUT/sr-train.log

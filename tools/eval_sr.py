@@ -83,7 +83,8 @@ def upscale(args: argparse.Namespace) -> int:
     pipe = None if args.bicubic else load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if pipe is not None:
         strength = pipe.stage.stage_config.start_strength if args.strength is None else args.strength
-        check_steps_left(strength, args.steps, f"--model {args.model}", "--strength")
+        steps = args.steps if args.steps is not None else (pipe.stage.stage_config.steps or 20)
+        check_steps_left(strength, steps, f"--model {args.model}", "--strength")
     args.out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start: start + args.batch_size]
@@ -94,7 +95,7 @@ def upscale(args: argparse.Namespace) -> int:
             stage = pipe.stage
             level = stage.stage_config.aug_level if args.aug_level is None else args.aug_level
             size = stage.stage_config.resolution
-            settings = GenerationSettings(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+            settings = GenerationSettings(sampler=args.sampler, steps=steps, guidance=args.guidance,
                                           seed=args.seed + start, height=size, width=size,
                                           dynamic_threshold=args.dynamic_threshold)
             images = sample(stage, [r["caption"] for r in batch], settings,
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="start strength in (0, 1]: 1 = from pure noise, s = from the bicubic image noised s of the "
                    "way up, int(steps * s) steps (default: the model's stage.start_strength)")
     u.add_argument("--guidance", type=float, default=1.0)
-    u.add_argument("--steps", type=int, default=20)
+    u.add_argument("--steps", type=int, default=None, help="default: the model's stage.steps, else 20")
     u.add_argument("--sampler", default="dpmpp_2m")
     u.add_argument("--seed", type=int, default=0)
     u.add_argument("--dynamic-threshold", type=float, default=None, help="percentile; 0 = off (default: the model's)")
