@@ -15,6 +15,7 @@ noise. So a seed's conditioning image is the same at every strength, and strengt
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from ldm.pipeline.strategies import Start, draw_noise, initial_noise, noised_sta
 
 def check_start_strength(strength, flag: str = "--upscale-strength") -> None:
     """Refuse a start strength outside (0, 1] before any work, naming the flag it came from."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength) \
             or not 0.0 < strength <= 1.0:
         raise LdmError(f"{flag} must lie in (0, 1] (1 = start the SR stage from pure noise, as Imagen; 0.3 = from "
                        f"the upsampled image noised 30% of the way up), got {strength}")
