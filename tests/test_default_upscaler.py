@@ -75,3 +75,16 @@ def test_txt2img_upscaler_default_writes_a_256px_png(tmp_path):
                  "--out", str(tmp_path)]) == 0
     files = sorted(tmp_path.glob("*.png"))
     assert len(files) == 1 and Image.open(files[0]).size == (256, 256)
+
+
+def test_a_python_call_without_settings_uses_each_stages_own_defaults():
+    from ldm import load_cascade
+
+    cascade = load_cascade("default", ["default"], device="cpu")
+    sr = cascade.stages[1].default_settings
+    assert (sr["steps"], sr["guidance"]) == (8, 1.0)  # the bundle's stage section, as ldm-txt2img applies it
+    plain = cascade(PROMPT, seed=3)[0]
+    spelled = cascade(PROMPT, seed=3, stage_steps=[30, 8], stage_guidance=[7.5, 1.0])[0]  # the base has none: 30 / 7.5
+    assert np.array_equal(np.asarray(plain), np.asarray(spelled))
+    common = cascade(PROMPT, seed=3, steps=8, guidance=1.0)[0]  # a common value given: every stage takes it
+    assert not np.array_equal(np.asarray(plain), np.asarray(common))

@@ -193,6 +193,7 @@ class Cascade:
                          aug_level=aug_level, start_stage=start_stage, noise_level=noise_level,
                          upscale_strength=upscale_strength)
         options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
+        options, settings = self._own_defaults(options, settings)
         self.check_options(**options)
         common = self.settings(from_image=init_image is not None, strength=strength, seed=seed, options=options,
                                **settings)
@@ -211,10 +212,25 @@ class Cascade:
             raise LdmError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         overrides = dict(aug_level=aug_level, upscale_strength=upscale_strength)
         options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
+        options, settings = self._own_defaults(options, settings)
         self.check_options(**options)
         common = self.settings(options=options, **{**settings, "n": 1})
         return self._run(list(prompts), [negative_prompt] * len(prompts), common, options, seeds=list(seeds),
                          progress=progress)[-1]
+
+    def _own_defaults(self, options: dict, settings: dict) -> tuple[dict, dict]:
+        """Each stage's own steps / guidance / sampler (`Stage.default_settings`: the bundled upscaler's 8 steps at
+        guidance 1, IF's 100 / 50 steps) where the call gives neither the common value nor a per-stage list, as
+        `ldm-txt2img` does; stages without their own take GenerationSettings' defaults."""
+        options, settings = dict(options), dict(settings)
+        for name in SAMPLING_DEFAULTS:
+            if settings.get(name) is not None or options[f"stage_{name}"] is not None:
+                continue
+            settings.pop(name, None)
+            own = [s.default_settings.get(name) for s in self.stages]
+            if any(v is not None for v in own):
+                options[f"stage_{name}"] = own
+        return options, settings
 
     def _run(self, prompts, negatives, common: GenerationSettings, options: dict, *, seeds=None, low_res=None,
              callback=None, progress=False) -> list[list[Image.Image]]:
