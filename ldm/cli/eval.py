@@ -246,8 +246,8 @@ def _generate(args, pipe, sweep: list[dict], accelerator) -> None:
                             batch_size=args.batch_size, negative_prompt=args.negative_prompt, rank=rank, world=world)
             _wait(accelerator)
             seconds = time.perf_counter() - start
-            s["throughput"] = {"images": len(s["missing"]), "seconds": round(seconds, 3), "processes": world,
-                               "images_per_s": round(len(s["missing"]) / seconds, 3)}
+            s["throughput"] = {"images": len(s["missing"]), "seconds": round(seconds, 6), "processes": world,
+                               "images_per_s": round(len(s["missing"]) / seconds, 6)}
             if rank == 0:
                 print(f"generated {len(s['missing'])} images in {seconds:.1f} s "
                       f"({len(s['missing']) / seconds:.2f} images/s on {world} process(es))", file=sys.stderr)
