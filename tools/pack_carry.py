@@ -22,6 +22,13 @@ from ldm.atomic import atomic_path  # noqa: E402
 from ldm.cli.common import cli_main  # noqa: E402
 
 
+def lossless_webp(png: bytes) -> bytes:
+    """The image as lossless WebP: the same pixels in a fraction of PNG's bytes (the loader reads .webp as .png)."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(buffer, format="WEBP", lossless=True, quality=100, method=5)
+    return buffer.getvalue()
+
+
 def pack(src: str, dst: str) -> int:
     """One shard `src` -> gzip-compressed `dst`; returns its size in bytes."""
     with tarfile.open(src) as tin, atomic_path(dst) as tmp, gzip.open(tmp, "wb", compresslevel=9) as gz, \
@@ -29,9 +36,7 @@ def pack(src: str, dst: str) -> int:
         for member in tin.getmembers():
             data = tin.extractfile(member).read()
             if member.name.endswith(".png"):
-                buffer = io.BytesIO()
-                Image.open(io.BytesIO(data)).save(buffer, format="WEBP", lossless=True, quality=100, method=5)
-                data, member.name = buffer.getvalue(), member.name[:-4] + ".webp"
+                data, member.name = lossless_webp(data), member.name[:-4] + ".webp"
             member.size = len(data)
             tout.addfile(member, io.BytesIO(data))
     return Path(dst).stat().st_size

@@ -18,12 +18,11 @@ import sys
 import tarfile
 from pathlib import Path
 
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.atomic import atomic_path  # noqa: E402
 from ldm.cli.common import cli_main  # noqa: E402
+from pack_carry import lossless_webp  # noqa: E402  (tools/ is on the path: this script's folder)
 
 SKIN_TONE = re.compile(r"1F3F[B-F]")  # the Fitzpatrick modifiers in a hexcode
 
@@ -38,12 +37,6 @@ def samples(shards: list[str]):
                 members.setdefault(key, {})[ext] = tar.extractfile(m).read()
             for key, parts in members.items():
                 yield key, parts["png"], parts["txt"], json.loads(parts["json"])
-
-
-def webp(png: bytes) -> bytes:
-    buffer = io.BytesIO()
-    Image.open(io.BytesIO(png)).save(buffer, format="WEBP", lossless=True, quality=100, method=5)
-    return buffer.getvalue()
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -68,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.out) as tmp, gzip.open(tmp, "wb", compresslevel=9) as gz, \
             tarfile.open(fileobj=gz, mode="w") as tar:
         for key, png, caption, _ in kept[args.part::args.parts]:
-            image = webp(png)
+            image = lossless_webp(png)
             if total + len(image) > args.max_bytes:
                 break
             add(tar, f"{key}.webp", image)
