@@ -1,43 +1,62 @@
 #!/usr/bin/env bash
-# The exact command that trained the bundled U-Net on one lent GPU (docs/default-model.md): tools/train.py on the
-# frozen text tower of the bundled CLIP and the bundled autoencoder, inside a time limit (an early stop exports the
-# newest checkpoint), then batched samples of the evaluation prompt sets at guidance 1/3/5/7, and the U-Net (EMA
-# weights, fp16) packed into $OUT in parts small enough to bring back.
-#   LIMIT=420 UNET_STEPS=4500 OUT=out bash tools/device_train_emoji.sh
-# Carried: .carry/emoji/train-*.tar.gz (tools/pack_carry.py), .carry/clip-text.st.gz (tools/carry_text_tower.py pack),
-# .carry/*-prompts.txt; the autoencoder is the committed ldm/assets/default-model/autoencoder.safetensors.
+# Trains the bundled U-Net on one lent GPU (docs/default-model.md): tools/train.py on the frozen text tower of the
+# bundled CLIP and the bundled autoencoder, inside a time limit (an early stop exports the newest checkpoint), then
+# batched samples of the evaluation prompt sets at guidance 1/3/5/7, and the U-Net (EMA weights, fp16) packed into
+# $OUT in parts small enough to bring back.
+#   OUT=out LIMIT=420 UNET_STEPS=4500 bash tools/device_train_emoji.sh .carry/emoji/train-*.tar.gz      (first run)
+#   OUT=out LIMIT=400 UNET_STEPS=3000 PRETRAINED=ldm/assets/default-model bash tools/device_train_emoji.sh PARTS
+#                                      (continued from the bundled U-Net's weights, with a fresh optimizer and EMA)
+# The arguments: the training shards (tools/pack_carry.py: WebP, no json members). They are regrouped into SHARDS
+# plain shards (tools/split_shards.py) so that all data-loader workers read. Carried beside them: $PROMPTS/val-prompts.txt
+# and grid-prompts.txt. The text tower is the bundled CLIP's (configs/emoji.yaml); TEXT_TOWER=FILE.st.gz takes one
+# packed by tools/carry_text_tower.py instead (the first run's way, before the CLIP was in the repository).
+# UNET_OVERRIDES: more config overrides (a CPU dry run: data.batch_size=4 data.num_workers=0 ...).
 set -uo pipefail
-R=/tmp/run; TRAIN='.carry/emoji/train-{00000..00007}.tar.gz'; VAE=${VAE:-../ldm/assets/default-model/autoencoder.safetensors}
+R=${RUN_DIR:-/tmp/run}; SHARDS=${SHARDS:-28}; PROMPTS=${PROMPTS:-.carry}
+OUT=${OUT:?set OUT to the folder that receives model.tar.part-* and unet-train.log}; mkdir -p "$OUT"
+VAE=${VAE:-ldm/assets/default-model/autoencoder.safetensors}
 TB=$(python3 -c 'import tensorboard' 2>/dev/null && echo tensorboard || echo none)
 export PYTHONUNBUFFERED=1
-mkdir -p $R && python3 tools/carry_text_tower.py unpack .carry/clip-text.st.gz $R/clip-text.safetensors || exit 1
-ARGS=(--config configs/emoji.yaml --train-data "$TRAIN" --output-dir $R/emoji model.pretrained.autoencoder=$VAE
-      model.text_encoder.pretrained=$R/clip-text.safetensors progress=false)
+rm -rf $R && mkdir -p $R
+python3 tools/split_shards.py --out $R/data --shards "$SHARDS" "$@" || exit 1
+ARGS=(--config configs/emoji.yaml --train-data "$R/data/{00000..$(printf %05d $((SHARDS - 1)))}.tar"
+      --output-dir $R/emoji model.pretrained.autoencoder=$VAE progress=false)
+if [ -n "${TEXT_TOWER:-}" ]; then
+  python3 tools/carry_text_tower.py unpack "$TEXT_TOWER" $R/clip-text.safetensors || exit 1
+  ARGS+=(model.text_encoder.pretrained=$R/clip-text.safetensors)
+fi
+[ -n "${PRETRAINED:-}" ] && ARGS+=(model.pretrained.unet=$PRETRAINED)
+ARGS+=(${UNET_OVERRIDES:-})
 timeout "${LIMIT:-420}" python3 tools/train.py "${ARGS[@]}" --max-steps "${UNET_STEPS:-4500}" log_with=$TB 2>&1 \
-    | grep -v -i warn | tee $OUT/unet-train.log
+    | grep -v -i warn | tee $OUT/unet-train.log | awk 'NR % 10 == 1'
 if [ ! -f $R/emoji/unet.safetensors ]; then  # stopped by the time limit: export the newest checkpoint
-  last=$(ls $R/emoji/checkpoints | sort | tail -1); step=$((10#${last#step-}))
+  last=$(ls $R/emoji/checkpoints 2>/dev/null | sort | tail -1)
+  if [ -z "$last" ]; then
+    echo "error: no checkpoint in $R/emoji/checkpoints within LIMIT=${LIMIT:-420} s; lower checkpoint_every" \
+        | tee -a $OUT/unet-train.log
+    exit 1
+  fi
+  step=$((10#${last#step-}))
   python3 tools/train.py "${ARGS[@]}" --resume latest --max-steps $step log_with=none 2>&1 | tail -3 | tee -a $OUT/unet-train.log
 fi
 for set in val grid; do
-  python3 tools/eval_default_model.py generate --model $R/emoji --prompts .carry/$set-prompts.txt --guidance 1 3 5 7 \
-      --out $R/gen/$set 2>&1 | grep -v -i warn | tail -4
+  python3 tools/eval_default_model.py generate --model $R/emoji --prompts $PROMPTS/$set-prompts.txt \
+      --guidance ${GUIDANCE:-1 3 5 7} --out $R/gen/$set ${GEN_ARGS:-} 2>&1 | grep -v -i warn | tail -4
 done
-python3 tools/eval_default_model.py generate --model $R/emoji --prompts ldm_eval_v1 --guidance 5 --out $R/gen/ldm_eval_v1 \
-    2>&1 | tail -1
-python3 - <<'PY'
-import os, tarfile
+python3 - "$R" <<'PY'
+import os, sys, tarfile
 from safetensors.torch import load_file, save_file
-src, dst = "/tmp/run/emoji", "/tmp/pack/default-model"
+run = sys.argv[1]
+src, dst = f"{run}/emoji", f"{run}/pack/default-model"
 os.makedirs(dst, exist_ok=True)
 sd = {k: v.half().contiguous() for k, v in load_file(f"{src}/unet.safetensors").items()}
 save_file(sd, f"{dst}/unet.safetensors", metadata={"format": "pt"})
 for extra in ("config.yaml", "train_config.yaml", "logs", "samples"):
-    os.system(f"cp -r {src}/{extra} {dst}/")
-with tarfile.open("/tmp/pack/model.tar", "w") as t:
+    os.system(f"cp -r {src}/{extra} {dst}/ 2>/dev/null")
+with tarfile.open(f"{run}/pack/model.tar", "w") as t:
     t.add(dst, arcname="default-model")
-    if os.path.isdir("/tmp/run/gen"):
-        t.add("/tmp/run/gen", arcname="gen")
+    if os.path.isdir(f"{run}/gen"):
+        t.add(f"{run}/gen", arcname="gen")
 PY
-split -b 15M /tmp/pack/model.tar $OUT/model.tar.part-
+split -b 15M $R/pack/model.tar $OUT/model.tar.part-
 ls -la $OUT

@@ -14,24 +14,7 @@ OUT=${OUT:?set OUT to the folder that receives sr.tar and sr-train.log}; mkdir -
 TB=$(python3 -c 'import tensorboard' 2>/dev/null && echo tensorboard || echo none)
 export PYTHONUNBUFFERED=1
 rm -rf $R && mkdir -p $R/data
-python3 - "$R/data" "$SHARDS" "$@" <<'PY' || exit 1
-import io, sys, tarfile
-out, n, parts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-samples = {}
-for part in parts:
-    with tarfile.open(part) as tar:
-        for m in tar.getmembers():
-            key, _, ext = m.name.partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-writers = [tarfile.open(f"{out}/{i:05d}.tar", "w") for i in range(n)]
-for i, (key, members) in enumerate(sorted(samples.items())):
-    for ext, data in members.items():
-        info = tarfile.TarInfo(f"{key}.{ext}"); info.size = len(data)
-        writers[i % n].addfile(info, io.BytesIO(data))
-for w in writers:
-    w.close()
-print(f"{len(samples)} samples in {n} shards")
-PY
+python3 tools/split_shards.py --out $R/data --shards "$SHARDS" "$@" || exit 1
 ARGS=(--config configs/imagen-sr-emoji.yaml --train-data "$R/data/{00000..$(printf %05d $((SHARDS - 1)))}.tar"
       --output-dir $R/sr progress=false ${SR_OVERRIDES:-})  # SR_OVERRIDES: config overrides (a CPU dry run: smaller batch)
 timeout "${LIMIT:-430}" python3 tools/train.py "${ARGS[@]}" --max-steps "${SR_STEPS:-4000}" log_with=$TB 2>&1 \
