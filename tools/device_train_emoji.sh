@@ -3,9 +3,12 @@
 # bundled CLIP and the bundled autoencoder, inside a time limit (an early stop exports the newest checkpoint), then
 # batched samples of the evaluation prompt sets at guidance 1/3/5/7, and the U-Net (EMA weights, fp16) packed into
 # $OUT in parts small enough to bring back.
-#   OUT=out LIMIT=420 UNET_STEPS=4500 bash tools/device_train_emoji.sh .carry/emoji/train-*.tar.gz      (first run)
-#   OUT=out LIMIT=400 UNET_STEPS=3000 PRETRAINED=ldm/assets/default-model bash tools/device_train_emoji.sh PARTS
-#                                      (continued from the bundled U-Net's weights, with a fresh optimizer and EMA)
+#   OUT=out LIMIT=420 UNET_STEPS=4500 TEXT_TOWER=.carry/clip-text.st.gz SHARDS=8 \
+#       bash tools/device_train_emoji.sh .carry/emoji/train-*.tar.gz                   (the first run, 1,500 steps)
+#   OUT=out LIMIT=390 UNET_STEPS=1500 PRETRAINED=ldm/assets/default-model PROMPTS=/tmp/keep/ub \
+#       UNET_OVERRIDES="compile=false checkpoint_every=250" bash tools/device_train_emoji.sh /tmp/keep/u*/train-*.tar.gz
+#   (continued from the bundled U-Net's weights, with a fresh optimizer and EMA; the shipped U-Net is two such runs:
+#    this one, then UNET_STEPS=1400 with optim.lr=0.0003 added; docs/default-model.md)
 # The arguments: the training shards (tools/pack_carry.py: WebP, no json members). They are regrouped into SHARDS
 # plain shards (tools/split_shards.py) so that all data-loader workers read. Carried beside them: $PROMPTS/val-prompts.txt
 # and grid-prompts.txt. The text tower is the bundled CLIP's (configs/emoji.yaml); TEXT_TOWER=FILE.st.gz takes one
