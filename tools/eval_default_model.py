@@ -8,7 +8,8 @@ generate: image i of the set uses seed `seed + i` and the first DPM-Solver++(2M)
 gets `DIR/cfg<g>/` with metadata.jsonl, which `ldm-eval --images` reads.
 score: per folder the CLIP score with the images' own prompts and with the prompts shuffled (a derangement: the gap
 is what the prompt adds), top-1/top-5 retrieval of each image's own prompt among the folder's distinct prompts, and
-the Frechet distance in the CLIP's image space to `--ref` (not FID: no Inception network is involved).
+the Frechet distance in the CLIP's image space to `--ref` (not FID: no Inception network is involved); each run
+records the guidance scale its folder's metadata.jsonl names (tools/plot_default_model.py plots against it).
 """
 from __future__ import annotations
 
