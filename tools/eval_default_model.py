@@ -8,7 +8,8 @@ generate: image i of the set uses seed `seed + i` and the first DPM-Solver++(2M)
 gets `DIR/cfg<g>/` with metadata.jsonl, which `ldm-eval --images` reads.
 score: per folder the CLIP score with the images' own prompts and with the prompts shuffled (a derangement: the gap
 is what the prompt adds), top-1/top-5 retrieval of each image's own prompt among the folder's distinct prompts, and
-the Frechet distance in the CLIP's image space to `--ref` (not FID: no Inception network is involved).
+the Frechet distance in the CLIP's image space to `--ref` (not FID: no Inception network is involved); each run
+records the guidance scale its folder's metadata.jsonl names (tools/plot_default_model.py plots against it).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.atomic import atomic_path, atomic_write_text  # noqa: E402
 from ldm.cli.common import cli_main  # noqa: E402
+from ldm.textfiles import read_jsonl  # noqa: E402
 
 
 @torch.no_grad()
@@ -80,6 +82,12 @@ def derangement(n: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
+def guidance_of(folder) -> dict:
+    """`{"guidance": g}` when every line of the folder's metadata.jsonl names the same scale (as `generate` writes)."""
+    values = {row.get("guidance") for _, row in read_jsonl(Path(folder) / "metadata.jsonl") if isinstance(row, dict)}
+    return {"guidance": values.pop()} if len(values) == 1 and isinstance(next(iter(values)), (int, float)) else {}
+
+
 def score(args) -> None:
     from ldm.eval.clip_score import ClipModel, clip_score
     from ldm.eval.features import compute_features
@@ -101,7 +109,7 @@ def score(args) -> None:
         index = torch.tensor([distinct.index(t) for t in texts])
         own = clip_score(img, txt[index])
         shuffled = clip_score(img, txt[index[derangement(len(rows))]])
-        run = {"images": str(folder), "n": len(rows), "prompts": len(distinct),
+        run = {"images": str(folder), **guidance_of(folder), "n": len(rows), "prompts": len(distinct),
                "clip_score": float(own.mean()), "clip_score_shuffled": float(shuffled.mean()),
                **{f"retrieval_{k}": v for k, v in prompt_retrieval(img, txt, index).items()}}
         if ref is not None:
