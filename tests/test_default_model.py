@@ -50,3 +50,14 @@ def test_colour_words_come_through():
         means[colour] = np.asarray(image, dtype=float).reshape(-1, 3).mean(0)
     assert means["red"][0] > means["red"][2] + 40  # red channel well above blue
     assert means["blue"][2] > means["blue"][0] + 40
+
+
+def test_the_bundled_model_samples_with_its_own_defaults_where_none_are_given():
+    """Its config's stage section: 25 DPM-Solver++(2M) steps at guidance 5, what docs/default-model.md measures."""
+    from ldm import load_pipeline
+
+    pipe = load_pipeline(device="cpu")
+    s = pipe.settings()
+    assert (s.steps, s.guidance, s.sampler) == (25, 5.0, "dpmpp_2m")
+    assert pipe.settings(steps=10, guidance=2.0).steps == 10  # a given value wins
+    assert not pipe.stage.pixel and pipe.stage.threshold_percentile() is None  # a latent model: no thresholding

@@ -84,7 +84,9 @@ def test_a_python_call_without_settings_uses_each_stages_own_defaults():
     sr = cascade.stages[1].default_settings
     assert (sr["steps"], sr["guidance"]) == (8, 1.0)  # the bundle's stage section, as ldm-txt2img applies it
     plain = cascade(PROMPT, seed=3)[0]
-    spelled = cascade(PROMPT, seed=3, stage_steps=[30, 8], stage_guidance=[7.5, 1.0])[0]  # the base has none: 30 / 7.5
+    base = cascade.stages[0].default_settings
+    assert (base["steps"], base["guidance"], base["sampler"]) == (25, 5.0, "dpmpp_2m")  # the default model's own
+    spelled = cascade(PROMPT, seed=3, stage_steps=[25, 8], stage_guidance=[5.0, 1.0])[0]
     assert np.array_equal(np.asarray(plain), np.asarray(spelled))
     common = cascade(PROMPT, seed=3, steps=8, guidance=1.0)[0]  # a common value given: every stage takes it
     assert not np.array_equal(np.asarray(plain), np.asarray(common))
