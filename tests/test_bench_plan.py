@@ -1,4 +1,5 @@
-"""The GPU-window plumbing of tools/bench.py: error rows, the lever table, --dry-run (never a timing assertion)."""
+"""The GPU-window plumbing of tools/bench.py: error rows, the lever table, --dry-run (never a timing assertion);
+prompt-set generation with ours as ldm-eval runs it, the both-compiled training row alone, the compiled levers alone."""
 import json
 import sys
 import time
@@ -59,3 +60,90 @@ def test_dry_run_takes_every_path_of_the_guided_step_and_its_levers(tmp_path):
     assert configs[:3] == ["eager, NCHW, separate q/k/v, all-True context mask, SDPA default",
                            "+ channels_last (NHWC)", "+ fused q|k|v"]
     assert configs[-3:] == [name for name, *_ in benchmarks.COMPILED_LEVERS]
+
+
+def _bench(**kwargs):
+    return benchmarks.Bench(torch.device("cpu"), "test", backend="eager", tiny=True, **kwargs)
+
+
+def _generate(b, recorded):
+    return benchmarks.eval_generate(b, prompts=4, steps=2, batches=(2, 4), record=recorded.append)
+
+
+@pytest.mark.slow
+def test_eval_generate_records_the_eager_row_then_ours_compiled_against_the_peer_at_its_best():
+    pytest.importorskip("diffusers")  # the peer
+    recorded = []
+    row = _generate(_bench(), recorded)
+    (eager,) = recorded
+    assert eager.benchmark == row.benchmark == "eval_generate_sd15_512_2steps" and row.unit == "images/s"
+    assert eager.details["compiled"] is False and "note" in eager.details
+    assert set(eager.details["images_s_by_batch"]["ours"]) == {"2", "4"}
+    assert eager.ours == max(eager.details["images_s_by_batch"]["ours"].values())
+
+    d = row.details
+    assert d["compiled"] is True and d["mode"] == "reduce-overhead" and "dry_run" in d
+    for side in ("ours", "peer"):  # every batch size timed compiled, its compile seconds kept
+        assert set(d["images_s_by_batch"][side]) == set(d["compile_s"][side]) == {"2", "4"}
+        assert all(isinstance(v, float) and v > 0 for v in d["images_s_by_batch"][side].values())
+    assert row.ours == max(d["images_s_by_batch"]["ours"].values())
+    assert d["eager"]["images_s"] == {"ours": eager.ours, "peer": eager.peer}
+    modes = d["peer_modes"]
+    assert set(modes) == {"eager", "reduce-overhead"} and row.peer == max(modes.values())
+    assert row.peer_name.endswith(", eager" if row.peer == modes["eager"] else "torch.compile(reduce-overhead)")
+    assert row.speedup == pytest.approx(row.ours / row.peer)
+
+
+@pytest.mark.slow
+def test_eval_generate_skips_the_peers_compile_the_budget_cannot_hold(monkeypatch):
+    pytest.importorskip("diffusers")  # the peer
+    b = _bench()
+    real = benchmarks.diffusers_fast
+
+    def budget_spent(*args, **kwargs):  # the budget runs out as the peer's compile would start
+        b.deadline = time.monotonic() - 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(benchmarks, "diffusers_fast", budget_spent)
+    recorded = []
+    row = _generate(b, recorded)
+    d = row.details
+    assert all(isinstance(v, float) for v in d["images_s_by_batch"]["ours"].values())
+    assert all(v.startswith("skipped") for v in d["images_s_by_batch"]["peer"].values())
+    assert d["peer_modes"]["reduce-overhead"].startswith("not measured") and row.peer == d["peer_modes"]["eager"]
+    assert row.peer_name.endswith(", eager") and d["best_batch"]["peer"] == recorded[0].details["best_batch"]["peer"]
+
+
+@pytest.mark.slow
+def test_eval_generate_eager_or_out_of_budget_writes_only_the_eager_row():
+    for b in (_bench(mode=None, peer=False), _bench(peer=False, deadline=time.monotonic() - 1)):
+        recorded = []
+        row = _generate(b, recorded)
+        assert recorded == [] and row.details["compiled"] is False and row.ours > 0 and row.peer is None
+        assert ("compiled_skipped" in row.details) == (b.mode is not None)
+
+
+@pytest.mark.slow
+def test_training_can_start_at_the_both_compiled_row(tmp_path):
+    pytest.importorskip("diffusers")  # the peer
+    out = tmp_path / "results.jsonl"
+    assert _bench_tool().main(["--dry-run", "--out", str(out), "--only", "train_sd15_unet_256", "--batch-256", "2",
+                               "--train-both-compiled"]) == 0
+    (row,) = read_rows(out)
+    d = row["details"]
+    assert row["ours"] > 0 and row["peer"] > 0 and row["peer_name"].endswith("(torch.compile)")
+    assert d["compile"] is True and set(d["compile_s"]) == {"ours", "peer"} and "eager_img_s" not in d
+
+
+@pytest.mark.slow
+def test_the_compiled_levers_alone_write_no_row(tmp_path, capsys):
+    out, levers = tmp_path / "results.jsonl", tmp_path / "levers.jsonl"
+    tool = _bench_tool()
+    assert tool.main(["--dry-run", "--out", str(out), "--only", "unet_step_sd15_512_b1_cfg",
+                      "--compiled-levers-only"]) == 2 and "--levers" in capsys.readouterr().err
+    assert tool.main(["--dry-run", "--out", str(out), "--only", "unet_step_sd15_512_b1_cfg", "--levers", str(levers),
+                      "--compiled-levers-only"]) == 0
+    lines = [json.loads(line) for line in levers.read_text().splitlines()]
+    assert not out.exists()
+    assert [line["config"] for line in lines] == [name for name, *_ in benchmarks.COMPILED_LEVERS]
+    assert all(line["ours_ms"] > 0 and line["dry_run"] for line in lines)

@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levers", type=Path, default=None, metavar="JSONL",
                    help="unet_step also times its levers one at a time (eager: NHWC, fused q|k|v, SDPA kernels, no "
                    "mask; compiled: default, CUDA graphs alone, no mask) and appends them to this file")
+    p.add_argument("--compiled-levers-only", action="store_true",
+                   help="with --levers: unet_step writes only its compiled levers (no row, no eager levers), for a "
+                   "window after one that measured those")
+    p.add_argument("--train-both-compiled", action="store_true",
+                   help="train_*: only the both-compiled row (no eager timing, no ours-compiled row against the "
+                   "eager peer), for a window after one that measured those")
     p.add_argument("--dry-run", action="store_true", help="toy-width networks on the CPU, torch.compile's eager "
                    "backend: runs every code path the GPU run will take, in seconds; the rows say dry_run")
     return p
@@ -87,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
                        "(or --dry-run to exercise the code paths)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
+    if args.compiled_levers_only and (not args.levers or args.eager):
+        raise LdmError("--compiled-levers-only needs --levers FILE and compiled networks: add --levers, drop --eager")
+    if args.train_both_compiled and (args.eager or args.no_train_compile or args.no_peer):
+        raise LdmError("--train-both-compiled compiles both sides' training steps: drop --eager, --no-train-compile "
+                       "and --no-peer")
     if args.eager:
         args.no_train_compile = True
     if args.sdpa:
@@ -99,14 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     if b.peak_flops:
         print(f"measured peak: {b.peak_flops / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul)", flush=True)
     vae_batch = 2 if args.dry_run else 32
+    # --dry-run: 4 prompts at batch 2 and 4 take eval_generate's every path in a few minutes on a 2-core CPU
+    eval_set = {"prompts": 4, "batches": (2, 4)} if args.dry_run else {}
     record = lambda row: (append_rows(args.out, [row]), print(row_json(row), flush=True))  # noqa: E731
     runs = {
         "unet_step_sd15_512_b1_cfg": lambda: bench.unet_step(b),
         "txt2img_sd15_512_50steps_b1": lambda: bench.txt2img(b),
         "vae_encode_256": lambda: bench.vae_encode(b, batch=vae_batch),
-        "eval_generate_sd15_512_25steps": lambda: bench.eval_generate(b),
-        "train_sd15_unet_256": lambda: bench.train(b, 256, args.batch_256, not args.no_train_compile, record),
-        "train_sd15_unet_512": lambda: bench.train(b, 512, args.batch_512, not args.no_train_compile, record),
+        "eval_generate_sd15_512_25steps": lambda: bench.eval_generate(b, record=record, **eval_set),
+        "train_sd15_unet_256": lambda: bench.train(b, 256, args.batch_256, not args.no_train_compile, record,
+                                                   both_compiled_only=args.train_both_compiled),
+        "train_sd15_unet_512": lambda: bench.train(b, 512, args.batch_512, not args.no_train_compile, record,
+                                                   both_compiled_only=args.train_both_compiled),
     }
     for name, run in runs.items():
         if args.only and name not in args.only:
@@ -115,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped {name}: the --budget-s of {args.budget_s:.0f} s is spent", flush=True)
             continue
         t = time.monotonic()
+        if name == "unet_step_sd15_512_b1_cfg" and args.compiled_levers_only:
+            bench.compiled_levers_alone(b)  # each lever waits for the budget to allow it; no row
+            print(f"compiled levers written to {args.levers} ({time.monotonic() - t:.0f} s)", flush=True)
+            continue
         try:
             row = run()
         except Exception as e:  # noqa: BLE001  one failing benchmark must not lose the others' rows

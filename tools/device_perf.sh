@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
 # Issue 12's missing rows in one GPU window of at most ~9 minutes, each benchmark in its own process under a hard
-# timeout (a hang or a slow compile costs only its own step), in priority order:
-#   1. unet_step_sd15_512_b1_cfg, clean (nothing else on this GPU), reduce-overhead both sides, with the lever
-#      table: eager levers one at a time, then compiled ones while its budget lasts -> $OUT/levers.jsonl
-#   2. train_sd15_unet_512, compiled training step, both sides (rows as they come: both eager; ours compiled with
-#      the peer eager; both compiled)
-#   3. train_sd15_unet_256, the same, when enough time is left
-#   4. eval_generate_sd15_512_25steps (eager, best of batch 8 and 16), when enough time is left
-# Rows go to $OUT/results.jsonl as each benchmark finishes; a step killed by its timeout, or skipped for lack of
-# time, gets a row with `ours: null` and details.error saying so. Everything is logged to $OUT/perf.log.
+# timeout (a hang or a slow compile costs only its own step), in the priority order PLAN names:
 #
-#   CUDA_VISIBLE_DEVICES=1 PYTHONPATH=/tmp/site:$PWD OUT=out bash tools/device_perf.sh       # on the GPU machine
+# PLAN=run4 (the default: what runs 1-3 left unmeasured, docs/benchmarks/README.md)
+#   1. train_sd15_unet_256: both eager; ours compiled with the peer eager; both compiled (rows as they come)
+#   2. eval_generate_sd15_512_25steps: both eager (as runs 1-3, best of batch 8 and 16), then ours with the fast
+#      path as ldm-eval runs it (compile_pipeline) at each batch size, then the peer compiled while time is left
+#   3. train_sd15_unet_512 --train-both-compiled: only the both-compiled row (run 3 has the other two; its peer's
+#      compile outran a 300 s limit, ours took 126 s): a 420 s limit
+#   4. unet_step_sd15_512_b1_cfg --compiled-levers-only: the guided step's compiled levers (CUDA graphs alone,
+#      compile default, reduce-overhead with the mask) -> $OUT/levers.jsonl, no row
+# PLAN=run3 (the script that produced run 3, 2026-11-29T20:1x)
+#   1. unet_step_sd15_512_b1_cfg with the lever table; 2. train_sd15_unet_512; 3. train_sd15_unet_256;
+#   4. eval_generate_sd15_512_25steps --eager
+#
+# FROM=N (default 1) starts at the plan's step N: a second window continues where the first one's log says it
+# skipped. Rows go to $OUT/results.jsonl as each benchmark finishes; a step killed by its timeout, or skipped for
+# lack of time, gets a row with `ours: null` and details.error saying so. Everything is logged to $OUT/perf.log.
+#
+#   CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/site:$PWD OUT=out BUDGET_S=560 bash tools/device_perf.sh   # GPU machine
+#   CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/site:$PWD OUT=out BUDGET_S=560 FROM=2 bash tools/device_perf.sh
 #   DRY_RUN=1 OUT=/tmp/dry PYTHONPATH=$PWD bash tools/device_perf.sh                  # every step on the CPU
 #
-# BUDGET_S (default 500) is the whole script's wall-clock limit; PYTHON (default python3) the interpreter.
+# BUDGET_S (default 500; 1500 with DRY_RUN, whose steps all run whatever their GPU estimates) is the whole
+# script's wall-clock limit; PYTHON (default python3) the interpreter.
 set -u
 OUT=${OUT:?set OUT to the folder that receives results.jsonl, levers.jsonl and perf.log}
-BUDGET_S=${BUDGET_S:-500}
+BUDGET_S=${BUDGET_S:-$([ -n "${DRY_RUN:-}" ] && echo 1500 || echo 500)}
 PY=${PYTHON:-python3}
+PLAN=${PLAN:-run4}
+FROM=${FROM:-1}
 mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
 LOG=$OUT/perf.log
@@ -50,6 +62,9 @@ step() {
     local name=$1 cap=$2 need=$3 remaining limit rc rows_before
     shift 3
     remaining=$(left)
+    if [ -n "${DRY_RUN:-}" ]; then
+        need=1  # the toy networks take seconds: every path runs, whatever the GPU estimate
+    fi
     if [ "$remaining" -lt "$need" ]; then
         log "skip $name: ${remaining} s left of ${BUDGET_S}, needs ~${need} s"
         error_row "$name" "skipped: ${remaining} s were left of the ${BUDGET_S} s window, it needs ~${need} s"
@@ -65,7 +80,8 @@ step() {
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         if [ "$(rows "$name")" -gt "$rows_before" ]; then
             error_row "$name" "killed by tools/device_perf.sh at its ${limit} s limit (exit $rc) after its first \
-row(s) were written: what followed (the compiled training step; unet_step's compiled levers) did not finish"
+row(s) were written: what followed (the compiled training step, eval_generate's compiled pass, unet_step's \
+compiled levers) did not finish"
         else
             error_row "$name" "killed by tools/device_perf.sh at its ${limit} s limit (exit $rc); see perf.log"
         fi
@@ -74,15 +90,47 @@ row(s) were written: what followed (the compiled training step; unet_step's comp
     fi
 }
 
-log "device_perf.sh: budget ${BUDGET_S} s, OUT=$OUT, CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
+# nth N NAME CAP_S MIN_S [arguments...]: the plan's step N, unless FROM says a previous window ran it
+nth() {
+    local n=$1
+    shift
+    if [ "$n" -lt "$FROM" ]; then
+        log "step $n ($1): before FROM=$FROM, not run"
+        return
+    fi
+    log "step $n of PLAN=$PLAN"
+    step "$@"
+}
+
+case $PLAN in
+    run3|run4) ;;
+    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run4 (the default) or run3" >&2; exit 2 ;;
+esac
+case $FROM in
+    1|2|3|4) ;;
+    *) echo "tools/device_perf.sh: FROM=$FROM is not a step of the plan; give 1, 2, 3 or 4" >&2; exit 2 ;;
+esac
+log "device_perf.sh: PLAN=$PLAN FROM=$FROM, budget ${BUDGET_S} s, OUT=$OUT, CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")' >>"$LOG" 2>&1
 nvidia-smi --query-gpu=index,name,utilization.gpu,memory.used --format=csv >>"$LOG" 2>&1
 
-# --budget-s 190: unet_step's optional compiled levers start only while they leave training its time (the last
-# --budget-s given wins over step's own)
-step unet_step_sd15_512_b1_cfg 250 60 --levers "$OUT/levers.jsonl" --budget-s 190
-step train_sd15_unet_512 300 120
-step train_sd15_unet_256 300 150
-step eval_generate_sd15_512_25steps 150 75 --eager
+if [ "$PLAN" = run3 ]; then
+    # --budget-s 190: unet_step's optional compiled levers start only while they leave training its time (the
+    # last --budget-s given wins over step's own)
+    nth 1 unet_step_sd15_512_b1_cfg 250 60 --levers "$OUT/levers.jsonl" --budget-s 190
+    nth 2 train_sd15_unet_512 300 120
+    nth 3 train_sd15_unet_256 300 150
+    nth 4 eval_generate_sd15_512_25steps 150 75 --eager
+else
+    # 1: eager ~40 s, ours' compile ~130 s (126 s at 512 px in run 3), the peer's > 125 s: its rows by ~200 s
+    nth 1 train_sd15_unet_256 500 200
+    # 2: the eager pass ~55 s (run 3), then ~150 s per side and batch size compiled (bench.py skips what its
+    # --budget-s cannot hold; ours first, largest batch first)
+    nth 2 eval_generate_sd15_512_25steps 540 250
+    # 3: ours' compile 126 s and the peer's (> 125 s, killed at run 3's 300 s limit) in one 420 s limit
+    nth 3 train_sd15_unet_512 420 360 --train-both-compiled
+    # 4: CUDA graphs alone ~60 s, compile default and reduce-overhead with the mask ~150 s each
+    nth 4 unet_step_sd15_512_b1_cfg 400 80 --levers "$OUT/levers.jsonl" --compiled-levers-only
+fi
 log "done: $(cat "$RESULTS" 2>/dev/null | wc -l) rows in $RESULTS, $(cat "$OUT/levers.jsonl" 2>/dev/null | wc -l) levers"

@@ -21,9 +21,10 @@ from ldm.bench.flops import count_flops, mfu, mfu_from_throughput
 from ldm.bench.models import diffusers_pipeline, diffusers_unet, diffusers_vae, sd15_parts, sd15_unet
 from ldm.bench.record import Row, make_row
 from ldm.bench.timing import alternate, call_times_ms
+from ldm.errors import LdmError
 from ldm.models.attention import set_sdpa_kernels
 from ldm.models.fused import fuse_qkv
-from ldm.pipeline.fast import fast_network
+from ldm.pipeline.fast import compile_pipeline, fast_network
 from ldm.pipeline.images import to_pil
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.pipeline import Pipeline
@@ -230,6 +231,13 @@ def compiled_levers(b: Bench) -> None:
             write_lever(b, name, None, error=f"{type(e).__name__}: {e}"[:2000])
 
 
+def compiled_levers_alone(b: Bench) -> None:
+    """The compiled levers without unet_step's row and eager levers (for a run that has those): the U-Net fused
+    and NHWC first, as unet_step leaves it."""
+    fast_network(b.parts().unet, mode=None)
+    compiled_levers(b)
+
+
 def txt2img(b: Bench, steps: int = 50, guidance: float = 7.5) -> Row:
     """One 512 px image end to end: text encoder, 50 guided DDIM steps, VAE decode, PIL image."""
     size = b.image_size
@@ -253,12 +261,18 @@ def txt2img(b: Bench, steps: int = 50, guidance: float = 7.5) -> Row:
                   "flops_unet_only": flops})
 
 
-def train(b: Bench, resolution: int, batch: int, compile_: bool = True, record=None) -> Row:
+def train(b: Bench, resolution: int, batch: int, compile_: bool = True, record=None, *,
+          both_compiled_only: bool = False) -> Row:
     """One U-Net training step on precomputed latents: fp32 weights, bf16 autocast, fused AdamW, MSE on eps.
 
     The eager step of both sides is timed first; with `compile_` its row goes to `record(row)` at once, so a
-    compile that fails or runs out of time still leaves the eager row in the record.
+    compile that fails or runs out of time still leaves the eager row in the record. `both_compiled_only` skips
+    the eager timing and the ours-compiled-against-the-peer-eager row (rows a run already has): both sides are
+    compiled, then timed; the row is the both-compiled one.
     """
+    if both_compiled_only and not (compile_ and b.peer):
+        raise LdmError("--train-both-compiled needs the compiled step on both sides: drop --eager, "
+                       "--no-train-compile and --no-peer (and have diffusers installed)")
     size = resolution // 8 if not b.tiny else b.image_size // 8
     unet = sd15_unet(b.device, torch.float32, tiny=b.tiny).train()
     models = {"ours": unet}
@@ -285,9 +299,12 @@ def train(b: Bench, resolution: int, batch: int, compile_: bool = True, record=N
         steps[name] = step
     flops = count_flops(steps["ours"])
     details = {"batch": batch, "resolution": resolution, "compile": compile_, "flops_per_step": flops}
-    times = alternate(steps, b.device, warmup=2, rounds=3, repeats=3)
-    details["eager_img_s"] = {k: batch * 1000 / v for k, v in times.items()}
-    if compile_ and record is not None:
+    if both_compiled_only:
+        times, details["note"] = None, "both compiled; the eager timing and the ours-compiled row were skipped"
+    else:
+        times = alternate(steps, b.device, warmup=2, rounds=3, repeats=3)
+        details["eager_img_s"] = {k: batch * 1000 / v for k, v in times.items()}
+    if compile_ and record is not None and not both_compiled_only:
         record(_train_row(b, resolution, batch, times, flops, {**details, "compile": False,
                                                                 "note": "eager, timed before the compiled step"},
                           peer_compiled=False))
@@ -302,7 +319,8 @@ def train(b: Bench, resolution: int, batch: int, compile_: bool = True, record=N
                     model.compile(dynamic=False, backend=b.backend)
                 steps[name]()  # the compile, forward and backward
                 details["compile_s"][name] = round(time.monotonic() - started, 1)
-                if name == "ours" and b.peer and record is not None:
+                print(f"train_sd15_unet_{resolution}: {name} compiled in {details['compile_s'][name]} s", flush=True)
+                if name == "ours" and b.peer and record is not None and not both_compiled_only:
                     ours_ms = alternate({"ours": steps["ours"]}, b.device, warmup=2, rounds=3, repeats=3)["ours"]
                     record(_train_row(b, resolution, batch, {"ours": ours_ms, "peer": times["peer"]}, flops,
                                       {**details, "note": "ours compiled, the peer still eager (its compile "
@@ -311,6 +329,8 @@ def train(b: Bench, resolution: int, batch: int, compile_: bool = True, record=N
         except Exception as e:  # noqa: BLE001  the compiled step failed: record why, keep the eager numbers
             details["compile_error"] = "".join(traceback.format_exception_only(e)).strip()[-2000:]
             details["compile"] = False
+            if times is None:  # no eager numbers to fall back on
+                raise
     del models, steps, unet
     if b.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -352,31 +372,116 @@ def vae_encode(b: Bench, batch: int = 32, resolution: int = 256) -> Row:
                  mfu_from_throughput(flops / batch, ips["ours"], b.peak_flops) if b.peak_flops else None, details)
 
 
-def eval_generate(b: Bench, prompts: int = 16, steps: int = 25, batches: tuple[int, ...] = (8, 16)) -> Row:
-    """Prompt-set generation: `prompts` prompts x 25 guided steps at 512 px, each side at its best batch size."""
+EVAL_PEER = "diffusers StableDiffusionPipeline with a list of prompts (DDIM)"
+EVAL_COMPILE_NEEDS_S = 150  # one side's U-Net and VAE decoder compiled for one batch size, then timed (estimate)
+
+
+def eval_generate(b: Bench, prompts: int = 16, steps: int = 25, batches: tuple[int, ...] = (8, 16),
+                  record=None) -> Row:
+    """Prompt-set generation: `prompts` prompts x 25 guided steps at 512 px, each side at its best batch size.
+
+    Both sides eagerly first (the rows of runs 1-3); then, unless `b.mode` is None (--eager), ours with the fast
+    path as ldm-eval runs it on a GPU (`compile_pipeline`, `--compile auto`) and, while --budget-s lasts, the peer
+    compiled too. With `record`, the eager row goes there at once and the compiled row is returned.
+    """
     texts = [f"{PROMPT}, variation {i}" for i in range(prompts)]
     pipe = Pipeline(b.parts(), device=b.device, dtype=b.dtype)
     size = b.image_size
     settings = pipe.settings(steps=steps, guidance=7.5, sampler="ddim", seed=0, height=size, width=size)
-    best: dict[str, tuple[float, int]] = {}
-    for batch in batches:
-        groups = [texts[i:i + batch] for i in range(0, prompts, batch)]
-        sides = {"ours": lambda groups=groups: [to_pil(sample(pipe.stage, g, settings)) for g in groups]}
-        if b.peer:
-            peer = b.peer_pipeline()
-            sides["peer"] = lambda groups=groups, peer=peer: [
+    groups = {batch: [texts[i:i + batch] for i in range(0, prompts, batch)] for batch in batches}
+    peer = b.peer_pipeline() if b.peer else None
+    runs = {"ours": lambda batch: lambda: [to_pil(sample(pipe.stage, g, settings)) for g in groups[batch]],
+            "peer": lambda batch: lambda: [
                 peer(g, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
-                     generator=torch.Generator(b.device).manual_seed(0)) for g in groups]
+                     generator=torch.Generator(b.device).manual_seed(0)) for g in groups[batch]]}
+    names = ["ours", "peer"] if peer is not None else ["ours"]
+    rate = lambda ms: prompts * 1000 / ms  # noqa: E731
+    eager_rates: dict[str, dict[str, float]] = {name: {} for name in names}
+    for batch in batches:
         with torch.no_grad(), eager():
-            times = alternate(sides, b.device, warmup=1, rounds=2, repeats=1)
+            times = alternate({name: runs[name](batch) for name in names}, b.device, warmup=1, rounds=2, repeats=1)
         for name, ms in times.items():
-            rate = prompts * 1000 / ms
-            if rate > best.get(name, (0, 0))[0]:
-                best[name] = (rate, batch)
-    return b.row(f"eval_generate_sd15_512_{steps}steps", best["ours"][0], best.get("peer", (None,))[0],
-                 "diffusers StableDiffusionPipeline with a list of prompts (DDIM)", "images/s", None,
-                 {"prompts": prompts, "steps": steps, "batches_tried": list(batches), "compiled": False,
-                  "best_batch": {k: v[1] for k, v in best.items()}})
+            eager_rates[name][str(batch)] = rate(ms)
+    details = {"prompts": prompts, "steps": steps, "batches_tried": list(batches), "compiled": False,
+               "best_batch": {name: int(_best(eager_rates[name])[0]) for name in names},
+               "images_s_by_batch": eager_rates}
+    best = {name: _best(eager_rates[name])[1] for name in names}
+    needs = 5 if b.tiny else EVAL_COMPILE_NEEDS_S
+
+    def eager_row(extra: dict) -> Row:
+        return b.row(f"eval_generate_sd15_512_{steps}steps", best["ours"], best.get("peer"), EVAL_PEER, "images/s",
+                     None, {**details, **extra})
+
+    if b.mode is None:
+        return eager_row({})
+    if b.seconds_left() < needs:
+        return eager_row({"compiled_skipped": f"{b.seconds_left():.0f} s left of --budget-s, the compiled pass "
+                                              f"needs ~{needs} s per side and batch size"})
+    if record is not None:
+        record(eager_row({"note": "eager, both sides (as runs 1-3); ours compiled follows in the next row"}))
+    return _eval_generate_compiled(b, pipe, runs, names, batches, needs, rate, best, details)
+
+
+def _best(rates: dict) -> tuple[str | None, float | None]:
+    """(batch, images/s) of the fastest batch among `rates` (notes for skipped or failed batches ignored)."""
+    measured = [(batch, r) for batch, r in rates.items() if isinstance(r, float)]
+    return max(measured, key=lambda item: item[1]) if measured else (None, None)
+
+
+def _eval_generate_compiled(b: Bench, pipe, runs, names, batches, needs, rate, eager_best, details) -> Row:
+    """eval_generate's compiled pass: ours at each batch size (largest first: best eagerly in runs 1 and 3), then
+    the peer; each compile is the first call of its batch size (warm-up), its seconds go to details."""
+    compiled: dict[str, dict] = {name: {} for name in names}
+    compile_s: dict[str, dict] = {name: {} for name in names}
+    compile_pipeline(pipe, mode=b.mode, backend=b.backend)  # what `ldm-eval --compile auto` does on a GPU
+    for name in names:
+        if name == "peer":  # diffusers' fastest documented settings, as txt2img compiles them
+            peer = b.peer_pipeline()
+            diffusers_fast(peer.unet, b.mode, backend=b.backend)
+            diffusers_fast(peer.vae.decoder, b.mode, fuse=False, backend=b.backend)
+        for batch in sorted(batches, reverse=True):
+            if b.seconds_left() < needs:
+                compiled[name][str(batch)] = f"skipped: {b.seconds_left():.0f} s left of --budget-s, needs ~{needs} s"
+                continue
+            sides = {name: runs[name](batch)}
+            if name == "peer" and isinstance(compiled["ours"].get(str(batch)), float):
+                sides = {"ours": runs["ours"](batch), **sides}  # alternating with ours, the record's rule
+            started = time.monotonic()
+            try:
+                with torch.no_grad():
+                    sides[name]()  # the compile (and CUDA-graph warm-up) of this batch size
+                    compile_s[name][str(batch)] = round(time.monotonic() - started, 1)
+                    times = alternate(sides, b.device, warmup=2, rounds=2, repeats=1)
+            except Exception as e:  # noqa: BLE001  a failed compile must not lose the other batch sizes
+                compiled[name][str(batch)] = f"error: {type(e).__name__}: {e}"[:2000]
+                continue
+            for n, ms in times.items():
+                compiled[n][str(batch)] = rate(ms)
+            print(f"eval_generate compiled, {name} at batch {batch}: {rate(times[name]):.2f} images/s "
+                  f"(compile {compile_s[name][str(batch)]} s)", flush=True)
+    ours_batch, ours = _best(compiled["ours"])
+    peer_modes, peer_batch, peer, peer_name = {}, None, None, None
+    if "peer" in names:
+        peer_batch, peer_compiled = _best(compiled["peer"])
+        peer_modes = {"eager": eager_best["peer"], b.mode: peer_compiled if peer_compiled is not None else
+                      "not measured: " + "; ".join(f"batch {k}: {v}" for k, v in compiled["peer"].items())}
+        peer, peer_name = peer_compiled, f"{EVAL_PEER}, U-Net and VAE decoder fused/channels_last/{b.compiled}"
+        if peer_compiled is None or eager_best["peer"] > peer_compiled:  # the peer at its best of both
+            peer, peer_batch, peer_name = eager_best["peer"], details["best_batch"]["peer"], f"{EVAL_PEER}, eager"
+    extra = {"compiled": ours is not None, "mode": b.mode,
+             "best_batch": {"ours": None if ours_batch is None else int(ours_batch),
+                            **({"peer": int(peer_batch)} if peer_batch is not None else {})},
+             "images_s_by_batch": compiled, "compile_s": compile_s,
+             "eager": {"images_s": eager_best, "best_batch": details["best_batch"],
+                       "images_s_by_batch": details["images_s_by_batch"]},
+             "note": "ours with the fast path as ldm-eval generates (compile_pipeline, --compile auto), against the "
+                     "peer at its best (peer_modes)"}
+    if peer_modes:
+        extra["peer_modes"] = peer_modes
+    if ours is None:
+        extra["error"] = "no compiled batch size of ours was measured: see images_s_by_batch"
+    return b.row(f"eval_generate_sd15_512_{details['steps']}steps", ours, peer, peer_name, "images/s", None,
+                 {**details, **extra})
 
 
 def cpu_default_model(command: str, steps: int = 25, guidance: float = 5.0, runs: int = 3) -> Row:
