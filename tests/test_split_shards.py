@@ -55,3 +55,12 @@ def test_split_refuses_a_missing_part(tmp_path):
                            str(tmp_path / "nope.tar.gz")], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT)
     assert proc.returncode == 2
     assert "nope.tar.gz" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_split_refuses_a_sample_key_repeated_across_parts(tmp_path):
+    write_part(tmp_path / "a.tar", ["0001", "0002"], "w")
+    write_part(tmp_path / "b.tar", ["0002"], "w")  # 0002 again: one copy would silently replace the other
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/split_shards.py"), "--out", str(tmp_path / "o"),
+                           str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=ROOT)
+    assert proc.returncode == 2 and "0002" in proc.stderr and not (tmp_path / "o").exists()

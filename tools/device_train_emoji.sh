@@ -20,8 +20,8 @@ OUT=${OUT:?set OUT to the folder that receives model.tar.part-* and unet-train.l
 VAE=${VAE:-ldm/assets/default-model/autoencoder.safetensors}
 TB=$(python3 -c 'import tensorboard' 2>/dev/null && echo tensorboard || echo none)
 export PYTHONUNBUFFERED=1
-rm -rf $R && mkdir -p $R
-python3 tools/split_shards.py --out $R/data --shards "$SHARDS" "$@" || exit 1
+rm -rf "$R" && mkdir -p "$R"
+python3 tools/split_shards.py --out "$R/data" --shards "$SHARDS" "$@" || exit 1
 ARGS=(--config configs/emoji.yaml --train-data "$R/data/{00000..$(printf %05d $((SHARDS - 1)))}.tar"
       --output-dir $R/emoji model.pretrained.autoencoder=$VAE progress=false)
 if [ -n "${TEXT_TOWER:-}" ]; then
@@ -32,6 +32,11 @@ fi
 ARGS+=(${UNET_OVERRIDES:-})
 timeout "${LIMIT:-420}" python3 tools/train.py "${ARGS[@]}" --max-steps "${UNET_STEPS:-4500}" log_with=$TB 2>&1 \
     | grep -v -i warn | tee $OUT/unet-train.log | awk 'NR % 10 == 1'
+rc=${PIPESTATUS[0]}
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then  # 124: the time limit, handled below; anything else is a failure
+  echo "error: tools/train.py exited $rc (not the time limit); see $OUT/unet-train.log" | tee -a $OUT/unet-train.log
+  exit "$rc"
+fi
 if [ ! -f $R/emoji/unet.safetensors ]; then  # stopped by the time limit: export the newest checkpoint
   last=$(ls $R/emoji/checkpoints 2>/dev/null | sort | tail -1)
   if [ -z "$last" ]; then
@@ -41,6 +46,7 @@ if [ ! -f $R/emoji/unet.safetensors ]; then  # stopped by the time limit: export
   fi
   step=$((10#${last#step-}))
   python3 tools/train.py "${ARGS[@]}" --resume latest --max-steps $step log_with=none 2>&1 | tail -3 | tee -a $OUT/unet-train.log
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "error: exporting $last failed" | tee -a $OUT/unet-train.log; exit 1; }
 fi
 for set in val grid; do
   python3 tools/eval_default_model.py generate --model $R/emoji --prompts $PROMPTS/$set-prompts.txt \
@@ -61,5 +67,6 @@ with tarfile.open(f"{run}/pack/model.tar", "w") as t:
     if os.path.isdir(f"{run}/gen"):
         t.add(f"{run}/gen", arcname="gen")
 PY
-split -b 15M $R/pack/model.tar $OUT/model.tar.part-
+[ $? -eq 0 ] || exit 1
+split -b 15M "$R/pack/model.tar" "$OUT/model.tar.part-" || exit 1
 ls -la $OUT

@@ -81,13 +81,13 @@ def derangement(n: int, seed: int = 0) -> torch.Tensor:
             return perm
 
 
-@torch.no_grad()
 def guidance_of(folder) -> dict:
     """`{"guidance": g}` when every line of the folder's metadata.jsonl names the same scale (as `generate` writes)."""
     values = {row.get("guidance") for _, row in read_jsonl(Path(folder) / "metadata.jsonl") if isinstance(row, dict)}
     return {"guidance": values.pop()} if len(values) == 1 and isinstance(next(iter(values)), (int, float)) else {}
 
 
+@torch.no_grad()
 def score(args) -> None:
     from ldm.eval.clip_score import ClipModel, clip_score
     from ldm.eval.features import compute_features

@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import sys
 import tarfile
 from pathlib import Path
+
+# webdataset's rule (`base_plus_ext`): the key is the path up to the first dot of the file name
+MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+class SplitError(Exception):
+    """An input that cannot be regrouped without losing or mixing samples."""
 
 
 def read_samples(parts: list[str]) -> dict[str, dict[str, bytes]]:
@@ -23,8 +31,15 @@ def read_samples(parts: list[str]) -> dict[str, dict[str, bytes]]:
             for member in tar.getmembers():
                 if not member.isfile():
                     continue
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                m = MEMBER_NAME.match(member.name)
+                if m is None:
+                    raise SplitError(f"{part}: member {member.name!r} has no KEY.EXT name (webdataset's layout)")
+                key, ext = m.groups()
+                members = samples.setdefault(key, {})
+                if ext in members:  # the same sample in two parts (or twice in one): refuse rather than drop one
+                    raise SplitError(f"{part}: {member.name} appears twice among the parts (a sample given twice); "
+                                     "give each part once")
+                members[ext] = tar.extractfile(member).read()
     return samples
 
 
@@ -57,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.shards < 1:
         print("error: --shards must be at least 1", file=sys.stderr)
         return 2
-    samples = read_samples(args.parts)
+    try:
+        samples = read_samples(args.parts)
+    except (SplitError, tarfile.TarError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     write_shards(samples, args.out, args.shards)
     print(f"{len(samples)} samples from {len(args.parts)} part(s) in {args.shards} shards under {args.out}")
     return 0

@@ -47,6 +47,13 @@ def run(args: argparse.Namespace) -> list[str]:
     components = load_model(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle, config=args.config,
                             prediction_type=prediction)
     save(components, dst, args.to)
+    own = {k: v for k, v in (components.config.get("stage") or {}).items()
+           if k in ("steps", "guidance", "sampler") and v is not None}
+    if_diffusers = args.to == "diffusers" and components.config.get("unet", {}).get("type") == "if_unet"
+    if own and args.to != "native" and not if_diffusers:  # an IF folder keeps them (ldm/io/if_format.py)
+        return [*components.notes, f"the model's own sampling defaults ({', '.join(f'{k} {v}' for k, v in own.items())}) "
+                f"have no place in the {args.to} format and were not written: pass them as --steps / --guidance / "
+                "--sampler, or convert --to native"]
     return components.notes
 
 

@@ -26,7 +26,8 @@ RESIZE_MODES = ("bicubic", "bilinear", "nearest", "bilinear_align_corners")  # t
 
 @dataclass
 class StageConfig:
-    """What a pixel cascade stage needs besides its networks: sizes, noise augmentation, dynamic thresholding."""
+    """What a pixel cascade stage needs besides its networks: sizes, noise augmentation, dynamic thresholding; and
+    any model's own sampling defaults (steps, guidance, sampler: all a latent model's `stage` section may set)."""
 
     resolution: int = 64  # output size in pixels (a square)
     low_res_size: int | None = None  # SR stage: size of the previous stage's images; None: a base stage

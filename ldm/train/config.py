@@ -35,7 +35,8 @@ class ModelConfig:
     # decides whether it trains with the U-Net: by default only the small encoder does)
     schedule: dict = field(default_factory=dict)  # ldm.diffusion.schedules.ScheduleConfig (diffusers keys)
     stage: dict | None = None  # a pixel cascade stage: ldm.diffusion.noise_augmentation.StageConfig (an SR stage
-    # names low_res_size and trains on low-res images made from its own samples)
+    # names low_res_size and trains on low-res images made from its own samples); on a latent model only its own
+    # sampling defaults: {steps, guidance, sampler} (configs/emoji.yaml)
     latent_upscale: dict | None = None  # a latent upscaler (the SD x4 upscaler): ldm.diffusion.latent_upscale.
     # LatentUpscaleConfig; trains on low-res images made from its own samples, noised at random levels
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)

@@ -28,6 +28,7 @@ from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder, hf_c
 from ldm.models.unet import UNetConfig, UNetModel
 from ldm.train.config import LossConfig, ModelConfig
 
+SAMPLING_DEFAULTS = ("steps", "guidance", "sampler")  # what a latent model's `stage` section may hold: its own sampling defaults
 PREFIXES = {"unet": "model.diffusion_model.", "autoencoder": "first_stage_model.", "text_encoder": "cond_stage_model."}
 
 
@@ -40,7 +41,8 @@ class LatentDiffusionParts:
     text_encoder: nn.Module
     schedule: ScheduleConfig
     text_encoder_config: Any  # ldm.models.text_encoders.TextEncoderConfig
-    stage: StageConfig | None = None  # a pixel cascade stage (sizes, augmentation, thresholding)
+    stage: StageConfig | None = None  # a pixel cascade stage (sizes, augmentation, thresholding); a latent
+    # model's holds only its own sampling defaults (SAMPLING_DEFAULTS)
     latent_upscale: LatentUpscaleConfig | None = None  # a latent upscaler (the SD x4 upscaler)
 
     @property
@@ -69,7 +71,10 @@ class LatentDiffusionParts:
                    "text_encoder": self.text_encoder_config}
         config = config_sections(configs, self.schedule)
         if self.stage is not None:
-            config["stage"] = to_plain(self.stage)
+            stage = to_plain(self.stage)
+            if self.autoencoder is not None:  # a latent model's stage section holds only its sampling defaults
+                stage = {k: stage[k] for k in SAMPLING_DEFAULTS if stage[k] is not None}
+            config["stage"] = stage
         if self.latent_upscale is not None:
             config[LATENT_UPSCALE_SECTION] = to_plain(self.latent_upscale)
         return ModelParts(unet=self.unet, autoencoder=self.autoencoder, text_encoder=self.text_encoder,
@@ -159,8 +164,10 @@ def build_parts(config: ModelConfig) -> LatentDiffusionParts:
     if unet.config.in_channels < channels:
         raise ConfigError(f"model.unet.in_channels={unet.config.in_channels} is fewer than the {channels} channels "
                           f"it denoises ({'latent' if autoencoder is not None else 'RGB'})")
-    if stage is not None and not pixel:
-        raise ConfigError("model.stage describes a pixel cascade stage: set model.autoencoder=null")
+    if stage is not None and not pixel and set(config.stage) - set(SAMPLING_DEFAULTS):
+        raise ConfigError(f"model.stage sets {sorted(set(config.stage) - set(SAMPLING_DEFAULTS))}, which describe a "
+                          "pixel cascade stage: set model.autoencoder=null, or keep only the sampling defaults "
+                          f"{list(SAMPLING_DEFAULTS)} in a latent model's model.stage")
     if stage is not None and (stage.low_res_size is not None) != (unet.config.in_channels == 2 * channels):
         raise ConfigError(f"model.unet.in_channels={unet.config.in_channels}: a super-resolution stage (model.stage."
                           f"low_res_size) takes {2 * channels} channels (the noisy image and the low-res image), a "
