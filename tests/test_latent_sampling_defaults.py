@@ -29,3 +29,16 @@ def test_a_pixel_stage_field_on_a_latent_model_is_refused(field):
     config = from_dict(ModelConfig, {**TINY_TRAIN_MODEL, "random_autoencoder": True, "stage": {**OWN, **field}})
     with pytest.raises(ConfigError, match=f"{next(iter(field))}.*autoencoder=null"):
         build_parts(config)
+
+
+def test_convert_to_another_format_says_it_drops_the_sampling_defaults(tmp_path, capsys):
+    from ldm.cli.convert import main
+
+    parts = build_parts(from_dict(ModelConfig, {**TINY_TRAIN_MODEL, "random_autoencoder": True, "stage": OWN}))
+    save_native(parts.model_parts(), tmp_path / "model")
+    assert main([str(tmp_path / "model"), str(tmp_path / "again"), "--to", "native"]) == 0
+    assert "sampling defaults" not in capsys.readouterr().err  # native keeps them
+    assert load_pipeline(str(tmp_path / "again"), device="cpu").settings().steps == 7
+    assert main([str(tmp_path / "model"), str(tmp_path / "pipe"), "--to", "diffusers"]) == 0
+    err = capsys.readouterr().err
+    assert "sampling defaults (steps 7, guidance 2.5, sampler euler)" in err and "--to native" in err
