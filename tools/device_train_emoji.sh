@@ -30,24 +30,8 @@ if [ -n "${TEXT_TOWER:-}" ]; then
 fi
 [ -n "${PRETRAINED:-}" ] && ARGS+=(model.pretrained.unet=$PRETRAINED)
 ARGS+=(${UNET_OVERRIDES:-})
-timeout "${LIMIT:-420}" python3 tools/train.py "${ARGS[@]}" --max-steps "${UNET_STEPS:-4500}" log_with=$TB 2>&1 \
-    | grep -v -i warn | tee $OUT/unet-train.log | awk 'NR % 10 == 1'
-rc=${PIPESTATUS[0]}
-if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then  # 124: the time limit, handled below; anything else is a failure
-  echo "error: tools/train.py exited $rc (not the time limit); see $OUT/unet-train.log" | tee -a $OUT/unet-train.log
-  exit "$rc"
-fi
-if [ ! -f $R/emoji/unet.safetensors ]; then  # stopped by the time limit: export the newest checkpoint
-  last=$(ls $R/emoji/checkpoints 2>/dev/null | sort | tail -1)
-  if [ -z "$last" ]; then
-    echo "error: no checkpoint in $R/emoji/checkpoints within LIMIT=${LIMIT:-420} s; lower checkpoint_every" \
-        | tee -a $OUT/unet-train.log
-    exit 1
-  fi
-  step=$((10#${last#step-}))
-  python3 tools/train.py "${ARGS[@]}" --resume latest --max-steps $step log_with=none 2>&1 | tail -3 | tee -a $OUT/unet-train.log
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "error: exporting $last failed" | tee -a $OUT/unet-train.log; exit 1; }
-fi
+source tools/timed_train.sh
+LOG_WITH=$TB timed_train "${LIMIT:-420}" "${UNET_STEPS:-4500}" $OUT/unet-train.log 10 $R/emoji "${ARGS[@]}" || exit
 for set in val grid; do
   python3 tools/eval_default_model.py generate --model $R/emoji --prompts $PROMPTS/$set-prompts.txt \
       --guidance ${GUIDANCE:-1 3 5 7} --out $R/gen/$set ${GEN_ARGS:-} 2>&1 | grep -v -i warn | tail -4

@@ -24,6 +24,10 @@ from ldm.errors import ConfigError, LdmError
 RESIZE_MODES = ("bicubic", "bilinear", "nearest", "bilinear_align_corners")  # the last: DeepFloyd IF-II
 
 
+SAMPLING_DEFAULTS = ("steps", "guidance", "sampler")  # a model's own sampling defaults: all a latent model's
+# `stage` section may hold (StageConfig's last three fields)
+
+
 @dataclass
 class StageConfig:
     """What a pixel cascade stage needs besides its networks: sizes, noise augmentation, dynamic thresholding; and

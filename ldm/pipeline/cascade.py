@@ -20,6 +20,7 @@ from PIL import Image
 
 from ldm.config import to_plain
 from ldm.diffusion.latent_upscale import check_noise_level
+from ldm.diffusion.noise_augmentation import SAMPLING_DEFAULTS
 from ldm.errors import LdmError
 from ldm.pipeline.default_model import DEFAULT, default_upscaler_path
 from ldm.pipeline.images import from_pil, to_pil
@@ -359,9 +360,6 @@ def load_cascade(base, upscalers=(), *, device: str | None = None, dtype=None, a
 
     upscalers = [default_upscaler_path() if m == DEFAULT else m for m in upscalers]
     return Cascade([pipeline(base), *(pipeline(m) for m in upscalers)], **options)
-
-
-SAMPLING_DEFAULTS = ("steps", "guidance", "sampler")  # what a model's `stage` section may choose for its users
 
 
 def use_model_defaults(pipe, **given) -> dict:

@@ -17,7 +17,7 @@ from ldm.diffusion.conditioning import ConcatNetwork, takes_pooled_text
 from ldm.diffusion.conditioning import text_conditioning as _text_conditioning
 from ldm.diffusion.latent_upscale import SECTION as LATENT_UPSCALE_SECTION
 from ldm.diffusion.latent_upscale import LatentUpscaleConfig
-from ldm.diffusion.noise_augmentation import StageConfig
+from ldm.diffusion.noise_augmentation import SAMPLING_DEFAULTS, StageConfig
 from ldm.io.checkpoint import load_into, read_state_dict
 from ldm.io.components import ModelParts, codec_for, config_sections
 from ldm.io.formats import load_model
@@ -28,7 +28,6 @@ from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder, hf_c
 from ldm.models.unet import UNetConfig, UNetModel
 from ldm.train.config import LossConfig, ModelConfig
 
-SAMPLING_DEFAULTS = ("steps", "guidance", "sampler")  # what a latent model's `stage` section may hold: its own sampling defaults
 PREFIXES = {"unet": "model.diffusion_model.", "autoencoder": "first_stage_model.", "text_encoder": "cond_stage_model."}
 
 
