@@ -2,6 +2,8 @@
 
     python tools/eval_default_model.py generate --model M --prompts P.txt --guidance 1 3 5 7 --out DIR
     python tools/eval_default_model.py score --images DIR/cfg5 [DIR/cfg7 ...] --ref REAL_DIR --out report.json
+    python tools/eval_default_model.py reconstruct --images REAL_DIR --out DIR/ae   # then ldm-eval --images DIR/ae
+        --ref REAL_DIR --distance fd_clip: the autoencoder's reconstruction distance in CLIP space
 
 generate: image i of the set uses seed `seed + i` and the first DPM-Solver++(2M) plan of `steps` steps, as
 `pipe(prompt, seed=seed + i, steps=steps, guidance=g)` does (batching changes only rounding); each guidance scale
@@ -10,6 +12,8 @@ score: per folder the CLIP score with the images' own prompts and with the promp
 is what the prompt adds), top-1/top-5 retrieval of each image's own prompt among the folder's distinct prompts, and
 the Frechet distance in the CLIP's image space to `--ref` (not FID: no Inception network is involved); each run
 records the guidance scale its folder's metadata.jsonl names (tools/plot_default_model.py plots against it).
+reconstruct: each image through the model's autoencoder (posterior mode, then decode) into `--out` with
+metadata.jsonl (the source folder's captions where it has them); prints the mean per-image PSNR on 8-bit RGB.
 """
 from __future__ import annotations
 
@@ -123,6 +127,38 @@ def score(args) -> None:
         atomic_write_text(args.out, json.dumps(report, indent=2))
 
 
+@torch.no_grad()
+def reconstruct(args) -> None:
+    import numpy as np
+
+    from ldm.errors import LdmError
+    from ldm.eval.imagefolder import list_images, load_rgb
+    from ldm.pipeline.images import from_pil, to_pil
+    from ldm.pipeline.load import load_pipeline
+
+    files = list_images(args.images)
+    if not files:
+        raise LdmError(f"--images {args.images}: no images there")
+    meta = Path(args.images) / "metadata.jsonl"
+    captions = ({row["file_name"]: row.get("text", "") for _, row in read_jsonl(meta) if isinstance(row, dict)}
+                if meta.is_file() else {})
+    codec = load_pipeline(args.model, device=args.device).codec
+    psnrs, rows = [], []
+    with atomic_path(Path(args.out)) as tmp:
+        tmp.mkdir(parents=True)
+        for start in range(0, len(files), args.batch_size):
+            chunk = files[start:start + args.batch_size]
+            real = [load_rgb(f) for f in chunk]
+            x = from_pil(real).to(next(codec.parameters()).device)
+            for f, a, b in zip(chunk, real, to_pil(codec.decode(codec.encode(x)))):
+                mse = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
+                psnrs.append(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+                b.save(tmp / f.name)
+                rows.append({"file_name": f.name, "text": captions.get(f.name, ""), "psnr": round(psnrs[-1], 4)})
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(json.dumps({"images": len(rows), "psnr": float(np.mean(psnrs)), "out": str(args.out)}))
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tools/eval_default_model.py", description=__doc__,
@@ -144,8 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--clip-model", default=None, help="open_clip name or config .json (default: the bundled CLIP)")
     s.add_argument("--clip-pretrained", default=None)
     s.add_argument("--out", default=None, help="report .json")
+    r = sub.add_parser("reconstruct")
+    r.add_argument("--images", required=True, help="a folder of real images")
+    r.add_argument("--model", default=None, help="model folder (default: the bundled one)")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--device", default=None)
+    r.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    generate(args) if args.action == "generate" else score(args)
+    {"generate": generate, "score": score, "reconstruct": reconstruct}[args.action](args)
     return 0
 
 
