@@ -45,7 +45,7 @@ def test_compiled_levers_the_budget_cannot_hold_are_written_as_skipped(tmp_path)
                          deadline=time.monotonic() + 30)
     benchmarks.compiled_levers(b)
     lines = [json.loads(line) for line in levers.read_text().splitlines()]
-    assert [line["config"] for line in lines] == [name for name, *_ in benchmarks.COMPILED_LEVERS]
+    assert [line["config"] for line in lines] == [lever.name for lever in benchmarks.COMPILED_LEVERS]
     assert all(line["ours_ms"] is None and "needs" in line["skipped"] and line["dry_run"] for line in lines)
 
 
@@ -59,7 +59,9 @@ def test_dry_run_takes_every_path_of_the_guided_step_and_its_levers(tmp_path):
     configs = [json.loads(line)["config"] for line in levers.read_text().splitlines()]
     assert configs[:3] == ["eager, NCHW, separate q/k/v, all-True context mask, SDPA default",
                            "+ channels_last (NHWC)", "+ fused q|k|v"]
-    assert configs[-3:] == [name for name, *_ in benchmarks.COMPILED_LEVERS]
+    assert configs[-len(benchmarks.COMPILED_LEVERS):] == [lever.name for lever in benchmarks.COMPILED_LEVERS]
+    fp8 = next(json.loads(line) for line in levers.read_text().splitlines() if "FP8" in json.loads(line)["config"])
+    assert fp8["ours_ms"] > 0 and 0 < fp8["fp8_change"] < 0.2  # the FP8 lever ran, and says how much it changed
 
 
 def _bench(**kwargs):
@@ -145,5 +147,5 @@ def test_the_compiled_levers_alone_write_no_row(tmp_path, capsys):
                       "--compiled-levers-only"]) == 0
     lines = [json.loads(line) for line in levers.read_text().splitlines()]
     assert not out.exists()
-    assert [line["config"] for line in lines] == [name for name, *_ in benchmarks.COMPILED_LEVERS]
+    assert [line["config"] for line in lines] == [lever.name for lever in benchmarks.COMPILED_LEVERS]
     assert all(line["ours_ms"] > 0 and line["dry_run"] for line in lines)

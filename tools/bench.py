@@ -62,9 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiled-levers-only", action="store_true",
                    help="with --levers: unet_step writes only its compiled levers (no row, no eager levers), for a "
                    "window after one that measured those")
+    p.add_argument("--lever-names", nargs="+", default=(), metavar="TEXT",
+                   help="with --levers: only the compiled levers whose names contain one of these (e.g. FP8 freezing)")
     p.add_argument("--train-both-compiled", action="store_true",
                    help="train_*: only the both-compiled row (no eager timing, no ours-compiled row against the "
                    "eager peer), for a window after one that measured those")
+    p.add_argument("--fp8", action="store_true", help="training rows: ours with its transformer linears in FP8 "
+                   "(the peer as it is); the rows say so in details.fp8")
     p.add_argument("--dry-run", action="store_true", help="toy-width networks on the CPU, torch.compile's eager "
                    "backend: runs every code path the GPU run will take, in seconds; the rows say dry_run")
     return p
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     b = bench.Bench(device, command.strip(), peak_flops=None if args.dry_run else measure_peak(device),
                     mode=None if args.eager else args.mode, peer=not args.no_peer and _has_diffusers(),
                     backend="eager" if args.dry_run else "inductor", tiny=args.dry_run, sdpa=args.sdpa,
-                    levers=args.levers, deadline=None if args.budget_s is None else start + args.budget_s)
+                    levers=args.levers, lever_names=tuple(args.lever_names), fp8=args.fp8,
+                    deadline=None if args.budget_s is None else start + args.budget_s)
     if b.peak_flops:
         print(f"measured peak: {b.peak_flops / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul)", flush=True)
     vae_batch = 2 if args.dry_run else 32

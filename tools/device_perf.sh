@@ -2,7 +2,14 @@
 # Issue 12's missing rows in one GPU window of at most ~9 minutes, each benchmark in its own process under a hard
 # timeout (a hang or a slow compile costs only its own step), in the priority order PLAN names:
 #
-# PLAN=run4 (the default: what runs 1-3 left unmeasured, docs/benchmarks/README.md)
+# PLAN=run5 (the default: the guided step's compiled levers, then the training goals, then prompt sets)
+#   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: kernel time by kind (compile default), the fast path again,
+#      + FP8 linears, + freezing, CUDA graphs alone, the mask kept, max-autotune -> $OUT/levers.jsonl, no row
+#   2. train_sd15_unet_256 --batch-256 128: the largest batch the 256 px goal was not yet tried at (eager, then
+#      ours compiled against the peer eager; the both-compiled row as time allows)
+#   3. train_sd15_unet_512 --fp8 --no-peer: ours with FP8 transformer linears, eager and compiled
+#   4. eval_generate_sd15_512_25steps: as run4's step 2
+# PLAN=run4 (what runs 1-3 left unmeasured, docs/benchmarks/README.md)
 #   1. train_sd15_unet_256: both eager; ours compiled with the peer eager; both compiled (rows as they come)
 #   2. eval_generate_sd15_512_25steps: both eager (as runs 1-3, best of batch 8 and 16), then ours with the fast
 #      path as ldm-eval runs it (compile_pipeline) at each batch size, then the peer compiled while time is left
@@ -28,7 +35,7 @@ set -u
 OUT=${OUT:?set OUT to the folder that receives results.jsonl, levers.jsonl and perf.log}
 BUDGET_S=${BUDGET_S:-$([ -n "${DRY_RUN:-}" ] && echo 1500 || echo 500)}
 PY=${PYTHON:-python3}
-PLAN=${PLAN:-run4}
+PLAN=${PLAN:-run5}
 FROM=${FROM:-1}
 mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
@@ -103,8 +110,8 @@ nth() {
 }
 
 case $PLAN in
-    run3|run4) ;;
-    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run4 (the default) or run3" >&2; exit 2 ;;
+    run3|run4|run5) ;;
+    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run5 (the default), run4 or run3" >&2; exit 2 ;;
 esac
 case $FROM in
     1|2|3|4) ;;
@@ -122,6 +129,15 @@ if [ "$PLAN" = run3 ]; then
     nth 2 train_sd15_unet_512 300 120
     nth 3 train_sd15_unet_256 300 150
     nth 4 eval_generate_sd15_512_25steps 150 75 --eager
+elif [ "$PLAN" = run5 ]; then
+    # 1: each lever compiles the U-Net once (~40-60 s; tuning and max-autotune longer) and is skipped, with a
+    # line saying so, when the step's --budget-s cannot hold it
+    nth 1 unet_step_sd15_512_b1_cfg 560 120 --levers "$OUT/levers.jsonl" --compiled-levers-only
+    # 2: eager ~40 s, ours' compile ~130 s; the peer's compile (> 125 s) only if the limit holds it
+    nth 2 train_sd15_unet_256 300 200 --batch-256 128
+    # 3: ours only, eager then compiled (~130 s)
+    nth 3 train_sd15_unet_512 260 200 --fp8 --no-peer
+    nth 4 eval_generate_sd15_512_25steps 540 250
 else
     # 1: eager ~40 s, ours' compile ~130 s (126 s at 512 px in run 3), the peer's > 125 s: its rows by ~200 s
     nth 1 train_sd15_unet_256 500 200

@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from ldm.bench.flops import count_flops, mfu, mfu_from_throughput
+from ldm.bench.profile import kernel_breakdown
 from ldm.bench.models import diffusers_pipeline, diffusers_unet, diffusers_vae, sd15_parts, sd15_unet
 from ldm.bench.record import Row, make_row
 from ldm.bench.timing import alternate, call_times_ms
 from ldm.errors import LdmError
 from ldm.models.attention import set_sdpa_kernels
+from ldm.models.float8 import from_float8, to_float8
 from ldm.models.fused import fuse_qkv
 from ldm.pipeline.fast import compile_pipeline, fast_network
 from ldm.pipeline.images import to_pil
@@ -50,7 +52,9 @@ class Bench:
     tiny: bool = False  # --dry-run: toy-width networks and 64 px images, to exercise every path on the CPU
     sdpa: list[str] | None = None  # the preferred SDPA kernels of ours (--sdpa), restored after each lever
     levers: Path | None = None  # where unet_step writes its one-lever-at-a-time table (JSON lines)
+    lever_names: tuple[str, ...] = ()  # only the compiled levers whose names contain one of these (all when empty)
     deadline: float | None = None  # time.monotonic() after which optional extras are skipped
+    fp8: bool = False  # training rows: ours with FP8 transformer linears (ldm.models.float8)
     cache: dict = field(default_factory=dict)
 
     def row(self, name, ours, peer, peer_name, unit, mfu_value, details) -> Row:
@@ -197,11 +201,43 @@ def eager_levers(b: Bench, unet, x, t, c, mask) -> None:
                 _step_ms(b, lambda: unet(x, t, context=c)))
 
 
-COMPILED_LEVERS = (  # (name, compile keywords over `backend`, seconds it needs at least, with mask)
-    ("CUDA graphs alone (backend cudagraphs: eager kernels replayed)", {"backend": "cudagraphs"}, 60, False),
-    ("torch.compile default (inductor kernels, no CUDA graphs)", {"mode": "default"}, 150, False),
-    ("torch.compile reduce-overhead, with the all-True context mask (kept)", {"mode": "reduce-overhead"}, 150, True),
+@dataclass(frozen=True)
+class Lever:
+    """One compiled configuration of the guided step: compile keywords (over the run's backend), the seconds it
+    needs at least, and whether it keeps the all-True mask, runs FP8, times the peer alike, or profiles kernels."""
+
+    name: str
+    options: dict
+    needs_s: int
+    mask: bool = False
+    fp8: bool = False
+    peer: bool = False
+    profile: bool = False
+
+
+COMPILED_LEVERS = (  # in priority order: what a window that runs out first loses least
+    Lever("torch.compile default (inductor kernels, no CUDA graphs): GPU time by kernel kind", {"mode": "default"},
+          90, profile=True),
+    Lever("torch.compile reduce-overhead: the fast path, again in this process", {"mode": "reduce-overhead"}, 60),
+    Lever("+ FP8 transformer linears (ldm.models.float8)", {"mode": "reduce-overhead"}, 90, fp8=True),
+    Lever("+ freezing (weights folded in as constants)", {"options": {"triton.cudagraphs": True, "freezing": True}},
+          90),
+    Lever("CUDA graphs alone (backend cudagraphs: eager kernels replayed)", {"backend": "cudagraphs"}, 60),
+    Lever("torch.compile reduce-overhead, with the all-True context mask (kept)", {"mode": "reduce-overhead"}, 90,
+          mask=True),
+    Lever("torch.compile max-autotune (autotuned products and convolutions, CUDA graphs)", {"mode": "max-autotune"},
+          480),
 )
+
+
+def _lever_options(b: Bench, lever: Lever) -> dict:
+    options = {"backend": b.backend, **lever.options}
+    if b.tiny:
+        return {"backend": "eager"}
+    if options["backend"] != "inductor":
+        options.pop("mode", None)
+        options.pop("options", None)
+    return options
 
 
 def compiled_levers(b: Bench) -> None:
@@ -209,26 +245,55 @@ def compiled_levers(b: Bench) -> None:
     unet = b.parts().unet  # fused and NHWC by unet_step
     x, t, c = b.step_inputs()
     mask = torch.ones(2, 77, dtype=torch.bool, device=b.device)
-    for name, options, needs_s, with_mask in COMPILED_LEVERS:
-        if b.seconds_left() < needs_s:
-            write_lever(b, name, None, skipped=f"{b.seconds_left():.0f} s left of --budget-s, needs ~{needs_s} s")
+    peer_unet = b.peer_pipeline().unet if b.peer else None
+    for lever in COMPILED_LEVERS:
+        if b.lever_names and not any(part in lever.name for part in b.lever_names):
             continue
-        options = {"backend": b.backend, **options}
-        if options["backend"] != "inductor":
-            options.pop("mode", None)
-        if b.tiny:
-            options = {"backend": "eager"}
+        if b.seconds_left() < lever.needs_s:
+            write_lever(b, lever.name, None,
+                        skipped=f"{b.seconds_left():.0f} s left of --budget-s, needs ~{lever.needs_s} s")
+            continue
+        options = _lever_options(b, lever)
         torch._dynamo.reset()  # the next compile starts clean (inductor's on-disk caches still help)
+        if lever.fp8:
+            to_float8(unet)
         unet.compile(dynamic=False, **options)
-        call = (lambda: unet(x, t, context=c, context_mask=mask)) if with_mask else (lambda: unet(x, t, context=c))
+        call = (lambda: unet(x, t, context=c, context_mask=mask)) if lever.mask else (lambda: unet(x, t, context=c))
+        sides = {"ours": call}
+        if lever.peer and peer_unet is not None:
+            peer_unet.compile(dynamic=False, **options)
+            sides["peer"] = lambda: peer_unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
         started = time.monotonic()
         try:
             with torch.no_grad():
-                call()  # the compile
-                compile_s = time.monotonic() - started
-                write_lever(b, name, _step_ms(b, call), compile_s=round(compile_s, 1))
+                extra = {}
+                if lever.fp8:
+                    with eager():
+                        reference = _plain_output(unet, call)
+                for fn in sides.values():
+                    fn()  # the compiles
+                extra["compile_s"] = round(time.monotonic() - started, 1)
+                if lever.fp8:
+                    out = call()
+                    extra["fp8_change"] = ((out.float() - reference).norm() / reference.norm()).item()
+                if lever.profile and b.device.type == "cuda":
+                    extra["profile"] = kernel_breakdown(call)
+                times = alternate(sides, b.device, warmup=3, rounds=3, repeats=5)
+                write_lever(b, lever.name, times["ours"], times.get("peer"), **extra)
         except Exception as e:  # noqa: BLE001  one lever failing must not lose the next
-            write_lever(b, name, None, error=f"{type(e).__name__}: {e}"[:2000])
+            write_lever(b, lever.name, None, error=f"{type(e).__name__}: {e}"[:2000])
+        finally:
+            if lever.fp8:
+                from_float8(unet)
+
+
+def _plain_output(unet, call) -> torch.Tensor:
+    """The step's output with plain (bf16) products, for the FP8 lever's change in outputs."""
+    from_float8(unet)
+    try:
+        return call().float()
+    finally:
+        to_float8(unet)
 
 
 def compiled_levers_alone(b: Bench) -> None:
@@ -278,6 +343,8 @@ def train(b: Bench, resolution: int, batch: int, compile_: bool = True, record=N
     models = {"ours": unet}
     if b.peer:
         models["peer"] = diffusers_unet(unet).train()
+    if b.fp8:  # after the peer copied the weights (the keys are the same either way)
+        to_float8(unet)
     g = torch.Generator(b.device).manual_seed(1)
     x = torch.randn(batch, 4, size, size, device=b.device, generator=g)
     t = torch.randint(0, 1000, (batch,), device=b.device, generator=g).float()
@@ -298,7 +365,8 @@ def train(b: Bench, resolution: int, batch: int, compile_: bool = True, record=N
             opt.zero_grad(set_to_none=True)
         steps[name] = step
     flops = count_flops(steps["ours"])
-    details = {"batch": batch, "resolution": resolution, "compile": compile_, "flops_per_step": flops}
+    details = {"batch": batch, "resolution": resolution, "compile": compile_, "flops_per_step": flops,
+               **({"fp8": "ours: transformer linears in FP8 (tensorwise e4m3 / e5m2 gradients)"} if b.fp8 else {})}
     if both_compiled_only:
         times, details["note"] = None, "both compiled; the eager timing and the ours-compiled row were skipped"
     else:

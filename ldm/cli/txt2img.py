@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="?", const=DEFAULT_MODE, default=None, choices=COMPILE_MODES, metavar="MODE",
                    help="the fast path: fused q|k|v, NHWC, U-Net and VAE decoder compiled (MODE default "
                         f"{DEFAULT_MODE}: CUDA graphs); the first image pays the compile time")
+    p.add_argument("--fp8", action="store_true",
+                   help="the U-Net's transformer linears multiply in FP8 (Ada/Hopper GPUs; opt-in: images differ "
+                        "slightly from bf16's, docs/benchmarks/README.md)")
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
     return p
 
@@ -182,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = use_model_defaults(pipe, sampler=args.sampler, steps=args.steps, guidance=args.guidance)
     if len(pipe.stages) == 1:  # a cascade checks each stage's sampler against the options itself
         check_sampler_options(chosen["sampler"], sampler_options)
-    if args.compile:
-        compile_pipeline(pipe, mode=args.compile)
+    if args.compile or args.fp8:
+        compile_pipeline(pipe, mode=args.compile, fp8=args.fp8)
     records = generate_to_folder(
         pipe, prompts, args.out, sampler=chosen["sampler"], steps=chosen["steps"], guidance=chosen["guidance"],
         guidance_rescale=args.guidance_rescale, seed=args.seed,

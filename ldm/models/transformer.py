@@ -7,6 +7,7 @@ from einops import rearrange
 from torch import nn
 
 from ldm.models.attention import attention
+from ldm.models.float8 import linear_for
 from ldm.models.fused import share_qkv
 from ldm.models.unet_blocks import maybe_checkpoint, normalization, zero_module
 
@@ -37,7 +38,7 @@ class CrossAttention(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         if context is None and self.qkv_weight is not None and not (
                 torch.is_grad_enabled() and self.to_q.weight.requires_grad):  # fused (inference): one product
-            projections = F.linear(x, self.qkv_weight).chunk(3, dim=-1)
+            projections = linear_for(self.to_q)(x, self.qkv_weight).chunk(3, dim=-1)
         else:
             context = x if context is None else context
             projections = (self.to_q(x), self.to_k(context), self.to_v(context))

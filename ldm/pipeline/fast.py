@@ -5,6 +5,8 @@ or cascade, in place: state_dict keys are unchanged (`ldm.models.fused`, `nn.Mod
 keeps its sigmas as Python floats (`ldm.diffusion.samplers`), so no step waits on the GPU; with static shapes
 (one batch and size per call) inductor's "reduce-overhead" mode replays each network call as one CUDA graph.
 Same results: tests/test_fast_paths.py compares the fast path with the reference path on the CPU.
+
+`fp8=True` (opt-in) runs the transformer blocks' linear products in FP8 (`ldm.models.float8`; Ada/Hopper GPUs).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from ldm.errors import LdmError
+from ldm.models.float8 import check_fp8_device, to_float8
 from ldm.models.fused import fuse_qkv
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -19,25 +22,29 @@ DEFAULT_MODE = "reduce-overhead"  # CUDA graphs: measured fastest for the SD-1.5
 
 
 def fast_network(network: nn.Module, *, mode: str | None = DEFAULT_MODE, backend: str = "inductor",
-                 fuse: bool = True, channels_last: bool = True) -> nn.Module:
-    """Make one network fast in place: fuse its q|k|v, store it NHWC, compile it (`mode=None`: no compile)."""
+                 fuse: bool = True, channels_last: bool = True, fp8: bool = False) -> nn.Module:
+    """Make one network fast in place: fuse its q|k|v, store it NHWC, optionally FP8, compile it (`mode=None`:
+    no compile)."""
     if mode is not None and mode not in COMPILE_MODES:
         raise LdmError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    if fp8:
+        check_fp8_device(next(network.parameters()).device)
+        to_float8(network)
     if fuse:
         fuse_qkv(network)
     if channels_last:
         network.to(memory_format=torch.channels_last)
     if mode is not None:
-        options = {} if backend != "inductor" else {"mode": mode}
-        network.compile(backend=backend, dynamic=False, **options)
+        network.compile(backend=backend, dynamic=False, **({"mode": mode} if backend == "inductor" else {}))
     return network
 
 
 def compile_pipeline(pipe, *, mode: str | None = DEFAULT_MODE, backend: str = "inductor", fuse: bool = True,
-                     channels_last: bool = True, decoder: bool = True):
-    """Turn the fast path on for every stage of `pipe` (a Pipeline or Cascade): U-Net, and the VAE decoder too."""
+                     channels_last: bool = True, decoder: bool = True, fp8: bool = False):
+    """Turn the fast path on for every stage of `pipe` (a Pipeline or Cascade): U-Net, and the VAE decoder too
+    (FP8 applies to the U-Nets' transformer blocks only)."""
     for stage in pipe.stages:
-        fast_network(stage.unet, mode=mode, backend=backend, fuse=fuse, channels_last=channels_last)
+        fast_network(stage.unet, mode=mode, backend=backend, fuse=fuse, channels_last=channels_last, fp8=fp8)
         autoencoder = getattr(stage.codec, "autoencoder", None)
         if decoder and autoencoder is not None:
             fast_network(autoencoder.decoder, mode=mode, backend=backend, fuse=False, channels_last=channels_last)

@@ -14,6 +14,7 @@ import torch
 from ldm.atomic import atomic_write_text
 from ldm.errors import LdmError
 from ldm.models.attention import get_attention_backend
+from ldm.models.float8 import uses_float8
 from ldm.pipeline.images import read_png_parameters, save_png
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.memory import available_bytes, check_fits, estimate_generation_bytes
@@ -198,6 +199,7 @@ def generate_to_folder(
             modes["noise_level"] = pipe.noise_level(noise_level)
     elif noise_level is not None:  # a cascade records each stage's level
         raise LdmError("a cascade takes its --noise-level when it is built (load_cascade(..., noise_level=))")
+    fp8 = any(uses_float8(s.unet) for s in pipe.stages)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata_path = out_dir / "metadata.jsonl"
     records = _open_index(out_dir)
@@ -228,6 +230,8 @@ def generate_to_folder(
                 "width": image.width,
                 "model": pipe.model_name,
             }
+            if fp8:
+                record["fp8"] = True  # the transformer linears ran in FP8: images differ slightly from bf16's
             if micro_conditioning:
                 record["micro_conditioning"] = {k: list(v) if isinstance(v, (list, tuple)) else v
                                                 for k, v in micro_conditioning.items()}

@@ -147,6 +147,7 @@ class TrainConfig:
     attention_backend: str = "sdpa"  # "sdpa" | "xformers" (falls back to sdpa with a warning) | "math"
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
     compile: bool | None = None  # torch.compile (inductor) the U-Net's training step; None = on CUDA, off on CPUs
+    fp8: bool = False  # the U-Net's transformer linears multiply in FP8 (ldm.models.float8; Ada/Hopper GPUs)
     progress: bool = True  # tqdm bar on the main process
 
     def __post_init__(self):

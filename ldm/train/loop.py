@@ -29,6 +29,7 @@ from ldm.eval.inception import InceptionExtractor
 from ldm.eval.prompts import load_prompts
 from ldm.io.native_format import export_native
 from ldm.models.attention import set_attention_backend
+from ldm.models.float8 import check_fp8_device, to_float8
 from ldm.models.text_encoders import TextEmbeddings
 from ldm.runtime import derive_seed
 from ldm.train.batches import DataCounts, TrainState, batch_stream
@@ -174,6 +175,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     # The model: identical random init on every rank (DDP broadcasts rank 0's weights anyway).
     torch.manual_seed(config.seed)
     parts = build_parts(config.model)
+    if config.fp8:  # before compiling: the compiled graph holds the FP8 products
+        check_fp8_device(device)
+        to_float8(parts.unet)  # in place: parameters and state_dict keys are unchanged
     if config.compile if config.compile is not None else device.type == "cuda":
         compile_for_training(parts.unet)  # in place: state_dict keys, EMA and checkpoints are unchanged
     if config.data.sample_format == "latent":  # precomputed shards: refuse ones made by other encoders, at once
