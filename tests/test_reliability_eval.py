@@ -272,8 +272,10 @@ def test_eval_reuse_samples_needs_no_model_when_every_setting_exists(tmp_path, c
     model = write_tiny_sd(tmp_path / "model")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    argv = ["--model", model, "--prompts", prompts, "--steps", "2", "--height", "16", "--width", "16",
-            "--clip-model", clip_config, "--clip-pretrained", "none", "--out", tmp_path / "eval"]
+    # every sweep axis given: one left out is the model's own default, which needs the model loaded to be known
+    argv = ["--model", model, "--prompts", prompts, "--samplers", "euler", "--steps", "2", "--guidance", "7.5",
+            "--height", "16", "--width", "16", "--clip-model", clip_config, "--clip-pretrained", "none",
+            "--out", tmp_path / "eval"]
     code, err = run_cli(eval_main, argv, capsys)
     assert code == 0, err
 

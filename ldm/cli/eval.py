@@ -3,6 +3,9 @@
 Several processes: `ldm-eval --num-processes N ...` (or `accelerate launch --num_processes N -m ldm.cli.eval ...`):
 the ranks generate disjoint shares of each setting's images and their features are merged; image i's seed depends on
 (--seed, i) alone, so any number of processes and any --batch-size give the same images and scores.
+
+A sweep axis not given (--samplers, --steps, --guidance) takes the model's own sampling default (its config's `stage`
+section; a cascade's per stage, as `ldm-txt2img` does), else ldm-eval's (EVAL_DEFAULTS).
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from ldm.eval.imagefolder import read_metadata
 from ldm.eval.inception import RESIZERS, InceptionExtractor, MissingWeightsError
 from ldm.eval.precision_recall import PR_K
 from ldm.eval.prompts import load_prompts
-from ldm.eval.report import plot_tradeoff, write_index_html, write_report_json
-from ldm.pipeline.cascade import load_cascade
+from ldm.eval.report import plot_tradeoff, setting_text, write_index_html, write_report_json
+from ldm.pipeline.cascade import load_cascade, model_sampling_defaults
 from ldm.pipeline.fast import COMPILE_MODES, DEFAULT_MODE, compile_pipeline
 from ldm.pipeline.eval_images import (check_batch_fits, clear_temporaries, generate_images, missing_images,
                                       open_setting_folder, plan_images, prompts_fingerprint, write_index)
@@ -37,6 +40,10 @@ from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.super_resolution import check_start_strength
 from ldm.runtime import resolve_device, resolve_dtype
 from ldm.writable import check_output_dir
+
+# The sweep's sampler, steps and guidance for a model without its own (a `stage` section) where none are given.
+EVAL_DEFAULTS = {"sampler": "euler", "steps": 30, "guidance": 7.5}
+_FROM = {"command line": "given", "model": "the model's own", "ldm-eval default": "ldm-eval's default"}
 
 
 def _split(values: list[str]) -> list[str]:
@@ -54,11 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", metavar="FILE",
                    help="prompt set: .txt (one a line), .jsonl (a 'text' field), .tsv with a caption column, or "
                         "a bundled name such as ldm_eval_v1")
-    g.add_argument("--samplers", nargs="+", default=["euler"], help="samplers to sweep (space or comma separated)")
+    own = "default: the model's own (its config's stage section; a cascade's per stage), else"
+    g.add_argument("--samplers", nargs="+", default=None,
+                   help=f"samplers to sweep (space or comma separated); {own} {EVAL_DEFAULTS['sampler']}")
     g.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
                    help="a sampler option for every sampler of the sweep, repeatable: e.g. eta=0.5")
-    g.add_argument("--steps", nargs="+", default=["30"], help="step counts to sweep")
-    g.add_argument("--guidance", nargs="+", default=["7.5"], help="guidance scales to sweep")
+    g.add_argument("--steps", nargs="+", default=None, help=f"step counts to sweep; {own} {EVAL_DEFAULTS['steps']}")
+    g.add_argument("--guidance", nargs="+", default=None,
+                   help=f"guidance scales to sweep; {own} {EVAL_DEFAULTS['guidance']:g}")
     g.add_argument("--seed", type=int, default=0, help="base seed: image i uses a seed derived from (seed, i)")
     g.add_argument("--n-per-prompt", type=int, default=1)
     g.add_argument("--height", type=int, default=None)
@@ -112,14 +122,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sweep_grid(args) -> list[tuple[str, int, float, float | None, float | None]]:
-    """(sampler, steps, guidance, aug_level, upscale_strength) per setting of the sweep, the numbers parsed and
-    checked."""
-    try:
-        steps_list = [int(s) for s in _split(args.steps)]
-    except ValueError as e:
-        raise LdmError(f"--steps takes integers: {e}") from e
-    guidance_list = finite_floats(args.guidance, "--guidance")
+def _given_axes(args) -> dict[str, list | None]:
+    """The samplers, step counts and guidance scales given on the command line, parsed and checked; None: not given."""
+    axes = {"sampler": None if args.samplers is None else _split(args.samplers), "steps": None, "guidance": None}
+    if args.steps is not None:
+        try:
+            axes["steps"] = [int(s) for s in _split(args.steps)]
+        except ValueError as e:
+            raise LdmError(f"--steps takes integers: {e}") from e
+    if args.guidance is not None:
+        axes["guidance"] = finite_floats(args.guidance, "--guidance")
+    return axes
+
+
+def _sampling_axes(given: dict, pipe) -> tuple[dict, dict]:
+    """Each of sampler / steps / guidance: its values and where they come from. The command line's where given, else
+    the loaded model's own (`pipe`: None only when all are given), else EVAL_DEFAULTS.
+
+    A cascade whose stages run different values of an axis (the bundled one: 25 steps, then the upscaler's 8) gets
+    them as a tuple per stage, set as the cascade's per-stage options so that every setting runs them."""
+    own = model_sampling_defaults(pipe) if any(v is None for v in given.values()) else {}
+    axes, sources = {}, {}
+    for name, values in given.items():
+        if values is not None:
+            axes[name], sources[name] = values, "command line"
+        elif name in own:
+            axes[name], sources[name] = [own[name]], "model"
+            if isinstance(own[name], tuple):
+                pipe.options[f"stage_{name}"] = list(own[name])
+        else:
+            axes[name], sources[name] = [EVAL_DEFAULTS[name]], "ldm-eval default"
+    return axes, sources
+
+
+def _sr_axes(args) -> tuple[list, list]:
+    """The super-resolution stages' augmentation levels and start strengths to sweep ([None]: their configs')."""
     if args.aug_levels is not None and not args.upscaler:
         raise LdmError("--aug-levels sweeps the super-resolution stages' augmentation: give them with --upscaler")
     levels = finite_floats(args.aug_levels, "--aug-levels") if args.aug_levels is not None else [None]
@@ -133,12 +170,18 @@ def _sweep_grid(args) -> list[tuple[str, int, float, float | None, float | None]
         strengths = finite_floats(args.upscale_strengths, "--upscale-strengths")
         for strength in strengths:
             check_start_strength(strength, "--upscale-strengths")
-    return list(itertools.product(_split(args.samplers), steps_list, guidance_list, levels, strengths))
+    return levels, strengths
 
 
-def _setting_folder(args, sampler: str, steps: int, guidance: float, aug_level: float | None,
-                    strength: float | None) -> Path:
-    name = (f"{sampler}-steps{steps}-cfg{guidance:g}" + (f"-aug{aug_level:g}" if aug_level is not None else "")
+def _sweep_grid(axes: dict, levels: list, strengths: list) -> list[tuple]:
+    """(sampler, steps, guidance, aug_level, upscale_strength) per setting of the sweep (a tuple per stage where a
+    cascade's stages differ)."""
+    return list(itertools.product(axes["sampler"], axes["steps"], axes["guidance"], levels, strengths))
+
+
+def _setting_folder(args, sampler, steps, guidance, aug_level: float | None, strength: float | None) -> Path:
+    name = (f"{setting_text(sampler)}-steps{setting_text(steps)}-cfg{setting_text(guidance)}"
+            + (f"-aug{aug_level:g}" if aug_level is not None else "")
             + (f"-start{strength:g}" if strength is not None else ""))
     return Path(args.out) / "samples" / name
 
@@ -151,7 +194,7 @@ def _model_id(model: str) -> str:
 def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
     """Per setting: its folder, its settings (what settings.json pins) and its planned images; folders checked."""
     sampler_options = parse_sampler_options(args.sampler_option)
-    for sampler in {g[0] for g in grid}:
+    for sampler in {s for g in grid for s in (g[0] if isinstance(g[0], tuple) else (g[0],))}:
         check_sampler_options(sampler, sampler_options)
     common = {
         "model": _model_id(args.model),
@@ -181,24 +224,33 @@ def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
         if not reuse:
             open_setting_folder(folder, settings, create=False)  # other settings in a resumed folder: refused now
         missing = [] if reuse else missing_images(folder, planned, settings, args.negative_prompt)
+        # A value per stage (a tuple) is already the cascade's per-stage option (_sampling_axes): None passes it on.
+        chosen = {k: None if isinstance(v, tuple) else v
+                  for k, v in (("sampler", sampler), ("steps", steps), ("guidance", guidance))}
         sweep.append({"folder": folder, "settings": settings, "planned": planned, "missing": missing,
-                      "generation": {"sampler": sampler, "steps": steps, "guidance": guidance,
+                      "generation": {**chosen,
                                      "height": args.height, "width": args.width, "sampler_options": sampler_options,
                                      **({"aug_level": aug_level} if aug_level is not None else {}),
                                      **({"upscale_strength": strength} if strength is not None else {})}})
     return sweep
 
 
-def _load_checked_pipeline(args, sweep: list[dict], device: torch.device):
-    """The model (a cascade with --upscaler), loaded once, every setting to generate checked against it first."""
-    todo = [s for s in sweep if s["missing"]]
-    if not todo:
-        return None
+def _load(args, device: torch.device):
+    """The model (a cascade with --upscaler), loaded once."""
     model = None if args.model == "default" else args.model  # "default": the bundled model
     if args.upscaler:
-        pipe = load_cascade(model, args.upscaler, device=str(device), dtype=args.dtype)
-    else:
-        pipe = load_pipeline(model, device=str(device), dtype=args.dtype)
+        return load_cascade(model, args.upscaler, device=str(device), dtype=args.dtype)
+    return load_pipeline(model, device=str(device), dtype=args.dtype)
+
+
+def _checked_pipeline(args, sweep: list[dict], device: torch.device, pipe=None):
+    """The model, loaded unless `pipe` is, with every setting to generate checked against it first; None when
+    nothing is to be generated and the model was not needed."""
+    todo = [s for s in sweep if s["missing"]]
+    if not todo:
+        return pipe
+    if pipe is None:
+        pipe = _load(args, device)
     for s in todo:
         gen = s["generation"]
         swept = {k: gen[k] for k in ("aug_level", "upscale_strength") if k in gen}
@@ -328,8 +380,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.images:
         read_metadata(args.images)  # a broken metadata.jsonl fails now, not after the CLIP model loads
     else:
-        sweep = _sweep(args, _sweep_grid(args), [p.text for p in prompts], device)
-        pipe = _load_checked_pipeline(args, sweep, device)
+        given, (levels, strengths) = _given_axes(args), _sr_axes(args)
+        # An axis not given is the model's own: the model loads first then (otherwise only if images are missing).
+        pipe = _load(args, device) if any(v is None for v in given.values()) else None
+        axes, sources = _sampling_axes(given, pipe)
+        if main_process:
+            print("sampling: " + ", ".join(f"{name} {' '.join(setting_text(v) for v in axes[name])} "
+                                           f"({_FROM[sources[name]]})" for name in axes), file=sys.stderr)
+        sweep = _sweep(args, _sweep_grid(axes, levels, strengths), [p.text for p in prompts], device)
+        pipe = _checked_pipeline(args, sweep, device, pipe)
     clip = ClipModel(args.clip_model, args.clip_pretrained, device=device)
     if main_process:
         print(f"CLIP: {clip.name}" + (" (the bundled one)" if clip.bundled else ""), file=sys.stderr)
@@ -397,6 +456,8 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model,
         "upscalers": args.upscaler or None,
         "prompts": args.prompts,
+        # with --model: each sampling axis's values and where they came from (command line, model, ldm-eval default)
+        "sampling": None if args.images else {name: {"values": axes[name], "from": sources[name]} for name in axes},
         "processes": accelerator.num_processes if accelerator else 1,
         "notes": notes,
         "runs": results,

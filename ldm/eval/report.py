@@ -22,8 +22,16 @@ def write_report_json(out_dir: str | os.PathLike, report: dict) -> Path:
     return path
 
 
+def setting_text(value) -> str:
+    """A setting's value as text: a number as `:g` writes it; a cascade's values per stage joined by '+' (25+8)."""
+    if isinstance(value, (list, tuple)):
+        return "+".join(setting_text(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _label(settings: dict) -> str:
-    label = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None and k != "images")
+    label = ", ".join(f"{k}={setting_text(v) if isinstance(v, (list, tuple)) else v}" for k, v in settings.items()
+                      if v is not None and k != "images")
     return label or str(settings.get("images", ""))
 
 
@@ -105,25 +113,29 @@ def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict], warning: str | N
     lines = defaultdict(list)
     for i, run in enumerate(runs):
         s = run["settings"]
-        key = (f"{s.get('sampler', 'images')}" + (f", {s['steps']} steps" if s.get("steps") is not None else "")
+        key = (setting_text(s.get("sampler", "images"))
+               + (f", {setting_text(s['steps'])} steps" if s.get("steps") is not None else "")
                + (f", aug {s['aug_level']:g}" if s.get("aug_level") is not None else "")
                + (f", start {s['upscale_strength']:g}" if s.get("upscale_strength") is not None else ""))
         lines[key].append((s.get("guidance") if s.get("guidance") is not None else i, run))
+    # a cascade's guidance per stage is plotted at its base stage's scale and labelled with every stage's
+    lines = {key: [(g[0] if isinstance(g, (list, tuple)) else g, setting_text(g), run) for g, run in points]
+             for key, points in lines.items()}
     fig = Figure(figsize=(6, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for key, points in lines.items():
         points.sort(key=lambda p: p[0])
         if distance is not None:
-            xs = [r["clip_score"] for _, r in points]
-            ys = [r[distance] for _, r in points]
+            xs = [r["clip_score"] for _, _, r in points]
+            ys = [r[distance] for _, _, r in points]
         else:
-            xs = [g for g, _ in points]
-            ys = [r["clip_score"] for _, r in points]
+            xs = [g for g, _, _ in points]
+            ys = [r["clip_score"] for _, _, r in points]
         ax.plot(xs, ys, marker="o", label=key)
         if distance is not None:
-            for (g, _), x, y in zip(points, xs, ys):
-                ax.annotate(f"{g:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for (_, label, _), x, y in zip(points, xs, ys):
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if distance is not None:
         ax.set_xlabel("CLIP score (higher is better)")
         ax.set_ylabel(f"{distance.upper()} (lower is better)")

@@ -383,3 +383,22 @@ def use_model_defaults(pipe, **given) -> dict:
             out[name] = own[0] if own[0] is not None else fallback
     return out
 
+
+
+def model_sampling_defaults(pipe) -> dict:
+    """What `pipe` samples with where the caller gives no steps / guidance / sampler, for each of them the model has
+    its own value of (a `stage` section; for a cascade, any stage's): `{name: value}`, or `{name: (value per stage)}`
+    for a cascade whose stages run different values (a stage without its own runs GenerationSettings' default, as the
+    cascade does). Names no stage has its own value of are left out: the caller's default decides them."""
+    if isinstance(pipe, Cascade):  # the very path of a call without them: each stage's own, else the common default
+        options, settings = pipe._own_defaults(pipe.options, {})
+        ran = pipe.stage_settings(GenerationSettings(**settings), **options)
+    else:
+        ran = [pipe.settings()]
+    out = {}
+    for name in SAMPLING_DEFAULTS:
+        if all(s.default_settings.get(name) is None for s in pipe.stages):
+            continue
+        per_stage = tuple(getattr(s, name) for s in ran)
+        out[name] = per_stage[0] if len(set(per_stage)) == 1 else per_stage
+    return out
