@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train-compile", action="store_true", help="eager training steps on both sides")
     p.add_argument("--eager", action="store_true", help="no torch.compile anywhere, both sides (fused q|k|v and "
                    "channels_last stay): the levers without compile time")
-    p.add_argument("--batch-256", type=int, default=64, help="training batch at 256 px")
+    p.add_argument("--batch-256", type=int, default=128, help="training batch at 256 px (runs 1-3: 64)")
     p.add_argument("--batch-512", type=int, default=32, help="training batch at 512 px")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip the benchmarks still to run (and unet_step's compiled levers) once this many seconds "
