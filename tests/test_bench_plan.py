@@ -149,3 +149,21 @@ def test_the_compiled_levers_alone_write_no_row(tmp_path, capsys):
     assert not out.exists()
     assert [line["config"] for line in lines] == [lever.name for lever in benchmarks.COMPILED_LEVERS]
     assert all(line["ours_ms"] > 0 and line["dry_run"] for line in lines)
+
+
+def test_eval_batches_picks_the_prompt_set_batch_sizes_and_refuses_a_zero(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "results.jsonl"
+    tool = _bench_tool()
+    assert tool.main(["--dry-run", "--out", str(out), "--only", "eval_generate_sd15_512_25steps",
+                      "--eval-batches", "0"]) == 2
+    assert "--eval-batches" in capsys.readouterr().err and not out.exists()
+    seen = {}
+
+    def fake_eval_generate(b, **kwargs):  # what the tool asks for, without generating
+        seen.update(kwargs)
+        return b.row("eval_generate_sd15_512_25steps", 1.0, None, None, "images/s", None, {})
+
+    monkeypatch.setattr(tool.bench, "eval_generate", fake_eval_generate)
+    assert tool.main(["--dry-run", "--out", str(out), "--only", "eval_generate_sd15_512_25steps",
+                      "--eval-batches", "4", "16"]) == 0
+    assert seen["batches"] == (4, 16) and len(read_rows(out)) == 1

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "channels_last stay): the levers without compile time")
     p.add_argument("--batch-256", type=int, default=128, help="training batch at 256 px (runs 1-3: 64)")
     p.add_argument("--batch-512", type=int, default=32, help="training batch at 512 px")
+    p.add_argument("--eval-batches", type=int, nargs="+", default=None, metavar="N",
+                   help="eval_generate's batch sizes (default 8 16; run 5: both sides best at 16)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip the benchmarks still to run (and unet_step's compiled levers) once this many seconds "
                    "have passed")
@@ -117,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     vae_batch = 2 if args.dry_run else 32
     # --dry-run: 4 prompts at batch 2 and 4 take eval_generate's every path in a few minutes on a 2-core CPU
     eval_set = {"prompts": 4, "batches": (2, 4)} if args.dry_run else {}
+    if args.eval_batches:
+        if any(n < 1 for n in args.eval_batches):
+            raise LdmError(f"--eval-batches {args.eval_batches}: give batch sizes of 1 or more")
+        eval_set["batches"] = tuple(args.eval_batches)
     record = lambda row: (append_rows(args.out, [row]), print(row_json(row), flush=True))  # noqa: E731
     runs = {
         "unet_step_sd15_512_b1_cfg": lambda: bench.unet_step(b),

@@ -2,7 +2,12 @@
 # Issue 12's missing rows in one GPU window of at most ~9 minutes, each benchmark in its own process under a hard
 # timeout (a hang or a slow compile costs only its own step), in the priority order PLAN names:
 #
-# PLAN=run5 (the default: the guided step's compiled levers, then the training goals, then prompt sets)
+# PLAN=run6 (the default: what run 5 left unmeasured, docs/benchmarks/README.md "Run 5")
+#   1. eval_generate_sd15_512_25steps --eval-batches 16: eager, ours compiled, then the peer compiled (both sides
+#      were best at batch 16): the prompt-set goal against the peer at its best
+#   2. train_sd15_unet_512 --fp8 --no-peer: the compiled FP8 training step, in a limit its compile fits
+#   3. unet_step_sd15_512_b1_cfg --compiled-levers-only --lever-names "graphs alone" mask max-autotune
+# PLAN=run5 (the guided step's compiled levers, then the training goals, then prompt sets)
 #   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: kernel time by kind (compile default), the fast path again,
 #      + FP8 linears, + freezing, CUDA graphs alone, the mask kept, max-autotune -> $OUT/levers.jsonl, no row
 #   2. train_sd15_unet_256 --batch-256 128: the largest batch the 256 px goal was not yet tried at (eager, then
@@ -35,7 +40,7 @@ set -u
 OUT=${OUT:?set OUT to the folder that receives results.jsonl, levers.jsonl and perf.log}
 BUDGET_S=${BUDGET_S:-$([ -n "${DRY_RUN:-}" ] && echo 1500 || echo 500)}
 PY=${PYTHON:-python3}
-PLAN=${PLAN:-run5}
+PLAN=${PLAN:-run6}
 FROM=${FROM:-1}
 mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
@@ -110,8 +115,8 @@ nth() {
 }
 
 case $PLAN in
-    run3|run4|run5) ;;
-    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run5 (the default), run4 or run3" >&2; exit 2 ;;
+    run3|run4|run5|run6) ;;
+    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run6 (the default), run5, run4 or run3" >&2; exit 2 ;;
 esac
 case $FROM in
     1|2|3|4) ;;
@@ -129,6 +134,14 @@ if [ "$PLAN" = run3 ]; then
     nth 2 train_sd15_unet_512 300 120
     nth 3 train_sd15_unet_256 300 150
     nth 4 eval_generate_sd15_512_25steps 150 75 --eager
+elif [ "$PLAN" = run6 ]; then
+    # 1: eager ~35 s, ours compiled ~80 s, the peer compiled ~150-170 s (run 5: ours' compile 59 s at batch 16)
+    nth 1 eval_generate_sd15_512_25steps 400 300 --eval-batches 16
+    # 2: eager ~40 s, then the FP8 step's compile (> 215 s in run 5)
+    nth 2 train_sd15_unet_512 480 300 --fp8 --no-peer
+    # 3: CUDA graphs alone ~60 s, the mask kept ~90 s, max-autotune what is left (it needs ~480 s)
+    nth 3 unet_step_sd15_512_b1_cfg 560 80 --levers "$OUT/levers.jsonl" --compiled-levers-only \
+        --lever-names "graphs alone" mask max-autotune
 elif [ "$PLAN" = run5 ]; then
     # 1: each lever compiles the U-Net once (~40-60 s; tuning and max-autotune longer) and is skipped, with a
     # line saying so, when the step's --budget-s cannot hold it
