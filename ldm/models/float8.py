@@ -114,14 +114,15 @@ def transformer_linears(network: nn.Module) -> list[nn.Linear]:
 
 
 def to_float8(network: nn.Module) -> int:
-    """Make the transformer blocks' linear layers of `network` FP8 in place; returns how many were changed."""
+    """Make the transformer blocks' linear layers of `network` FP8 in place; returns how many were changed (0 for a
+    network already FP8)."""
     if not hasattr(torch, "_scaled_mm"):
         raise LdmError(f"FP8 needs torch._scaled_mm, which torch {torch.__version__} lacks: upgrade torch or drop "
                        "--fp8")
     linears = transformer_linears(network)
     for linear in linears:
         linear.__class__ = Float8Linear  # same parameters and buffers: keys, hooks and devices unchanged
-    if not linears:
+    if not linears and not uses_float8(network):  # already FP8 (a second compile, a reused stage): nothing to do
         raise LdmError(f"{type(network).__name__} has no transformer linear layers whose widths are multiples of "
                        f"{FP8_ALIGN}: FP8 has nothing to run on; drop --fp8")
     return len(linears)
