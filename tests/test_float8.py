@@ -66,8 +66,8 @@ def test_the_backward_products_are_those_of_the_quantised_operands():
     g = torch.Generator().manual_seed(2)
     linear = nn.Linear(32, 48)
     linear.__class__ = Float8Linear
-    x = torch.randn(40, 32, generator=g, requires_grad=True)  # 40 rows: a multiple of 16 for the FP8 reduction
-    grad = torch.randn(40, 48, generator=g)
+    x = torch.randn(48, 32, generator=g, requires_grad=True)  # 48 rows: a multiple of 16 for the FP8 reduction
+    grad = torch.randn(48, 48, generator=g)
     linear(x).backward(grad)
     g8 = _dequant(grad, E5M2)
     assert_close_to_ref(x.grad, g8 @ _dequant(linear.weight, E4M3), rel=1e-5, what="input gradient")
@@ -166,6 +166,7 @@ def test_training_with_fp8_keeps_the_checkpoint_keys_and_moves_the_weights_as_fu
     fp8_moved = torch.cat([(fp8[k] - initial[k[len(PREFIX):]]).flatten() for k in keys])
     assert moved.abs().max() > 1e-5, "the transformer blocks were trained"
     assert not torch.equal(fp8_moved, moved), "the FP8 products ran"
+    assert _rel(fp8_moved, moved) < 0.5, "and moved them as full precision does (measured 0.17 with seeds 0 and 11)"
     assert all(torch.isfinite(v).all() for v in fp8.values())
 
 

@@ -25,11 +25,14 @@ FP8_ALIGN = 16  # torch._scaled_mm needs the inner and output widths to be multi
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x in FP8, its float32 dequantisation scale): `x ~= x8.float() * scale`, amax mapped to the format's max."""
+    """(x in FP8, row-major, its float32 dequantisation scale): `x ~= x8.float() * scale`, amax mapped to the
+    format's max."""
     amax = x.detach().abs().amax().float().clamp(min=1e-12)
     scale = amax / torch.finfo(dtype).max
     limit = torch.finfo(dtype).max
-    return (x.float() / scale).clamp(-limit, limit).to(dtype), scale
+    # Elementwise ops keep a strided input's layout (SD-2's proj_in on a batch of one sees a column-major view of
+    # the NCHW map), but CUDA's FP8 kernels take only row-major A (and B as the transpose of a row-major matrix).
+    return (x.float() / scale).clamp(-limit, limit).to(dtype).contiguous(), scale
 
 
 def _mm(a8: torch.Tensor, scale_a: torch.Tensor, b8: torch.Tensor, scale_b: torch.Tensor,
@@ -111,14 +114,15 @@ def transformer_linears(network: nn.Module) -> list[nn.Linear]:
 
 
 def to_float8(network: nn.Module) -> int:
-    """Make the transformer blocks' linear layers of `network` FP8 in place; returns how many were changed."""
+    """Make the transformer blocks' linear layers of `network` FP8 in place; returns how many were changed (0 for a
+    network already FP8)."""
     if not hasattr(torch, "_scaled_mm"):
         raise LdmError(f"FP8 needs torch._scaled_mm, which torch {torch.__version__} lacks: upgrade torch or drop "
                        "--fp8")
     linears = transformer_linears(network)
     for linear in linears:
         linear.__class__ = Float8Linear  # same parameters and buffers: keys, hooks and devices unchanged
-    if not linears:
+    if not linears and not uses_float8(network):  # already FP8 (a second compile, a reused stage): nothing to do
         raise LdmError(f"{type(network).__name__} has no transformer linear layers whose widths are multiples of "
                        f"{FP8_ALIGN}: FP8 has nothing to run on; drop --fp8")
     return len(linears)

@@ -39,11 +39,16 @@ def fast_network(network: nn.Module, *, mode: str | None = DEFAULT_MODE, backend
     return network
 
 
+def running_stages(pipe) -> tuple:
+    """Every stage a call of `pipe` runs: a Pipeline's or Cascade's stages; a base + refiner ensemble's both."""
+    return tuple(getattr(pipe, "all_stages", pipe.stages))
+
+
 def compile_pipeline(pipe, *, mode: str | None = DEFAULT_MODE, backend: str = "inductor", fuse: bool = True,
                      channels_last: bool = True, decoder: bool = True, fp8: bool = False):
     """Turn the fast path on for every stage of `pipe` (a Pipeline or Cascade): U-Net, and the VAE decoder too
     (FP8 applies to the U-Nets' transformer blocks only)."""
-    for stage in pipe.stages:
+    for stage in running_stages(pipe):
         fast_network(stage.unet, mode=mode, backend=backend, fuse=fuse, channels_last=channels_last, fp8=fp8)
         autoencoder = getattr(stage.codec, "autoencoder", None)
         if decoder and autoencoder is not None:

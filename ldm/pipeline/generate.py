@@ -15,6 +15,7 @@ from ldm.atomic import atomic_write_text
 from ldm.errors import LdmError
 from ldm.models.attention import get_attention_backend
 from ldm.models.float8 import uses_float8
+from ldm.pipeline.fast import running_stages
 from ldm.pipeline.images import read_png_parameters, save_png
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.memory import available_bytes, check_fits, estimate_generation_bytes
@@ -199,7 +200,7 @@ def generate_to_folder(
             modes["noise_level"] = pipe.noise_level(noise_level)
     elif noise_level is not None:  # a cascade records each stage's level
         raise LdmError("a cascade takes its --noise-level when it is built (load_cascade(..., noise_level=))")
-    fp8 = any(uses_float8(s.unet) for s in pipe.stages)
+    fp8 = any(uses_float8(s.unet) for s in running_stages(pipe))
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata_path = out_dir / "metadata.jsonl"
     records = _open_index(out_dir)

@@ -73,6 +73,7 @@ class ExpertEnsemble:
 
     stage = property(lambda self: self.base.stage)
     stages = property(lambda self: self.base.stages)  # the settings it is called with are the base's
+    all_stages = property(lambda self: (*self.base.stages, *self.refiner.stages))  # what a call runs (fast path, FP8)
     unet = property(lambda self: self.base.unet)
     autoencoder = property(lambda self: self.refiner.autoencoder)  # the refiner decodes
     device = property(lambda self: self.base.device)
