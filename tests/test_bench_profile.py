@@ -13,6 +13,8 @@ from ldm.bench.profile import KINDS, kind_of
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matrix product"),
     ("triton_red_fused_native_group_norm_silu_12", "normalisation"),
     ("triton_poi_fused_gelu_mul_split_view_16", "fused (triton)"),
+    ("triton_poi_fused_convolution_add_3", "fused (triton)"),  # the work after a convolution, not the convolution
+    ("triton_tem_fused_mm_7", "fused (triton)"),
     ("void at::native::elementwise_kernel<128, 2>(copy_kernel)", "copy / layout"),
     ("some_unknown_kernel", "other"),
 ])

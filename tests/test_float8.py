@@ -213,3 +213,15 @@ def test_ldm_txt2img_fp8_runs_the_fp8_products_and_records_them(tiny_sd_folder, 
 
 def _records(folder):
     return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def test_a_training_run_fp8_cannot_run_on_is_refused_before_its_folder_exists(shape_shards, tmp_path, monkeypatch):
+    import ldm.train.loop as loop
+
+    def refuse(device):
+        raise LdmError(f"FP8 needs a GPU of compute capability 8.9 or more ({device}): drop --fp8")
+
+    monkeypatch.setattr(loop, "check_fp8_device", refuse)
+    with pytest.raises(LdmError, match="drop --fp8"):
+        train(tiny_train_config(shape_shards, tmp_path / "run", "max_steps=1", "fp8=true", "compile=false"))
+    assert not (tmp_path / "run").exists()

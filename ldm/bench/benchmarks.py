@@ -204,14 +204,13 @@ def eager_levers(b: Bench, unet, x, t, c, mask) -> None:
 @dataclass(frozen=True)
 class Lever:
     """One compiled configuration of the guided step: compile keywords (over the run's backend), the seconds it
-    needs at least, and whether it keeps the all-True mask, runs FP8, times the peer alike, or profiles kernels."""
+    needs at least, and whether it keeps the all-True mask, runs FP8, or profiles kernels."""
 
     name: str
     options: dict
     needs_s: int
     mask: bool = False
     fp8: bool = False
-    peer: bool = False
     profile: bool = False
 
 
@@ -245,7 +244,6 @@ def compiled_levers(b: Bench) -> None:
     unet = b.parts().unet  # fused and NHWC by unet_step
     x, t, c = b.step_inputs()
     mask = torch.ones(2, 77, dtype=torch.bool, device=b.device)
-    peer_unet = b.peer_pipeline().unet if b.peer else None
     for lever in COMPILED_LEVERS:
         if b.lever_names and not any(part in lever.name for part in b.lever_names):
             continue
@@ -253,38 +251,28 @@ def compiled_levers(b: Bench) -> None:
             write_lever(b, lever.name, None,
                         skipped=f"{b.seconds_left():.0f} s left of --budget-s, needs ~{lever.needs_s} s")
             continue
-        options = _lever_options(b, lever)
         torch._dynamo.reset()  # the next compile starts clean (inductor's on-disk caches still help)
-        if lever.fp8:
-            to_float8(unet)
-        unet.compile(dynamic=False, **options)
         call = (lambda: unet(x, t, context=c, context_mask=mask)) if lever.mask else (lambda: unet(x, t, context=c))
-        sides = {"ours": call}
-        if lever.peer and peer_unet is not None:
-            peer_unet.compile(dynamic=False, **options)
-            sides["peer"] = lambda: peer_unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
         started = time.monotonic()
         try:
             with torch.no_grad():
                 extra = {}
                 if lever.fp8:
-                    with eager():
+                    to_float8(unet)
+                    with eager():  # plain products, eagerly (no compile of an earlier lever runs)
                         reference = _plain_output(unet, call)
-                for fn in sides.values():
-                    fn()  # the compiles
+                unet.compile(dynamic=False, **_lever_options(b, lever))
+                call()  # the compile
                 extra["compile_s"] = round(time.monotonic() - started, 1)
                 if lever.fp8:
-                    out = call()
-                    extra["fp8_change"] = ((out.float() - reference).norm() / reference.norm()).item()
+                    extra["fp8_change"] = ((call().float() - reference).norm() / reference.norm()).item()
                 if lever.profile and b.device.type == "cuda":
                     extra["profile"] = kernel_breakdown(call)
-                times = alternate(sides, b.device, warmup=3, rounds=3, repeats=5)
-                write_lever(b, lever.name, times["ours"], times.get("peer"), **extra)
+                write_lever(b, lever.name, _step_ms(b, call), **extra)
         except Exception as e:  # noqa: BLE001  one lever failing must not lose the next
             write_lever(b, lever.name, None, error=f"{type(e).__name__}: {e}"[:2000])
         finally:
-            if lever.fp8:
-                from_float8(unet)
+            from_float8(unet)  # the next lever runs plain products (nothing to undo after the others)
 
 
 def _plain_output(unet, call) -> torch.Tensor:

@@ -16,9 +16,16 @@ KINDS = (  # (kind, substrings of a kernel's name that mark it; the first match 
 )
 
 
+NORM_MARKERS = dict(KINDS)["normalisation"]
+
+
 def kind_of(kernel: str) -> str:
-    """The kind of a GPU kernel, from its name (`other` when no marker matches)."""
+    """The kind of a GPU kernel, from its name (`other` when no marker matches). Inductor's own kernels are named
+    for the operations they fuse (`triton_poi_fused_convolution_0` is the elementwise work after a convolution), so
+    a Triton kernel is a normalisation or fused elementwise work, never a convolution or product."""
     name = kernel.lower()
+    if name.startswith("triton_"):
+        return "normalisation" if any(m in name for m in NORM_MARKERS) else "fused (triton)"
     for kind, markers in KINDS:
         if any(m in name for m in markers):
             return kind

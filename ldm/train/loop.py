@@ -158,6 +158,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     from accelerate.utils import DistributedDataParallelKwargs
 
     out = Path(config.output_dir)
+    if config.fp8:  # before the run folder exists: a refused run leaves nothing behind
+        check_fp8_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
     accelerator = open_run(
         out, resume, overwrite,
@@ -176,7 +178,6 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     torch.manual_seed(config.seed)
     parts = build_parts(config.model)
     if config.fp8:  # before compiling: the compiled graph holds the FP8 products
-        check_fp8_device(device)
         to_float8(parts.unet)  # in place: parameters and state_dict keys are unchanged
     if config.compile if config.compile is not None else device.type == "cuda":
         compile_for_training(parts.unet)  # in place: state_dict keys, EMA and checkpoints are unchanged
