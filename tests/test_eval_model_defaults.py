@@ -140,3 +140,21 @@ def test_a_cascade_samples_each_stage_at_its_own_defaults(tiny_clip_config, tmp_
                                       upscalers=models[1:])
     assert sampled == [("ddim", 1, 2.0), ("dpmpp_2m", 1, 1.0)] and settings["steps"] == 1
     assert folder.name == "ddim+dpmpp_2m-steps1-cfg2+1"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--samplers", "nosuch"], "nosuch"),
+    (["--samplers", "ddim", "--sampler-option", "bogus=1"], "bogus"),
+    (["--n-per-prompt", "0"], "--n-per-prompt"),
+])
+def test_a_mistake_in_the_given_flags_fails_before_the_model_loads(own_model, prompts, tmp_path, capsys, monkeypatch,
+                                                                   flags, message):
+    import ldm.cli.eval
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the flags were checked")
+
+    monkeypatch.setattr(ldm.cli.eval, "_load", no_load)  # steps and guidance are left to the model: it would load
+    argv = ["--model", own_model, "--prompts", prompts, *flags, "--clip-pretrained", "none", "--out", tmp_path / "e"]
+    assert main([str(a) for a in argv]) == 2
+    assert message in capsys.readouterr().err

@@ -381,6 +381,10 @@ def run(args: argparse.Namespace) -> dict:
         read_metadata(args.images)  # a broken metadata.jsonl fails now, not after the CLIP model loads
     else:
         given, (levels, strengths) = _given_axes(args), _sr_axes(args)
+        if args.n_per_prompt < 1:
+            raise LdmError(f"--n-per-prompt must be positive, got {args.n_per_prompt}")
+        for sampler in given["sampler"] or []:  # a mistyped sampler or option fails before any model loads
+            check_sampler_options(sampler, parse_sampler_options(args.sampler_option))
         # An axis not given is the model's own: the model loads first then (otherwise only if images are missing).
         pipe = _load(args, device) if any(v is None for v in given.values()) else None
         axes, sources = _sampling_axes(given, pipe)
