@@ -225,3 +225,18 @@ def test_a_training_run_fp8_cannot_run_on_is_refused_before_its_folder_exists(sh
     with pytest.raises(LdmError, match="drop --fp8"):
         train(tiny_train_config(shape_shards, tmp_path / "run", "max_steps=1", "fp8=true", "compile=false"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_without_transformer_linears_runs_as_it_is_and_a_model_without_any_is_refused():
+    from types import SimpleNamespace
+
+    from ldm.pipeline.fast import compile_pipeline
+
+    plain = nn.Sequential(nn.Conv2d(4, 16, 3), nn.SiLU())  # a pixel stage without attention
+    pipe = SimpleNamespace(stages=[SimpleNamespace(unet=tiny_components().unet, codec=None),
+                                   SimpleNamespace(unet=plain, codec=None)])
+    compile_pipeline(pipe, mode=None, fp8=True)
+    assert uses_float8(pipe.stages[0].unet) and not uses_float8(plain)
+    with pytest.raises(LdmError, match="drop --fp8"):
+        compile_pipeline(SimpleNamespace(stages=[SimpleNamespace(unet=nn.Sequential(nn.Conv2d(4, 16, 3)),
+                                                                 codec=None)]), mode=None, fp8=True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ldm.errors import LdmError
-from ldm.models.float8 import check_fp8_device, to_float8
+from ldm.models.float8 import FP8_ALIGN, check_fp8_device, to_float8, transformer_linears, uses_float8
 from ldm.models.fused import fuse_qkv
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -47,9 +47,15 @@ def running_stages(pipe) -> tuple:
 def compile_pipeline(pipe, *, mode: str | None = DEFAULT_MODE, backend: str = "inductor", fuse: bool = True,
                      channels_last: bool = True, decoder: bool = True, fp8: bool = False):
     """Turn the fast path on for every stage of `pipe` (a Pipeline or Cascade): U-Net, and the VAE decoder too
-    (FP8 applies to the U-Nets' transformer blocks only)."""
-    for stage in running_stages(pipe):
-        fast_network(stage.unet, mode=mode, backend=backend, fuse=fuse, channels_last=channels_last, fp8=fp8)
+    (FP8 applies to the U-Nets' transformer linears: a stage without any, e.g. a pixel upscaler without attention,
+    runs as it is; a pipeline none of whose stages has any is refused)."""
+    stages = running_stages(pipe)
+    takes_fp8 = [fp8 and (bool(transformer_linears(s.unet)) or uses_float8(s.unet)) for s in stages]
+    if fp8 and not any(takes_fp8):
+        raise LdmError("none of this model's networks has transformer linear layers whose widths are multiples of "
+                       f"{FP8_ALIGN}: FP8 has nothing to run on; drop --fp8")
+    for stage, stage_fp8 in zip(stages, takes_fp8):
+        fast_network(stage.unet, mode=mode, backend=backend, fuse=fuse, channels_last=channels_last, fp8=stage_fp8)
         autoencoder = getattr(stage.codec, "autoencoder", None)
         if decoder and autoencoder is not None:
             fast_network(autoencoder.decoder, mode=mode, backend=backend, fuse=False, channels_last=channels_last)
