@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.bench.flops import count_flops, mfu, mfu_from_throughput
-from ldm.bench.profile import kernel_breakdown
 from ldm.bench.models import diffusers_pipeline, diffusers_unet, diffusers_vae, sd15_parts, sd15_unet
+from ldm.bench.profile import kernel_breakdown
 from ldm.bench.record import Row, make_row
 from ldm.bench.timing import alternate, call_times_ms
 from ldm.errors import LdmError

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_MODE}: CUDA graphs); the first image pays the compile time")
     p.add_argument("--fp8", action="store_true",
                    help="the U-Net's transformer linears multiply in FP8 (Ada/Hopper GPUs; opt-in: images differ "
-                        "slightly from bf16's, docs/benchmarks/README.md)")
+                        "slightly from bf16's, and at SD sizes it measured slower, docs/benchmarks/README.md); "
+                        "without --compile it also fuses q|k|v and stores the networks NHWC, as the fast path does")
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
     return p
 
