@@ -2,7 +2,18 @@
 # Issue 12's missing rows in one GPU window of at most ~9 minutes, each benchmark in its own process under a hard
 # timeout (a hang or a slow compile costs only its own step), in the priority order PLAN names:
 #
-# PLAN=run6 (the default: what run 5 left unmeasured, docs/benchmarks/README.md "Run 5")
+# PLAN=run8 (the default: max-autotune's guided step, whose compile outran two 9-minute calls in run 7; with
+#   TUNE_CACHE, below, each call goes on where the last one stopped)
+#   1. unet_step_sd15_512_b1_cfg --compiled-levers-only --lever-names max-autotune, however long it takes (the
+#      step's limit is the window's; bench.py's own budget check is lifted)
+#   2. the same, --lever-names "the fast path, again": reduce-overhead in the same window, for the comparison
+#   3. train_sd15_unet_512 --fp8 --no-peer: the compiled FP8 training step
+# PLAN=run7 (run6's steps with the compiled VAE encode added, and the eager GroupNorm without casts)
+#   1. eval_generate_sd15_512_25steps --eval-batches 16: both eager, ours compiled, the peer compiled
+#   2. vae_encode_256: both sides compiled (never measured; run 1's row is eager), the eager times in details
+#   3. unet_step_sd15_512_b1_cfg --compiled-levers-only --lever-names "graphs alone" mask max-autotune
+#   4. train_sd15_unet_512 --fp8 --no-peer: the compiled FP8 training step
+# PLAN=run6 (what run 5 left unmeasured, docs/benchmarks/README.md "Run 5")
 #   1. eval_generate_sd15_512_25steps --eval-batches 16: eager, ours compiled, then the peer compiled (both sides
 #      were best at batch 16): the prompt-set goal against the peer at its best
 #   2. train_sd15_unet_512 --fp8 --no-peer: the compiled FP8 training step, in a limit its compile fits
@@ -27,12 +38,18 @@
 #   4. eval_generate_sd15_512_25steps --eager
 #
 # FROM=N (default 1) starts at the plan's step N: a second window continues where the first one's log says it
-# skipped. Rows go to $OUT/results.jsonl as each benchmark finishes; a step killed by its timeout, or skipped for
+# skipped. TO=N (default: the last) stops after step N, so a window does not start a step the next one repeats. Rows go to $OUT/results.jsonl as each benchmark finishes; a step killed by its timeout, or skipped for
 # lack of time, gets a row with `ours: null` and details.error saying so. Everything is logged to $OUT/perf.log.
 #
 #   CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/site:$PWD OUT=out BUDGET_S=560 bash tools/device_perf.sh   # GPU machine
 #   CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/site:$PWD OUT=out BUDGET_S=560 FROM=2 bash tools/device_perf.sh
 #   DRY_RUN=1 OUT=/tmp/dry PYTHONPATH=$PWD bash tools/device_perf.sh                  # every step on the CPU
+#
+# TUNE_CACHE=DIR (optional) keeps inductor's autotune choices across windows: TORCHINDUCTOR_CACHE_DIR is
+# TUNE_WORK (default /tmp/ldm-inductor); DIR's files seed TUNE_WORK/cache (never over a newer one a warm machine
+# still has), and after every step TUNE_WORK/cache is copied to $OUT/tune-cache (small JSON: per shape, each
+# choice's time). Inductor writes that file after each shape it tunes, so a shape tuned once, even in a call killed
+# mid-compile, is not benchmarked again: carry $OUT/tune-cache back as the next call's DIR.
 #
 # BUDGET_S (default 500; 1500 with DRY_RUN, whose steps all run whatever their GPU estimates) is the whole
 # script's wall-clock limit; PYTHON (default python3) the interpreter.
@@ -40,8 +57,9 @@ set -u
 OUT=${OUT:?set OUT to the folder that receives results.jsonl, levers.jsonl and perf.log}
 BUDGET_S=${BUDGET_S:-$([ -n "${DRY_RUN:-}" ] && echo 1500 || echo 500)}
 PY=${PYTHON:-python3}
-PLAN=${PLAN:-run6}
+PLAN=${PLAN:-run8}
 FROM=${FROM:-1}
+TO=${TO:-9}
 mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
 LOG=$OUT/perf.log
@@ -52,6 +70,25 @@ if [ -n "${DRY_RUN:-}" ]; then
 fi
 export PYTHONWARNINGS=ignore  # diffusers' and dynamo's repeated warnings would crowd the log
 export HF_HUB_OFFLINE=1
+if [ -n "${TUNE_CACHE:-}" ]; then
+    TUNE_WORK=${TUNE_WORK:-/tmp/ldm-inductor}
+    export TORCHINDUCTOR_CACHE_DIR=$TUNE_WORK
+    mkdir -p "$TUNE_WORK/cache" "$OUT/tune-cache"
+    if [ -d "$TUNE_CACHE" ]; then
+        cp -n "$TUNE_CACHE"/* "$TUNE_WORK/cache/" 2>/dev/null
+    fi
+fi
+
+save_tune_cache() {  # the autotune choices so far, for the next window (no-op without TUNE_CACHE)
+    if [ -n "${TUNE_CACHE:-}" ]; then
+        cp "$TUNE_WORK"/cache/* "$OUT/tune-cache/" 2>/dev/null
+        log "tune cache: $("$PY" -c 'import json, sys
+n = 0
+for path in sys.argv[1:]:
+    n += sum(len(shapes) for shapes in json.load(open(path)).get("cache", {}).values())
+print(n)' "$TUNE_WORK"/cache/* 2>/dev/null) tuned shapes, copied to $OUT/tune-cache"
+    fi
+}
 
 rows() { local n; n=$(grep -c "\"benchmark\": \"$1\"" "$RESULTS" 2>/dev/null); echo "${n:-0}"; }
 
@@ -89,6 +126,7 @@ step() {
         --budget-s $((limit > 30 ? limit - 15 : limit)) "$@" >>"$LOG" 2>&1
     rc=$?
     log "end $name: exit $rc"
+    save_tune_cache
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         if [ "$(rows "$name")" -gt "$rows_before" ]; then
             error_row "$name" "killed by tools/device_perf.sh at its ${limit} s limit (exit $rc) after its first \
@@ -110,13 +148,18 @@ nth() {
         log "step $n ($1): before FROM=$FROM, not run"
         return
     fi
+    if [ "$n" -gt "$TO" ]; then
+        log "step $n ($1): after TO=$TO, not run"
+        return
+    fi
     log "step $n of PLAN=$PLAN"
     step "$@"
 }
 
 case $PLAN in
-    run3|run4|run5|run6) ;;
-    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run6 (the default), run5, run4 or run3" >&2; exit 2 ;;
+    run3|run4|run5|run6|run7|run8) ;;
+    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run8 (the default), run7, run6, run5, run4 or run3" >&2
+       exit 2 ;;
 esac
 case $FROM in
     1|2|3|4) ;;
@@ -134,6 +177,21 @@ if [ "$PLAN" = run3 ]; then
     nth 2 train_sd15_unet_512 300 120
     nth 3 train_sd15_unet_256 300 150
     nth 4 eval_generate_sd15_512_25steps 150 75 --eager
+elif [ "$PLAN" = run8 ]; then
+    # 1: the whole window if it needs it (run 7: ~17 s per tuned shape, 34 shapes in 9 minutes); the last
+    # --budget-s given wins over step's own, so bench.py starts the lever whatever its estimate
+    nth 1 unet_step_sd15_512_b1_cfg 600 80 --levers "$OUT/levers.jsonl" --compiled-levers-only \
+        --lever-names max-autotune --budget-s 100000
+    nth 2 unet_step_sd15_512_b1_cfg 120 80 --levers "$OUT/levers.jsonl" --compiled-levers-only \
+        --lever-names "the fast path, again"
+    nth 3 train_sd15_unet_512 480 300 --fp8 --no-peer
+elif [ "$PLAN" = run7 ]; then
+    nth 1 eval_generate_sd15_512_25steps 400 300 --eval-batches 16
+    # 2: eager ~10 s, then the encoder compiled on each side (~40-60 s each)
+    nth 2 vae_encode_256 220 100
+    nth 3 unet_step_sd15_512_b1_cfg 560 80 --levers "$OUT/levers.jsonl" --compiled-levers-only \
+        --lever-names "graphs alone" mask max-autotune
+    nth 4 train_sd15_unet_512 480 300 --fp8 --no-peer
 elif [ "$PLAN" = run6 ]; then
     # 1: eager ~35 s, ours compiled ~80 s, the peer compiled ~150-170 s (run 5: ours' compile 59 s at batch 16)
     nth 1 eval_generate_sd15_512_25steps 400 300 --eval-batches 16

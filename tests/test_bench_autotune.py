@@ -1,0 +1,57 @@
+"""Reading inductor's autotune log (`ldm.bench.autotune`) on blocks copied from an H200 run (run 7)."""
+from ldm.bench.autotune import autotune_blocks, autotune_summary
+
+LOG = """measured peak: 769 TFLOP/s (bf16 8192^3 matmul)
+Autotune Choices Stats:
+{"num_choices": 18, "num_triton_choices": 17, "best_kernel": "triton_convolution2d_566", "best_time": 0.0203}
+AUTOTUNE convolution(2x320x64x64, 320x320x3x3)
+strides: [1310720, 1, 20480, 320], [2880, 1, 960, 320]
+dtypes: torch.bfloat16, torch.bfloat16
+  triton_convolution2d_566 0.0203 ms 100.0% ALLOW_TF32=False, BLOCK_K=128, BLOCK_M=64, BLOCK_N=128, GROUPS=1
+  triton_convolution2d_561 0.0210 ms 96.9% ALLOW_TF32=False, BLOCK_K=64, BLOCK_M=128, BLOCK_N=64, GROUPS=1
+  convolution 0.0447 ms 45.4% 
+  triton_convolution2d_564 0.0449 ms 45.2% ALLOW_TF32=False, BLOCK_K=128, BLOCK_M=128, BLOCK_N=128, GROUPS=1
+SingleProcess AUTOTUNE benchmarking takes 9.1935 seconds and 0.0002 seconds precompiling for 18 choices
+Autotune Choices Stats:
+{"num_choices": 20, "num_triton_choices": 18, "best_kernel": "triton_mm_137", "best_time": 0.0167}
+AUTOTUNE mm(8192x320, 320x960)
+strides: [320, 1], [1, 320]
+dtypes: torch.bfloat16, torch.bfloat16
+  triton_mm_137 0.0167 ms 100.0% ACC_TYPE='tl.float32', ALLOW_TF32=True, BLOCK_K=64, BLOCK_M=64, BLOCK_N=128
+  triton_mm_131 0.0170 ms 98.2% ACC_TYPE='tl.float32', ALLOW_TF32=True, BLOCK_K=32, BLOCK_M=64, BLOCK_N=64
+SingleProcess AUTOTUNE benchmarking takes 5.6296 seconds and 0.0003 seconds precompiling for 20 choices
+AUTOTUNE convolution(2x1280x16x16, 1280x1280x3x3)
+strides: [327680, 1, 20480, 1280], [11520, 1, 3840, 1280]
+dtypes: torch.bfloat16, torch.bfloat16
+  convolution 0.0502 ms 100.0% 
+  triton_convolution2d_1648 0.0537 ms 93.5% ALLOW_TF32=False, BLOCK_K=128, BLOCK_M=64, BLOCK_N=128
+E1130 00:48:03.149000 2493 torch/_inductor/select_algorithm.py:3924] [0/0] Runtime error during autotuning:
+"""
+
+
+def test_each_block_keeps_its_shapes_choices_and_the_extern_kernels_time():
+    blocks = autotune_blocks(LOG)
+    assert [b["op"] for b in blocks] == ["convolution", "mm", "convolution"]
+    conv, mm, conv_big = blocks
+    assert conv["shapes"] == "2x320x64x64, 320x320x3x3"
+    assert conv["strides"] == "[1310720, 1, 20480, 320], [2880, 1, 960, 320]"
+    assert [name for name, _ in conv["choices"]] == ["triton_convolution2d_566", "triton_convolution2d_561",
+                                                     "convolution", "triton_convolution2d_564"]
+    assert conv["best"] == ("triton_convolution2d_566", 0.0203)
+    assert conv["extern_ms"] == 0.0447
+    assert abs(conv["speedup"] - 0.0447 / 0.0203) < 1e-12
+    assert mm["extern_ms"] is None and mm["speedup"] is None  # cuBLAS slower than every choice listed
+    assert conv_big["best"] == ("convolution", 0.0502) and conv_big["speedup"] == 1.0
+
+
+def test_the_summary_counts_the_winners_and_sums_only_listed_extern_times():
+    summary = autotune_summary(autotune_blocks(LOG))
+    assert summary["blocks"] == 3 and summary["triton_won"] == 2 and summary["extern_listed"] == 2
+    assert summary["extern_ms_listed"] == round(0.0447 + 0.0502, 4)
+    assert summary["best_ms_listed"] == round(0.0203 + 0.0502, 4)
+    assert summary["by_op"] == {"convolution": 2, "mm": 1}
+
+
+def test_a_log_without_autotuning_gives_nothing():
+    assert autotune_blocks("lever: {}\nSingleProcess AUTOTUNE benchmarking takes 1 seconds\n") == []
+    assert autotune_summary([])["blocks"] == 0
