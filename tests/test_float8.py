@@ -240,3 +240,18 @@ def test_a_stage_without_transformer_linears_runs_as_it_is_and_a_model_without_a
     with pytest.raises(LdmError, match="drop --fp8"):
         compile_pipeline(SimpleNamespace(stages=[SimpleNamespace(unet=nn.Sequential(nn.Conv2d(4, 16, 3)),
                                                                  codec=None)]), mode=None, fp8=True)
+
+
+def test_a_training_run_whose_unet_has_no_transformer_linears_is_refused_before_its_folder_exists(shape_shards,
+                                                                                                  tmp_path):
+    """An Efficient U-Net without attention (no transformer blocks): fp8 has nothing to run on; nothing is written,
+    and the config alone decides (the network is built on the meta device, drawing no random numbers)."""
+    config = tiny_train_config(shape_shards, tmp_path / "run", "max_steps=1", "fp8=true", "compile=false")
+    config.model.unet = dict(type="efficient_unet", in_channels=4, out_channels=4, model_channels=32,
+                             channel_mult=[1, 2], num_res_blocks=[1, 1], attention_levels=[],
+                             cross_attention_levels=[], context_dim=32, sample_size=16)
+    state = torch.random.get_rng_state()
+    with pytest.raises(LdmError, match="has no transformer linear layers.*set fp8: false"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+    assert torch.equal(torch.random.get_rng_state(), state)

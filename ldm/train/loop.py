@@ -29,15 +29,15 @@ from ldm.eval.inception import InceptionExtractor
 from ldm.eval.prompts import load_prompts
 from ldm.io.native_format import export_native
 from ldm.models.attention import set_attention_backend
-from ldm.models.float8 import check_fp8_device, to_float8
+from ldm.models.float8 import FP8_ALIGN, check_fp8_device, to_float8, transformer_linears
 from ldm.models.text_encoders import TextEmbeddings
 from ldm.runtime import derive_seed
 from ldm.train.batches import DataCounts, TrainState, batch_stream
 from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.train.compiled import compile_for_training
-from ldm.train.config import TrainConfig
+from ldm.train.config import ModelConfig, TrainConfig
 from ldm.train.ema import EMA
-from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_parts, check_latent_batch,
+from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_parts, build_unet, check_latent_batch,
                              latents_from_posterior, text_conditioning)
 from ldm.train.optim import lr_at, make_optimizer, set_lr
 from ldm.train.run_folder import open_run
@@ -149,6 +149,16 @@ def latent_text_conditioning(batch: dict, parts: LatentDiffusionParts, device: t
     return text_conditioning(TextEmbeddings(tokens, pooled, mask), parts.unet.config)
 
 
+def check_fp8_unet(model: ModelConfig) -> None:
+    """Refuse `fp8: true` for a U-Net without transformer linears, from its config alone: built on the meta device
+    (no memory, no random numbers drawn), before anything is written."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        unet = build_unet(model)
+    if not transformer_linears(unet):
+        raise LdmError(f"fp8: true, but model.unet ({type(unet).__name__}) has no transformer linear layers whose "
+                       f"widths are multiples of {FP8_ALIGN}: FP8 has nothing to run on; set fp8: false")
+
+
 def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train the model of `config` into `config.output_dir`; returns that folder, which then holds the final model.
 
@@ -160,6 +170,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     out = Path(config.output_dir)
     if config.fp8:  # before the run folder exists: a refused run leaves nothing behind
         check_fp8_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+        check_fp8_unet(config.model)
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
     accelerator = open_run(
         out, resume, overwrite,

@@ -113,14 +113,24 @@ def _pretrained(kind: str, module: nn.Module, path: str | None) -> tuple[nn.Modu
     return getattr(components, kind), components.config
 
 
+def unet_config_of(config: ModelConfig):
+    """The config object of `model.unet` (its registered type's dataclass)."""
+    kind = section_type("unet", config.unet)  # `type: efficient_unet` for Imagen's stages; SD's U-Net otherwise
+    return from_dict(PART_TYPES[kind].config_class, {k: v for k, v in config.unet.items() if k != "type"},
+                     where="model.unet")
+
+
+def build_unet(config: ModelConfig) -> nn.Module:
+    """The denoising network `model.unet` describes, randomly initialised (no weights loaded)."""
+    return build_part(unet_config_of(config))
+
+
 def build_parts(config: ModelConfig) -> LatentDiffusionParts:
     """Build (and load) the networks a ModelConfig describes, in float32; the autoencoder is always frozen.
 
     `model.autoencoder: null` makes a pixel-space model: no autoencoder, the U-Net denoises the images.
     """
-    kind = section_type("unet", config.unet)  # `type: efficient_unet` for Imagen's stages; SD's U-Net otherwise
-    unet_config = from_dict(PART_TYPES[kind].config_class, {k: v for k, v in config.unet.items() if k != "type"},
-                            where="model.unet")
+    unet_config = unet_config_of(config)
     unet = build_part(unet_config)
     stage = from_dict(StageConfig, config.stage, where="model.stage") if config.stage is not None else None
     upscale = (from_dict(LatentUpscaleConfig, config.latent_upscale, where="model.latent_upscale")
