@@ -50,3 +50,13 @@ def test_float32_is_plain_group_norm():
     norm = _norm(64, torch.float32, seed=6)
     x = torch.randn(2, 64, 8, 8, generator=g) * 3
     torch.testing.assert_close(norm(x), F.group_norm(x, 32, norm.weight, norm.bias, norm.eps), rtol=0, atol=0)
+
+
+def test_half_input_and_parameters_come_back_in_their_dtype_when_the_kernel_answers_in_float32(monkeypatch):
+    """CUDA autocast's policy for group_norm is float32 (AT_FORALL_FP32): inside autocast, a bf16 model's norm got a
+    float32 result back from the kernel. Simulated on the CPU (whose autocast keeps bf16) by a kernel that upcasts."""
+    plain = F.group_norm
+    monkeypatch.setattr(F, "group_norm", lambda x, g, w, b, eps: plain(x.float(), g, w.float(), b.float(), eps))
+    norm = _norm(64, torch.bfloat16, seed=7)
+    x = torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    assert norm(x).dtype == torch.bfloat16

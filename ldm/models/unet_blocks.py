@@ -31,7 +31,8 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16) and self.weight.dtype == x.dtype:
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            # .to: CUDA autocast runs group_norm in float32 (its fp32 list) and would hand back float32; a no-op else
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
         weight, bias = self.weight.float(), self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
