@@ -55,3 +55,27 @@ def test_the_summary_counts_the_winners_and_sums_only_listed_extern_times():
 def test_a_log_without_autotuning_gives_nothing():
     assert autotune_blocks("lever: {}\nSingleProcess AUTOTUNE benchmarking takes 1 seconds\n") == []
     assert autotune_summary([])["blocks"] == 0
+
+
+def test_a_warning_inside_a_block_a_generated_split_k_choice_and_a_zero_time_are_read_right():
+    """decompose_k's split-K subgraph is inductor's, not the library's; a line from another thread does not end the
+    block; a choice timed 0 (inductor's DIVIDED BY ZERO line) gives no speedup instead of raising."""
+    log = """AUTOTUNE mm(320x65536, 65536x320)
+strides: [1, 320], [320, 1]
+dtypes: torch.bfloat16, torch.bfloat16
+  decompose_k_mm_8_split 0.0300 ms 100.0% k_split=8
+W1130 00:48:03.149000 2493 torch/_inductor/some_module.py:1] [0/0] a warning from another thread
+  mm 0.0600 ms 50.0% 
+  triton_mm_12 0.0700 ms 42.9% ACC_TYPE='tl.float32'
+SingleProcess AUTOTUNE benchmarking takes 1.0 seconds and 0.0 seconds precompiling for 3 choices
+AUTOTUNE addmm(64x64, 64x64, 64x64)
+strides: [64, 1], [64, 1], [64, 1]
+dtypes: torch.bfloat16, torch.bfloat16, torch.bfloat16
+  bias_addmm 0.0000 ms <DIVIDED BY ZERO ERROR>
+  addmm 0.0100 ms 0.0% 
+"""
+    split_k, zero = autotune_blocks(log)
+    assert [name for name, _ in split_k["choices"]] == ["decompose_k_mm_8_split", "mm", "triton_mm_12"]
+    assert split_k["extern_ms"] == 0.06 and split_k["speedup"] == 2.0
+    assert zero["extern_ms"] == 0.0 and zero["speedup"] is None
+    assert autotune_summary([split_k, zero])["triton_won"] == 1

@@ -7,6 +7,14 @@ import re
 
 _BLOCK = re.compile(r"^AUTOTUNE (\w+)\((.*)\)\s*$")
 _CHOICE = re.compile(r"^\s+(\S+) ([0-9.]+) ms\b")
+_END = re.compile(r"^\w+ AUTOTUNE benchmarking takes ")  # the block's last line (SingleProcess / SubProcess)
+# choices inductor generates (Triton templates; decompose_k's split-K subgraph; CUTLASS / CK templates): the
+# others (mm, addmm, bias_addmm, convolution, conv1x1_via_mm, ...) are extern library kernels
+_GENERATED = ("triton_", "decompose_k_", "cuda_", "cutlass", "ck_")
+
+
+def _is_extern(name: str) -> bool:
+    return not name.startswith(_GENERATED)
 
 
 def autotune_blocks(log: str) -> list[dict]:
@@ -27,14 +35,14 @@ def autotune_blocks(log: str) -> list[dict]:
             current["strides"] = line[len("strides: "):].strip()
         elif (choice := _CHOICE.match(line)):
             current["choices"].append((choice.group(1), float(choice.group(2))))
-        elif line.strip() and not line.startswith("dtypes: "):
-            current = None  # the block's list ended
+        elif _END.match(line):
+            current = None  # the block's list ended; other lines (a warning from another thread) are skipped
     for block in blocks:
         choices = block["choices"]
-        extern = [ms for name, ms in choices if not name.startswith("triton_")]
+        extern = [ms for name, ms in choices if _is_extern(name)]
         block["best"] = choices[0] if choices else None
         block["extern_ms"] = extern[0] if extern else None
-        block["speedup"] = (block["extern_ms"] / choices[0][1]) if extern and choices else None
+        block["speedup"] = (block["extern_ms"] / choices[0][1]) if extern and choices and choices[0][1] else None
     return [b for b in blocks if b["choices"]]
 
 
@@ -43,7 +51,7 @@ def autotune_summary(blocks: list[dict]) -> dict:
     listed, its summed time against the winners' (a lower bound on the gain where it was not listed)."""
     listed = [b for b in blocks if b["extern_ms"] is not None]
     return {"blocks": len(blocks),
-            "triton_won": sum(1 for b in blocks if b["best"][0].startswith("triton_")),
+            "triton_won": sum(1 for b in blocks if not _is_extern(b["best"][0])),
             "extern_listed": len(listed),
             "extern_ms_listed": round(sum(b["extern_ms"] for b in listed), 4),
             "best_ms_listed": round(sum(b["best"][1] for b in listed), 4),
