@@ -255,3 +255,18 @@ def test_a_training_run_whose_unet_has_no_transformer_linears_is_refused_before_
         train(config)
     assert not (tmp_path / "run").exists()
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_the_early_fp8_check_leaves_a_whole_pretrained_models_unet_to_to_float8(shape_shards, tmp_path):
+    """`pretrained.unet` naming a model folder: that model's own U-Net config wins over `model.unet`, so the check
+    from the config alone must not judge it (to_float8 does, once it is loaded)."""
+    from ldm.train.loop import check_fp8_unet
+
+    config = tiny_train_config(shape_shards, tmp_path / "run", "fp8=true")
+    config.model.unet = dict(type="efficient_unet", in_channels=4, out_channels=4, model_channels=32,
+                             channel_mult=[1, 2], num_res_blocks=[1, 1], attention_levels=[],
+                             cross_attention_levels=[], context_dim=32, sample_size=16)
+    with pytest.raises(LdmError, match="set fp8: false"):
+        check_fp8_unet(config.model)
+    config.model.pretrained.unet = str(tmp_path)  # a folder: a whole model
+    check_fp8_unet(config.model)

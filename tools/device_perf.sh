@@ -38,8 +38,9 @@
 #   4. eval_generate_sd15_512_25steps --eager
 #
 # FROM=N (default 1) starts at the plan's step N: a second window continues where the first one's log says it
-# skipped. TO=N (default: the last) stops after step N, so a window does not start a step the next one repeats. Rows go to $OUT/results.jsonl as each benchmark finishes; a step killed by its timeout, or skipped for
-# lack of time, gets a row with `ours: null` and details.error saying so. Everything is logged to $OUT/perf.log.
+# skipped. TO=N (default: the last) stops after step N, so a window does not start a step the next one repeats.
+# Rows go to $OUT/results.jsonl as each benchmark finishes; a step killed by its timeout, or skipped for lack of
+# time, gets a row with `ours: null` and details.error saying so. Everything is logged to $OUT/perf.log.
 #
 #   CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/site:$PWD OUT=out BUDGET_S=560 bash tools/device_perf.sh   # GPU machine
 #   CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/site:$PWD OUT=out BUDGET_S=560 FROM=2 bash tools/device_perf.sh
@@ -86,7 +87,7 @@ save_tune_cache() {  # the autotune choices so far, for the next window (no-op w
 n = 0
 for path in sys.argv[1:]:
     n += sum(len(shapes) for shapes in json.load(open(path)).get("cache", {}).values())
-print(n)' "$TUNE_WORK"/cache/* 2>/dev/null) tuned shapes, copied to $OUT/tune-cache"
+print(n)' "$TUNE_WORK"/cache/* 2>/dev/null || echo 0) tuned shapes, copied to $OUT/tune-cache"
     fi
 }
 
@@ -164,6 +165,10 @@ esac
 case $FROM in
     1|2|3|4) ;;
     *) echo "tools/device_perf.sh: FROM=$FROM is not a step of the plan; give 1, 2, 3 or 4" >&2; exit 2 ;;
+esac
+case $TO in
+    1|2|3|4|9) ;;
+    *) echo "tools/device_perf.sh: TO=$TO is not a step of the plan; give 1, 2, 3 or 4 (or leave it out)" >&2; exit 2 ;;
 esac
 log "device_perf.sh: PLAN=$PLAN FROM=$FROM, budget ${BUDGET_S} s, OUT=$OUT, CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),

@@ -151,7 +151,10 @@ def latent_text_conditioning(batch: dict, parts: LatentDiffusionParts, device: t
 
 def check_fp8_unet(model: ModelConfig) -> None:
     """Refuse `fp8: true` for a U-Net without transformer linears, from its config alone: built on the meta device
-    (no memory, no random numbers drawn), before anything is written."""
+    (no memory, no random numbers drawn), before anything is written. A U-Net taken from a whole model
+    (`pretrained.unet` a folder or hub id) has that model's config, known only once loaded: `to_float8` judges it."""
+    if model.pretrained.unet is not None and not Path(model.pretrained.unet).is_file():
+        return
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         unet = build_unet(model)
     if not transformer_linears(unet):
