@@ -29,3 +29,14 @@ def test_the_fp8_probe_reports_fp8_and_bf16_against_float32_per_timestep():
     (row,) = out["by_timestep"].values()
     assert 0 < row["bf16_vs_fp32"] < 0.05
     assert 0 < row["fp8_vs_fp32"] < 0.1 and 0 < row["fp8_vs_bf16"] < 0.1
+
+
+def test_relative_l2_has_its_known_answers():
+    import torch
+
+    from ldm.bench.models import relative_l2
+
+    reference = torch.tensor([3.0, 4.0])  # norm 5
+    assert relative_l2(torch.tensor([3.0, 4.0]), reference) == 0.0
+    assert abs(relative_l2(torch.tensor([3.0, 5.0]), reference) - 0.2) < 1e-7
+    assert abs(relative_l2(torch.tensor([3.0, 4.0], dtype=torch.bfloat16) * 1.5, reference) - 0.5) < 1e-7

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.bench.models import sd15_unet  # noqa: E402
+from ldm.bench.models import guided_step_inputs, relative_l2, sd15_unet  # noqa: E402
 from ldm.models.float8 import to_float8  # noqa: E402
 
 
@@ -31,10 +31,7 @@ def main() -> None:
     bf16 = copy.deepcopy(reference).to(torch.bfloat16)
     fp8 = copy.deepcopy(bf16)
     converted = to_float8(fp8)
-    g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(2, reference.config.in_channels, args.latent, args.latent, device=device, generator=g)
-    c = torch.randn(2, 77, reference.config.context_dim, device=device, generator=g)
-    rel = lambda u, v: ((u.float() - v).norm() / v.norm()).item()  # noqa: E731
+    x, _, c = guided_step_inputs(reference, args.latent, device, torch.float32)
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "latent": args.latent, "fp8_linears": converted, "by_timestep": {}}
     with torch.no_grad():
@@ -42,9 +39,9 @@ def main() -> None:
             t = torch.full((2,), step, device=device)
             exact = reference(x, t, context=c)
             low = {name: net(x.bfloat16(), t, context=c.bfloat16()) for name, net in (("bf16", bf16), ("fp8", fp8))}
-            out["by_timestep"][str(int(step))] = {"bf16_vs_fp32": rel(low["bf16"], exact),
-                                                  "fp8_vs_fp32": rel(low["fp8"], exact),
-                                                  "fp8_vs_bf16": rel(low["fp8"], low["bf16"].float())}
+            out["by_timestep"][str(int(step))] = {"bf16_vs_fp32": relative_l2(low["bf16"], exact),
+                                                  "fp8_vs_fp32": relative_l2(low["fp8"], exact),
+                                                  "fp8_vs_bf16": relative_l2(low["fp8"], low["bf16"])}
     print(json.dumps(out))
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.bench.models import sd15_unet  # noqa: E402
+from ldm.bench.models import guided_step_inputs, relative_l2, sd15_unet  # noqa: E402
 from ldm.bench.timing import alternate  # noqa: E402
 from ldm.models.unet_blocks import GroupNorm32  # noqa: E402
 from ldm.pipeline.fast import fast_network  # noqa: E402
@@ -47,11 +47,7 @@ def main() -> None:
         if type(m) is GroupNorm32:
             m.__class__ = CastGroupNorm32
             swapped += 1
-    g = torch.Generator(device).manual_seed(0)
-    size = args.latent
-    x = torch.randn(2, kernel.config.in_channels, size, size, device=device, dtype=torch.bfloat16, generator=g)
-    c = torch.randn(2, 77, kernel.config.context_dim, device=device, dtype=torch.bfloat16, generator=g)
-    t = torch.tensor([501.0, 501.0], device=device)
+    x, t, c = guided_step_inputs(kernel, args.latent, device, torch.bfloat16)
     out = {"group_norms": swapped, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__}
     with torch.no_grad():
@@ -60,8 +56,8 @@ def main() -> None:
         exact = reference(x.float(), t, context=c.float())
         del reference
         a, b = kernel(x, t, context=c).float(), casts(x, t, context=c).float()
-        rel = lambda u, v: ((u - v).norm() / v.norm()).item()  # noqa: E731
-        out.update(latent=size, output_change=rel(a, b), kernel_vs_fp32=rel(a, exact), casts_vs_fp32=rel(b, exact))
+        out.update(latent=args.latent, output_change=relative_l2(a, b), kernel_vs_fp32=relative_l2(a, exact),
+                   casts_vs_fp32=relative_l2(b, exact))
         sides = {"kernel": lambda: kernel(x, t, context=c), "casts": lambda: casts(x, t, context=c)}
         out["eager_ms"] = alternate(sides, device, rounds=5, repeats=5)
         if device.type == "cuda":

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.bench.flops import count_flops, mfu, mfu_from_throughput
-from ldm.bench.models import diffusers_pipeline, diffusers_unet, diffusers_vae, sd15_parts, sd15_unet
+from ldm.bench.models import (diffusers_pipeline, diffusers_unet, diffusers_vae, guided_step_inputs, relative_l2,
+                               sd15_parts, sd15_unet)
 from ldm.bench.profile import kernel_breakdown
 from ldm.bench.record import Row, make_row
 from ldm.bench.timing import alternate, call_times_ms
@@ -99,11 +100,7 @@ class Bench:
 
     def step_inputs(self):
         """(x, t, context) of one guided step: batch 2, the image size's latents, 77 random text tokens."""
-        config, size = self.parts().unet.config, self.image_size // 8
-        g = torch.Generator(self.device).manual_seed(0)
-        x = torch.randn(2, config.in_channels, size, size, device=self.device, dtype=self.dtype, generator=g)
-        c = torch.randn(2, 77, config.context_dim, device=self.device, dtype=self.dtype, generator=g)
-        return x, torch.tensor([501.0, 501.0], device=self.device), c
+        return guided_step_inputs(self.parts().unet, self.image_size // 8, self.device, self.dtype)
 
     def peer_pipeline(self):
         if "peer_pipe" not in self.cache:
@@ -269,7 +266,7 @@ def compiled_levers(b: Bench) -> None:
                 call()  # the compile
                 extra["compile_s"] = round(time.monotonic() - started, 1)
                 if lever.fp8:
-                    extra["fp8_change"] = ((call().float() - reference).norm() / reference.norm()).item()
+                    extra["fp8_change"] = relative_l2(call(), reference)
                 if lever.profile and b.device.type == "cuda":
                     extra["profile"] = kernel_breakdown(call)
                 write_lever(b, lever.name, _step_ms(b, call), **extra)

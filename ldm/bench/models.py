@@ -71,6 +71,22 @@ def sd15_parts(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, 
                         config=resolved_config(unet.config, vae_config, text_config, SD15_SCHEDULE))
 
 
+def guided_step_inputs(unet, latent: int, device: torch.device | str, dtype: torch.dtype,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, t, context) of one guided step of `unet`: batch 2 (CFG), `latent` x `latent` latents, 77 random text
+    tokens, t = 501."""
+    g = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(2, unet.config.in_channels, latent, latent, device=device, dtype=dtype, generator=g)
+    c = torch.randn(2, 77, unet.config.context_dim, device=device, dtype=dtype, generator=g)
+    return x, torch.tensor([501.0, 501.0], device=device), c
+
+
+def relative_l2(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """||output - reference|| / ||reference||, in float32: how far a fast or low-precision path moved the output."""
+    reference = reference.float()
+    return ((output.float() - reference).norm() / reference.norm()).item()
+
+
 def _diffusers_twin(module: nn.Module, class_name: str, config_to_diffusers, weights_to_diffusers):
     """diffusers' `class_name` built from our module's config, holding its weights, on its device and in its dtype."""
     import diffusers
