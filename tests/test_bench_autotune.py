@@ -79,3 +79,46 @@ dtypes: torch.bfloat16, torch.bfloat16, torch.bfloat16
     assert split_k["extern_ms"] == 0.06 and split_k["speedup"] == 2.0
     assert zero["extern_ms"] == 0.0 and zero["speedup"] is None
     assert autotune_summary([split_k, zero])["triton_won"] == 1
+
+
+def _cache_file(tmp_path):
+    """An inductor local autotune cache laid out as the H200 run's (run 8): pad_mm's flat entries beside
+    op -> inputs -> precision -> choice -> ms."""
+    import json
+
+    cache = {"system": {"hash": "c33f"}, "cache": {
+        "base mm time: ((torch.Size([154, 768]), ...))": 0.0051,
+        "((torch.Size([154, 768]), ...), 'exclude_pad:False')": 0.0049,
+        "addmm": {"((2, 1280), ...)": {"high": {"a": 0.01, "b": 0.02}},
+                  "((512, 1280), ...)": {"high": {"a": 0.03}}},
+        "convolution": {"((2, 320, 64, 64), ...)": {"high": {"c": 0.02}}},
+        "mm": {}}}
+    path = tmp_path / "c33f"
+    path.write_text(json.dumps(cache))
+    return path
+
+
+def test_the_cache_counter_counts_tuned_shapes_not_pad_mms_flat_entries(tmp_path, capsys):
+    import json
+
+    from ldm.bench.autotune import main, tuned_shapes
+
+    path = _cache_file(tmp_path)
+    assert tuned_shapes(json.loads(path.read_text())) == 3
+    assert tuned_shapes({}) == 0
+    main(["--count-cache", str(path), str(path)])
+    assert capsys.readouterr().out.strip() == "6"
+
+
+def test_the_reader_prints_one_line_per_block_then_a_summary(tmp_path, capsys):
+    import json
+
+    from ldm.bench.autotune import main
+
+    log = tmp_path / "perf.log"
+    log.write_text(LOG)
+    main([str(log)])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line.get("op") for line in lines[:3]] == ["convolution", "mm", "convolution"]
+    assert lines[0]["speedup"] == round(0.0447 / 0.0203, 3)
+    assert lines[-1]["summary"]["blocks"] == 3

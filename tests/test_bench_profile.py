@@ -14,7 +14,11 @@ from ldm.bench.profile import KINDS, kind_of
     ("triton_red_fused_native_group_norm_silu_12", "normalisation"),
     ("triton_poi_fused_gelu_mul_split_view_16", "fused (triton)"),
     ("triton_poi_fused_convolution_add_3", "fused (triton)"),  # the work after a convolution, not the convolution
-    ("triton_tem_fused_mm_7", "fused (triton)"),
+    # inductor's templates (max-autotune's winners) are the product or convolution itself, epilogue fused in
+    ("triton_tem_fused_mm_7", "matrix product"),
+    ("triton_tem_fused_addmm_gelu_3", "matrix product"),
+    ("triton_tem_fused_convolution_add_5", "convolution"),
+    ("triton_tem_fused_flex_attention_0", "attention"),
     ("void at::native::elementwise_kernel<128, 2>(copy_kernel)", "copy / layout"),
     ("some_unknown_kernel", "other"),
 ])

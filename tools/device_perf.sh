@@ -2,7 +2,13 @@
 # Issue 12's missing rows in one GPU window of at most ~9 minutes, each benchmark in its own process under a hard
 # timeout (a hang or a slow compile costs only its own step), in the priority order PLAN names:
 #
-# PLAN=run8 (the default: max-autotune's guided step, whose compile outran two 9-minute calls in run 7; with
+# PLAN=run9 (the default: why max-autotune's step, 10.08 ms in run 8, is slower than the fast path's 7.27-7.56 ms
+#   although its kernels, each timed alone, predicted ~5.8-6.1 ms; give TUNE_CACHE=docs/benchmarks/tune-cache, run
+#   8's 55 tuned shapes, so that no shape is tuned again on an H200 with torch 2.11)
+#   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: the fast path, then max-autotune, in one process (~400 s)
+#   2. the same: GPU time by kernel kind, compile default, then max-autotune's kernel choices without CUDA graphs
+#   3. train_sd15_unet_512 --fp8 --no-peer: the compiled FP8 training step
+# PLAN=run8 (max-autotune's guided step, whose compile outran two 9-minute calls in run 7; with
 #   TUNE_CACHE, below, each call goes on where the last one stopped)
 #   1. unet_step_sd15_512_b1_cfg --compiled-levers-only --lever-names max-autotune, however long it takes (the
 #      step's limit is the window's; bench.py's own budget check is lifted)
@@ -58,7 +64,7 @@ set -u
 OUT=${OUT:?set OUT to the folder that receives results.jsonl, levers.jsonl and perf.log}
 BUDGET_S=${BUDGET_S:-$([ -n "${DRY_RUN:-}" ] && echo 1500 || echo 500)}
 PY=${PYTHON:-python3}
-PLAN=${PLAN:-run8}
+PLAN=${PLAN:-run9}
 FROM=${FROM:-1}
 TO=${TO:-9}
 mkdir -p "$OUT"
@@ -83,11 +89,7 @@ fi
 save_tune_cache() {  # the autotune choices so far, for the next window (no-op without TUNE_CACHE)
     if [ -n "${TUNE_CACHE:-}" ]; then
         cp "$TUNE_WORK"/cache/* "$OUT/tune-cache/" 2>/dev/null
-        log "tune cache: $("$PY" -c 'import json, sys
-n = 0
-for path in sys.argv[1:]:
-    n += sum(len(shapes) for shapes in json.load(open(path)).get("cache", {}).values())
-print(n)' "$TUNE_WORK"/cache/* 2>/dev/null || echo 0) tuned shapes, copied to $OUT/tune-cache"
+        log "tune cache: $("$PY" -m ldm.bench.autotune --count-cache "$TUNE_WORK"/cache/* 2>/dev/null || echo 0) tuned shapes, copied to $OUT/tune-cache"
     fi
 }
 
@@ -158,8 +160,8 @@ nth() {
 }
 
 case $PLAN in
-    run3|run4|run5|run6|run7|run8) ;;
-    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run8 (the default), run7, run6, run5, run4 or run3" >&2
+    run3|run4|run5|run6|run7|run8|run9) ;;
+    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run9 (the default), run8, run7, run6, run5, run4 or run3" >&2
        exit 2 ;;
 esac
 case $FROM in
@@ -182,6 +184,15 @@ if [ "$PLAN" = run3 ]; then
     nth 2 train_sd15_unet_512 300 120
     nth 3 train_sd15_unet_256 300 150
     nth 4 eval_generate_sd15_512_25steps 150 75 --eager
+elif [ "$PLAN" = run9 ]; then
+    # 1: the fast path ~60 s; max-autotune with every shape cached ~290 s of compile (run 8's third call: 387 s
+    # with 8 shapes left to tune)
+    nth 1 unet_step_sd15_512_b1_cfg 580 420 --levers "$OUT/levers.jsonl" --compiled-levers-only \
+        --lever-names "the fast path, again" "max-autotune (autotuned products" --budget-s 100000
+    # 2: compile default ~90 s, then the autotuned choices again without CUDA graphs (a new graph: ~300 s)
+    nth 2 unet_step_sd15_512_b1_cfg 580 400 --levers "$OUT/levers.jsonl" --compiled-levers-only \
+        --lever-names "GPU time by kernel kind" --budget-s 100000
+    nth 3 train_sd15_unet_512 480 300 --fp8 --no-peer
 elif [ "$PLAN" = run8 ]; then
     # 1: the whole window if it needs it (run 7: ~17 s per tuned shape, 34 shapes in 9 minutes); the last
     # --budget-s given wins over step's own, so bench.py starts the lever whatever its estimate

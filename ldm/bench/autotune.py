@@ -58,17 +58,32 @@ def autotune_summary(blocks: list[dict]) -> dict:
             "by_op": {op: sum(1 for b in blocks if b["op"] == op) for op in sorted({b["op"] for b in blocks})}}
 
 
+def tuned_shapes(cache: dict) -> int:
+    """How many shapes an inductor local autotune cache file (`$TORCHINDUCTOR_CACHE_DIR/cache/<system hash>`)
+    holds timings for. Its "cache" maps op -> inputs key -> precision -> choice -> ms; the same dict also holds
+    pad_mm's flat entries (a key -> one float), which are not tuned shapes."""
+    entries = cache.get("cache", {})
+    return sum(len(by_inputs) for by_inputs in entries.values() if isinstance(by_inputs, dict))
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m ldm.bench.autotune LOG...`: one JSON line per block (op, shapes, strides, best, extern_ms,
-    speedup, the log's name), then one summary line per log."""
+    speedup, the log's name), then one summary line per log. `--count-cache FILE...`: the number of shapes in
+    inductor's autotune cache files."""
+    import argparse  # noqa: PLC0415
     import json  # noqa: PLC0415
-    import sys  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        raise SystemExit("usage: python -m ldm.bench.autotune PERF_LOG [PERF_LOG ...]")
-    for path in paths:
+    parser = argparse.ArgumentParser(prog="python -m ldm.bench.autotune", description=__doc__)
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="perf logs holding inductor's AUTOTUNE blocks (or cache files with --count-cache)")
+    parser.add_argument("--count-cache", action="store_true",
+                        help="print how many tuned shapes the given autotune cache files hold, summed")
+    args = parser.parse_args(argv)
+    if args.count_cache:
+        print(sum(tuned_shapes(json.loads(Path(path).read_text())) for path in args.paths))
+        return
+    for path in args.paths:
         blocks = autotune_blocks(Path(path).read_text(errors="replace"))
         for b in blocks:
             print(json.dumps({"log": Path(path).name, "op": b["op"], "shapes": b["shapes"],

@@ -22,8 +22,14 @@ NORM_MARKERS = dict(KINDS)["normalisation"]
 def kind_of(kernel: str) -> str:
     """The kind of a GPU kernel, from its name (`other` when no marker matches). Inductor's own kernels are named
     for the operations they fuse (`triton_poi_fused_convolution_0` is the elementwise work after a convolution), so
-    a Triton kernel is a normalisation or fused elementwise work, never a convolution or product."""
+    a Triton kernel is a normalisation or fused elementwise work, never a convolution or product; except inductor's
+    templates (`triton_tem_fused_convolution_add_5`, `triton_tem_fused_addmm_gelu_3`: max-autotune's winners), which
+    are the convolution or product itself with its epilogue fused in."""
     name = kernel.lower()
+    if name.startswith("triton_tem_"):
+        if "attention" in name:
+            return "attention"
+        return "convolution" if "conv" in name else "matrix product"
     if name.startswith("triton_"):
         return "normalisation" if any(m in name for m in NORM_MARKERS) else "fused (triton)"
     for kind, markers in KINDS:
