@@ -1,5 +1,13 @@
 """The diffusion core: schedules, parameterisations, denoisers, samplers, guidance and losses (no networks)."""
+from ldm.diffusion.brownian import BrownianNoise
 from ldm.diffusion.denoiser import DiscreteDenoiser, Denoiser, EDMDenoiser, append_dims, batch_sigma, build_denoiser
+from ldm.diffusion.dpm_solvers import (
+    sample_dpm_2,
+    sample_dpm_2_ancestral,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_3m_sde,
+    sample_dpmpp_sde,
+)
 from ldm.diffusion.guidance import cfg, classifier_grad, classifier_guidance, dynamic_threshold, rescale_guidance
 from ldm.diffusion.learned_variance import (
     discretized_gaussian_log_likelihood,

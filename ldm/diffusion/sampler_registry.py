@@ -16,6 +16,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ldm.diffusion.dpm_solvers import (
+    sample_dpm_2,
+    sample_dpm_2_ancestral,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_3m_sde,
+    sample_dpmpp_sde,
+)
 from ldm.diffusion.samplers import (
     sample_ddim,
     sample_ddpm,
@@ -34,10 +41,11 @@ from ldm.errors import ConfigError, LdmError
 #   ddim            DDIMScheduler: integer timesteps, VP start, ends at alpha_bar of t - T // steps
 #   ddpm            DDPMScheduler: integer timesteps, VP start, ends at sigma 0
 #   dpm_multistep   DPMSolverMultistepScheduler / UniPCMultistepScheduler: steps + 1 points less the last, VP start
-#   euler_discrete  EulerDiscreteScheduler and kin (Heun, LMS): float timesteps, VE start (init_noise_sigma)
+#   euler_discrete  EulerDiscreteScheduler and kin (Heun, LMS, KDPM2, KDPM2Ancestral, DPMSolverSDE): float
+#                   timesteps, VE start (init_noise_sigma)
 TIMESTEP_KINDS = ("ddim", "ddpm", "dpm_multistep", "euler_discrete")
 # Keywords every sampler takes from `run_sampler` or from the plan: never user options.
-_RESERVED = {"generator", "callback", "disable_progress", "sigmas_next"}
+_RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "noise_sampler"}
 
 
 @dataclass(frozen=True)
@@ -159,5 +167,15 @@ for _spec in (
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "dpm_multistep", "linspace"),
     SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpm_multistep", "linspace", {"eta": 1.0, "s_noise": 1.0}),
     SamplerSpec("unipc", sample_unipc, "dpm_multistep", "linspace"),
+    # k-diffusion's DPM-Solver family (dpm_solvers.py), on the timesteps of the diffusers scheduler users compare:
+    SamplerSpec("dpm_2", sample_dpm_2, "euler_discrete", "linspace", _CHURN),  # KDPM2DiscreteScheduler
+    SamplerSpec("dpm_2_ancestral", sample_dpm_2_ancestral, "euler_discrete", "linspace",  # KDPM2Ancestral...
+                {"eta": 1.0, "s_noise": 1.0}),
+    SamplerSpec("dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral, "euler_discrete", "linspace",  # (no diffusers peer)
+                {"eta": 1.0, "s_noise": 1.0}),
+    SamplerSpec("dpmpp_sde", sample_dpmpp_sde, "euler_discrete", "linspace",  # DPMSolverSDEScheduler
+                {"eta": 1.0, "s_noise": 1.0, "r": 0.5}),
+    SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "dpm_multistep", "linspace",  # DPMSolverMultistep, order 3
+                {"eta": 1.0, "s_noise": 1.0}),
 ):
     register_sampler(_spec)

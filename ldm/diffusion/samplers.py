@@ -57,58 +57,74 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
 
 
 def _churn(x, sigma, n, s_churn, s_tmin, s_tmax, s_noise, generator):
-    """EDM Alg. 2 lines 4-6: raise the noise level to sigma_hat = (1 + gamma) sigma by adding fresh noise."""
+    """EDM Alg. 2 lines 4-6: raise the noise level to sigma_hat = (1 + gamma) sigma by adding fresh noise.
+
+    With churn on, every step draws its noise, also outside [s_tmin, s_tmax] where it is not used, as k-diffusion
+    does: a seed then gives k-diffusion's sample whatever the churn window. (diffusers' EulerDiscreteScheduler churns
+    differently: it adds the noise after the network call and reuses that call's eps at sigma_hat.)
+    """
     gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (1 + gamma)
+    noise = _noise(x, generator) if s_churn > 0 else None
     if gamma > 0:
-        x = x + _noise(x, generator) * s_noise * math.sqrt(sigma_hat**2 - sigma**2)
+        x = x + noise * s_noise * math.sqrt(sigma_hat**2 - sigma**2)
     return x, sigma_hat
+
+
+def _euler_to(x, denoised, sigma, sigma_to):
+    """One Euler step of dx/dsigma = (x - D) / sigma from sigma to sigma_to."""
+    return x + (x - denoised) / sigma * (sigma_to - sigma)
+
+
+def _churned(denoiser, x, sigmas, cond, step, churn, generator, callback, disable_progress):
+    """EDM's Alg. 2 loop: churn to sigma_hat, denoise, then `step(x, denoised, sigma_hat, sigma_next)`."""
+    sigmas = _sigma_list(sigmas)
+    n = len(sigmas) - 1
+    for i in trange(n, disable=disable_progress):
+        x, sigma_hat = _churn(x, sigmas[i], n, *churn, generator)  # lines 4-6
+        denoised = _call(denoiser, x, sigma_hat, cond)  # line 7
+        x = step(x, denoised, sigma_hat, sigmas[i + 1])
+        _report(callback, x, i, sigmas[i], sigma_hat, denoised)
+    return x
 
 
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
                  s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 3)."""
-    sigmas = _sigma_list(sigmas)
-    n = len(sigmas) - 1
-    for i in trange(n, disable=disable_progress):
-        x, sigma_hat = _churn(x, sigmas[i], n, s_churn, s_tmin, s_tmax, s_noise, generator)
-        denoised = _call(denoiser, x, sigma_hat, cond)
-        d = (x - denoised) / sigma_hat
-        x = x + d * (sigmas[i + 1] - sigma_hat)
-        _report(callback, x, i, sigmas[i], sigma_hat, denoised)
-    return x
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    return _churned(denoiser, x, sigmas, cond, _euler_to, churn, generator, callback, disable_progress)
 
 
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Heun's 2nd-order method, with optional churn (Karras et al. 2022, Alg. 1 and 2); Euler on the step to 0."""
-    sigmas = _sigma_list(sigmas)
-    n = len(sigmas) - 1
-    for i in trange(n, disable=disable_progress):
-        x, sigma_hat = _churn(x, sigmas[i], n, s_churn, s_tmin, s_tmax, s_noise, generator)  # lines 4-6
-        denoised = _call(denoiser, x, sigma_hat, cond)  # line 7
-        d = (x - denoised) / sigma_hat
-        dt = sigmas[i + 1] - sigma_hat
-        x_next = x + d * dt  # line 8
-        if sigmas[i + 1] != 0:  # lines 9-11: second-order correction
-            denoised_next = _call(denoiser, x_next, sigmas[i + 1], cond)
-            d_next = (x_next - denoised_next) / sigmas[i + 1]
-            x_next = x + (d + d_next) / 2 * dt
-        x = x_next
-        _report(callback, x, i, sigmas[i], sigma_hat, denoised)
-    return x
+
+    def heun_step(x, denoised, sigma_hat, sigma_next):
+        x_next = _euler_to(x, denoised, sigma_hat, sigma_next)  # line 8
+        if sigma_next == 0:
+            return x_next
+        d = (x - denoised) / sigma_hat  # lines 9-11: second-order correction
+        d_next = (x_next - _call(denoiser, x_next, sigma_next, cond)) / sigma_next
+        return x + (d + d_next) / 2 * (sigma_next - sigma_hat)
+
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    return _churned(denoiser, x, sigmas, cond, heun_step, churn, generator, callback, disable_progress)
 
 
-def _ancestral(denoiser, x, sigmas, cond, eta, s_noise, generator, callback, disable_progress):
+def _ancestral(denoiser, x, sigmas, cond, eta, s_noise, generator, callback, disable_progress, step=_euler_to,
+               noise_sampler=None):
+    """`step(x, denoised, sigma, sigma_down)`, then noise of std sigma_up (`ancestral_step`): fresh draws from the
+    generator, or `noise_sampler(sigma, sigma_next)`."""
     sigmas = _sigma_list(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable_progress):
         denoised = _call(denoiser, x, sigmas[i], cond)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
+        x = step(x, denoised, sigmas[i], sigma_down)
         if sigma_up > 0:
-            x = x + _noise(x, generator) * s_noise * sigma_up
+            noise = _noise(x, generator) if noise_sampler is None else noise_sampler(sigmas[i], sigmas[i + 1])
+            x = x + noise * s_noise * sigma_up
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
     return x
 
@@ -175,29 +191,37 @@ def sample_ddpm(denoiser, x, sigmas, cond=None, *, generator=None, callback=None
     return x
 
 
+def _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress):
+    """Denoise, then `step(x, denoised, sigma, sigma_next, history)`, except on the step to sigma 0, which lands on the
+    denoised estimate. `history`: the earlier steps' (denoised, h = log sigma - log sigma_next), newest first."""
+    sigmas = _sigma_list(sigmas)
+    history = []
+    for i in trange(len(sigmas) - 1, disable=disable_progress):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = _call(denoiser, x, sigma, cond)
+        x = denoised if sigma_next == 0 else step(x, denoised, sigma, sigma_next, history)
+        h = math.log(sigma) - math.log(sigma_next) if sigma_next > 0 else math.inf
+        history = [(denoised, h)] + history[:1]
+        _report(callback, x, i, sigma, sigma, denoised)
+    return x
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in log-SNR time lambda = -log sigma; first order on the first step
     and on the step to sigma = 0 (diffusers' lower_order_final)."""
-    sigmas = _sigma_list(sigmas)
-    old_denoised, h_last = None, None
-    for i in trange(len(sigmas) - 1, disable=disable_progress):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = _call(denoiser, x, sigma, cond)
-        if sigma_next == 0:
-            x = denoised
+
+    def step(x, denoised, sigma, sigma_next, history):
+        h = math.log(sigma) - math.log(sigma_next)  # lambda_next - lambda
+        if not history:
+            d = denoised  # DPM-Solver++(1) = DDIM
         else:
-            h = math.log(sigma) - math.log(sigma_next)  # lambda_next - lambda
-            if old_denoised is None:
-                d = denoised  # DPM-Solver++(1) = DDIM
-            else:
-                r = h_last / h
-                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_next / sigma) * x - math.expm1(-h) * d
-            h_last = h
-        old_denoised = denoised
-        _report(callback, x, i, sigma, sigma, denoised)
-    return x
+            old_denoised, h_last = history[0]
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        return (sigma_next / sigma) * x - math.expm1(-h) * d
+
+    return _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress)
 
 
 @torch.no_grad()
@@ -206,30 +230,24 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=None, *, generator=None, callb
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, Appendix; diffusers' "sde-dpmsolver++"); eta = 0 gives the ODE solver."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    sigmas = _sigma_list(sigmas)
-    old_denoised, h_last = None, None
-    for i in trange(len(sigmas) - 1, disable=disable_progress):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = _call(denoiser, x, sigma, cond)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma) - math.log(sigma_next)
-            eta_h = eta * h
-            phi = -math.expm1(-h - eta_h)  # 1 - e^{-(1 + eta) h}
-            x = (sigma_next / sigma) * math.exp(-eta_h) * x + phi * denoised
-            if old_denoised is not None:
-                r = h_last / h
-                if solver_type == "midpoint":
-                    x = x + 0.5 * phi * (1 / r) * (denoised - old_denoised)
-                else:
-                    x = x + (1 - phi / (h + eta_h)) * (1 / r) * (denoised - old_denoised)
-            if eta:
-                x = x + _noise(x, generator) * sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
-            h_last = h
-        old_denoised = denoised
-        _report(callback, x, i, sigma, sigma, denoised)
-    return x
+
+    def step(x, denoised, sigma, sigma_next, history):
+        h = math.log(sigma) - math.log(sigma_next)
+        eta_h = eta * h
+        phi = -math.expm1(-h - eta_h)  # 1 - e^{-(1 + eta) h}
+        x = (sigma_next / sigma) * math.exp(-eta_h) * x + phi * denoised
+        if history:
+            old_denoised, h_last = history[0]
+            r = h_last / h
+            if solver_type == "midpoint":
+                x = x + 0.5 * phi * (1 / r) * (denoised - old_denoised)
+            else:
+                x = x + (1 - phi / (h + eta_h)) * (1 / r) * (denoised - old_denoised)
+        if eta:
+            x = x + _noise(x, generator) * sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
+        return x
+
+    return _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress)
 
 
 def _lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
