@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 from ldm.diffusion.plans import sampling_plan
@@ -58,10 +59,26 @@ def first_step(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def check_seed(seed, count: int = 1) -> None:
+    """`seed`, and the `count - 1` seeds after it (prompt i of a run uses seed + i), fit a torch generator."""
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise LdmError(f"--seed must be an integer, got {seed!r}") from None
+    low, high = SEED_RANGE
+    if not low <= seed <= high - (count - 1):
+        more = f"; prompt i uses seed + i, so with {count} prompts it is at most {high - count + 1}" if count > 1 else ""
+        raise LdmError(f"--seed {seed} is out of range: a seed lies in [{low}, {high}]{more}")
+
+
 def check_settings(s: GenerationSettings, *, factor: int, schedule_config, conditional: bool = True,
                    from_image: bool = False) -> None:
     """Reject bad settings before any work, with a message that says what to change."""
     check_sampler_options(s.sampler, s.options())  # an unknown sampler or option names the choices
+    check_seed(s.seed)
     if isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps <= 0:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {s.steps}")
     for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale), ("strength", s.strength),
