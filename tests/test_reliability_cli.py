@@ -4,12 +4,13 @@ import argparse
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from helpers import patch_everywhere, run_cli, write_tiny_sd
 
-from ldm.cli import convert, txt2img
+from ldm.cli import convert, fid, txt2img
 from ldm.cli.common import cli_main, finite_float
 from ldm.errors import LdmError
 from ldm.pipeline import load_pipeline
@@ -66,6 +67,17 @@ def test_txt2img_non_finite_float_options_exit_2_before_loading(option, value, t
     assert code == 2
     assert f"argument {option}: {value!r} is not a finite number" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_device_name_torch_does_not_know_exits_2_in_txt2img_and_fid(tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    code, err = run_cli(txt2img.main, ["a cat", "--device", "gpu", *TINY, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "--device 'gpu' is not a device; use cpu, cuda or cuda:N" in err, err
+    assert not (tmp_path / "out").exists()
+    stats = tmp_path / "s.npz"
+    np.savez(stats, mu=np.zeros(2), sigma=np.eye(2))
+    code, err = run_cli(fid.main, [stats, stats, "--device", "gpu"], capsys)
+    assert code == 2 and "--device 'gpu' is not a device" in err, err
 
 
 def test_pipeline_refuses_non_finite_guidance_from_python(pipe):

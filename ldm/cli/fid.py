@@ -19,6 +19,7 @@ from ldm.eval.features import compute_features
 from ldm.eval.frechet import fid, load_stats, save_stats
 from ldm.eval.imagefolder import list_images
 from ldm.eval.inception import RESIZERS, InceptionExtractor
+from ldm.runtime import resolve_device
 from ldm.writable import check_output_path
 
 
@@ -62,11 +63,7 @@ def run(args: argparse.Namespace) -> float | None:
         elif len(list_images(p, args.recursive)) < 2:
             raise LdmError(f"{p}: one image; FID needs at least 2 (it compares covariances)")
     accelerator = launched_accelerator(args.device)
-    device = (
-        accelerator.device
-        if accelerator
-        else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    )
+    device = accelerator.device if accelerator else torch.device(resolve_device(args.device))
     main_process = accelerator is None or accelerator.is_main_process
     extractor = None
     stats = []
