@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass, field
 
@@ -81,6 +82,13 @@ def check_settings(s: GenerationSettings, *, factor: int, schedule_config, condi
     check_seed(s.seed)
     if isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps <= 0:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {s.steps}")
+    for name, value in (("n", s.n), ("height", s.height), ("width", s.width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            hint = " (512 / 2 is a float: use 512 // 2)" if name != "n" and isinstance(value, float) else ""
+            raise LdmError(f"--{name} must be an integer, got {value!r}{hint}")
+    for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise LdmError(f"--{name} must be a number, got {value!r}")
     for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale), ("strength", s.strength),
                         ("dynamic-threshold", s.dynamic_threshold), ("eta", s.eta),
                         *((f"sampler option {k}", v) for k, v in s.sampler_options.items())):
