@@ -178,8 +178,11 @@ def test_fid_and_eval_check_workers_stats_name_and_image_count_before_loading_a_
                           ([one, two], "one image; FID needs at least 2")):
         code, err = run_cli(fid_main, argv, capsys)
         assert code == 2 and message in err, err
-    code, err = run_cli(eval_main, ["--images", two, "--num-workers", "-1", "--out", tmp_path / "eval"], capsys)
-    assert code == 2 and "--num-workers must be 0" in err and not (tmp_path / "eval").exists(), err
+    patch_everywhere(monkeypatch, "ldm.eval.clip_score.ClipModel", refuse)
+    for argv, message in ((["--num-workers", "-1"], "--num-workers must be 0"),
+                          (["--ref", tmp_path / "nope.npz"], "nope.npz: no such folder of reference images or .npz")):
+        code, err = run_cli(eval_main, ["--images", two, *argv, "--out", tmp_path / "eval"], capsys)
+        assert code == 2 and message in err and not (tmp_path / "eval").exists(), err
     assert not (tmp_path / "stats").exists()
 
 
