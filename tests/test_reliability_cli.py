@@ -87,7 +87,8 @@ def test_pipeline_refuses_non_finite_guidance_from_python(pipe):
         pipe("a cat", steps=2, height=16, width=16, guidance_rescale=float("inf"))
 
 
-def test_seed_outside_a_generators_range_exits_2_before_anything_is_written(model_dir, pipe, tmp_path, capsys):
+def test_seed_outside_a_generators_range_exits_2_before_loading(model_dir, pipe, tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     top = 2**64 - 1  # the largest seed torch.Generator takes: fine alone, but prompt 2 would use top + 1
@@ -97,6 +98,8 @@ def test_seed_outside_a_generators_range_exits_2_before_anything_is_written(mode
         code, err = run_cli(txt2img.main, [*argv, "--model", model_dir, *TINY, "--out", tmp_path / "out"], capsys)
         assert code == 2 and message in err and "Traceback" not in err, err
         assert not (tmp_path / "out").exists()
+    with pytest.raises(LdmError, match=r"with 2 prompts it is at most"):  # the library's door says the same
+        generate_to_folder(pipe, ["a cat", "a dog"], tmp_path / "out", seed=top, steps=1, progress=False)
     with pytest.raises(LdmError, match="--seed must be an integer, got 1.5"):
         pipe("a cat", steps=2, height=16, width=16, seed=1.5)
     assert len(pipe("a cat", steps=1, height=16, width=16, seed=top)) == 1  # the range's ends still work
