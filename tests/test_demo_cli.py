@@ -50,6 +50,14 @@ def test_a_model_that_does_not_load_stops_start_up_with_the_clis_error(monkeypat
         assert code == 2 and cli_error and cli_error == [line for line in err.splitlines() if line.startswith("error:")]
 
 
+def test_a_port_out_of_range_is_an_argument_error_before_the_model_loads(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "load_model", lambda args: pytest.fail("the model was loaded for an impossible port"))
+    for port, message in (("70000", "70000 is not a port (1-65535)"), ("-1", "-1 is not a port"),
+                          ("http", "'http' is not a port number")):
+        code, err = run_cli(demo.main, ["--port", port], capsys)
+        assert code == 2 and f"argument --port: {message}" in err, err
+
+
 def test_it_serves_on_127_0_0_1_without_a_share_link_by_default(monkeypatch, model, tmp_path):
     pytest.importorskip("gradio", reason="the demo extra is not installed")
     served = {}

@@ -63,3 +63,29 @@ def test_sampler_options_reach_the_sampler_and_unknown_ones_name_what_it_takes(p
     assert pipe("a cat", eta=1.0, **kw)[0].tobytes() == noisy.tobytes()  # `eta` is the same option
     with pytest.raises(LdmError, match="unknown sampler option .eta.; sampler .euler. takes s_churn"):
         pipe("a cat", **{**kw, "sampler": "euler"}, sampler_options={"eta": 1.0})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(height=512 / 32), r"--height must be an integer, got 16.0 \(512 / 2 is a float: use 512 // 2\)"),
+    (dict(n="2"), "--n must be an integer, got '2'"),
+    (dict(guidance="7.5"), "--guidance must be a number, got '7.5'"),
+], ids=["float-height", "string-n", "string-guidance"])
+def test_python_callers_get_a_clear_error_for_values_of_the_wrong_type(pipe, kwargs, message):
+    with pytest.raises(LdmError, match=message):
+        pipe("a cat", steps=1, **kwargs)
+
+
+def test_a_prompt_that_is_not_a_string_is_refused_not_generated_as_one_image(pipe):
+    """A list given to pipe() used to be tokenized as one prompt: one image came back for two prompts."""
+    for prompt, negative in ((["a cat", "a dog"], None), (None, None), ("a cat", ["blurry"])):
+        with pytest.raises(LdmError, match=r"a prompt is a string, got (list|NoneType).*use pipe.batch\(prompts, seeds\)"):
+            pipe(prompt, negative, steps=1, height=16, width=16)
+    assert len(pipe.batch(["a cat", "a dog"], [0, 1], steps=1, height=16, width=16)) == 2  # the way to do it
+
+
+def test_load_cascade_takes_one_upscaler_path_as_a_single_stage(model_dir):
+    from ldm.pipeline.cascade import load_cascade
+
+    # A string used to be iterated character by character ("/: a folder that is neither ...").
+    with pytest.raises(LdmError, match=rf"--upscaler {model_dir}: a latent model cannot be an upscaler"):
+        load_cascade(model_dir, str(model_dir), device="cpu")

@@ -90,6 +90,24 @@ def test_truncated_and_garbage_files_name_the_file(tmp_path, suffix):
         read_state_dict(junk)
 
 
+def test_only_a_real_pickle_is_told_to_try_allow_pickle(tmp_path):
+    """--allow-pickle cannot read junk or an empty file: the message says what the file is instead."""
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint at all " * 10)
+    with pytest.raises(CheckpointError, match=r"junk\.ckpt: not a PyTorch checkpoint \(neither") as error:
+        read_state_dict(junk)
+    assert "--allow-pickle" not in str(error.value)
+    for suffix in (".ckpt", ".safetensors"):
+        (tmp_path / f"empty{suffix}").write_bytes(b"")
+        with pytest.raises(CheckpointError, match=rf"empty\{suffix}: the file is empty \(0 bytes\)"):
+            read_state_dict(tmp_path / f"empty{suffix}")
+    legacy = tmp_path / "legacy.ckpt"  # the pre-zip torch.save format holding a foreign object: the flag does help
+    torch.save({"state_dict": _sd(), "payload": Payload()}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"legacy\.ckpt: a safe \(weights-only\) load failed; pass --allow-pickle"):
+        read_state_dict(legacy)
+    assert torch.equal(read_state_dict(legacy, allow_pickle=True)["a.weight"], _sd()["a.weight"])
+
+
 def test_missing_file_and_unknown_suffix(tmp_path):
     with pytest.raises(CheckpointError, match="not found.*nope.safetensors"):
         read_state_dict(tmp_path / "nope.safetensors")

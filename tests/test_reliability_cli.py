@@ -4,12 +4,13 @@ import argparse
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from helpers import patch_everywhere, run_cli, write_tiny_sd
 
-from ldm.cli import convert, txt2img
+from ldm.cli import convert, fid, txt2img
 from ldm.cli.common import cli_main, finite_float
 from ldm.errors import LdmError
 from ldm.pipeline import load_pipeline
@@ -68,11 +69,40 @@ def test_txt2img_non_finite_float_options_exit_2_before_loading(option, value, t
     assert not (tmp_path / "out").exists()
 
 
+def test_a_device_name_torch_does_not_know_exits_2_in_txt2img_and_fid(tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    code, err = run_cli(txt2img.main, ["a cat", "--device", "gpu", *TINY, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "--device 'gpu' is not a device; use cpu, cuda or cuda:N" in err, err
+    assert not (tmp_path / "out").exists()
+    stats = tmp_path / "s.npz"
+    np.savez(stats, mu=np.zeros(2), sigma=np.eye(2))
+    code, err = run_cli(fid.main, [stats, stats, "--device", "gpu"], capsys)
+    assert code == 2 and "--device 'gpu' is not a device" in err, err
+
+
 def test_pipeline_refuses_non_finite_guidance_from_python(pipe):
     with pytest.raises(LdmError, match="--guidance must be a finite number"):
         pipe("a cat", steps=2, height=16, width=16, guidance=float("nan"))
     with pytest.raises(LdmError, match="--guidance-rescale must be a finite number"):
         pipe("a cat", steps=2, height=16, width=16, guidance_rescale=float("inf"))
+
+
+def test_seed_outside_a_generators_range_exits_2_before_loading(model_dir, pipe, tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    top = 2**64 - 1  # the largest seed torch.Generator takes: fine alone, but prompt 2 would use top + 1
+    for argv, message in ((["a cat", "--seed", str(2**70)], "is out of range: a seed lies in"),
+                          (["--prompts", prompts, "--seed", str(top)], f"with 2 prompts it is at most {top - 1}"),
+                          (["a cat", "--seed", str(-2**63 - 1)], "is out of range")):
+        code, err = run_cli(txt2img.main, [*argv, "--model", model_dir, *TINY, "--out", tmp_path / "out"], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(LdmError, match=r"with 2 prompts it is at most"):  # the library's door says the same
+        generate_to_folder(pipe, ["a cat", "a dog"], tmp_path / "out", seed=top, steps=1, progress=False)
+    with pytest.raises(LdmError, match="--seed must be an integer, got 1.5"):
+        pipe("a cat", steps=2, height=16, width=16, seed=1.5)
+    assert len(pipe("a cat", steps=1, height=16, width=16, seed=top)) == 1  # the range's ends still work
 
 
 # 2. memory -------------------------------------------------------------------------------------------------------

@@ -142,6 +142,50 @@ def test_fid_save_stats_refuses_to_overwrite_without_the_flag(random_weights, tm
     assert np.load(stats)["mu"].shape == (2048,)
 
 
+def test_fid_refuses_statistics_that_are_not_a_covariance_or_not_an_npz(tmp_path, capsys):
+    good, n = tmp_path / "good.npz", 8
+    np.savez(good, mu=np.zeros(n), sigma=np.eye(n))
+    nan_mu = np.zeros(n)
+    nan_mu[3] = np.nan
+    bad = {"nan.npz": ("savez", dict(mu=nan_mu, sigma=np.eye(n)), "holds NaN or infinite values"),
+           "asym.npz": ("savez", dict(mu=np.zeros(n), sigma=np.triu(np.ones((n, n)))), "sigma is not symmetric"),
+           "npy.npz": ("save", np.zeros(n), "not a .npz archive"),
+           "cut.npz": ("bytes", good.read_bytes()[:200], "not a .npz archive")}
+    for name, (how, content, message) in bad.items():
+        path = tmp_path / name
+        if how == "savez":
+            np.savez(path, **content)
+        elif how == "save":
+            with open(path, "wb") as f:
+                np.save(f, content)
+        else:
+            path.write_bytes(content)
+        code, err = run_cli(fid_main, [good, path], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (name, err)
+    code, err = run_cli(fid_main, [good, good], capsys)
+    assert code == 0, err  # the good file itself passes
+
+
+def test_fid_and_eval_check_workers_stats_name_and_image_count_before_loading_a_network(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("Inception was loaded before the arguments were checked")
+
+    patch_everywhere(monkeypatch, "ldm.eval.inception.InceptionExtractor", refuse)
+    two = write_images(tmp_path / "two", seed=0, sizes=((32, 32),) * 2)
+    one = write_images(tmp_path / "one", seed=1, sizes=((32, 32),))
+    for argv, message in (([two, two, "--num-workers", "-1"], "--num-workers must be 0"),
+                          ([two, "--save-stats", tmp_path / "stats"], "name the statistics file *.npz"),
+                          ([one, two], "one image; FID needs at least 2")):
+        code, err = run_cli(fid_main, argv, capsys)
+        assert code == 2 and message in err, err
+    patch_everywhere(monkeypatch, "ldm.eval.clip_score.ClipModel", refuse)
+    for argv, message in ((["--num-workers", "-1"], "--num-workers must be 0"),
+                          (["--ref", tmp_path / "nope.npz"], "nope.npz: no such folder of reference images or .npz")):
+        code, err = run_cli(eval_main, ["--images", two, *argv, "--out", tmp_path / "eval"], capsys)
+        assert code == 2 and message in err and not (tmp_path / "eval").exists(), err
+    assert not (tmp_path / "stats").exists()
+
+
 @pytest.mark.parametrize("name", ["../outside.png", "sub/../../outside.png", "/etc/hostname"])
 def test_metadata_cannot_read_files_outside_the_folder(tmp_path, name):
     folder = captioned_folder(tmp_path / "imgs", ["a"])

@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import warnings
@@ -117,6 +118,33 @@ def test_cli_refuses_a_used_folder_and_resume_with_overwrite(name, tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         tool(name).main(["--config", str(config), "--output-dir", str(tmp_path), "--resume", "latest", "--overwrite"])
     assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cli_missing_or_no_shards_leave_no_folder_behind(name, tmp_path, capsys):
+    """A mistyped shard path is refused before the run folder exists, so the corrected command is not refused."""
+    config, out = ROOT / "configs" / CONFIGS[name], tmp_path / "run"
+    for data, message in ((["--train-data", str(tmp_path / "typo")], "shard .*/typo not found"),
+                          (["--train-data", ""], r"shards is empty: .*\(--train-data, or data.shards")):
+        code = tool(name).main(["--config", str(config), *data, "--output-dir", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and re.search(message, err), err
+        assert not out.exists()
+
+
+def test_a_refused_start_leaves_the_old_run_and_its_record_alone(shape_shards, two_steps, tmp_path):
+    run = copy_run(two_steps, tmp_path / "run")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(LdmError, match="shard .*/typo not found"):  # --overwrite with a mistyped shard path
+        train(tiny_resumable_config(str(tmp_path / "typo"), run, "max_steps=1"), overwrite=True)
+    gone = run / "checkpoints" / "step-000009"
+    with pytest.raises(CheckpointError, match=r"step-000009: no such checkpoint folder; use 'latest' or one of "):
+        train(tiny_resumable_config(shape_shards, run, "max_steps=5"), resume=str(gone))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # train_config.yaml too
+    fresh = tmp_path / "fresh"
+    with pytest.raises(CheckpointError, match=r"no checkpoint is in .*fresh/checkpoints yet"):
+        train(tiny_resumable_config(shape_shards, fresh, "max_steps=1"), resume=str(gone))
+    assert list(fresh.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Text encoders: parity with transformers / diffusers / open_clip, truncation warnings, freezing, masks, training."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -201,3 +202,12 @@ def test_offline_hub_id_is_a_checkpoint_error():
 
     with pytest.raises(CheckpointError, match="local folder"):
         build_text_encoder(TextEncoderConfig(type="clip", pretrained="nobody/no-such-model"))
+
+
+def test_a_pasted_paragraph_is_not_repeated_whole_in_the_truncation_warning():
+    encoder = build_text_encoder(TextEncoderConfig(type="small", small=dict(width=32, layers=1, heads=4), max_length=32))
+    with pytest.warns(UserWarning) as record:
+        encoder.encode(["x" * 28 + " " + "word " * 1000])
+    message = str(record[0].message)
+    more = re.search(r"the dropped words are: 'word word.*' \.\.\. and (\d+) more characters$", message)
+    assert more and 4700 < int(more.group(1)) < 5000 and len(message) < 400, message

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the bundled model)")
     p.add_argument("--upscaler", action="append", default=[], metavar="MODEL",
                    help="a super-resolution stage run after the model, repeatable (an Imagen cascade)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=_port, default=7860, help="1-65535")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs the internet)")
     p.add_argument("--examples", default="ldm_eval_v1", metavar="SET",
@@ -29,6 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"])
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
     return p
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, refused before the model loads rather than by the server after it."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
+    return port
 
 
 def load_model(args):

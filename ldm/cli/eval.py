@@ -369,6 +369,10 @@ def run(args: argparse.Namespace) -> dict:
         raise LdmError("--precision-recall needs --ref DIR (reference images)")
     if args.batch_size < 1:
         raise LdmError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.ref and not Path(args.ref).exists():  # before the model or the CLIP model loads
+        raise LdmError(f"--ref {args.ref}: no such folder of reference images or .npz statistics file")
+    if args.num_workers < 0:
+        raise LdmError(f"--num-workers must be 0 (decode in this process) or more, got {args.num_workers}")
     out = check_output_dir(args.out)
     accelerator = launched_accelerator(args.device)
     main_process = accelerator is None or accelerator.is_main_process

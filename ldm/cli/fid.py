@@ -19,6 +19,7 @@ from ldm.eval.features import compute_features
 from ldm.eval.frechet import fid, load_stats, save_stats
 from ldm.eval.imagefolder import list_images
 from ldm.eval.inception import RESIZERS, InceptionExtractor
+from ldm.runtime import resolve_device
 from ldm.writable import check_output_path
 
 
@@ -48,21 +49,21 @@ def run(args: argparse.Namespace) -> float | None:
         raise LdmError("give two paths to compare, or one path with --save-stats OUT.npz")
     if args.batch_size < 1:
         raise LdmError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise LdmError(f"--num-workers must be 0 (decode in this process) or more, got {args.num_workers}")
     if args.save_stats is not None:
+        if Path(args.save_stats).suffix != ".npz":  # ldm-fid reads statistics back from .npz paths only
+            raise LdmError(f"--save-stats {args.save_stats}: name the statistics file *.npz")
         check_output_path(args.save_stats, "--save-stats", folder=False, overwrite=args.overwrite)
     paths = [Path(p) for p in (args.path1, args.path2) if p is not None]
     for p in paths:  # check both inputs before spending minutes on the first
         if p.suffix == ".npz":
             if not p.is_file():
                 raise LdmError(f"{p}: no such statistics file")
-        else:
-            list_images(p, args.recursive)
+        elif len(list_images(p, args.recursive)) < 2:
+            raise LdmError(f"{p}: one image; FID needs at least 2 (it compares covariances)")
     accelerator = launched_accelerator(args.device)
-    device = (
-        accelerator.device
-        if accelerator
-        else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    )
+    device = accelerator.device if accelerator else torch.device(resolve_device(args.device))
     main_process = accelerator is None or accelerator.is_main_process
     extractor = None
     stats = []

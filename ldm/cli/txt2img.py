@@ -14,6 +14,8 @@ from ldm.pipeline.fast import COMPILE_MODES, DEFAULT_MODE, compile_pipeline
 from ldm.pipeline.generate import generate_to_folder
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.refiner import HIGH_NOISE_FRAC, ExpertEnsemble
+from ldm.pipeline.settings import check_seed
+from ldm.runtime import resolve_device
 from ldm.textfiles import read_text
 from ldm.writable import check_output_dir
 
@@ -154,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sampler is not None:  # a typo fails before the model loads
         check_sampler_options(args.sampler, sampler_options)
     prompts = read_prompts(args)
+    check_seed(args.seed, len(prompts))
     check_output_dir(args.out)  # before the model loads, not after the images are made
+    resolve_device(args.device)  # a mistyped --device too
 
     set_attention_backend(args.attention)
 

@@ -42,6 +42,8 @@ def expand_shards(shards: str | Iterable[str]) -> list[str]:
     patterns = [shards] if isinstance(shards, str) else list(shards)
     urls: list[str] = []
     for pattern in patterns:
+        if not str(pattern).strip():  # no data given: said below, not as a shard named ""
+            continue
         for url in wds.shardlists.expand_urls(str(pattern)):
             if url.startswith(REMOTE_PREFIXES):
                 urls.append(url)
@@ -62,7 +64,8 @@ def expand_shards(shards: str | Iterable[str]) -> list[str]:
             else:
                 raise LdmError(f"shard {path} not found (from DataConfig.shards={shards!r})")
     if not urls:
-        raise LdmError("DataConfig.shards is empty: give a path, directory, brace pattern or URL of .tar shards")
+        raise LdmError("DataConfig.shards is empty: give a path, directory, brace pattern or URL of .tar shards "
+                       "(--train-data, or data.shards in the config)")
     return urls
 
 

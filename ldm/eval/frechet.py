@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,6 +137,9 @@ def save_stats(path: str | os.PathLike, stats: GaussianStats) -> None:
 
 def load_stats(path: str | os.PathLike) -> GaussianStats:
     """Read a pytorch-fid style .npz with `mu` and `sigma` (our optional `n`, `extractor` too)."""
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):  # np.load would read a .npy, or offer unpickling
+        raise LdmError(f"{path}: not a .npz archive (numpy.savez's format, holding mu and sigma); truncated or "
+                       "corrupt? Write it again with ldm-fid --save-stats")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("mu", "sigma") if k not in f.files]
@@ -152,4 +156,8 @@ def load_stats(path: str | os.PathLike) -> GaussianStats:
         raise LdmError(f"{path}: cannot read statistics file: {e}") from e
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise LdmError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (d,) and (d, d)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise LdmError(f"{path}: mu or sigma holds NaN or infinite values; FID of it would be meaningless")
+    if np.abs(sigma - sigma.T).max() > 1e-3 * np.abs(sigma).max():
+        raise LdmError(f"{path}: sigma is not symmetric, so it is not a covariance matrix; is this a statistics file?")
     return GaussianStats(mu=mu, sigma=sigma, n=n, extractor=extractor)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pickletools
+import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -62,9 +64,25 @@ def _load_pickle(path: Path, allow_pickle: bool) -> object:
         with torch.serialization.safe_globals(stubs):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            raise CheckpointError(f"{path}: a safe (weights-only) load failed; {_PICKLE_HINT}") from e
-        raise
+        if "Weights only load failed" not in str(e):
+            raise
+        if not _is_pickle(path):  # --allow-pickle would not help: say so instead of offering it
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+                                  "pickle); truncated or corrupt?") from e
+        raise CheckpointError(f"{path}: a safe (weights-only) load failed; {_PICKLE_HINT}") from e
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether `path` is a torch.save zip archive or starts with a pickle: only then can --allow-pickle help."""
+    if zipfile.is_zipfile(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            for _ in pickletools.genops(f):  # the first pickle (a legacy file's magic number), to its STOP
+                pass
+    except Exception:  # noqa: BLE001 - an unknown opcode, a cut-off argument ...
+        return False
+    return True
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -85,6 +103,8 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); download or copy it again")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors.torch import load_file

@@ -70,8 +70,11 @@ class TextEncoder(nn.Module):
 
     def _warn_truncated(self, prompt: str, dropped: str) -> None:
         start = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+        dropped = dropped.strip()
+        # a pasted paragraph would fill the screen: its start and its length say enough
+        more = f" ... and {len(dropped) - 200} more characters" if len(dropped) > 200 else ""
         warnings.warn(f"{type(self).__name__}: prompt {start!r} is longer than {self.max_length} tokens; "
-                      f"the dropped words are: {dropped.strip()!r}", stacklevel=4)
+                      f"the dropped words are: {dropped[:200]!r}{more}", stacklevel=4)
 
 
 class _TextModelKeys(nn.Module):

@@ -13,6 +13,7 @@ its own text encoder, whose embedding it computes for itself.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import torch
@@ -358,6 +359,8 @@ def load_cascade(base, upscalers=(), *, device: str | None = None, dtype=None, a
             return model
         return load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
 
+    if isinstance(upscalers, (str, os.PathLike, Pipeline)):  # one stage, not a sequence of its characters
+        upscalers = [upscalers]
     upscalers = [default_upscaler_path() if m == DEFAULT else m for m in upscalers]
     return Cascade([pipeline(base), *(pipeline(m) for m in upscalers)], **options)
 

@@ -19,7 +19,7 @@ from ldm.pipeline.fast import running_stages
 from ldm.pipeline.images import read_png_parameters, save_png
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.memory import available_bytes, check_fits, estimate_generation_bytes
-from ldm.pipeline.settings import GenerationSettings, check_prompts, with_defaults
+from ldm.pipeline.settings import GenerationSettings, check_prompts, check_seed, with_defaults
 from ldm.textfiles import read_jsonl
 from ldm.writable import check_output_dir
 
@@ -186,6 +186,7 @@ def generate_to_folder(
         settings["micro_conditioning"] = dict(micro_conditioning)
     # Fail before anything is written.
     check_prompts(prompts, negative_prompt, guidance)
+    check_seed(seed, len(prompts))
     modes = check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                              n_per_prompt=n_per_prompt, height=height, width=width, init_image=init_image,
                              strength=strength, mask_image=mask_image, sampler_options=sampler_options,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 
 from ldm.diffusion.plans import sampling_plan
@@ -58,12 +60,35 @@ def first_step(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def check_seed(seed, count: int = 1) -> None:
+    """`seed`, and the `count - 1` seeds after it (prompt i of a run uses seed + i), fit a torch generator."""
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise LdmError(f"--seed must be an integer, got {seed!r}") from None
+    low, high = SEED_RANGE
+    if not low <= seed <= high - (count - 1):
+        more = f"; prompt i uses seed + i, so with {count} prompts it is at most {high - count + 1}" if count > 1 else ""
+        raise LdmError(f"--seed {seed} is out of range: a seed lies in [{low}, {high}]{more}")
+
+
 def check_settings(s: GenerationSettings, *, factor: int, schedule_config, conditional: bool = True,
                    from_image: bool = False) -> None:
     """Reject bad settings before any work, with a message that says what to change."""
     check_sampler_options(s.sampler, s.options())  # an unknown sampler or option names the choices
+    check_seed(s.seed)
     if isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps <= 0:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {s.steps}")
+    for name, value in (("n", s.n), ("height", s.height), ("width", s.width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            hint = " (512 / 2 is a float: use 512 // 2)" if name != "n" and isinstance(value, float) else ""
+            raise LdmError(f"--{name} must be an integer, got {value!r}{hint}")
+    for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise LdmError(f"--{name} must be a number, got {value!r}")
     for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale), ("strength", s.strength),
                         ("dynamic-threshold", s.dynamic_threshold), ("eta", s.eta),
                         *((f"sampler option {k}", v) for k, v in s.sampler_options.items())):

@@ -18,6 +18,7 @@ from ldm.diffusion.guidance import dynamic_threshold
 from ldm.diffusion.latent_upscale import DEFAULT_GUIDANCE, DEFAULT_STEPS, SECTION, LatentUpscaleConfig
 from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.diffusion.schedules import ScheduleConfig
+from ldm.errors import LdmError
 from ldm.io.components import ModelParts
 from ldm.models.codecs import IdentityCodec
 from ldm.pipeline.latent_upscale import Float32Codec
@@ -140,6 +141,10 @@ class Stage:
                      guidance: float) -> dict:
         """Conditioning for `prompts`, each repeated `repeat` times; `{"cond", "uncond"}` under guidance > 1; an
         all-True text mask (CLIP's) is dropped (`drop_full_masks`)."""
+        for text in [*prompts, *(n for n in negative_prompts or () if n is not None)]:
+            if not isinstance(text, str):  # a list would be tokenized as one prompt and give one image, silently
+                raise LdmError(f"a prompt is a string, got {type(text).__name__} {text!r:.60}; for several prompts "
+                               "use pipe.batch(prompts, seeds) or generate_to_folder(pipe, prompts, folder)")
         cond = _repeat(self.encode_prompts(prompts), repeat)
         if guidance <= 1.0:
             return drop_full_masks(cond)

@@ -124,13 +124,17 @@ def resolve_resume(output_dir: str | Path, resume: str | None,
                                   f"({'; '.join(rejected)}); start over with --overwrite")
         return None
     path = Path(resume)
+    newest = [str(p) for _, p in list_checkpoints(output_dir)][-3:]
+    choices = f"one of {newest}" if newest else f"no checkpoint is in {Path(output_dir) / 'checkpoints'} yet"
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder; use 'latest' or {choices}")
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"--resume {resume}: not a complete training checkpoint (no {STATE_FILE} inside); "
-                              f"use 'latest' or one of {[str(p) for _, p in list_checkpoints(output_dir)][-3:]}")
+                              f"use 'latest' or {choices}")
     problem = checkpoint_problem(path, required)
     if problem is not None:
         raise CheckpointError(f"--resume {resume}: {problem}; use --resume latest (the newest complete checkpoint) "
-                              f"or one of {[str(p) for _, p in list_checkpoints(output_dir)][-3:]}")
+                              f"or {choices}")
     return path
 
 

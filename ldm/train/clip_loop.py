@@ -177,12 +177,11 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None, overwrite: bo
     """
     import open_clip
     out = Path(config.output_dir)
-    accelerator = open_run(out, resume, overwrite, mixed_precision=config.mixed_precision, log_with=config.log_with)
+    accelerator = open_run(out, resume, overwrite, mixed_precision=config.mixed_precision, log_with=config.log_with,
+                           shards=[config.data.shards])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if accelerator.is_main_process:
-        save_yaml(to_plain(config), out / "config.yaml")
 
     torch.manual_seed(config.seed)  # the same init on every rank
     clip = build_clip(config.name, config.model, out)
@@ -197,6 +196,8 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None, overwrite: bo
     loader = make_loader(config.data, rank=rank, world_size=world)  # per-rank stream already
     state = TrainState()
     checkpoint = resolve_resume(out, resume)
+    if accelerator.is_main_process:  # once the checkpoint is found: a refused --resume leaves the run's record alone
+        save_yaml(to_plain(config), out / "config.yaml")
     if checkpoint is not None:
         state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")

@@ -180,6 +180,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         cpu=multi_cpu,  # without it accelerate runs each CPU process alone (DistributedType.NO)
         mixed_precision=config.mixed_precision,  # autocast in the wrapped forward; weights stay float32
         log_with=config.log_with,
+        shards=[config.data.shards],
         # DDP as measured in docs/multi-gpu.md: 100 MB buckets, gradients viewed in place (no extra copy)
         kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=100, gradient_as_bucket_view=True)],
     )
@@ -200,9 +201,6 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         if config.loss.inputs != "latents":
             raise LdmError("data.sample_format=latent gives precomputed latents: set loss.inputs=latents")
         check_latent_shards(config.data, parts.autoencoder, parts.text_encoder)
-    resolved = {**to_plain(config), "model": {**to_plain(config.model), **parts.resolved()}}
-    if accelerator.is_main_process:
-        save_yaml(resolved, out / TRAIN_CONFIG)
     objective = DiffusionObjective(parts, config.loss)
     if is_sharded(accelerator):  # FSDP2 (the accelerate config): the U-Net and its blocks are the units
         set_wrap_units(accelerator, objective)
@@ -221,6 +219,11 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     loader = make_loader(config.data, rank=rank, world_size=world)
     state = TrainState()
     checkpoint = resolve_resume(out, resume, accelerate_files(accelerator))
+    # Recorded once the shards and the checkpoint are found: a refused start leaves the folder (or its run's record)
+    # as it was, so that the corrected command is not told the folder holds a run.
+    resolved = {**to_plain(config), "model": {**to_plain(config.model), **parts.resolved()}}
+    if accelerator.is_main_process:
+        save_yaml(resolved, out / TRAIN_CONFIG)
     if checkpoint is not None:
         saved = load_checkpoint(accelerator, checkpoint, ema)
         state = TrainState.from_saved(saved)

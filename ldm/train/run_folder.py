@@ -5,7 +5,9 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Iterable
 
+from ldm.data.loader import expand_shards
 from ldm.errors import LdmError
 from ldm.train.checkpointing import tidy_checkpoints
 from ldm.train.tracking import tracker_name
@@ -15,8 +17,11 @@ from ldm.writable import check_output_dir
 RUN_ENTRIES = ("checkpoints", "logs", "samples", "train_config.yaml", "config.yaml", "metrics.json")
 
 
-def check_run_folder(out: str | Path, resume: str | None, overwrite: bool) -> None:
-    """Before any work (every rank): `out` can be a writable folder, and a fresh run gets an empty one."""
+def check_run_folder(out: str | Path, resume: str | None, overwrite: bool, shards: Iterable = ()) -> None:
+    """Before any work (every rank): `out` can be a writable folder, and a fresh run gets an empty one.
+
+    `shards` (the run's shard patterns) are found before the folder is touched: a mistyped path neither deletes the
+    old run (--overwrite) nor leaves a new folder behind."""
     out = Path(out)
     if resume is not None and overwrite:
         raise LdmError("--resume continues the run in --output-dir and --overwrite deletes it: give only one")
@@ -29,6 +34,8 @@ def check_run_folder(out: str | Path, resume: str | None, overwrite: bool) -> No
     if entries and overwrite and not any(name in RUN_ENTRIES for name in entries):
         raise LdmError(f"--overwrite: {out} does not look like a run folder (it holds none of {', '.join(RUN_ENTRIES)}),"
                        " so it is left alone; choose another --output-dir")
+    for pattern in shards:
+        expand_shards(pattern)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):  # the real test of writability (permissions, read-only mounts, quotas)
@@ -38,13 +45,14 @@ def check_run_folder(out: str | Path, resume: str | None, overwrite: bool) -> No
 
 
 def open_run(out: str | Path, resume: str | None, overwrite: bool, *, mixed_precision: str, log_with: str | None,
-             **accelerator_kwargs):
-    """The Accelerator of a training run in `out`: the folder checked first, then made ready (logs under out/logs)."""
+             shards: Iterable = (), **accelerator_kwargs):
+    """The Accelerator of a training run in `out`: the folder (and `shards`) checked first, then made ready (logs
+    under out/logs)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     out = Path(out)
-    check_run_folder(out, resume, overwrite)
+    check_run_folder(out, resume, overwrite, shards)
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=tracker_name(log_with),
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
                               **accelerator_kwargs)

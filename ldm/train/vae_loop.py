@@ -237,7 +237,8 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
     A fresh run needs an empty folder; `resume` continues the run there and `overwrite` deletes it first.
     """
     out = Path(config.output_dir)
-    accelerator = open_run(out, resume, overwrite, mixed_precision=config.mixed_precision, log_with=config.log_with)
+    accelerator = open_run(out, resume, overwrite, mixed_precision=config.mixed_precision, log_with=config.log_with,
+                           shards=[config.data.shards, *([config.validation.shards] if config.validation.shards else [])])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -250,8 +251,6 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
     trainee = AutoencoderTrainee(autoencoder, config.loss.learn_logvar, config.loss.logvar_init)
     objective = AutoencoderLoss(config.loss, in_channels=config.model.out_ch)
     config, notes = as_run(config, objective)
-    if accelerator.is_main_process:
-        save_yaml(to_plain(config), out / "config.yaml")
     ema = None
     if config.ema.enabled:  # over the unwrapped autoencoder's parameters
         e = config.ema
@@ -266,6 +265,8 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
     loader = make_loader(config.data, rank=rank, world_size=world)  # not prepared: the stream is already per-rank
     state = TrainState()
     checkpoint = resolve_resume(out, resume, accelerate_files(accelerator))
+    if accelerator.is_main_process:  # once the checkpoint is found: a refused --resume leaves the run's record alone
+        save_yaml(to_plain(config), out / "config.yaml")
     if checkpoint is not None:
         state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
