@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.diffusion.denoiser import Denoiser, build_denoiser  # noqa: E402
+from ldm.diffusion.denoiser import Denoiser  # noqa: E402
 from ldm.diffusion.guidance import cfg, dynamic_threshold  # noqa: E402
 from ldm.diffusion.noise_augmentation import (  # noqa: E402
     augment, conditioning_image, if_noise_level_from_level, level_from_if_noise_level, level_from_imagen_pytorch,
@@ -151,8 +151,11 @@ def compare_schedule(ip) -> None:
     peer_log_snr = ip.alpha_cosine_log_snr(t)
     ours_log_snr = -2 * torch.log(ours.sigmas.double())
     body = slice(0, n - 20)
+    gap = (ours_log_snr - peer_log_snr)[body].abs()
     report("schedule/cosine_log_snr_t<=0.98", ours_log_snr[body], peer_log_snr[body],
-           max_abs=float((ours_log_snr - peer_log_snr)[body].abs().max()))
+           max_abs=round(float(gap.max()), 3), at_t=float(t[gap.argmax()]),
+           sigma_at_t0001={"ours": round(float(ours.sigmas[0]), 5),
+                           "peer": round(float(torch.exp(-peer_log_snr[0] / 2)), 5)})
     peer_alpha2, ours_alpha2 = torch.sigmoid(peer_log_snr), ours.alphas_cumprod.double()
     report("schedule/cosine_alpha_bar_all_t", ours_alpha2, peer_alpha2,
            ours_sigma_max=round(ours.sigma_max, 1), peer_sigma_at_t1=float(torch.exp(-peer_log_snr[-1] / 2)))
@@ -218,7 +221,10 @@ def compare_guided_steps(ip, imagen, generator, steps: int, scale: float) -> Non
 def compare_if_ddpm(generator, steps: int) -> None:
     import diffusers
 
+    from ldm.diffusion.noise_augmentation import StageConfig
     from ldm.diffusion.plans import sampling_plan
+    from ldm.models.codecs import IdentityCodec
+    from ldm.pipeline.stage import Stage
 
     if_config = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
                      prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0,
@@ -227,8 +233,11 @@ def compare_if_ddpm(generator, steps: int) -> None:
     v = torch.rand(1, 3, 8, 8, generator=generator) * 2 - 1
     start = torch.randn(1, 3, 8, 8, generator=generator)
 
-    def network(x_in, timestep, **_):  # an eps that depends on x, and a fixed variance output
-        return torch.cat([eps + 0.3 * x_in, v], dim=1)
+    class Network(torch.nn.Module):  # an eps that depends on x, and a fixed variance output
+        def forward(self, x_in, timestep, **_):
+            return torch.cat([eps + 0.3 * x_in, v], dim=1)
+
+    network = Network()
 
     for thresholding in (True, False):
         config = {**if_config, "thresholding": thresholding}
@@ -240,9 +249,11 @@ def compare_if_ddpm(generator, steps: int) -> None:
             x = scheduler.step(network(x, t), t, x, generator=noise_gen).prev_sample
         schedule = ScheduleConfig.from_diffusers(config)
         plan = sampling_plan(schedule, "ddpm", steps)
-        denoiser = build_denoiser(network, schedule)
-        if thresholding:
-            denoiser = dynamic_threshold(denoiser, 0.95, 1.5)
+        stage = Stage(Network(), schedule, IdentityCodec(), stage_config=StageConfig(
+            resolution=8, dynamic_threshold=0.95 if thresholding else None, dynamic_threshold_max=1.5))
+        denoiser = stage.denoiser
+        for wrap in stage.thresholding():  # what `ldm.pipeline.sampling.sample` applies: dynamic, or clip_sample
+            denoiser = wrap(denoiser)
         sigmas = plan.sigmas.tolist()
         ours = sample_ddpm(denoiser, start * math.sqrt(1 + sigmas[0] ** 2), sigmas, None,
                            generator=torch.Generator().manual_seed(1))
