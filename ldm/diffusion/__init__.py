@@ -1,13 +1,6 @@
 """The diffusion core: schedules, parameterisations, denoisers, samplers, guidance and losses (no networks)."""
 from ldm.diffusion.denoiser import DiscreteDenoiser, Denoiser, EDMDenoiser, append_dims, batch_sigma, build_denoiser
-from ldm.diffusion.guidance import (
-    cfg,
-    classifier_grad,
-    classifier_guidance,
-    dynamic_threshold,
-    rescale_guidance,
-    static_threshold,
-)
+from ldm.diffusion.guidance import cfg, classifier_grad, classifier_guidance, dynamic_threshold, rescale_guidance
 from ldm.diffusion.learned_variance import (
     discretized_gaussian_log_likelihood,
     interpolate_log_variance,
