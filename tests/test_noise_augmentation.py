@@ -110,6 +110,24 @@ def test_if_noise_level_matches_diffusers_add_noise(noise_level):
     assert (got - expected).abs().max().item() <= 1e-6 * expected.abs().max().item() + 1e-6
 
 
+@pytest.mark.parametrize("noise_level", [250, 20])
+def test_if_two_conditioning_image_matches_the_super_resolution_pipelines_path(noise_level):
+    """IFSuperResolutionPipeline: bilinear upscaling with align_corners, then the noising scheduler's add_noise at
+    `noise_level`; ldm's `conditioning_image` in IF-II's resize mode at the level of that noise_level."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    low, _ = _images(seed=noise_level, shape=(2, 3, 8, 8))
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(noise_level + 1))
+    upscaled = torch.nn.functional.interpolate(low, (32, 32), mode="bilinear", align_corners=True)
+    expected = scheduler.add_noise(upscaled, noise, torch.full((2,), noise_level))
+    level = float(level_from_if_noise_level(noise_level))
+    got = conditioning_image(low, 32, level, noise, mode="bilinear_align_corners")
+    assert (got - expected).abs().max().item() <= 1e-6 * expected.abs().max().item() + 1e-6
+    bicubic = conditioning_image(low, 32, level, noise)  # ldm's own SR stages' resize: far from IF-II's input
+    assert (bicubic - expected).abs().max().item() > 1e-2
+
+
 def test_if_and_imagen_pytorch_levels_known_values():
     # IF's noise_level 0 still leaves sigma = 0.0064 (our level 0.0041); its default 250 is level 0.2568
     _, sigma = aug_alpha_sigma(level_from_if_noise_level(0))

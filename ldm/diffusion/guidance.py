@@ -116,6 +116,16 @@ def dynamic_threshold(denoiser, percentile: float = 0.995, max_value: float = fl
     return _Wrapped(denoiser, thresholded)
 
 
+def static_threshold(denoiser, limit: float = 1.0):
+    """Static thresholding (Saharia et al. 2022, Sec. 2.3): x0 clipped to [-limit, limit] (diffusers' clip_sample)."""
+
+    def clipped(x, sigma, cond, with_variance):
+        x0, variance = _run(denoiser, x, sigma, cond, with_variance)
+        return x0.clamp(-limit, limit), variance
+
+    return _Wrapped(denoiser, clipped)
+
+
 def classifier_guidance(denoiser, grad_log_prob: Callable, scale: float = 1.0):
     """Classifier guidance (Dhariwal & Nichol 2021, Alg. 1): x0 += scale * sigma^2 * grad_x log p(y | x, sigma).
 

@@ -95,7 +95,10 @@ class ScheduleConfig:
     timestep_spacing: str | None = None  # leading | trailing | linspace; None = each sampler's diffusers default
     steps_offset: int = 0
     set_alpha_to_one: bool | None = None  # DDIM's final alpha; None = diffusers' default (True)
+    # diffusers' DDPM / DDIM clip x0 to [-clip_sample_range, clip_sample_range] when dynamic thresholding is off
+    # (DeepFloyd IF's configs say true); ldm does so for every sampler (`Stage.thresholding`)
     clip_sample: bool = False
+    clip_sample_range: float = 1.0
     sigma_min: float | None = None  # edm: lowest sampling sigma (default 0.002)
     sigma_max: float | None = None  # edm: highest sampling sigma = std of the initial noise (default 80)
     sigma_data: float | None = None  # edm: std of the training data, sets the preconditioning (default 0.5)
@@ -113,6 +116,8 @@ class ScheduleConfig:
         if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ConfigError(f"schedule: unknown timestep_spacing {self.timestep_spacing!r}; "
                               f"use one of {', '.join(TIMESTEP_SPACINGS)}")
+        if not self.clip_sample_range > 0:
+            raise ConfigError(f"schedule: clip_sample_range={self.clip_sample_range} must be positive")
         if self.prediction_type != "edm":
             given = [name for name in EDM_DEFAULTS if getattr(self, name) is not None]
             if given:

@@ -14,7 +14,7 @@ from torch import nn
 from ldm.config import from_dict
 from ldm.diffusion.conditioning import ConcatNetwork, drop_full_masks, takes_pooled_text, text_conditioning
 from ldm.diffusion.denoiser import build_denoiser
-from ldm.diffusion.guidance import dynamic_threshold
+from ldm.diffusion.guidance import dynamic_threshold, static_threshold
 from ldm.diffusion.latent_upscale import DEFAULT_GUIDANCE, DEFAULT_STEPS, SECTION, LatentUpscaleConfig
 from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.diffusion.schedules import ScheduleConfig
@@ -100,10 +100,16 @@ class Stage:
         return percentile or None
 
     def thresholding(self, percentile: float | None = None) -> tuple:
-        """The denoiser wrappers of dynamic thresholding (Saharia et al. 2022, Sec. 2.3), or none."""
+        """The denoiser wrappers of x0's thresholding (Saharia et al. 2022, Sec. 2.3): dynamic at the percentile;
+        without it, static clipping where the schedule says `clip_sample` (diffusers' DDPM and DDIM do the same, and
+        DeepFloyd IF's configs say it); otherwise none."""
         percentile = self.threshold_percentile(percentile)
-        cap = (self.stage_config or StageConfig()).dynamic_threshold_max or float("inf")
-        return (partial(dynamic_threshold, percentile=percentile, max_value=cap),) if percentile else ()
+        if percentile:
+            cap = (self.stage_config or StageConfig()).dynamic_threshold_max or float("inf")
+            return (partial(dynamic_threshold, percentile=percentile, max_value=cap),)
+        if self.schedule_config.clip_sample:
+            return (partial(static_threshold, limit=self.schedule_config.clip_sample_range),)
+        return ()
 
     @property
     def conditional(self) -> bool:

@@ -1,0 +1,108 @@
+"""A DeepFloyd IF stage's sampling loop against diffusers' on real numbers: classifier-free guidance on the eps,
+the learned-range variance of the conditional half, then x0 thresholded (dynamic at 0.95 capped at 1.5, or static
+clipping where the scheduler says `clip_sample` and thresholding is off) before DDPMScheduler's posterior step.
+
+IFPipeline's loop is written out here over diffusers' DDPMScheduler, so the test needs neither weights nor a text
+encoder; ldm's side is `ldm.pipeline.sampling.sample` on a `Stage` built from the same scheduler config."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import assert_close_to_ref
+
+from ldm.diffusion.schedules import ScheduleConfig
+from ldm.diffusion.noise_augmentation import StageConfig
+from ldm.models.codecs import IdentityCodec
+from ldm.pipeline.sampling import sample
+from ldm.pipeline.settings import GenerationSettings
+from ldm.pipeline.stage import Stage
+
+diffusers = pytest.importorskip("diffusers")
+
+IF_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
+                    prediction_type="epsilon", dynamic_thresholding_ratio=0.95, sample_max_value=1.5)
+STEPS, GUIDANCE, SHAPE = 8, 4.0, (1, 3, 8, 8)
+
+
+class VarianceNet(torch.nn.Module):
+    """eps and a learned-range variance output [-1, 1] that depend on x, the timestep and the text."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.config = SimpleNamespace()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("w", torch.randn(6, 3, generator=g) / 3**0.5)
+        self.register_buffer("b", 0.3 * torch.randn(6, generator=g))
+
+    def forward(self, x, t, context=None):
+        h = torch.einsum("oc,bchw->bohw", self.w, x) + self.b.view(1, 6, 1, 1)
+        h = h * torch.cos(t.float() / 400).view(-1, 1, 1, 1) + 0.5 * context.view(-1, 1, 1, 1)
+        return torch.cat([1.5 * h[:, :3], torch.tanh(h[:, 3:])], dim=1)
+
+
+def diffusers_loop(net, scheduler_config, text, seed=0):
+    """IFPipeline's denoising loop (guidance on the eps half, the text half's variance) over DDPMScheduler."""
+    scheduler = diffusers.DDPMScheduler(**scheduler_config)
+    scheduler.set_timesteps(STEPS)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=generator)
+    for t in scheduler.timesteps:
+        out = net(torch.cat([x, x]), t.repeat(2), context=torch.cat([text["uncond"], text["cond"]]))
+        uncond, cond = out.chunk(2)
+        eps_uncond, eps_cond, variance = uncond[:, :3], cond[:, :3], cond[:, 3:]
+        out = eps_uncond + GUIDANCE * (eps_cond - eps_uncond)
+        if scheduler_config["variance_type"] == "learned_range":
+            out = torch.cat([out, variance], dim=1)
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+    return x
+
+
+def ldm_sample(net, scheduler_config, text, seed=0, dynamic_threshold=None):
+    schedule = ScheduleConfig.from_diffusers(scheduler_config)
+    thresholding = scheduler_config["thresholding"]
+    stage_config = StageConfig(resolution=SHAPE[-1], dynamic_threshold=0.95 if thresholding else None,
+                               dynamic_threshold_max=1.5 if thresholding else None)
+    stage = Stage(net, schedule, IdentityCodec(), stage_config=stage_config)
+    settings = GenerationSettings(sampler="ddpm", steps=STEPS, guidance=GUIDANCE, seed=seed, height=SHAPE[-1],
+                                  width=SHAPE[-1], dynamic_threshold=dynamic_threshold)
+    cond = {"cond": {"context": text["cond"]}, "uncond": {"context": text["uncond"]}}
+    return sample(stage, ["a prompt"], settings, cond=cond)
+
+
+@pytest.fixture
+def net_and_text():
+    g = torch.Generator().manual_seed(torch.initial_seed() % 2**31)
+    text = {"cond": torch.randn(1, generator=g), "uncond": torch.randn(1, generator=g)}
+    return VarianceNet(int(torch.initial_seed() % 2**31)), text
+
+
+@pytest.mark.parametrize("thresholding, clip_sample", [(True, True), (False, True), (False, False)])
+def test_if_guided_ddpm_loop_matches_diffusers(net_and_text, thresholding, clip_sample):
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": thresholding, "clip_sample": clip_sample}
+    expected = diffusers_loop(net, config, text)
+    assert_close_to_ref(ldm_sample(net, config, text), expected)
+    # The three settings give different images, 100x the tolerance at least: each is really exercised.
+    others = [diffusers_loop(net, {**IF_SCHEDULER, "thresholding": th, "clip_sample": cl}, text)
+              for th, cl in [(True, True), (False, True), (False, False)] if (th, cl) != (thresholding, clip_sample)]
+    for other in others:
+        assert (other - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_learned_range_variance_is_used(net_and_text):
+    """With fixed_small (the variance half dropped) the reference moves far beyond the tolerance."""
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": True, "clip_sample": True}
+    expected = diffusers_loop(net, config, text)
+    fixed = diffusers_loop(net, {**config, "variance_type": "fixed_small"}, text)
+    assert (fixed - expected).abs().max() > 1e-3 * expected.abs().max()
+    assert_close_to_ref(ldm_sample(net, config, text), expected)
+
+
+def test_dynamic_threshold_zero_leaves_the_schedules_static_clipping(net_and_text):
+    """`dynamic_threshold=0` turns dynamic thresholding off; the scheduler's `clip_sample` then clips x0 to [-1, 1],
+    as diffusers' DDPMScheduler does with `thresholding: false`."""
+    net, text = net_and_text
+    expected = diffusers_loop(net, {**IF_SCHEDULER, "thresholding": False, "clip_sample": True}, text)
+    ours = ldm_sample(net, {**IF_SCHEDULER, "thresholding": True, "clip_sample": True}, text, dynamic_threshold=0.0)
+    assert_close_to_ref(ours, expected)
