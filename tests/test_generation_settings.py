@@ -89,3 +89,14 @@ def test_load_cascade_takes_one_upscaler_path_as_a_single_stage(model_dir):
     # A string used to be iterated character by character ("/: a folder that is neither ...").
     with pytest.raises(LdmError, match=rf"--upscaler {model_dir}: a latent model cannot be an upscaler"):
         load_cascade(model_dir, str(model_dir), device="cpu")
+
+
+def test_batch_seeds_are_checked_like_the_seed():
+    """`pipe.batch(prompts, seeds)`: one seed per prompt, each an integer in a generator's range (not a bool)."""
+    from ldm.pipeline.settings import SEED_RANGE, check_batch_seeds
+
+    check_batch_seeds(["a", "b"], [0, SEED_RANGE[1]])
+    for seeds, message in (([0], "2 prompts but 1 seeds"), ([0, SEED_RANGE[1] + 1], "out of range"),
+                           ([0, True], "must be an integer, got True"), ([0, 1.5], "must be an integer")):
+        with pytest.raises(LdmError, match=message):
+            check_batch_seeds(["a", "b"], seeds)

@@ -106,3 +106,18 @@ def test_dynamic_threshold_zero_leaves_the_schedules_static_clipping(net_and_tex
     expected = diffusers_loop(net, {**IF_SCHEDULER, "thresholding": False, "clip_sample": True}, text)
     ours = ldm_sample(net, {**IF_SCHEDULER, "thresholding": True, "clip_sample": True}, text, dynamic_threshold=0.0)
     assert_close_to_ref(ours, expected)
+
+
+def test_a_latent_models_x0_is_never_clipped_whatever_its_scheduler_says(net_and_text):
+    """SD folders written by old diffusers versions can say `clip_sample: true`; diffusers' StableDiffusionPipeline
+    forces it off, and a latent x0 is not an image in [-1, 1]: only a pixel stage clips."""
+    net, _ = net_and_text
+    schedule = ScheduleConfig.from_diffusers({**IF_SCHEDULER, "thresholding": False, "clip_sample": True})
+
+    class LatentCodec(torch.nn.Module):  # any codec but the identity makes a latent stage
+        pass
+
+    no_dynamic = StageConfig(resolution=SHAPE[-1], dynamic_threshold=None)
+    assert Stage(net, schedule, LatentCodec(), stage_config=no_dynamic).thresholding() == ()
+    pixel = Stage(net, schedule, IdentityCodec(), stage_config=no_dynamic).thresholding()
+    assert len(pixel) == 1 and pixel[0].keywords == {"limit": 1.0}

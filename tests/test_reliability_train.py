@@ -132,17 +132,32 @@ def test_cli_missing_or_no_shards_leave_no_folder_behind(name, tmp_path, capsys)
         assert not out.exists()
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_refused_resume_in_a_new_folder_leaves_it_empty_for_the_corrected_command(name, shape_shards, tmp_path,
+                                                                                    capsys):
+    """Every trainer finds the --resume checkpoint before it writes anything (the CLIP trainer's model record
+    included): the folder stays empty, so the same command without --resume is not told it holds a run."""
+    config, out = ROOT / "configs" / CONFIGS[name], tmp_path / "run"
+    code = tool(name).main(["--config", str(config), "--train-data", shape_shards, "--output-dir", str(out),
+                            "--resume", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such checkpoint folder" in err and "run without --resume" in err, err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_a_refused_start_leaves_the_old_run_and_its_record_alone(shape_shards, two_steps, tmp_path):
     run = copy_run(two_steps, tmp_path / "run")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(LdmError, match="shard .*/typo not found"):  # --overwrite with a mistyped shard path
         train(tiny_resumable_config(str(tmp_path / "typo"), run, "max_steps=1"), overwrite=True)
     gone = run / "checkpoints" / "step-000009"
-    with pytest.raises(CheckpointError, match=r"step-000009: no such checkpoint folder; use 'latest' or one of "):
+    with pytest.raises(CheckpointError, match=r"step-000009: no such checkpoint folder; use --resume latest "
+                       r"\(the newest complete checkpoint\) or one of "):
         train(tiny_resumable_config(shape_shards, run, "max_steps=5"), resume=str(gone))
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # train_config.yaml too
     fresh = tmp_path / "fresh"
-    with pytest.raises(CheckpointError, match=r"no checkpoint is in .*fresh/checkpoints yet"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint is in .*fresh/checkpoints yet, so there is nothing "
+                       r"to resume; run without --resume to start"):
         train(tiny_resumable_config(shape_shards, fresh, "max_steps=1"), resume=str(gone))
     assert list(fresh.iterdir()) == []
 

@@ -129,3 +129,23 @@ def test_dpmpp_sde_is_reproducible_and_its_noise_matters():
     a, b, c = (sample_dpmpp_sde(den, x, sigmas, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2))
     assert torch.equal(a, b) and (a - c).abs().max() > 0.01
     assert (a - sample_euler(den, x, sigmas)).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde",
+                                  "dpmpp_3m_sde"])
+def test_a_noise_sampler_replaces_the_generators_draws(name):
+    """k-diffusion's contract: `noise_sampler(sigma, sigma_next)` is the step's noise. Replaying the generator's own
+    draws gives the generator's sample exactly; a scaled replay moves it (the noise is really taken from it)."""
+    from ldm.diffusion.sampler_registry import SAMPLERS
+    from ldm.runtime import randn
+
+    sampler = SAMPLERS[name]
+    sigmas = torch.tensor([14.6, 6.0, 2.0, 0.7, 0.2, 0.0], dtype=torch.float64)
+    x = 14.6 * torch.randn(7, 1, generator=torch.Generator().manual_seed(SEED), dtype=torch.float64)
+    reference = sampler(den, x, sigmas, generator=torch.Generator().manual_seed(SEED + 1))
+    replay = torch.Generator().manual_seed(SEED + 1)
+    same = sampler(den, x, sigmas, noise_sampler=lambda s, s_next: randn(x.shape, replay, x.dtype))
+    assert_close_to_ref(same, reference, rel=1e-12, floor=0)
+    replay.manual_seed(SEED + 1)
+    louder = sampler(den, x, sigmas, noise_sampler=lambda s, s_next: 2 * randn(x.shape, replay, x.dtype))
+    assert (louder - reference).abs().max() > 1e-3 * reference.abs().max()

@@ -2,7 +2,7 @@
 # Issue 12's missing rows in one GPU window of at most ~9 minutes, each benchmark in its own process under a hard
 # timeout (a hang or a slow compile costs only its own step), in the priority order PLAN names:
 #
-# PLAN=run9 (the default: why max-autotune's step, 10.08 ms in run 8, is slower than the fast path's 7.27-7.56 ms
+# PLAN=run9 (the default: why max-autotune's step, 10.08 ms in run 8, is slower than the fast path's 7.23-7.56 ms
 #   although its kernels, each timed alone, predicted ~5.8-6.1 ms; give TUNE_CACHE=docs/benchmarks/tune-cache, run
 #   8's 55 tuned shapes, so that no shape is tuned again on an H200 with torch 2.11)
 #   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: the fast path, then max-autotune, in one process (~400 s)

@@ -131,9 +131,11 @@ def _ancestral(denoiser, x, sigmas, cond, eta, s_noise, generator, callback, dis
 
 @torch.no_grad()
 def sample_euler_ancestral(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
-                           eta=1.0, s_noise=1.0):
-    """Euler step down to sigma_down, then fresh noise of std sigma_up (k-diffusion's ancestral sampler)."""
-    return _ancestral(denoiser, x, sigmas, cond, eta, s_noise, generator, callback, disable_progress)
+                           eta=1.0, s_noise=1.0, noise_sampler=None):
+    """Euler step down to sigma_down, then fresh noise of std sigma_up (k-diffusion's ancestral sampler); the noise
+    is drawn from `generator`, or taken from `noise_sampler(sigma, sigma_next)`."""
+    return _ancestral(denoiser, x, sigmas, cond, eta, s_noise, generator, callback, disable_progress,
+                      noise_sampler=noise_sampler)
 
 
 @torch.no_grad()
@@ -226,8 +228,9 @@ def sample_dpmpp_2m(denoiser, x, sigmas, cond=None, *, generator=None, callback=
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
-                        eta=1.0, s_noise=1.0, solver_type="midpoint"):
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022, Appendix; diffusers' "sde-dpmsolver++"); eta = 0 gives the ODE solver."""
+                        eta=1.0, s_noise=1.0, solver_type="midpoint", noise_sampler=None):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, Appendix; diffusers' "sde-dpmsolver++"); eta = 0 gives the ODE solver.
+    The noise is drawn from `generator`, or taken from `noise_sampler(sigma, sigma_next)`."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
 
@@ -244,7 +247,8 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=None, *, generator=None, callb
             else:
                 x = x + (1 - phi / (h + eta_h)) * (1 / r) * (denoised - old_denoised)
         if eta:
-            x = x + _noise(x, generator) * sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
+            noise = _noise(x, generator) if noise_sampler is None else noise_sampler(sigma, sigma_next)
+            x = x + noise * sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
         return x
 
     return _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress)

@@ -96,7 +96,8 @@ class ScheduleConfig:
     steps_offset: int = 0
     set_alpha_to_one: bool | None = None  # DDIM's final alpha; None = diffusers' default (True)
     # diffusers' DDPM / DDIM clip x0 to [-clip_sample_range, clip_sample_range] when dynamic thresholding is off
-    # (DeepFloyd IF's configs say true); ldm does so for every sampler (`Stage.thresholding`)
+    # (DeepFloyd IF's configs say true); ldm does so for every sampler of a pixel model, never for a latent one
+    # (`Stage.thresholding`)
     clip_sample: bool = False
     clip_sample_range: float = 1.0
     sigma_min: float | None = None  # edm: lowest sampling sigma (default 0.002)

@@ -29,7 +29,7 @@ from ldm.pipeline.latent_upscale import LatentUpscale
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.sampling import sample
-from ldm.pipeline.settings import GenerationSettings, check_settings, with_defaults
+from ldm.pipeline.settings import GenerationSettings, check_batch_seeds, check_settings, with_defaults
 from ldm.pipeline.super_resolution import SuperResolution, check_start_strength, check_steps_left
 from ldm.runtime import derive_seed
 
@@ -210,8 +210,7 @@ class Cascade:
               **settings) -> list[Image.Image]:
         """One final image per (prompt, seed), the whole batch through every stage: image k is
         `self(prompts[k], seed=seeds[k])[0]`, whatever else shares its batch (per-image noise at every stage)."""
-        if len(prompts) != len(seeds):
-            raise LdmError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        check_batch_seeds(prompts, seeds)
         overrides = dict(aug_level=aug_level, upscale_strength=upscale_strength)
         options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
         options, settings = self._own_defaults(options, settings)

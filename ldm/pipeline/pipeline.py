@@ -12,8 +12,8 @@ from ldm.pipeline.fast import DEFAULT_MODE, compile_pipeline
 from ldm.pipeline.images import from_pil, to_pil
 from ldm.pipeline.latent_upscale import LatentUpscale
 from ldm.pipeline.sampling import sample
-from ldm.pipeline.settings import (IMG2IMG_STRENGTH, INPAINT_STRENGTH, GenerationSettings, check_settings,
-                                   with_defaults)
+from ldm.pipeline.settings import (IMG2IMG_STRENGTH, INPAINT_STRENGTH, GenerationSettings, check_batch_seeds,
+                                   check_settings, with_defaults)
 from ldm.pipeline.stage import Stage
 from ldm.pipeline.strategies import strategy_for
 
@@ -152,8 +152,7 @@ class Pipeline:
               progress: bool = False, **settings) -> list[Image.Image]:
         """One text-to-image image per (prompt, seed), all in one batch: image k is `self(prompts[k],
         seed=seeds[k])[0]`, whatever else shares its batch (per-image noise, `ldm.runtime.ImageGenerators`)."""
-        if len(prompts) != len(seeds):
-            raise LdmError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        check_batch_seeds(prompts, seeds)
         s = self.settings(**{**settings, "n": 1})
         images = sample(self.stage, list(prompts), s, negative_prompts=[negative_prompt] * len(prompts),
                         seeds=list(seeds), progress=progress)

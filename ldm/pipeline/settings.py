@@ -66,6 +66,8 @@ SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
 def check_seed(seed, count: int = 1) -> None:
     """`seed`, and the `count - 1` seeds after it (prompt i of a run uses seed + i), fit a torch generator."""
     try:
+        if isinstance(seed, bool):  # operator.index(True) is 1: a flag passed as a seed by mistake
+            raise TypeError
         seed = operator.index(seed)
     except TypeError:
         raise LdmError(f"--seed must be an integer, got {seed!r}") from None
@@ -73,6 +75,14 @@ def check_seed(seed, count: int = 1) -> None:
     if not low <= seed <= high - (count - 1):
         more = f"; prompt i uses seed + i, so with {count} prompts it is at most {high - count + 1}" if count > 1 else ""
         raise LdmError(f"--seed {seed} is out of range: a seed lies in [{low}, {high}]{more}")
+
+
+def check_batch_seeds(prompts: list, seeds: list) -> None:
+    """`pipe.batch`'s seeds: one per prompt, each in a generator's range."""
+    if len(prompts) != len(seeds):
+        raise LdmError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    for seed in seeds:
+        check_seed(seed)
 
 
 def check_settings(s: GenerationSettings, *, factor: int, schedule_config, conditional: bool = True,

@@ -101,13 +101,14 @@ class Stage:
 
     def thresholding(self, percentile: float | None = None) -> tuple:
         """The denoiser wrappers of x0's thresholding (Saharia et al. 2022, Sec. 2.3): dynamic at the percentile;
-        without it, static clipping where the schedule says `clip_sample` (diffusers' DDPM and DDIM do the same, and
-        DeepFloyd IF's configs say it); otherwise none."""
+        without it, for a pixel model, static clipping where the schedule says `clip_sample` (diffusers' DDPM and
+        DDIM do the same, and DeepFloyd IF's configs say it); otherwise none. A latent model's x0 is never clipped,
+        whatever its scheduler config says (diffusers' StableDiffusionPipeline forces clip_sample off too)."""
         percentile = self.threshold_percentile(percentile)
         if percentile:
             cap = (self.stage_config or StageConfig()).dynamic_threshold_max or float("inf")
             return (partial(dynamic_threshold, percentile=percentile, max_value=cap),)
-        if self.schedule_config.clip_sample:
+        if self.pixel and self.schedule_config.clip_sample:
             return (partial(static_threshold, limit=self.schedule_config.clip_sample_range),)
         return ()
 

@@ -101,6 +101,24 @@ def checkpoint_problem(path: str | Path, required: Iterable[str] = ("model.safet
     return None
 
 
+def _resume_way_out(output_dir: str | Path) -> str:
+    newest = [str(p) for _, p in list_checkpoints(output_dir)][-3:]
+    if newest:
+        return f"use --resume latest (the newest complete checkpoint) or one of {newest}"
+    # 'latest' would start over here: say so rather than offer it
+    return (f"no checkpoint is in {Path(output_dir) / 'checkpoints'} yet, so there is nothing to resume; "
+            "run without --resume to start")
+
+
+def check_resume_path(output_dir: str | Path, resume: str) -> Path:
+    """The folder an explicit `--resume PATH` names, which must exist; the run's tools call this before anything is
+    created or written (its contents are checked later, by `resolve_resume`)."""
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder; {_resume_way_out(output_dir)}")
+    return path
+
+
 def resolve_resume(output_dir: str | Path, resume: str | None,
                    required: Iterable[str] = ("model.safetensors",)) -> Path | None:
     """The checkpoint `--resume` names, checked: None (fresh run), "latest" (the newest complete one), or a path."""
@@ -123,18 +141,14 @@ def resolve_resume(output_dir: str | Path, resume: str | None,
             raise CheckpointError(f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'} is complete "
                                   f"({'; '.join(rejected)}); start over with --overwrite")
         return None
-    path = Path(resume)
-    newest = [str(p) for _, p in list_checkpoints(output_dir)][-3:]
-    choices = f"one of {newest}" if newest else f"no checkpoint is in {Path(output_dir) / 'checkpoints'} yet"
-    if not path.exists():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint folder; use 'latest' or {choices}")
+    path = check_resume_path(output_dir, resume)
+    way_out = _resume_way_out(output_dir)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"--resume {resume}: not a complete training checkpoint (no {STATE_FILE} inside); "
-                              f"use 'latest' or {choices}")
+                              f"{way_out}")
     problem = checkpoint_problem(path, required)
     if problem is not None:
-        raise CheckpointError(f"--resume {resume}: {problem}; use --resume latest (the newest complete checkpoint) "
-                              f"or {choices}")
+        raise CheckpointError(f"--resume {resume}: {problem}; {way_out}")
     return path
 
 

@@ -177,12 +177,14 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None, overwrite: bo
     """
     import open_clip
     out = Path(config.output_dir)
+    held_out = [config.validation.shards] if config.validation.shards else []  # found up front too, not at the end
     accelerator = open_run(out, resume, overwrite, mixed_precision=config.mixed_precision, log_with=config.log_with,
-                           shards=[config.data.shards])
+                           shards=[config.data.shards, *held_out])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
+    checkpoint = resolve_resume(out, resume)  # before build_clip writes the model's record into the folder
     torch.manual_seed(config.seed)  # the same init on every rank
     clip = build_clip(config.name, config.model, out)
     trainee = ClipTrainee(clip, open_clip.get_tokenizer(config.name))
@@ -195,7 +197,6 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None, overwrite: bo
 
     loader = make_loader(config.data, rank=rank, world_size=world)  # per-rank stream already
     state = TrainState()
-    checkpoint = resolve_resume(out, resume)
     if accelerator.is_main_process:  # once the checkpoint is found: a refused --resume leaves the run's record alone
         save_yaml(to_plain(config), out / "config.yaml")
     if checkpoint is not None:

@@ -9,7 +9,7 @@ from typing import Iterable
 
 from ldm.data.loader import expand_shards
 from ldm.errors import LdmError
-from ldm.train.checkpointing import tidy_checkpoints
+from ldm.train.checkpointing import check_resume_path, tidy_checkpoints
 from ldm.train.tracking import tracker_name
 from ldm.writable import check_output_dir
 
@@ -46,13 +46,15 @@ def check_run_folder(out: str | Path, resume: str | None, overwrite: bool, shard
 
 def open_run(out: str | Path, resume: str | None, overwrite: bool, *, mixed_precision: str, log_with: str | None,
              shards: Iterable = (), **accelerator_kwargs):
-    """The Accelerator of a training run in `out`: the folder (and `shards`) checked first, then made ready (logs
-    under out/logs)."""
+    """The Accelerator of a training run in `out`: the folder, `shards` and an explicit `--resume` path checked
+    first, then made ready (logs under out/logs)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     out = Path(out)
     check_run_folder(out, resume, overwrite, shards)
+    if resume is not None and resume != "latest":
+        check_resume_path(out, resume)  # before the Accelerator exists: nothing is made for a mistyped path
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=tracker_name(log_with),
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
                               **accelerator_kwargs)
