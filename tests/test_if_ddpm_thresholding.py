@@ -121,3 +121,12 @@ def test_a_latent_models_x0_is_never_clipped_whatever_its_scheduler_says(net_and
     assert Stage(net, schedule, LatentCodec(), stage_config=no_dynamic).thresholding() == ()
     pixel = Stage(net, schedule, IdentityCodec(), stage_config=no_dynamic).thresholding()
     assert len(pixel) == 1 and pixel[0].keywords == {"limit": 1.0}
+
+
+def test_a_ddpm_or_ddim_config_without_clip_sample_clips_as_diffusers_does():
+    """diffusers' DDPMScheduler and DDIMScheduler default to clip_sample=True; other schedulers have no such key."""
+    for name in ("DDPMScheduler", "DDIMScheduler"):
+        assert ScheduleConfig.from_diffusers({"_class_name": name}).clip_sample is True
+        assert getattr(diffusers, name)().config.clip_sample is True
+        assert ScheduleConfig.from_diffusers({"_class_name": name, "clip_sample": False}).clip_sample is False
+    assert ScheduleConfig.from_diffusers({"_class_name": "EulerDiscreteScheduler"}).clip_sample is False

@@ -145,7 +145,8 @@ class ScheduleConfig:
         diffusers' EDM schedulers (EDMEulerScheduler, EDMDPMSolverMultistepScheduler) become prediction_type "edm"
         with their sigma_min / sigma_max / sigma_data / rho (their "epsilon" is EDM's preconditioned F); sampling
         uses Karras sigmas whatever their sigma_schedule. Other schedulers' sigma_min / sigma_max (diffusers' Euler
-        has them for Karras sigmas at inference) do not describe the trained model and are dropped.
+        has them for Karras sigmas at inference) do not describe the trained model and are dropped. A DDPM or DDIM
+        config without `clip_sample` clips, as those schedulers do by default (only pixel stages ever clip).
         """
         config = dict(config)
         class_name = str(config.get("_class_name", ""))
@@ -155,6 +156,8 @@ class ScheduleConfig:
                 raise ConfigError(f"scheduler config: {class_name} with prediction_type {prediction!r} is not "
                                   "supported; only EDM's own preconditioning (diffusers' 'epsilon') is")
             config["prediction_type"] = "edm"
+        if class_name in ("DDPMScheduler", "DDIMScheduler"):  # their own default is to clip (a pixel model's x0)
+            config.setdefault("clip_sample", True)
         names = {f.name for f in dataclasses.fields(cls)}
         if config.get("prediction_type") != "edm":
             names -= set(EDM_DEFAULTS)
