@@ -100,3 +100,12 @@ def test_batch_seeds_are_checked_like_the_seed():
                            ([0, True], "must be an integer, got True"), ([0, 1.5], "must be an integer")):
         with pytest.raises(LdmError, match=message):
             check_batch_seeds(["a", "b"], seeds)
+
+
+def test_a_mistyped_setting_names_the_settings():
+    """`pipe("a cat", step=20)` (for steps): an LdmError listing the settings, not the constructor's TypeError."""
+    from ldm.pipeline.settings import GenerationSettings
+
+    with pytest.raises(LdmError, match=r"unknown generation setting\(s\) 'step'; the settings are .*steps"):
+        GenerationSettings.from_call({"step": 20})
+    assert GenerationSettings.from_call({"steps": 20}).steps == 20

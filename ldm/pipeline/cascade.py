@@ -130,7 +130,7 @@ class Cascade:
         if settings.get("height") is not None or settings.get("width") is not None:
             raise LdmError(f"a cascade's sizes come from its stages ({' -> '.join(map(str, self.output_sizes()))} "
                            "px): leave out --height and --width")
-        common = GenerationSettings(**settings)
+        common = GenerationSettings.from_call(settings)
         if from_image and options["start_stage"] == 1:
             raise LdmError("--init-image with a cascade upscales that image: give --start-stage 2 (or later)")
         if not from_image and options["start_stage"] > 1:

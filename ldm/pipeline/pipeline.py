@@ -70,7 +70,7 @@ class Pipeline:
         settings = with_defaults(settings, self.stage.default_settings)
         if self.stage.latent_upscaler:
             return self._upscale_settings(from_image, inpainting, settings)
-        s = GenerationSettings(**settings)
+        s = GenerationSettings.from_call(settings)
         if from_image and s.strength is None:
             s.strength = INPAINT_STRENGTH if inpainting else self.stage.default_settings.get("strength", IMG2IMG_STRENGTH)
         check_settings(s, factor=self.factor, schedule_config=self.schedule_config,
@@ -88,7 +88,7 @@ class Pipeline:
         if settings.get("height") is not None or settings.get("width") is not None:
             raise LdmError(f"{name} makes images {self.codec.downsample_factor}x the size of --init-image: leave out "
                            "--height and --width")
-        s = GenerationSettings(**settings)
+        s = GenerationSettings.from_call(settings)
         check_settings(s, factor=1, schedule_config=self.schedule_config, conditional=self.stage.conditional)
         return s
 

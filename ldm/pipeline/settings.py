@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ldm.diffusion.plans import sampling_plan
 from ldm.diffusion.sampler_registry import check_sampler_options
@@ -35,6 +35,17 @@ class GenerationSettings:
     # SDXL: original_size, crops_coords_top_left, target_size, aesthetic_score (and negative_*); unset: diffusers'
     # defaults (the image size, (0, 0), 6.0 / 2.5). Models without micro-conditioning ignore it.
     micro_conditioning: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_call(cls, settings: dict) -> "GenerationSettings":
+        """The settings of a `pipe(...)` call's keywords: a name that is not a setting (a typo) is an error that
+        lists the settings, not a TypeError from the constructor."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise LdmError(f"unknown generation setting(s) {', '.join(map(repr, unknown))}; the settings are "
+                           f"{', '.join(sorted(known))}")
+        return cls(**settings)
 
     def options(self) -> dict:
         """The sampler's extra keyword arguments (`eta` folded in)."""
