@@ -119,8 +119,14 @@ def test_a_latent_models_x0_is_never_clipped_whatever_its_scheduler_says(net_and
 
     no_dynamic = StageConfig(resolution=SHAPE[-1], dynamic_threshold=None)
     assert Stage(net, schedule, LatentCodec(), stage_config=no_dynamic).thresholding() == ()
-    pixel = Stage(net, schedule, IdentityCodec(), stage_config=no_dynamic).thresholding()
+    pixel_stage = Stage(net, schedule, IdentityCodec(), stage_config=no_dynamic)
+    pixel = pixel_stage.thresholding()
     assert len(pixel) == 1 and pixel[0].keywords == {"limit": 1.0}
+    # what the images' metadata records: the clip, and none where dynamic thresholding or a latent stage runs
+    assert pixel_stage.clip_limit() == 1.0 and pixel_stage.clip_limit(0.95) is None
+    dynamic_by_default = Stage(net, schedule, IdentityCodec(), stage_config=StageConfig(resolution=SHAPE[-1]))
+    assert dynamic_by_default.clip_limit() is None and dynamic_by_default.clip_limit(0.0) == 1.0
+    assert Stage(net, schedule, LatentCodec(), stage_config=no_dynamic).clip_limit() is None
 
 
 def test_a_ddpm_or_ddim_config_without_clip_sample_clips_as_diffusers_does():

@@ -104,13 +104,19 @@ class Stage:
         without it, for a pixel model, static clipping where the schedule says `clip_sample` (diffusers' DDPM and
         DDIM do the same, and DeepFloyd IF's configs say it); otherwise none. A latent model's x0 is never clipped,
         whatever its scheduler config says (diffusers' StableDiffusionPipeline forces clip_sample off too)."""
-        percentile = self.threshold_percentile(percentile)
-        if percentile:
+        resolved = self.threshold_percentile(percentile)
+        if resolved:
             cap = (self.stage_config or StageConfig()).dynamic_threshold_max or float("inf")
-            return (partial(dynamic_threshold, percentile=percentile, max_value=cap),)
-        if self.pixel and self.schedule_config.clip_sample:
-            return (partial(static_threshold, limit=self.schedule_config.clip_sample_range),)
-        return ()
+            return (partial(dynamic_threshold, percentile=resolved, max_value=cap),)
+        limit = self.clip_limit(percentile)  # the caller's percentile: 0 (off) must not fall back to the default
+        return (partial(static_threshold, limit=limit),) if limit is not None else ()
+
+    def clip_limit(self, percentile: float | None = None) -> float | None:
+        """x0's static clip (`clip_sample_range`) where `thresholding` clips instead of thresholding dynamically: a
+        pixel stage whose schedule says `clip_sample`; None otherwise (recorded in the images' metadata)."""
+        if self.threshold_percentile(percentile) or not (self.pixel and self.schedule_config.clip_sample):
+            return None
+        return self.schedule_config.clip_sample_range
 
     @property
     def conditional(self) -> bool:
