@@ -139,6 +139,7 @@ def test_training_can_start_at_the_both_compiled_row(tmp_path):
 
 @pytest.mark.slow
 def test_the_compiled_levers_alone_write_no_row(tmp_path, capsys):
+    pytest.importorskip("diffusers")  # the peer's levers
     out, levers = tmp_path / "results.jsonl", tmp_path / "levers.jsonl"
     tool = _bench_tool()
     assert tool.main(["--dry-run", "--out", str(out), "--only", "unet_step_sd15_512_b1_cfg",
@@ -148,7 +149,12 @@ def test_the_compiled_levers_alone_write_no_row(tmp_path, capsys):
     lines = [json.loads(line) for line in levers.read_text().splitlines()]
     assert not out.exists()
     assert [line["config"] for line in lines] == [lever.name for lever in benchmarks.COMPILED_LEVERS]
-    assert all(line["ours_ms"] > 0 and line["dry_run"] for line in lines)
+    peer = {lever.name for lever in benchmarks.COMPILED_LEVERS if lever.peer}
+    assert peer and all(line["dry_run"] for line in lines)
+    # ours' levers time ours; the peer's (diffusers' U-Net compiled in its modes) time the peer, and say so
+    assert all(line["ours_ms"] > 0 and line["peer_ms"] is None for line in lines if line["config"] not in peer)
+    assert all(line["ours_ms"] is None and line["peer_ms"] > 0 and line["side"] == "peer"
+               for line in lines if line["config"] in peer)
 
 
 def test_eval_batches_picks_the_prompt_set_batch_sizes_and_refuses_a_zero(tmp_path, capsys, monkeypatch):

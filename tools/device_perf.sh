@@ -2,7 +2,12 @@
 # Issue 12's missing rows in one GPU window of at most ~9 minutes, each benchmark in its own process under a hard
 # timeout (a hang or a slow compile costs only its own step), in the priority order PLAN names:
 #
-# PLAN=run9 (the default: why max-autotune's step, 10.08 ms in run 8, is slower than the fast path's 7.23-7.56 ms
+# PLAN=run10 (the default: the peer in its fastest mode, and max-autotune's choices without prologue fusion; give
+#   TUNE_CACHE=docs/benchmarks/tune-cache)
+#   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: diffusers' U-Net compiled reduce-overhead, then
+#      max-autotune (never measured), then ours with max-autotune's options and prologue_fusion off, while time lasts
+#   2. train_sd15_unet_512 --fp8 --no-peer: the compiled FP8 training step
+# PLAN=run9 (why max-autotune's step, 10.08 ms in run 8, is slower than the fast path's 7.23-7.56 ms
 #   although its kernels, each timed alone, predicted ~5.8-6.1 ms; give TUNE_CACHE=docs/benchmarks/tune-cache, run
 #   8's 55 tuned shapes, so that no shape is tuned again on an H200 with torch 2.11)
 #   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: the fast path, then max-autotune, in one process (~400 s)
@@ -64,7 +69,7 @@ set -u
 OUT=${OUT:?set OUT to the folder that receives results.jsonl, levers.jsonl and perf.log}
 BUDGET_S=${BUDGET_S:-$([ -n "${DRY_RUN:-}" ] && echo 1500 || echo 500)}
 PY=${PYTHON:-python3}
-PLAN=${PLAN:-run9}
+PLAN=${PLAN:-run10}
 FROM=${FROM:-1}
 TO=${TO:-9}
 mkdir -p "$OUT"
@@ -160,8 +165,8 @@ nth() {
 }
 
 case $PLAN in
-    run3|run4|run5|run6|run7|run8|run9) ;;
-    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run9 (the default), run8, run7, run6, run5, run4 or run3" >&2
+    run3|run4|run5|run6|run7|run8|run9|run10) ;;
+    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run10 (the default), run9, run8, run7, run6, run5, run4 or run3" >&2
        exit 2 ;;
 esac
 case $FROM in
@@ -184,6 +189,12 @@ if [ "$PLAN" = run3 ]; then
     nth 2 train_sd15_unet_512 300 120
     nth 3 train_sd15_unet_256 300 150
     nth 4 eval_generate_sd15_512_25steps 150 75 --eager
+elif [ "$PLAN" = run10 ]; then
+    # 1: the peer's reduce-overhead ~60 s; its max-autotune with run 8's cached shapes ~220-300 s; ours without
+    # prologue fusion ~220-300 s (bench.py skips, with a line saying so, what its --budget-s cannot hold)
+    nth 1 unet_step_sd15_512_b1_cfg 580 300 --levers "$OUT/levers.jsonl" --compiled-levers-only \
+        --lever-names "peer:" "without prologue fusion"
+    nth 2 train_sd15_unet_512 480 300 --fp8 --no-peer
 elif [ "$PLAN" = run9 ]; then
     # 1: the fast path ~60 s; max-autotune with every shape cached ~290 s of compile (run 8's third call: 387 s
     # with 8 shapes left to tune)
