@@ -87,6 +87,32 @@ def test_pipeline_refuses_non_finite_guidance_from_python(pipe):
         pipe("a cat", steps=2, height=16, width=16, guidance_rescale=float("inf"))
 
 
+GUIDANCE_RULE = "a guidance scale is 0 or more, and the smallest meaningful values are 0 and 1"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guidance", "-7.5"], f"--guidance -7.5 is negative: {GUIDANCE_RULE}"),
+    (["--guidance=-1"], f"--guidance -1 is negative: {GUIDANCE_RULE}"),
+    (["--stage-guidance", "7,-1"], f"--stage-guidance -1 is negative: {GUIDANCE_RULE}"),
+    (["--stage-guidance", "nan,4"], "--stage-guidance must be a finite number, got nan"),
+    # without --sampler the sampler is the model's own, known only once it loads: the value is checked before that
+    (["--sampler-option", "eta=-1"], r"sampler option eta=-1 is out of range: eta lies in [0, inf), the amount of "
+                                     "fresh noise per step"),
+    (["--sampler", "ddim", "--sampler-option", "eta=-1"], "sampler option eta=-1 is out of range"),
+    (["--sampler", "heun", "--sampler-option", "s_churn=-2"], "sampler option s_churn=-2 is out of range"),
+    (["--sampler-option", "s_noise=-1"], "sampler option s_noise=-1 is out of range"),
+    (["--sampler-option", "s_tmin=3", "--sampler-option", "s_tmax=1"], "sampler options s_tmin=3 > s_tmax=1"),
+    (["--sampler-option", "r=1.5"], "sampler option r=1.5 is out of range: r lies in (0, 1)"),
+], ids=["guidance", "guidance-equals", "stage-guidance", "stage-guidance-nan", "eta", "ddim-eta", "s_churn",
+        "s_noise", "churn-window", "r"])
+def test_negative_guidance_and_meaningless_sampler_options_exit_2_before_loading(argv, message, tmp_path, capsys,
+                                                                                  monkeypatch):
+    _no_model_load(monkeypatch)
+    code, err = run_cli(txt2img.main, ["a cat", *argv, "--steps", "2", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err.startswith(f"error: {message}") and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_seed_outside_a_generators_range_exits_2_before_loading(model_dir, pipe, tmp_path, capsys, monkeypatch):
     _no_model_load(monkeypatch)
     prompts = tmp_path / "prompts.txt"

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ldm.diffusion.sampler_registry import check_option_values
 from ldm.errors import LdmError
 
 
@@ -45,7 +46,8 @@ def finite_floats(texts: list[str], option: str) -> list[float]:
 
 
 def parse_sampler_options(pairs: list[str]) -> dict[str, float]:
-    """`--sampler-option NAME=VALUE` arguments -> {NAME: float(VALUE)}."""
+    """`--sampler-option NAME=VALUE` arguments -> {NAME: float(VALUE)}, each value finite and inside its option's range
+    (`eta=-1` is refused here, before the model and so the sampler are known)."""
     options = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
@@ -56,6 +58,7 @@ def parse_sampler_options(pairs: list[str]) -> dict[str, float]:
         if not name.strip() or number is None:
             raise LdmError(f"--sampler-option {pair!r}: write NAME=VALUE with a number, e.g. eta=0.5")
         options[name.strip()] = number
+    check_option_values(options)
     return options
 
 
