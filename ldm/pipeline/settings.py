@@ -108,8 +108,8 @@ def check_guidance(scale, option: str = "--guidance") -> float:
         raise LdmError(f"{option} must be a finite number, got {scale}")
     if scale < 0:
         raise LdmError(f"{option} {float(scale):g} is negative: a guidance scale is 0 or more, and the smallest "
-                       "meaningful values are 0 and 1 (up to 1 guidance is off: the conditional model alone); above 1 it "
-                       "steers towards the prompt, e.g. 7.5")
+                       "meaningful values are 0 and 1 (up to 1 guidance is off: the conditional model alone); above 1 "
+                       "it steers towards the prompt, e.g. 7.5")
     return scale
 
 
