@@ -15,6 +15,10 @@ BAD = [  # (keyword arguments, CLI flags, the message)
     (dict(height=18), ["--height", "18"], "--height 18 is not a positive multiple of the model's factor 4"),
     (dict(guidance_rescale=2.0), ["--guidance-rescale", "2"], "--guidance-rescale must lie in \\[0, 1\\]"),
     (dict(strength=0.5), ["--strength", "0.5"], "--strength applies to img2img and inpainting"),
+    (dict(guidance=-7.5), ["--guidance", "-7.5"], "--guidance -7.5 is negative: a guidance scale is 0 or more, and the "
+                                                  "smallest meaningful values are 0 and 1"),
+    (dict(sampler="ddim", sampler_options={"eta": -1.0}), ["--sampler", "ddim", "--sampler-option", "eta=-1"],
+     r"sampler option eta=-1 is out of range: eta lies in \[0, inf\)"),
 ]
 
 
@@ -29,7 +33,8 @@ def pipe(model_dir):
 
 
 @pytest.mark.parametrize("kwargs, flags, message", BAD, ids=["nan-guidance", "inf-guidance", "too-many-steps",
-                                                              "height", "rescale", "strength-without-image"])
+                                                              "height", "rescale", "strength-without-image",
+                                                              "negative-guidance", "negative-eta"])
 def test_every_door_refuses_bad_settings_before_any_work(pipe, model_dir, tmp_path, capsys, kwargs, flags, message):
     with pytest.raises(LdmError, match=message):
         pipe("a cat", **kwargs)
@@ -109,3 +114,46 @@ def test_a_mistyped_setting_names_the_settings():
     with pytest.raises(LdmError, match=r"unknown generation setting\(s\) 'step'; the settings are .*steps"):
         GenerationSettings.from_call({"step": 20})
     assert GenerationSettings.from_call({"steps": 20}).steps == 20
+
+
+def test_guidance_0_and_1_are_the_smallest_scales_and_both_turn_guidance_off(pipe):
+    """As in diffusers, a scale up to 1 samples the conditional model alone: 0, 0.5 and 1 give the same image. A
+    negative scale would be the same again, which is why it is refused as the typo it almost always is."""
+    kw = dict(steps=2, height=16, width=16, seed=1)
+    off = pipe("a cat", guidance=1.0, **kw)[0].tobytes()
+    assert pipe("a cat", guidance=0, **kw)[0].tobytes() == off
+    assert pipe("a cat", guidance=0.5, **kw)[0].tobytes() == off
+    assert pipe("a cat", guidance=3.0, **kw)[0].tobytes() != off  # above 1 it guides
+    for scale, message in ((-1, "--guidance -1 is negative"), (-0.0001, "--guidance -0.0001 is negative"),
+                           (float("-inf"), "--guidance must be a finite number, got -inf")):
+        with pytest.raises(LdmError, match=message):
+            pipe("a cat", guidance=scale, **kw)
+
+
+def test_the_demo_page_refuses_negative_guidance_as_the_cli_does(pipe, tmp_path):
+    """ldm-demo's Generator goes through generate_to_folder: the same check and message, and no folder is made."""
+    from ldm.cli.demo_page import Generator
+
+    generator = Generator(pipe, tmp_path / "demo")
+    with pytest.raises(LdmError, match="--guidance -2 is negative: a guidance scale is 0 or more"):
+        generator.generate("a cat", guidance=-2.0, steps=1, height=16, width=16)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_check_guidance_names_the_option_and_every_settings_check_uses_it():
+    """One rule for --guidance, --stage-guidance (ldm-txt2img checks it before loading) and each stage's settings."""
+    from ldm.pipeline.settings import GenerationSettings, check_guidance, check_settings
+
+    assert check_guidance(0) == 0 and check_guidance(7.5) == 7.5
+    with pytest.raises(LdmError, match="--stage-guidance -4 is negative"):
+        check_guidance(-4.0, "--stage-guidance")
+    with pytest.raises(LdmError, match="--guidance -1 is negative"):
+        check_settings(GenerationSettings(guidance=-1.0), factor=1, schedule_config=None)
+
+
+def test_the_eta_keyword_is_held_to_etas_range(pipe):
+    """`pipe(..., eta=-1)` (the shortcut for sampler_options={"eta": ...}) is refused with the value and the range."""
+    with pytest.raises(LdmError, match=r"sampler option eta=-1 is out of range: eta lies in \[0, inf\).*sampler "
+                                       r"'ddim' takes eta"):
+        pipe("a cat", sampler="ddim", eta=-1, steps=1, height=16, width=16)
+    assert pipe("a cat", sampler="ddim", eta=0, steps=1, height=16, width=16)[0].size == (16, 16)

@@ -1,8 +1,14 @@
 """Hostile input to ldm-txt2img and ldm-convert: non-finite numbers, huge sizes, bad output paths, non-UTF-8 files,
 killed runs and odd prompts each get an `error:` line and exit 2 before any work, or a folder that stays consistent."""
 import argparse
+import importlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +91,32 @@ def test_pipeline_refuses_non_finite_guidance_from_python(pipe):
         pipe("a cat", steps=2, height=16, width=16, guidance=float("nan"))
     with pytest.raises(LdmError, match="--guidance-rescale must be a finite number"):
         pipe("a cat", steps=2, height=16, width=16, guidance_rescale=float("inf"))
+
+
+GUIDANCE_RULE = "a guidance scale is 0 or more, and the smallest meaningful values are 0 and 1"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guidance", "-7.5"], f"--guidance -7.5 is negative: {GUIDANCE_RULE}"),
+    (["--guidance=-1"], f"--guidance -1 is negative: {GUIDANCE_RULE}"),
+    (["--stage-guidance", "7,-1"], f"--stage-guidance -1 is negative: {GUIDANCE_RULE}"),
+    (["--stage-guidance", "nan,4"], "--stage-guidance must be a finite number, got nan"),
+    # without --sampler the sampler is the model's own, known only once it loads: the value is checked before that
+    (["--sampler-option", "eta=-1"], r"sampler option eta=-1 is out of range: eta lies in [0, inf), the amount of "
+                                     "fresh noise per step"),
+    (["--sampler", "ddim", "--sampler-option", "eta=-1"], "sampler option eta=-1 is out of range"),
+    (["--sampler", "heun", "--sampler-option", "s_churn=-2"], "sampler option s_churn=-2 is out of range"),
+    (["--sampler-option", "s_noise=-1"], "sampler option s_noise=-1 is out of range"),
+    (["--sampler-option", "s_tmin=3", "--sampler-option", "s_tmax=1"], "sampler options s_tmin=3 > s_tmax=1"),
+    (["--sampler-option", "r=1.5"], "sampler option r=1.5 is out of range: r lies in (0, 1)"),
+], ids=["guidance", "guidance-equals", "stage-guidance", "stage-guidance-nan", "eta", "ddim-eta", "s_churn",
+        "s_noise", "churn-window", "r"])
+def test_negative_guidance_and_meaningless_sampler_options_exit_2_before_loading(argv, message, tmp_path, capsys,
+                                                                                  monkeypatch):
+    _no_model_load(monkeypatch)
+    code, err = run_cli(txt2img.main, ["a cat", *argv, "--steps", "2", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err.startswith(f"error: {message}") and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_seed_outside_a_generators_range_exits_2_before_loading(model_dir, pipe, tmp_path, capsys, monkeypatch):
@@ -227,6 +259,110 @@ def test_convert_goes_through_the_shared_error_door(monkeypatch, capsys):
     monkeypatch.setattr(convert, "run", interrupted)
     code, err = run_cli(convert.main, ["a", "b", "--to", "native"], capsys)
     assert code == 130 and "interrupted" in err
+
+
+# Ctrl-C at any moment: one line, exit 130, nothing half-written ---------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["ldm-txt2img", "ldm-convert", "ldm-eval", "ldm-fid", "ldm-demo"]
+# The script pip writes for an entry point (its template, less the coding line): the import comes before any handler.
+PIP_SCRIPT = """import re
+import sys
+from {module} import {function}
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit({function}())
+"""
+
+
+def console_scripts() -> dict[str, str]:
+    """pyproject.toml's [project.scripts]: command -> 'module:function'."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def ctrl_c_at_import(module: str) -> str:
+    """Code that sends this process a real SIGINT as `module` starts to import. The signal is aimed at the running
+    thread, so it is delivered before pthread_kill returns and raised at the next Python call: no race, no timing."""
+    return f"""
+import signal, sys, threading
+
+class CtrlCAtImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCAtImport())
+"""
+
+
+def run_console_script(folder: Path, entry: str, argv: list, before: str) -> subprocess.CompletedProcess:
+    """Run the script pip would write for `entry` ('module:function') in `folder`, after the code `before`."""
+    module, function = entry.split(":")
+    script = folder / "script.py"
+    script.write_text(before + PIP_SCRIPT.format(module=module, function=function))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    return subprocess.run([sys.executable, str(script), *map(str, argv)], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
+def test_every_console_script_imports_its_command_inside_the_interrupt_guard(monkeypatch):
+    from ldm.cli import scripts
+
+    entries = console_scripts()
+    assert sorted(entries) == sorted(COMMANDS)
+    ran = []
+    monkeypatch.setattr(scripts, "run", lambda module: ran.append(module) or 0)
+    for command, entry in entries.items():
+        module, function = entry.split(":")
+        assert module == "ldm.cli.scripts" and getattr(scripts, function)() == 0
+        assert ran[-1] == "ldm.cli." + command.removeprefix("ldm-")
+        assert importlib.import_module(ran[-1]).main.__wrapped__  # and its main is cli_main's (Ctrl-C while it runs)
+
+
+@pytest.mark.parametrize("at", ["command", "torch"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_ctrl_c_while_a_console_script_imports_exits_130_with_one_line(command, at, tmp_path):
+    """Ctrl-C as the command's module starts to import, or in the middle (ldm.cli.common importing torch)."""
+    module = "ldm.cli." + command.removeprefix("ldm-") if at == "command" else "torch"
+    result = run_console_script(tmp_path, console_scripts()[command], ["--help"], ctrl_c_at_import(module))
+    # --help would print the usage and exit 0 had the interrupt not come during the import
+    assert (result.returncode, result.stderr, result.stdout) == (130, "interrupted\n", ""), result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["script.py"]  # nothing written
+
+
+def test_without_the_guard_the_same_ctrl_c_was_a_traceback(tmp_path):
+    """What the scripts were (`ldm.cli.txt2img:main`): the interrupt during `import torch` escapes as a traceback."""
+    result = run_console_script(tmp_path, "ldm.cli.txt2img:main", ["--help"], ctrl_c_at_import("torch"))
+    assert result.returncode == -signal.SIGINT  # Python ends itself by SIGINT after printing the traceback
+    assert "Traceback" in result.stderr and result.stderr.splitlines()[-1] == "KeyboardInterrupt"
+
+
+def test_ctrl_c_while_ldm_convert_writes_leaves_no_output_and_no_temporary(tmp_path):
+    """The weights are in the temporary file, not yet renamed to DST, when Ctrl-C comes: DST never appears."""
+    model = write_tiny_sd(tmp_path / "model")
+    out = tmp_path / "out"
+    out.mkdir()
+    before = """
+import signal, threading
+import safetensors.torch
+
+_save_file = safetensors.torch.save_file
+
+
+def save_file(*args, **kwargs):
+    _save_file(*args, **kwargs)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # raised at the next Python call
+
+
+safetensors.torch.save_file = save_file
+"""
+    result = run_console_script(out, console_scripts()["ldm-convert"], [model, out / "sd.safetensors", "--to",
+                                                                       "original"], before)
+    assert result.returncode == 130 and result.stderr.splitlines()[-1:] == ["interrupted"], result.stderr
+    assert "Traceback" not in result.stderr and "wrote" not in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["script.py"]  # no sd.safetensors, no hidden .sd.safetensors.*
 
 
 # 4. text that is not UTF-8 ---------------------------------------------------------------------------------------

@@ -241,6 +241,29 @@ def test_eval_model_settings_are_checked_before_clip_loads_and_nothing_is_left(
     assert not out.exists()  # no empty samples/ left behind
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--guidance", "3,-1"], "--guidance -1 is negative: a guidance scale is 0 or more, and the smallest meaningful "
+                             "values are 0 and 1"),
+    (["--guidance", "1", "-7.5"], "--guidance -7.5 is negative"),
+    # no --samplers: the sweep's sampler is the model's own, so the model used to load before the option was checked
+    (["--sampler-option", "eta=-1"], "sampler option eta=-1 is out of range: eta lies in [0, inf)"),
+    (["--samplers", "euler_a", "--sampler-option", "s_noise=-0.5"], "sampler option s_noise=-0.5 is out of range"),
+], ids=["guidance-list", "guidance-values", "eta-without-samplers", "s_noise"])
+def test_eval_negative_guidance_and_sampler_option_values_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch,
+                                                                                         argv, message):
+    _no_clip(monkeypatch)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    patch_everywhere(monkeypatch, "ldm.pipeline.load.load_pipeline", refuse)
+    out = tmp_path / "eval"
+    code, err = run_cli(eval_main, ["--model", "default", "--prompts", "ldm_eval_v1", "--clip-pretrained", "none",
+                                 *argv, "--out", out], capsys)
+    assert code == 2 and err.startswith(f"error: {message}"), err
+    assert not out.exists()
+
+
 def test_eval_out_that_is_a_file_or_under_a_file_exits_2(tmp_path, clip_config, capsys, monkeypatch):
     _no_clip(monkeypatch)
     folder = captioned_folder(tmp_path / "imgs", ["a"])

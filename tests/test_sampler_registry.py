@@ -9,9 +9,11 @@ import torch
 from ldm.cli.txt2img import main
 from ldm.diffusion import plans
 from ldm.diffusion.sampler_registry import (
+    OPTION_RANGES,
     SAMPLERS,
     TIMESTEP_KINDS,
     SamplerSpec,
+    check_option_values,
     check_sampler_options,
     get_sampler,
     register_sampler,
@@ -197,3 +199,54 @@ def test_dpm_family_is_reachable_from_the_cli_and_the_pipeline(pipe, tiny_sd_fol
     dpm_2 = _final_x(pipe, "dpm_2")
     assert torch.equal(_final_x(pipe, "dpm_2_ancestral", {"eta": 0.0}), dpm_2)
     assert (_final_x(pipe, "dpm_2_ancestral") - dpm_2).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("sampler, options, message", [
+    ("ddim", {"eta": -1.0}, r"sampler option eta=-1 is out of range: eta lies in \[0, inf\), the amount of fresh "
+                            r"noise per step"),
+    ("dpmpp_2m_sde", {"eta": -0.5}, r"eta=-0.5 is out of range: eta lies in \[0, inf\)"),
+    ("euler_a", {"s_noise": -1.0}, r"s_noise=-1 is out of range: s_noise lies in \[0, inf\)"),
+    ("heun", {"s_churn": -2.0}, r"s_churn=-2 is out of range: s_churn lies in \[0, inf\)"),
+    ("euler", {"s_tmin": -1.0}, r"s_tmin=-1 is out of range"),
+    ("dpm_2", {"s_tmax": -3.0}, r"s_tmax=-3 is out of range: s_tmax lies in \[0, inf\]"),
+    ("heun", {"s_churn": 1.0, "s_tmin": 3.0, "s_tmax": 1.0}, r"s_tmin=3 > s_tmax=1: no noise level lies in the churn "
+                                                              r"window"),
+    ("dpmpp_sde", {"r": 0.0}, r"r=0 is out of range: r lies in \(0, 1\)"),
+    ("dpmpp_sde", {"r": 1.0}, r"r=1 is out of range: r lies in \(0, 1\)"),
+    ("ddim", {"eta": -math.inf}, r"eta=-inf must be a finite number"),
+])
+def test_option_values_without_meaning_are_refused_with_the_range(sampler, options, message):
+    with pytest.raises(ConfigError, match=message + rf".*; sampler '{sampler}' takes"):
+        check_sampler_options(sampler, options)
+    with pytest.raises(ConfigError, match=message):  # the command line checks before the sampler is known
+        check_option_values(options)
+
+
+def test_the_edges_of_each_range_are_accepted():
+    """0 is meaningful for every noise option (no noise), eta above 1 too (docs/samplers.md compares eta 1.5)."""
+    assert check_sampler_options("ddim", {"eta": 0}) == {"eta": 0.0}
+    assert check_sampler_options("dpm_2_ancestral", {"eta": 1.5, "s_noise": 0}) == {"eta": 1.5, "s_noise": 0.0}
+    assert check_sampler_options("heun", {"s_churn": 0, "s_tmin": 2, "s_tmax": 2}) == {
+        "s_churn": 0.0, "s_tmin": 2.0, "s_tmax": 2.0}  # a window of one noise level
+    assert check_sampler_options("euler", {"s_tmin": 5}) == {"s_tmin": 5.0}  # below the default s_tmax = inf
+    assert check_sampler_options("dpmpp_sde", {"r": 0.3}) == {"r": 0.3}
+
+
+def test_a_negative_eta_would_have_broken_the_samplers_and_every_default_lies_in_its_range():
+    """Why the ranges: dpmpp_2m_sde with eta < 0 takes the square root of a negative number mid-run."""
+    x, sigmas = torch.ones(1, 1, 2, 2), torch.tensor([2.0, 1.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="math domain error"):
+        get_sampler("dpmpp_2m_sde").function(lambda x, sigma, cond: 0.5 * x, x, sigmas, eta=-1.0,
+                                             generator=torch.Generator().manual_seed(0))
+    for name in sampler_names():
+        for option, default in get_sampler(name).options.items():
+            assert option not in OPTION_RANGES or default in OPTION_RANGES[option], (name, option)
+
+
+def test_registering_refuses_a_default_outside_the_options_range():
+    def sample_bad(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True, eta=-1.0):
+        return x
+
+    with pytest.raises(LdmError, match=r"option 'eta' has the default -1.0 outside \[0, inf\)"):
+        register_sampler(SamplerSpec("bad", sample_bad, "euler_discrete", "linspace", {"eta": -1.0}))
+    assert "bad" not in sampler_names()

@@ -1,8 +1,9 @@
 """What every command-line door shares: user errors become one line on stderr and exit code 2.
 
 Exit codes: 0 success, 1 a bug (a traceback: please report it), 2 a problem with the input that the message
-explains (argparse's own errors included), 130 interrupted (Ctrl-C). docs/reliability.md has the details, and what
-`accelerate launch` / torchrun add.
+explains (argparse's own errors included), 130 interrupted (Ctrl-C; during the imports, before `cli_main` runs, the
+console scripts of ldm.cli.scripts say it alike). docs/reliability.md has the details, and what `accelerate launch` /
+torchrun add.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from ldm.cli.scripts import interrupted
+from ldm.diffusion.sampler_registry import check_option_values
 from ldm.errors import LdmError
 
 
@@ -45,7 +48,8 @@ def finite_floats(texts: list[str], option: str) -> list[float]:
 
 
 def parse_sampler_options(pairs: list[str]) -> dict[str, float]:
-    """`--sampler-option NAME=VALUE` arguments -> {NAME: float(VALUE)}."""
+    """`--sampler-option NAME=VALUE` arguments -> {NAME: float(VALUE)}, each value finite and inside its option's range
+    (`eta=-1` is refused here, before the model and so the sampler are known)."""
     options = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
@@ -56,6 +60,7 @@ def parse_sampler_options(pairs: list[str]) -> dict[str, float]:
         if not name.strip() or number is None:
             raise LdmError(f"--sampler-option {pair!r}: write NAME=VALUE with a number, e.g. eta=0.5")
         options[name.strip()] = number
+    check_option_values(options)
     return options
 
 
@@ -105,7 +110,6 @@ def cli_main(func: Callable[[list[str] | None], int | None]) -> Callable[[list[s
                 _tell_launcher(f"error: {e}")
                 return e.exit_code
             except KeyboardInterrupt:
-                print("interrupted", file=sys.stderr)
-                return 130
+                return interrupted()
 
     return wrapper

@@ -37,6 +37,7 @@ from ldm.pipeline.eval_images import (check_batch_fits, clear_temporaries, gener
                                       open_setting_folder, plan_images, prompts_fingerprint, write_index)
 from ldm.pipeline.generate import check_generation
 from ldm.pipeline.load import load_pipeline
+from ldm.pipeline.settings import check_guidance
 from ldm.pipeline.super_resolution import check_start_strength
 from ldm.runtime import resolve_device, resolve_dtype
 from ldm.writable import check_output_dir
@@ -131,7 +132,7 @@ def _given_axes(args) -> dict[str, list | None]:
         except ValueError as e:
             raise LdmError(f"--steps takes integers: {e}") from e
     if args.guidance is not None:
-        axes["guidance"] = finite_floats(args.guidance, "--guidance")
+        axes["guidance"] = [check_guidance(g) for g in finite_floats(args.guidance, "--guidance")]
     return axes
 
 
@@ -387,8 +388,9 @@ def run(args: argparse.Namespace) -> dict:
         given, (levels, strengths) = _given_axes(args), _sr_axes(args)
         if args.n_per_prompt < 1:
             raise LdmError(f"--n-per-prompt must be positive, got {args.n_per_prompt}")
-        for sampler in given["sampler"] or []:  # a mistyped sampler or option fails before any model loads
-            check_sampler_options(sampler, parse_sampler_options(args.sampler_option))
+        sampler_options = parse_sampler_options(args.sampler_option)  # eta=-1 fails before any model loads
+        for sampler in given["sampler"] or []:  # and so does a mistyped sampler or option
+            check_sampler_options(sampler, sampler_options)
         # An axis not given is the model's own: the model loads first then (otherwise only if images are missing).
         pipe = _load(args, device) if any(v is None for v in given.values()) else None
         axes, sources = _sampling_axes(given, pipe)

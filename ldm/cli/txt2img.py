@@ -14,7 +14,7 @@ from ldm.pipeline.fast import COMPILE_MODES, DEFAULT_MODE, compile_pipeline
 from ldm.pipeline.generate import generate_to_folder
 from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.refiner import HIGH_NOISE_FRAC, ExpertEnsemble
-from ldm.pipeline.settings import check_seed
+from ldm.pipeline.settings import check_guidance, check_seed
 from ldm.runtime import resolve_device
 from ldm.textfiles import read_text
 from ldm.writable import check_output_dir
@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a sampler option, repeatable: e.g. eta=0.5 (ddim, euler_a, dpmpp_2m_sde), s_churn=10 (heun)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own: DeepFloyd IF "
                    "100, its stage II 50, the x4 upscaler 75, else 30; in a cascade each stage's)")
-    p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (<= 1 disables "
-                   "it; default: the model's own: DeepFloyd IF 7, its stage II 4, the x4 upscaler 9, else 7.5)")
+    p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale, 0 or more "
+                   "(<= 1 disables it; default: the model's own: DeepFloyd IF 7, its stage II 4, the x4 upscaler 9, "
+                   "else 7.5)")
     p.add_argument("--guidance-rescale", type=finite_float, default=0.0, help="Lin et al. 2023 rescale factor")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -152,9 +153,13 @@ def micro_conditioning(args, pipe) -> dict:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sampler_options = parse_sampler_options(args.sampler_option)
-    if args.sampler is not None:  # a typo fails before the model loads
+    sampler_options = parse_sampler_options(args.sampler_option)  # eta=-1 fails before the model loads
+    if args.sampler is not None:  # and so does a typo
         check_sampler_options(args.sampler, sampler_options)
+    for option, scales in (("--guidance", [args.guidance]), ("--stage-guidance", args.stage_guidance or [])):
+        for scale in scales:
+            if scale is not None:
+                check_guidance(scale, option)  # a negative (or, per stage, non-finite) scale too
     prompts = read_prompts(args)
     check_seed(args.seed, len(prompts))
     check_output_dir(args.out)  # before the model loads, not after the images are made

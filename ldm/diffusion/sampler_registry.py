@@ -62,6 +62,43 @@ class SamplerSpec:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
 
+@dataclass(frozen=True)
+class OptionRange:
+    """The values for which a sampler option means something: from `low` to `high`, an end excluded where open."""
+
+    meaning: str  # what the option is, said in the refusal
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+# What the options of k-diffusion's names mean, hence the values they may take. Every sampler's option of such a name
+# is held to it (a plug-in's `eta` is the same eta); an option of another name need only be finite. A negative eta or
+# s_churn used to reach the samplers: dpmpp_2m_sde took the square root of a negative number (a traceback after the
+# model had loaded), the ancestral samplers silently flipped the sign of their noise (and failed alike at eta -3),
+# the churned ones silently denoised at a sigma below the one the sample has.
+OPTION_RANGES: Mapping[str, OptionRange] = MappingProxyType({
+    "eta": OptionRange("the amount of fresh noise per step: 0 is deterministic (DDIM), 1 the ancestral / SDE "
+                       "sampler, more adds more", low=0.0, high_open=True),
+    "s_noise": OptionRange("a factor on the standard deviation of the added noise (1: unchanged, 0: none)", low=0.0,
+                           high_open=True),
+    "s_churn": OptionRange("EDM's churn, the noise added back at each step (0: none)", low=0.0, high_open=True),
+    "s_tmin": OptionRange("the lowest noise level (sigma) that is churned", low=0.0, high_open=True),
+    "s_tmax": OptionRange("the highest noise level (sigma) that is churned; leave it out for no limit", low=0.0),
+    "r": OptionRange("where the intermediate point lies within the step, as a fraction of its log-SNR change",
+                     low=0.0, high=1.0, low_open=True, high_open=True),
+})
+
+
 _REGISTRY: dict[str, SamplerSpec] = {}
 
 
@@ -82,7 +119,8 @@ SAMPLERS: Mapping[str, Callable] = _SamplerFunctions()
 
 
 def register_sampler(spec: SamplerSpec, *, replace: bool = False) -> SamplerSpec:
-    """Add a sampler; its options must be keyword parameters of its function with numeric defaults."""
+    """Add a sampler; its options must be keyword parameters of its function with numeric defaults (inside
+    OPTION_RANGES for the options named there)."""
     if spec.name in _REGISTRY and not replace:
         raise LdmError(f"sampler {spec.name!r} is already registered (pass replace=True to override it)")
     if spec.timestep_kind not in TIMESTEP_KINDS:
@@ -97,6 +135,9 @@ def register_sampler(spec: SamplerSpec, *, replace: bool = False) -> SamplerSpec
             raise LdmError(f"sampler {spec.name!r}: option {option!r} is not a keyword of {spec.function.__name__}")
         if isinstance(default, bool) or not isinstance(default, Real):
             raise LdmError(f"sampler {spec.name!r}: option {option!r} needs a numeric default, got {default!r}")
+        if option in OPTION_RANGES and default not in OPTION_RANGES[option]:
+            raise LdmError(f"sampler {spec.name!r}: option {option!r} has the default {default!r} outside "
+                           f"{OPTION_RANGES[option]}, the range of every sampler's {option}")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -118,6 +159,23 @@ def get_sampler(name: str) -> SamplerSpec:
         raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(_REGISTRY)}") from None
 
 
+def check_option_values(options: Mapping[str, Any] | None, *, about: str = "") -> None:
+    """Each option's value is a finite number inside its OPTION_RANGES entry, and s_tmin <= s_tmax. No sampler is
+    needed, so the command line checks the values before the model (and with it the default sampler) is known;
+    `about` is appended to a refusal (what the sampler takes)."""
+    options = dict(options or {})
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ConfigError(f"sampler option {key}={value!r} must be a finite number{about}")
+        allowed = OPTION_RANGES.get(key)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"sampler option {key}={value:g} is out of range: {key} lies in {allowed}, "
+                              f"{allowed.meaning}{about}")
+    if "s_tmin" in options and "s_tmax" in options and options["s_tmin"] > options["s_tmax"]:
+        raise ConfigError(f"sampler options s_tmin={options['s_tmin']:g} > s_tmax={options['s_tmax']:g}: no noise "
+                          f"level lies in the churn window [s_tmin, s_tmax], so s_churn would do nothing{about}")
+
+
 def _describe(spec: SamplerSpec) -> str:
     if not spec.options:
         return f"sampler {spec.name!r} takes no options"
@@ -125,18 +183,19 @@ def _describe(spec: SamplerSpec) -> str:
 
 
 def check_sampler_options(name: str, options: Mapping[str, Any] | None) -> dict:
-    """The user's options for sampler `name`, checked: known names and finite numbers (integers where the default is).
+    """The user's options for sampler `name`, checked: known names, finite numbers inside their OPTION_RANGES
+    (integers where the default is).
 
     Returns only the options given (as float, or int for integer options such as LMS's order), so that what is
     recorded is what the user chose; `run_sampler` fills in the defaults.
     """
     spec = get_sampler(name)
-    checked = {}
-    for key, value in (options or {}).items():
+    for key in options or {}:
         if key not in spec.options:
             raise ConfigError(f"unknown sampler option {key!r}; {_describe(spec)}")
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-            raise ConfigError(f"sampler option {key}={value!r} must be a finite number; {_describe(spec)}")
+    check_option_values(options, about=f"; {_describe(spec)}")
+    checked = {}
+    for key, value in (options or {}).items():
         if isinstance(spec.options[key], int):  # a count (LMS's order): a whole number of at least 1
             if value != int(value) or value < 1:
                 raise ConfigError(f"sampler option {key}={value!r} must be a whole number >= 1; {_describe(spec)}")

@@ -96,6 +96,23 @@ def check_batch_seeds(prompts: list, seeds: list) -> None:
         check_seed(seed)
 
 
+def check_guidance(scale, option: str = "--guidance") -> float:
+    """A classifier-free guidance scale: a finite number, 0 or more; returned as given.
+
+    As in diffusers, a scale up to 1 turns guidance off (the conditional model alone) and one above 1 steers towards the
+    prompt. A negative scale is refused: ldm has no use for it (it too would only turn guidance off), and it is almost
+    always a typo (`--guidance -7.5`, `--guidance=-1` for 1)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise LdmError(f"{option} must be a number, got {scale!r}")
+    if not math.isfinite(scale):
+        raise LdmError(f"{option} must be a finite number, got {scale}")
+    if scale < 0:
+        raise LdmError(f"{option} {float(scale):g} is negative: a guidance scale is 0 or more, and the smallest "
+                       "meaningful values are 0 and 1 (up to 1 guidance is off: the conditional model alone); above 1 "
+                       "it steers towards the prompt, e.g. 7.5")
+    return scale
+
+
 def check_settings(s: GenerationSettings, *, factor: int, schedule_config, conditional: bool = True,
                    from_image: bool = False) -> None:
     """Reject bad settings before any work, with a message that says what to change."""
@@ -107,10 +124,10 @@ def check_settings(s: GenerationSettings, *, factor: int, schedule_config, condi
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             hint = " (512 / 2 is a float: use 512 // 2)" if name != "n" and isinstance(value, float) else ""
             raise LdmError(f"--{name} must be an integer, got {value!r}{hint}")
-    for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise LdmError(f"--{name} must be a number, got {value!r}")
-    for name, value in (("guidance", s.guidance), ("guidance-rescale", s.guidance_rescale), ("strength", s.strength),
+    check_guidance(s.guidance)
+    if isinstance(s.guidance_rescale, bool) or not isinstance(s.guidance_rescale, numbers.Real):
+        raise LdmError(f"--guidance-rescale must be a number, got {s.guidance_rescale!r}")
+    for name, value in (("guidance-rescale", s.guidance_rescale), ("strength", s.strength),
                         ("dynamic-threshold", s.dynamic_threshold), ("eta", s.eta),
                         *((f"sampler option {k}", v) for k, v in s.sampler_options.items())):
         if isinstance(value, (int, float)) and not math.isfinite(value):
