@@ -65,7 +65,8 @@ def _interp_sigmas(table: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
 def _ddim_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str, ddpm: bool = False):
     """DDIMScheduler / DDPMScheduler: integer timesteps, a unit-variance VP x_T and a VP result."""
     num_train = config.num_train_timesteps
-    timesteps = _timesteps(spacing, steps, num_train, config.steps_offset).astype(np.int64)
+    # Rounded, not truncated: "linspace" gives fractional points (8 steps: 999 * 5 / 7 = 713.6 -> 714, 142.7 -> 143)
+    timesteps = _timesteps(spacing, steps, num_train, config.steps_offset).round().astype(np.int64)
     if timesteps.max() >= num_train or timesteps.min() < 0:
         raise ConfigError(f"steps_offset {config.steps_offset} with {steps} {spacing} steps leaves the training "
                           "timesteps")
