@@ -175,6 +175,11 @@ def scheduler_config_dict(schedule: ScheduleConfig) -> dict:
                 "sigma_min": schedule.sigma_min, "sigma_max": schedule.sigma_max, "sigma_data": schedule.sigma_data,
                 "rho": schedule.rho, "num_train_timesteps": schedule.num_train_timesteps}
     cfg = {k: v for k, v in to_plain(schedule).items() if v is not None}
+    # the sampling choices only where the model makes one (DDIMScheduler itself has neither key)
+    if not cfg.get("use_karras_sigmas"):
+        cfg.pop("use_karras_sigmas", None)
+    if cfg.get("final_sigmas_type") == "zero":
+        cfg.pop("final_sigmas_type", None)
     if cfg.get("beta_schedule") == "cosine":
         cfg["beta_schedule"] = "squaredcos_cap_v2"
     return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **cfg}
