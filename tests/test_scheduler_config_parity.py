@@ -1,6 +1,9 @@
 """A scheduler_config.json's sampling keys give diffusers' schedule: DDIM / DDPM "linspace" timesteps (rounded),
 use_karras_sigmas and final_sigmas_type, each on the samplers whose diffusers scheduler reads them, and ignored by
 the others as diffusers ignores them."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -20,8 +23,9 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 from ldm.diffusion import sampling_plan  # noqa: E402
-from ldm.diffusion.schedules import ScheduleConfig  # noqa: E402
+from ldm.diffusion.schedules import ScheduleConfig, sampling_keys_note  # noqa: E402
 from ldm.errors import ConfigError  # noqa: E402
+from ldm.io.formats import load_model  # noqa: E402
 from ldm.pipeline.load import load_pipeline  # noqa: E402
 
 KARRAS = {**SD15_SCHEDULER, "use_karras_sigmas": True}
@@ -104,7 +108,7 @@ def karras_folder(tmp_path_factory):
     path = folder / "scheduler" / "scheduler_config.json"
     config = {**SD15_SCHEDULER, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True,
               "final_sigmas_type": "sigma_min", "algorithm_type": "dpmsolver++"}
-    path.write_text(__import__("json").dumps(config))
+    path.write_text(json.dumps(config))
     reference.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(config)
     return folder, reference
 
@@ -130,3 +134,24 @@ def test_a_diffusers_export_keeps_the_sampling_choices_only_where_made():
     assert "use_karras_sigmas" not in plain and "final_sigmas_type" not in plain
     chosen = ScheduleConfig(use_karras_sigmas=True, final_sigmas_type="sigma_min")
     assert ScheduleConfig.from_diffusers(scheduler_config_dict(chosen)) == chosen
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                  "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                  "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "KDPM2DiscreteScheduler"])
+def test_a_scheduler_config_at_its_defaults_needs_no_note(name):
+    config = {**getattr(diffusers, name)().config, "_class_name": name}
+    assert sampling_keys_note(json.loads(json.dumps(config))) is None
+
+
+def test_unreproduced_sampling_keys_are_a_load_note(karras_folder, tmp_path):
+    folder = shutil.copytree(karras_folder[0], tmp_path / "pipe")
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = {**json.loads(path.read_text()), "use_exponential_sigmas": True, "use_karras_sigmas": False,
+              "final_sigmas_type": "sigma_min", "lower_order_final": False}
+    path.write_text(json.dumps(config))
+    notes = load_model(str(folder)).notes
+    assert any("use_exponential_sigmas=True, lower_order_final=False" in note for note in notes), notes
+    config.update(use_exponential_sigmas=False, final_sigmas_type="zero")  # lower_order_final: no effect then
+    path.write_text(json.dumps(config))
+    assert not any("scheduler_config.json asks" in note for note in load_model(str(folder)).notes)

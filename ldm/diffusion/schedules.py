@@ -186,6 +186,36 @@ class ScheduleConfig:
         return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
 
 
+# Sampling keys of diffusers' schedulers that no ldm plan reproduces, with the values that change nothing.
+UNREPRODUCED_SAMPLING_KEYS = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+                              "use_flow_sigmas": False, "interpolation_type": "linear", "timestep_type": "discrete"}
+# DPM-Solver's choices of order on the last step: they change a step to sigma_min, never one to sigma 0.
+FINAL_ORDER_KEYS = {"euler_at_final": False, "lower_order_final": True}
+
+
+def unreproduced_sampling_keys(config: Mapping[str, Any]) -> list[str]:
+    """The `key=value` settings of a diffusers scheduler config that ldm's plans do not follow (a load note says so:
+    the images then differ from that scheduler's). Karras sigmas between a config's own sigma_min / sigma_max count
+    too: ldm's span the schedule's range."""
+    keys = dict(UNREPRODUCED_SAMPLING_KEYS)
+    if config.get("final_sigmas_type") == "sigma_min":
+        keys.update(FINAL_ORDER_KEYS)
+    found = [f"{k}={config[k]!r}" for k, plain in keys.items() if config.get(k, plain) not in (plain, None)]
+    edm = str(config.get("_class_name", "")).startswith("EDM") or config.get("prediction_type") == "edm"
+    if config.get("use_karras_sigmas") and not edm:
+        found += [f"{k}={config[k]!r}" for k in ("sigma_min", "sigma_max") if config.get(k) is not None]
+    return found
+
+
+def sampling_keys_note(config: Mapping[str, Any]) -> str | None:
+    """A load note naming the scheduler config's unreproduced sampling settings, or None when there are none."""
+    found = unreproduced_sampling_keys(config)
+    if not found:
+        return None
+    return (f"scheduler_config.json asks for {', '.join(found)}, which ldm's samplers do not reproduce: images differ "
+            "from that diffusers scheduler's (docs/samplers.md, \"A model's scheduler config\")")
+
+
 class DiscreteSchedule:
     """The sigmas of a model trained on discrete timesteps, with t <-> sigma maps that are exact inverses.
 

@@ -9,7 +9,7 @@ import torch
 
 from ldm.atomic import atomic_path, atomic_write_text
 from ldm.config import to_plain
-from ldm.diffusion.schedules import ScheduleConfig
+from ldm.diffusion.schedules import ScheduleConfig, sampling_keys_note
 from ldm.errors import CheckpointError, ConfigError, LdmError
 from ldm.io.checkpoint import read_state_dict, write_safetensors
 from ldm.io.components import ModelParts, check_can_hold, make_parts, text_config
@@ -100,6 +100,7 @@ def load_diffusers(folder: str | Path, *, device="cpu", dtype=None, allow_pickle
     if not scheduler_cfg:
         notes.append("no scheduler/scheduler_config.json; using the default SD schedule")
     schedule = ScheduleConfig.from_diffusers(scheduler_cfg)
+    notes += [note for note in (sampling_keys_note(scheduler_cfg),) if note]
     learn_sigma = scheduler_cfg.get("variance_type") in ("learned", "learned_range")
     try:
         unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"), learn_sigma=learn_sigma)

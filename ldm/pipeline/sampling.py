@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from ldm.diffusion.guidance import cfg
-from ldm.diffusion.plans import SamplingPlan, sampling_plan
+from ldm.diffusion.plans import sampling_plan
 from ldm.diffusion.sampler_registry import run_sampler
 from ldm.errors import LdmError
 from ldm.pipeline.settings import GenerationSettings
