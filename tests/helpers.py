@@ -412,6 +412,8 @@ def run_ours(name: str, config: dict, steps: int, shape, seed: int = 0, eta: flo
     net = GaussianNet(alphas_cumprod, schedule_config.prediction_type, config.get("variance_type") == "learned_range")
     denoiser = DiscreteDenoiser(net, schedule, schedule_config.prediction_type)
     plan = sampling_plan(schedule_config, name, steps)
+    if plan.quantize_timesteps:  # Karras sigmas under DPM-Solver / UniPC: the network sees rounded timesteps
+        denoiser = denoiser.quantized()
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator) * plan.init_noise_scale
     extra = {"eta": eta} if name == "ddim" else {}

@@ -63,14 +63,21 @@ class Denoiser(nn.Module):
 class DiscreteDenoiser(Denoiser):
     """A network trained on discrete timesteps (eps / v / x0), called as `network(x * c_in, t, **cond)`.
 
-    t = schedule.sigma_to_t(sigma) is a float32 timestep, an exact integer at the training sigmas.
+    t = schedule.sigma_to_t(sigma) is a float32 timestep, an exact integer at the training sigmas. With `quantize` the
+    network sees the nearest training timestep instead (`schedule.nearest_t`) while the scalings keep sigma itself.
     """
 
     def __init__(self, network, schedule: DiscreteSchedule, prediction: str = "epsilon",
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, quantize: bool = False):
         super().__init__(network, scaling_for(prediction), dtype)
         self.schedule = schedule
         self.prediction = prediction
+        self.quantize = quantize
+
+    def quantized(self) -> "DiscreteDenoiser":
+        """The same network and schedule, fed the nearest training timestep of each sigma (a plan that asks for it:
+        Karras sigmas under diffusers' DPM-Solver / UniPC, which round their timesteps)."""
+        return DiscreteDenoiser(self.network, self.schedule, self.prediction, self.network_dtype, quantize=True)
 
     @property
     def sigma_min(self) -> float:
@@ -81,6 +88,8 @@ class DiscreteDenoiser(Denoiser):
         return self.schedule.sigma_max
 
     def noise_input(self, c_noise: torch.Tensor) -> torch.Tensor:
+        if self.quantize:
+            return self.schedule.nearest_t(c_noise).float()
         return self.schedule.sigma_to_t(c_noise).float()
 
 

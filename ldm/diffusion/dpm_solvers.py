@@ -118,13 +118,14 @@ def sample_dpmpp_sde(denoiser, x, sigmas, cond=None, *, generator=None, callback
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
-                        eta=1.0, s_noise=1.0, noise_sampler=None):
+                        eta=1.0, s_noise=1.0, noise_sampler=None, first_order=None):
     """SDE-DPM-Solver++(3M), k-diffusion's "DPM++ 3M SDE" (Lu et al. 2022b, Sec. 5 and App. B's SDE variant).
 
     With c = 1 + eta, each step integrates dx/dlambda = -c (x - D) exactly for D a polynomial in lambda through the
     last three outputs (phi_2 = 1 - (1 - e^{-ch}) / ch and phi_3 = phi_2 / ch - 1/2 are DPM-Solver's multistep
     coefficients), then adds the Ornstein-Uhlenbeck noise sigma_next sqrt(1 - e^{-2 eta h}); orders 1 and 2 on the
-    first two steps, the denoised estimate on the step to 0. eta = 0 is the ODE solver DPM-Solver++(3M).
+    first two steps, the denoised estimate on the step to 0, first order on the steps `first_order` marks. eta = 0 is the
+    ODE solver DPM-Solver++(3M).
     """
     noise_sampler = noise_sampler or (lambda sigma, sigma_next: _noise(x, generator))  # a fresh draw per step
 
@@ -148,4 +149,4 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, cond=None, *, generator=None, callb
             x = x + noise_sampler(sigma, sigma_next) * sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise
         return x
 
-    return _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress)
+    return _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress, first_order)

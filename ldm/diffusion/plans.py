@@ -3,8 +3,9 @@
 The pipeline does `x = randn(shape, generator) * plan.init_noise_scale; x = run_sampler(name, denoiser, x, plan, cond);
 latents = x * plan.final_scale`. Each sampler follows the timestep selection of the diffusers scheduler it mirrors
 (read from diffusers 0.42), named by its registry entry's timestep kind: DDIMScheduler ("ddim"), DDPMScheduler
-("ddpm"), DPMSolverMultistepScheduler and UniPCMultistepScheduler with final_sigmas_type "zero" ("dpm_multistep"),
-EulerDiscreteScheduler and its kin Euler a, Heun and LMS ("euler_discrete").
+("ddpm"), DPMSolverMultistepScheduler and UniPCMultistepScheduler ("dpm_multistep"), EulerDiscreteScheduler and its
+kin Euler a, Heun and LMS ("euler_discrete"). A scheduler config's use_karras_sigmas and final_sigmas_type change the
+plan of the samplers whose diffusers scheduler reads them (`SamplerSpec.config_keys`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class SamplingPlan:
     final_scale: float  # maps the sampler's VE output back to diffusers' output scale
     timesteps: torch.Tensor  # the (steps,) diffusers timesteps, for reference
     sampler_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the sampler (DDIM's sigmas_next)
+    # The network sees the nearest training timestep of each sigma (`DiscreteDenoiser.quantized`): diffusers'
+    # DPM-Solver and UniPC round the timesteps of Karras sigmas.
+    quantize_timesteps: bool = False
 
     def skip(self, start: int) -> "SamplingPlan":
         """The plan without its first `start` steps (img2img starts part-way down the schedule)."""
@@ -57,15 +61,31 @@ def _dpm_timesteps(spacing: str, steps: int, num_train: int, steps_offset: int) 
     return np.arange(num_train, 0, -ratio).round() - 1
 
 
+# DPMSolverMultistepScheduler takes its last step at first order in runs shorter than this (lower_order_final)
+DPM_LOWER_ORDER_FINAL_STEPS = 15
+
+
 def _interp_sigmas(table: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     """sigma at (float) timesteps, linear in t: `np.interp(t, arange, sigmas)` as diffusers computes it."""
     return np.interp(timesteps, np.arange(len(table)), table)
 
 
-def _ddim_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str, ddpm: bool = False):
-    """DDIMScheduler / DDPMScheduler: integer timesteps, a unit-variance VP x_T and a VP result."""
+def _log_sigma_timesteps(table: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """The (float) timesteps of `sigmas`, interpolated linearly in log sigma as diffusers maps Karras sigmas back."""
+    return np.interp(np.log(np.maximum(sigmas, 1e-10)), np.log(table.astype(np.float64)), np.arange(len(table)))
+
+
+def _karras(steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """`steps` Karras sigmas from sigma_max down to sigma_min (rho 7), without the final 0."""
+    return karras_sigmas(steps, float(sigma_min), float(sigma_max))[:-1].numpy()
+
+
+def _ddim_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str, ddpm: bool = False, **_):
+    """DDIMScheduler / DDPMScheduler: integer timesteps, a unit-variance VP x_T and a VP result (neither reads
+    use_karras_sigmas or final_sigmas_type)."""
     num_train = config.num_train_timesteps
-    timesteps = _timesteps(spacing, steps, num_train, config.steps_offset).astype(np.int64)
+    # Rounded, not truncated: "linspace" gives fractional points (8 steps: 999 * 5 / 7 = 713.6 -> 714, 142.7 -> 143)
+    timesteps = _timesteps(spacing, steps, num_train, config.steps_offset).round().astype(np.int64)
     if timesteps.max() >= num_train or timesteps.min() < 0:
         raise ConfigError(f"steps_offset {config.steps_offset} with {steps} {spacing} steps leaves the training "
                           "timesteps")
@@ -86,28 +106,46 @@ def _ddim_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: s
             kwargs = {"sigmas_next": torch.from_numpy(targets)}
     init = math.sqrt(1 + float(sigmas[0]) ** 2)
     final = 1 / math.sqrt(1 + float(sigmas[-1]) ** 2)
-    return timesteps, sigmas, init, final, kwargs
+    return timesteps, sigmas, init, final, kwargs, False
 
 
-def _ddpm_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str):
+def _ddpm_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str, **_):
     return _ddim_plan(config, table, steps, spacing, ddpm=True)
 
 
-def _dpm_multistep_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str):
-    """DPMSolverMultistepScheduler / UniPCMultistepScheduler: VP x_T with init_noise_sigma = 1, ending at sigma 0."""
-    timesteps = _dpm_timesteps(spacing, steps, config.num_train_timesteps, config.steps_offset).astype(np.int64)
-    sigmas = np.append(_interp_sigmas(table, timesteps), 0.0).astype(np.float32)
-    return timesteps, sigmas, math.sqrt(1 + float(sigmas.max()) ** 2), 1.0, {}
+def _dpm_multistep_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str, karras: bool = False,
+                        last: float = 0.0):
+    """DPMSolverMultistepScheduler / UniPCMultistepScheduler: VP x_T with init_noise_sigma = 1, a VP result at the
+    last sigma. Karras sigmas span the whole training range whatever the spacing, at rounded timesteps."""
+    if karras:
+        sigmas = _karras(steps, table[0], table[-1])
+        timesteps = _log_sigma_timesteps(table, sigmas).round().astype(np.int64)
+    else:
+        timesteps = _dpm_timesteps(spacing, steps, config.num_train_timesteps, config.steps_offset).astype(np.int64)
+        sigmas = _interp_sigmas(table, timesteps)
+    sigmas = np.append(sigmas, last).astype(np.float32)
+    init = math.sqrt(1 + float(sigmas.max()) ** 2)
+    kwargs = {}
+    if last > 0 and steps < DPM_LOWER_ORDER_FINAL_STEPS:
+        # diffusers' lower_order_final: a short run ends with a first-order step, also to a non-zero sigma
+        kwargs["first_order"] = torch.arange(steps) == steps - 1
+    return timesteps, sigmas, init, 1 / math.sqrt(1 + float(sigmas[-1]) ** 2), kwargs, karras
 
 
-def _euler_discrete_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str):
-    """EulerDiscreteScheduler and kin: VE samplers with float timesteps."""
+def _euler_discrete_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str, karras: bool = False,
+                         last: float = 0.0):
+    """EulerDiscreteScheduler and kin: VE samplers with float timesteps, a VE result. Karras sigmas span the
+    spaced timesteps' sigma range, at the float timesteps of their log sigmas."""
     timesteps = _timesteps(spacing, steps, config.num_train_timesteps, config.steps_offset).astype(np.float32)
-    sigmas = np.append(_interp_sigmas(table, timesteps), 0.0).astype(np.float32)
+    sigmas = _interp_sigmas(table, timesteps)
+    if karras:
+        sigmas = _karras(steps, sigmas[-1], sigmas[0])
+        timesteps = _log_sigma_timesteps(table, sigmas).astype(np.float32)
+    sigmas = np.append(sigmas, last).astype(np.float32)
     top = float(sigmas.max())
     # diffusers' init_noise_sigma: sigma_max for linspace / trailing, sqrt(sigma_max^2 + 1) for leading.
     init = top if spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
-    return timesteps, sigmas, init, 1.0, {}
+    return timesteps, sigmas, init, 1.0, {}, False
 
 
 # One function per timestep kind of the sampler registry (TIMESTEP_KINDS).
@@ -144,8 +182,12 @@ def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: 
         raise ConfigError(f"steps must lie in [1, {num_train}] (the training timesteps), got {steps}")
     spacing = schedule_config.timestep_spacing or spec.default_spacing
     table = DiscreteSchedule.from_config(schedule_config).sigmas.numpy()
-    timesteps, sigmas, init, final, kwargs = _KIND_PLANS[spec.timestep_kind](schedule_config, table, steps, spacing)
-    return SamplingPlan(torch.from_numpy(sigmas), init, final, torch.from_numpy(timesteps.copy()), kwargs)
+    # use_karras_sigmas / final_sigmas_type apply where the mirrored diffusers scheduler reads them
+    karras = schedule_config.use_karras_sigmas and "use_karras_sigmas" in spec.config_keys
+    sigma_min_last = schedule_config.final_sigmas_type == "sigma_min" and "final_sigmas_type" in spec.config_keys
+    timesteps, sigmas, init, final, kwargs, quantize = _KIND_PLANS[spec.timestep_kind](
+        schedule_config, table, steps, spacing, karras=karras, last=float(table[0]) if sigma_min_last else 0.0)
+    return SamplingPlan(torch.from_numpy(sigmas), init, final, torch.from_numpy(timesteps.copy()), kwargs, quantize)
 
 
 def edm_sampling_plan(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> SamplingPlan:

@@ -45,7 +45,9 @@ from ldm.errors import ConfigError, LdmError
 #                   timesteps, VE start (init_noise_sigma)
 TIMESTEP_KINDS = ("ddim", "ddpm", "dpm_multistep", "euler_discrete")
 # Keywords every sampler takes from `run_sampler` or from the plan: never user options.
-_RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "noise_sampler"}
+_RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "first_order", "noise_sampler"}
+# Sampling keys of a scheduler config that some diffusers schedulers read and others ignore (SamplerSpec.config_keys).
+CONFIG_KEYS = ("use_karras_sigmas", "final_sigmas_type")
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,13 @@ class SamplerSpec:
     timestep_kind: str  # one of TIMESTEP_KINDS
     default_spacing: str  # the mirrored diffusers scheduler's own timestep_spacing default
     options: Mapping[str, float] = field(default_factory=dict)  # user-settable keywords and their defaults
+    # The scheduler-config sampling keys (CONFIG_KEYS) the mirrored diffusers scheduler reads; a model's
+    # use_karras_sigmas / final_sigmas_type reach this sampler's plan only where it is named here.
+    config_keys: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        object.__setattr__(self, "config_keys", tuple(self.config_keys))
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,10 @@ def register_sampler(spec: SamplerSpec, *, replace: bool = False) -> SamplerSpec
     if spec.timestep_kind not in TIMESTEP_KINDS:
         raise LdmError(f"sampler {spec.name!r}: timestep_kind must be one of {', '.join(TIMESTEP_KINDS)}, "
                        f"got {spec.timestep_kind!r}")
+    unknown = set(spec.config_keys) - set(CONFIG_KEYS)
+    if unknown:
+        raise LdmError(f"sampler {spec.name!r}: config_keys must be among {', '.join(CONFIG_KEYS)}, got "
+                       f"{', '.join(sorted(unknown))}")
     if spec.default_spacing not in TIMESTEP_SPACINGS:
         raise LdmError(f"sampler {spec.name!r}: default_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}")
     params = inspect.signature(spec.function).parameters
@@ -216,25 +226,28 @@ def run_sampler(name: str, denoiser: Callable, x: torch.Tensor, plan, cond=None,
 
 
 _CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}  # EDM Alg. 2, k-diffusion's names
+_KARRAS = ("use_karras_sigmas",)  # the schedulers that read use_karras_sigmas but not final_sigmas_type
+_BOTH = CONFIG_KEYS  # Euler, DPM-Solver multistep and UniPC read both
 for _spec in (
     SamplerSpec("ddpm", sample_ddpm, "ddpm", "leading"),
     SamplerSpec("ddim", sample_ddim, "ddim", "leading", {"eta": 0.0}),
-    SamplerSpec("euler", sample_euler, "euler_discrete", "linspace", _CHURN),
+    SamplerSpec("euler", sample_euler, "euler_discrete", "linspace", _CHURN, _BOTH),
     SamplerSpec("euler_a", sample_euler_ancestral, "euler_discrete", "linspace", {"eta": 1.0, "s_noise": 1.0}),
-    SamplerSpec("heun", sample_heun, "euler_discrete", "linspace", _CHURN),
-    SamplerSpec("lms", sample_lms, "euler_discrete", "linspace", {"order": 4}),
-    SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "dpm_multistep", "linspace"),
-    SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpm_multistep", "linspace", {"eta": 1.0, "s_noise": 1.0}),
-    SamplerSpec("unipc", sample_unipc, "dpm_multistep", "linspace"),
+    SamplerSpec("heun", sample_heun, "euler_discrete", "linspace", _CHURN, _KARRAS),
+    SamplerSpec("lms", sample_lms, "euler_discrete", "linspace", {"order": 4}, _KARRAS),
+    SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "dpm_multistep", "linspace", {}, _BOTH),
+    SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpm_multistep", "linspace", {"eta": 1.0, "s_noise": 1.0},
+                _BOTH),
+    SamplerSpec("unipc", sample_unipc, "dpm_multistep", "linspace", {}, _BOTH),
     # k-diffusion's DPM-Solver family (dpm_solvers.py), on the timesteps of the diffusers scheduler users compare:
-    SamplerSpec("dpm_2", sample_dpm_2, "euler_discrete", "linspace", _CHURN),  # KDPM2DiscreteScheduler
+    SamplerSpec("dpm_2", sample_dpm_2, "euler_discrete", "linspace", _CHURN, _KARRAS),  # KDPM2DiscreteScheduler
     SamplerSpec("dpm_2_ancestral", sample_dpm_2_ancestral, "euler_discrete", "linspace",  # KDPM2Ancestral...
-                {"eta": 1.0, "s_noise": 1.0}),
+                {"eta": 1.0, "s_noise": 1.0}, _KARRAS),
     SamplerSpec("dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral, "euler_discrete", "linspace",  # (no diffusers peer)
-                {"eta": 1.0, "s_noise": 1.0}),
+                {"eta": 1.0, "s_noise": 1.0}, _KARRAS),
     SamplerSpec("dpmpp_sde", sample_dpmpp_sde, "euler_discrete", "linspace",  # DPMSolverSDEScheduler
-                {"eta": 1.0, "s_noise": 1.0, "r": 0.5}),
+                {"eta": 1.0, "s_noise": 1.0, "r": 0.5}, _KARRAS),
     SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "dpm_multistep", "linspace",  # DPMSolverMultistep, order 3
-                {"eta": 1.0, "s_noise": 1.0}),
+                {"eta": 1.0, "s_noise": 1.0}, _BOTH),
 ):
     register_sampler(_spec)

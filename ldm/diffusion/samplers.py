@@ -193,15 +193,20 @@ def sample_ddpm(denoiser, x, sigmas, cond=None, *, generator=None, callback=None
     return x
 
 
-def _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress):
+def _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress, first_order=None):
     """Denoise, then `step(x, denoised, sigma, sigma_next, history)`, except on the step to sigma 0, which lands on the
-    denoised estimate. `history`: the earlier steps' (denoised, h = log sigma - log sigma_next), newest first."""
+    denoised estimate, and a step of zero length, which leaves x. `history`: the earlier steps' (denoised, h = log sigma
+    - log sigma_next), newest first; empty on the steps `first_order[i]` marks (a plan's lower-order final step)."""
     sigmas = _sigma_list(sigmas)
     history = []
     for i in trange(len(sigmas) - 1, disable=disable_progress):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = _call(denoiser, x, sigma, cond)
-        x = denoised if sigma_next == 0 else step(x, denoised, sigma, sigma_next, history)
+        if sigma_next == 0:
+            x = denoised
+        elif sigma_next != sigma:  # Karras sigmas ending at sigma_min, then sigma_min again: nothing to integrate
+            forced = first_order is not None and bool(first_order[i])
+            x = step(x, denoised, sigma, sigma_next, [] if forced else history)
         h = math.log(sigma) - math.log(sigma_next) if sigma_next > 0 else math.inf
         history = [(denoised, h)] + history[:1]
         _report(callback, x, i, sigma, sigma, denoised)
@@ -209,9 +214,10 @@ def _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_pro
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True):
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in log-SNR time lambda = -log sigma; first order on the first step
-    and on the step to sigma = 0 (diffusers' lower_order_final)."""
+def sample_dpmpp_2m(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
+                    first_order=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in log-SNR time lambda = -log sigma; first order on the first step,
+    on the step to sigma = 0 (diffusers' lower_order_final) and on the steps `first_order` marks."""
 
     def step(x, denoised, sigma, sigma_next, history):
         h = math.log(sigma) - math.log(sigma_next)  # lambda_next - lambda
@@ -223,14 +229,15 @@ def sample_dpmpp_2m(denoiser, x, sigmas, cond=None, *, generator=None, callback=
             d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
         return (sigma_next / sigma) * x - math.expm1(-h) * d
 
-    return _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress)
+    return _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress, first_order)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
-                        eta=1.0, s_noise=1.0, solver_type="midpoint", noise_sampler=None):
+                        eta=1.0, s_noise=1.0, solver_type="midpoint", noise_sampler=None, first_order=None):
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, Appendix; diffusers' "sde-dpmsolver++"); eta = 0 gives the ODE solver.
-    The noise is drawn from `generator`, or taken from `noise_sampler(sigma, sigma_next)`."""
+    The noise is drawn from `generator`, or taken from `noise_sampler(sigma, sigma_next)`; first order on the first
+    step and the steps `first_order` marks."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
 
@@ -251,7 +258,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=None, *, generator=None, callb
             x = x + noise * sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
         return x
 
-    return _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress)
+    return _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_progress, first_order)
 
 
 def _lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
@@ -317,9 +324,11 @@ def _unipc_update(x, sigmas: list[float], s: int, m0, m1=None, m_t=None):
 
 
 @torch.no_grad()
-def sample_unipc(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True):
+def sample_unipc(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
+                 first_order=None):
     """UniPC multistep, order 2, bh2 (Zhao et al. 2023): each new denoiser output first corrects the step just taken
-    (UniC, no extra evaluation), then predicts the next (UniP); first order on the first and last steps."""
+    (UniC, no extra evaluation), then predicts the next (UniP); first order on the first and last steps and on the
+    steps `first_order` marks."""
     sigmas = _sigma_list(sigmas)
     n = len(sigmas) - 1
     outputs, x_prev, order_prev = [], None, 0  # the last two outputs; where and at what order the last step began
@@ -329,6 +338,8 @@ def sample_unipc(denoiser, x, sigmas, cond=None, *, generator=None, callback=Non
             x = _unipc_update(x_prev, sigmas, i - 1, outputs[-1], outputs[-2] if order_prev == 2 else None, denoised)
         outputs = (outputs + [denoised])[-2:]
         order = min(2, i + 1, n - i)  # warm-up, and diffusers' lower_order_final on the last step
+        if first_order is not None and bool(first_order[i]):
+            order = 1
         x_prev, order_prev = x, order
         x = _unipc_update(x, sigmas, i, denoised, outputs[0] if order == 2 else None)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)

@@ -17,6 +17,7 @@ PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # Fields only an EDM (continuous-sigma) model uses, with EDM's defaults (Karras et al. 2022, Table 1 and Sec. 5).
 EDM_DEFAULTS = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "rho": 7.0}
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 # The terminal alpha_cumprod that stands in for 0 under zero terminal SNR (diffusers' Euler/DPM choice, fp16's
 # smallest subnormal): it keeps the first sigma finite (~4096) in variance-exploding coordinates.
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
@@ -95,6 +96,11 @@ class ScheduleConfig:
     timestep_spacing: str | None = None  # leading | trailing | linspace; None = each sampler's diffusers default
     steps_offset: int = 0
     set_alpha_to_one: bool | None = None  # DDIM's final alpha; None = diffusers' default (True)
+    # Sampling choices a diffusers scheduler_config.json carries (plans.py; the samplers whose diffusers peer reads
+    # them, `SamplerSpec.config_keys`): Karras-spaced sigmas (Karras et al. 2022, eq. 5) in place of the spaced
+    # timesteps, and the last sigma, 0 ("zero") or the first training sigma ("sigma_min").
+    use_karras_sigmas: bool = False
+    final_sigmas_type: str = "zero"  # zero | sigma_min
     # diffusers' DDPM / DDIM clip x0 to [-clip_sample_range, clip_sample_range] when dynamic thresholding is off
     # (DeepFloyd IF's configs say true); ldm does so for every sampler of a pixel model, never for a latent one
     # (`Stage.thresholding`)
@@ -117,6 +123,9 @@ class ScheduleConfig:
         if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ConfigError(f"schedule: unknown timestep_spacing {self.timestep_spacing!r}; "
                               f"use one of {', '.join(TIMESTEP_SPACINGS)}")
+        if self.final_sigmas_type not in FINAL_SIGMAS_TYPES:
+            raise ConfigError(f"schedule: unknown final_sigmas_type {self.final_sigmas_type!r}; "
+                              f"use one of {', '.join(FINAL_SIGMAS_TYPES)}")
         if not self.clip_sample_range > 0:
             raise ConfigError(f"schedule: clip_sample_range={self.clip_sample_range} must be positive")
         if self.prediction_type != "edm":
@@ -175,6 +184,36 @@ class ScheduleConfig:
         else:
             betas = cosine_betas(n)
         return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
+
+
+# Sampling keys of diffusers' schedulers that no ldm plan reproduces, with the values that change nothing.
+UNREPRODUCED_SAMPLING_KEYS = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+                              "use_flow_sigmas": False, "interpolation_type": "linear", "timestep_type": "discrete"}
+# DPM-Solver's choices of order on the last step: they change a step to sigma_min, never one to sigma 0.
+FINAL_ORDER_KEYS = {"euler_at_final": False, "lower_order_final": True}
+
+
+def unreproduced_sampling_keys(config: Mapping[str, Any]) -> list[str]:
+    """The `key=value` settings of a diffusers scheduler config that ldm's plans do not follow (a load note says so:
+    the images then differ from that scheduler's). Karras sigmas between a config's own sigma_min / sigma_max count
+    too: ldm's span the schedule's range."""
+    keys = dict(UNREPRODUCED_SAMPLING_KEYS)
+    if config.get("final_sigmas_type") == "sigma_min":
+        keys.update(FINAL_ORDER_KEYS)
+    found = [f"{k}={config[k]!r}" for k, plain in keys.items() if config.get(k, plain) not in (plain, None)]
+    edm = str(config.get("_class_name", "")).startswith("EDM") or config.get("prediction_type") == "edm"
+    if config.get("use_karras_sigmas") and not edm:
+        found += [f"{k}={config[k]!r}" for k in ("sigma_min", "sigma_max") if config.get(k) is not None]
+    return found
+
+
+def sampling_keys_note(config: Mapping[str, Any]) -> str | None:
+    """A load note naming the scheduler config's unreproduced sampling settings, or None when there are none."""
+    found = unreproduced_sampling_keys(config)
+    if not found:
+        return None
+    return (f"scheduler_config.json asks for {', '.join(found)}, which ldm's samplers do not reproduce: images differ "
+            "from that diffusers scheduler's (docs/samplers.md, \"A model's scheduler config\")")
 
 
 class DiscreteSchedule:
@@ -245,6 +284,16 @@ class DiscreteSchedule:
         # A float32 sigma of an integer timestep comes back within ~1e-5 of it: give the integer back exactly.
         nearest = t.round()
         return torch.where((t - nearest).abs() < snap, nearest, t)
+
+    def nearest_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The training timestep whose sigma is nearest to `sigma` in log sigma (float64, an integer value): the
+        timestep diffusers' DPM-Solver and UniPC give the network for a Karras sigma."""
+        sigma = torch.as_tensor(sigma)
+        log_table = self._sigmas_on(sigma.device).log()
+        s = sigma.to(log_table.dtype).clamp_min(1e-10).log()
+        low = (torch.searchsorted(log_table, s.contiguous(), right=True) - 1).clamp(0, self.num_timesteps - 2)
+        w = ((s - log_table[low]) / (log_table[low + 1] - log_table[low])).clamp(0, 1)
+        return (low + (w >= 0.5).to(low.dtype)).to(log_table.dtype)
 
     def sigma_prev(self, t: torch.Tensor) -> torch.Tensor:
         """sigma of the training timestep before integer t (0 before t = 0): the DDPM chain's next noise level."""

@@ -9,7 +9,7 @@ import torch
 
 from ldm.atomic import atomic_path, atomic_write_text
 from ldm.config import to_plain
-from ldm.diffusion.schedules import ScheduleConfig
+from ldm.diffusion.schedules import ScheduleConfig, sampling_keys_note
 from ldm.errors import CheckpointError, ConfigError, LdmError
 from ldm.io.checkpoint import read_state_dict, write_safetensors
 from ldm.io.components import ModelParts, check_can_hold, make_parts, text_config
@@ -100,6 +100,7 @@ def load_diffusers(folder: str | Path, *, device="cpu", dtype=None, allow_pickle
     if not scheduler_cfg:
         notes.append("no scheduler/scheduler_config.json; using the default SD schedule")
     schedule = ScheduleConfig.from_diffusers(scheduler_cfg)
+    notes += [note for note in (sampling_keys_note(scheduler_cfg),) if note]
     learn_sigma = scheduler_cfg.get("variance_type") in ("learned", "learned_range")
     try:
         unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"), learn_sigma=learn_sigma)
@@ -175,6 +176,11 @@ def scheduler_config_dict(schedule: ScheduleConfig) -> dict:
                 "sigma_min": schedule.sigma_min, "sigma_max": schedule.sigma_max, "sigma_data": schedule.sigma_data,
                 "rho": schedule.rho, "num_train_timesteps": schedule.num_train_timesteps}
     cfg = {k: v for k, v in to_plain(schedule).items() if v is not None}
+    # the sampling choices only where the model makes one (DDIMScheduler itself has neither key)
+    if not cfg.get("use_karras_sigmas"):
+        cfg.pop("use_karras_sigmas", None)
+    if cfg.get("final_sigmas_type") == "zero":
+        cfg.pop("final_sigmas_type", None)
     if cfg.get("beta_schedule") == "cosine":
         cfg["beta_schedule"] = "squaredcos_cap_v2"
     return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **cfg}

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ldm.atomic import atomic_path
-from ldm.diffusion.schedules import ScheduleConfig
+from ldm.diffusion.schedules import ScheduleConfig, sampling_keys_note
 from ldm.errors import CheckpointError, ConfigError
 from ldm.io.checkpoint import write_safetensors
 from ldm.io.components import ModelParts, make_parts
@@ -45,7 +45,9 @@ def load_sdxl_diffusers(folder: str | Path, *, device="cpu", dtype=None, allow_p
     refiner = bool(index.get("requires_aesthetics_score", False))
     notes = [f"diffusers SDXL {'refiner ' if refiner else ''}pipeline folder {folder}"]
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    schedule = ScheduleConfig.from_diffusers(_read_json(scheduler_file) if scheduler_file.is_file() else {})
+    scheduler_cfg = _read_json(scheduler_file) if scheduler_file.is_file() else {}
+    schedule = ScheduleConfig.from_diffusers(scheduler_cfg)
+    notes += [note for note in (sampling_keys_note(scheduler_cfg),) if note]
     has_clip = (folder / "text_encoder" / "config.json").is_file()
     try:
         unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"),

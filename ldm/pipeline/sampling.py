@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from ldm.diffusion.guidance import cfg
-from ldm.diffusion.plans import SamplingPlan, sampling_plan
+from ldm.diffusion.plans import sampling_plan
 from ldm.diffusion.sampler_registry import run_sampler
 from ldm.errors import LdmError
 from ldm.pipeline.settings import GenerationSettings
@@ -41,7 +41,8 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
     plan = sampling_plan(stage.schedule_config, s.sampler, s.steps)
     if cond is None:
         cond = stage.conditioning(prompts, negative_prompts, s.n, s.guidance)
-    denoiser = cfg(stage.denoiser, s.guidance, rescale=s.guidance_rescale) if s.guidance > 1.0 else stage.denoiser
+    base = stage.denoiser.quantized() if plan.quantize_timesteps else stage.denoiser  # Karras + DPM-Solver / UniPC
+    denoiser = cfg(base, s.guidance, rescale=s.guidance_rescale) if s.guidance > 1.0 else base
     shape = stage.shape(len(prompts) * s.n, s.height, s.width)
     cond = stage.micro_conditioning(cond, shape, s.micro_conditioning)  # SDXL's sizes, crop, aesthetic score
     start = (strategy or TextToImage()).start(stage, shape, plan, cond, denoiser, generator)

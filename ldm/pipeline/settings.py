@@ -18,7 +18,8 @@ INPAINT_STRENGTH = 1.0  # inpainting starts from pure noise
 
 @dataclass
 class GenerationSettings:
-    """Per-call choices; defaults follow diffusers' StableDiffusionPipeline."""
+    """Per-call choices; guidance and the img2img / inpainting strengths default to diffusers' values, the sampler and
+    steps to ldm's own (diffusers' pipeline takes its folder's scheduler and 50 steps: docs/samplers.md)."""
 
     sampler: str = "dpmpp_2m"
     steps: int = 30
