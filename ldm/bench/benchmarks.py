@@ -126,8 +126,9 @@ def eager():
     return torch.compiler.set_stance("force_eager")
 
 
-PEER_AUTOTUNE_NOTE = ("max-autotune not tried for the peer in this run: its compile autotunes every matrix product "
-                      "and convolution of the U-Net (many minutes), beyond a 9-minute window")
+PEER_AUTOTUNE_NOTE = ("max-autotune not run for the peer in this row (its compile takes minutes); measured apart in "
+                      "run 9 (docs/benchmarks/README.md): 8.17 ms against its reduce-overhead's 7.24 ms on one H200, "
+                      "so reduce-overhead is the peer's fastest mode")
 
 
 def unet_step(b: Bench) -> Row:
