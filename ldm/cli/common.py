@@ -35,6 +35,18 @@ def finite_float(text: str) -> float:
     return value
 
 
+def layer_count(text: str) -> int:
+    """An argparse `type=` for `--clip-skip`: a whole number, 0 or more, refused before the model loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of layers") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative: give 0 or more layers to leave out (A1111's "
+                                         "'Clip skip 2' is --clip-skip 1)")
+    return value
+
+
 def finite_floats(texts: list[str], option: str) -> list[float]:
     """Every number of a list option (`--guidance 1 3,7.5`), finite, or an LdmError naming the option."""
     values = []

@@ -90,7 +90,8 @@ class Generator:
     def generate(self, prompt: str, *, negative_prompt: str | None = None, sampler: str | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int | None = None,
                  n: int | None = None, height: int | None = None, width: int | None = None,
-                 stage_steps: list | None = None, aug_level: float | None = None) -> list[tuple[Path, dict]]:
+                 stage_steps: list | None = None, aug_level: float | None = None,
+                 clip_skip: int | None = None) -> list[tuple[Path, dict]]:
         """(PNG path, record) per image, exactly as `ldm-txt2img` with these flags writes them (blank = its default)."""
         d = self.defaults
         folder = self._folder()
@@ -100,6 +101,7 @@ class Generator:
             guidance=d["guidance"] if guidance is None else guidance, seed=d["seed"] if seed is None else seed,
             n_per_prompt=d["n"] if n is None else n, height=height, width=width,
             negative_prompt=negative_prompt or None,  # an empty box is no negative prompt, as the flag left out
+            clip_skip=clip_skip,
         )
         return [(folder / r["file_name"], r) for r in records]
 
@@ -128,7 +130,8 @@ def build_page(generator: Generator, *, examples: list[str] = (), title: str = "
         return dict(prompt=v[prompt], negative_prompt=v[negative], sampler=v[sampler], steps=_number(v[steps]),
                     guidance=_number(v[guidance], float), seed=_number(v[seed]), n=_number(v[n]),
                     width=None if cascade else _number(v[width]), height=None if cascade else _number(v[height]),
-                    aug_level=_number(v[aug_level], float), stage_steps=[_number(v[s]) for s in stage_steps])
+                    aug_level=_number(v[aug_level], float), stage_steps=[_number(v[s]) for s in stage_steps],
+                    clip_skip=_number(v[clip_skip]))
 
     def run(call, outputs: int):
         """The outputs and a hidden message; on bad input the CLI's `error: ...` line and the outputs left as they were."""
@@ -173,6 +176,8 @@ def build_page(generator: Generator, *, examples: list[str] = (), title: str = "
                     with gr.Row():
                         seed = gr.Number(d["seed"], precision=0, label="Seed", elem_id="seed")
                         randomize = gr.Checkbox(False, label="Randomize seed", elem_id="randomize")
+                    clip_skip = gr.Number(None, precision=0, label="Clip skip (blank: the model's own layer; 1 is "
+                                          "A1111's 'Clip skip 2')", elem_id="clip-skip")
                     with gr.Row(visible=not cascade):
                         width = gr.Number(pipe.default_size, precision=0, label="Width", elem_id="width")
                         height = gr.Number(pipe.default_size, precision=0, label="Height", elem_id="height")
@@ -200,7 +205,8 @@ def build_page(generator: Generator, *, examples: list[str] = (), title: str = "
                         image_a, image_b = (gr.Image(label=side, type="filepath", format="png", height=300,
                                                      buttons=["download"], elem_id=f"image-{side.lower()}")
                                             for side in ("A", "B"))
-        fields = {prompt, negative, sampler, steps, guidance, seed, width, height, n, aug_level, *stage_steps}
+        fields = {prompt, negative, sampler, steps, guidance, seed, width, height, n, aug_level, clip_skip,
+                  *stage_steps}
 
         # The seed is drawn first and shown, so a failed request leaves the seed box as it was.
         for event in (generate.click, prompt.submit):

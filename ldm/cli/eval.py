@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.common import cli_main, finite_floats, launched_accelerator, parse_sampler_options
+from ldm.cli.common import cli_main, finite_floats, launched_accelerator, layer_count, parse_sampler_options
 from ldm.diffusion.sampler_registry import check_sampler_options
 from ldm.errors import LdmError
 from ldm.eval.clip_score import ClipModel
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--clip-skip", type=layer_count, default=None, metavar="N",
+                   help="diffusers' clip_skip for every image (default: the model's own layer; 1 is A1111's "
+                   "'Clip skip 2')")
     g.add_argument("--dtype", default=None, help="generation dtype, e.g. float16, bfloat16")
     g.add_argument("--compile", default="auto", choices=("auto", "off", *COMPILE_MODES),
                    help=f"the fast generation path (fused q|k|v, channels_last, compiled networks): auto = {DEFAULT_MODE} "
@@ -183,7 +186,8 @@ def _sweep_grid(axes: dict, levels: list, strengths: list) -> list[tuple]:
 def _setting_folder(args, sampler, steps, guidance, aug_level: float | None, strength: float | None) -> Path:
     name = (f"{setting_text(sampler)}-steps{setting_text(steps)}-cfg{setting_text(guidance)}"
             + (f"-aug{aug_level:g}" if aug_level is not None else "")
-            + (f"-start{strength:g}" if strength is not None else ""))
+            + (f"-start{strength:g}" if strength is not None else "")
+            + (f"-clipskip{args.clip_skip}" if args.clip_skip is not None else ""))
     return Path(args.out) / "samples" / name
 
 
@@ -210,6 +214,8 @@ def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
         "dtype": str(resolve_dtype(args.dtype, device)).removeprefix("torch."),
         "sampler_options": sampler_options,
     }
+    if args.clip_skip is not None:  # only when given: the settings.json of earlier runs stay as they were
+        common["clip_skip"] = args.clip_skip
     if args.n_per_prompt < 1:
         raise LdmError(f"--n-per-prompt must be positive, got {args.n_per_prompt}")
     planned = plan_images(texts, args.n_per_prompt, args.seed)
@@ -231,6 +237,7 @@ def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
         sweep.append({"folder": folder, "settings": settings, "planned": planned, "missing": missing,
                       "generation": {**chosen,
                                      "height": args.height, "width": args.width, "sampler_options": sampler_options,
+                                     "clip_skip": args.clip_skip,
                                      **({"aug_level": aug_level} if aug_level is not None else {}),
                                      **({"upscale_strength": strength} if strength is not None else {})}})
     return sweep
@@ -258,10 +265,11 @@ def _checked_pipeline(args, sweep: list[dict], device: torch.device, pipe=None):
         if swept:
             pipe.check_options(**swept)
         check_generation(pipe, sampler=gen["sampler"], steps=gen["steps"], guidance=gen["guidance"],
-                         height=args.height, width=args.width, sampler_options=gen["sampler_options"])
+                         height=args.height, width=args.width, sampler_options=gen["sampler_options"],
+                         clip_skip=gen["clip_skip"])
         if "upscale_strength" in gen:  # every SR stage keeps a step to run at this strength
             pipe.settings(options={**pipe.options, **swept}, sampler=gen["sampler"], steps=gen["steps"],
-                          guidance=gen["guidance"], sampler_options=gen["sampler_options"])
+                          guidance=gen["guidance"], sampler_options=gen["sampler_options"], clip_skip=gen["clip_skip"])
         check_batch_fits(pipe, args.batch_size, height=args.height, width=args.width, guidance=gen["guidance"])
     mode = compile_mode(args.compile, device)
     if mode is not None:
@@ -493,8 +501,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # The settings a run's report shows (settings.json holds more: the prompt fingerprint, the model path ...).
-REPORTED = ("sampler", "steps", "guidance", "aug_level", "upscale_strength", "sampler_options", "base_seed",
-            "n_per_prompt", "height", "width", "negative_prompt")
+REPORTED = ("sampler", "steps", "guidance", "aug_level", "upscale_strength", "sampler_options", "clip_skip",
+            "base_seed", "n_per_prompt", "height", "width", "negative_prompt")
 
 
 @cli_main

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.cli.common import cli_main, finite_float, parse_sampler_options
+from ldm.cli.common import cli_main, finite_float, layer_count, parse_sampler_options
 from ldm.diffusion.sampler_registry import check_sampler_options, sampler_names
 from ldm.errors import LdmError
 from ldm.models.attention import set_attention_backend
@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(<= 1 disables it; default: the model's own: DeepFloyd IF 7, its stage II 4, the x4 upscaler 9, "
                    "else 7.5)")
     p.add_argument("--guidance-rescale", type=finite_float, default=0.0, help="Lin et al. 2023 rescale factor")
+    p.add_argument("--clip-skip", type=layer_count, default=None, metavar="N",
+                   help="diffusers' clip_skip: read the CLIP text encoder N layers before the model's own, for the "
+                   "prompt and the negative prompt (default: the model's own layer; 1 is A1111's 'Clip skip 2'; "
+                   "SDXL counts on from its penultimate layer, SD-2 from its own penultimate one)")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--height", type=int, default=None)
@@ -203,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         n_per_prompt=args.n, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
         init_image=args.init_image, strength=args.strength, mask_image=args.mask, sampler_options=sampler_options,
         dynamic_threshold=args.dynamic_threshold, noise_level=noise_level, micro_conditioning=micro,
+        clip_skip=args.clip_skip,
     )
     for r in records:
         print(args.out / r["file_name"])

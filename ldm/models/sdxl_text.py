@@ -1,7 +1,8 @@
 """SDXL's two text encoders behind one `encode` (Podell et al. 2023, sec. 2.1): CLIP ViT-L and OpenCLIP ViT-bigG.
 
-Tokens: the penultimate hidden state of each (no final LayerNorm), concatenated (768 + 1280 = 2048 wide). Pooled:
-bigG's projected end-of-text embedding from its last layer. The refiner has bigG only. Keys follow sgm's
+Tokens: the penultimate hidden state of each (no final LayerNorm), concatenated (768 + 1280 = 2048 wide); with
+diffusers' `clip_skip` N, each tower's hidden state N blocks earlier still (again no LayerNorm). Pooled: bigG's
+projected end-of-text embedding from its last layer, whatever clip_skip. The refiner has bigG only. Keys follow sgm's
 `conditioner.embedders.{i}` (without `conditioner.`): `embedders.0.transformer.text_model.*` for CLIP ViT-L,
 `embedders.1.model.*` (the refiner: `embedders.0.model.*`) for the open_clip tower.
 """
@@ -69,19 +70,29 @@ class SDXLTextEncoder(TextEncoder):
         return tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                          return_tensors="pt").input_ids.to(self.device)
 
-    def _bigg(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(penultimate hidden state `b n d`, projected pooled `b e`) of the open_clip tower."""
+    def max_clip_skip(self) -> int:
+        # each tower is read at its penultimate block already: clip_skip N reads block L - 1 - N, which must exist
+        return min(e.num_layers for e in self.embedders) - 2
+
+    def _layers_note(self) -> str:
+        layers = " and ".join(f"{e.num_layers}" for e in self.embedders)
+        return f"its towers have {layers} layers and are read at the penultimate one"
+
+    def _bigg(self, ids: torch.Tensor, clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden state `b n d` 1 + clip_skip blocks before the end, projected pooled `b e` from the last block) of
+        the open_clip tower."""
         m = self.bigg.model
         x = m.token_embedding(ids) + m.positional_embedding[:ids.shape[1]].to(m.token_embedding.weight.dtype)
         blocks = m.transformer.resblocks
-        penultimate = self.bigg._blocks(x, blocks[:-1])
-        last = m.ln_final(self.bigg._blocks(penultimate, blocks[-1:]))
+        skip = 1 + clip_skip
+        hidden = self.bigg._blocks(x, blocks[:-skip])
+        last = m.ln_final(self.bigg._blocks(hidden, blocks[-skip:]))
         pooled = last[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]  # end-of-text: the largest id
         proj = m.text_projection
         pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-        return penultimate, pooled
+        return hidden, pooled
 
-    def _encode(self, prompts: list[str]) -> TextEmbeddings:
+    def _encode(self, prompts: list[str], clip_skip: int = 0) -> TextEmbeddings:
         for prompt in prompts:
             ids = self.bigg_tokenizer(prompt, add_special_tokens=False).input_ids
             if len(ids) > self.max_length - 2:  # room for <start> and <end>
@@ -89,10 +100,10 @@ class SDXLTextEncoder(TextEncoder):
         tokens = []
         if self.clip is not None:  # sgm's FrozenCLIPEmbedder(layer="hidden", layer_idx=11): no final LayerNorm
             out = self.clip.hf_model(self._ids(self.clip.tokenizer, prompts), output_hidden_states=True)
-            tokens.append(out.hidden_states[-2])
+            tokens.append(out.hidden_states[-2 - clip_skip])  # diffusers' clip_skip counts on from the penultimate
         ids = self._ids(self.bigg_tokenizer, prompts)
-        penultimate, pooled = self._bigg(ids)
-        tokens.append(penultimate)
+        hidden, pooled = self._bigg(ids, clip_skip)  # the pooled embedding keeps the last block, whatever clip_skip
+        tokens.append(hidden)
         # the U-Net attends to all max_length positions, padding included
         mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         return TextEmbeddings(torch.cat(tokens, dim=-1), pooled, mask)

@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ldm.errors import CheckpointError, ConfigError
+from ldm.errors import CheckpointError, ConfigError, LdmError
 from ldm.models.attention import attention
 from ldm.models.openclip_text import OpenCLIPTextTower, fits_tower
 from ldm.models.tokenizers import BPETokenizer, ByteTokenizer, clip_tokenizer, load_tokenizer
@@ -20,6 +20,30 @@ from ldm.models.tokenizers import BPETokenizer, ByteTokenizer, clip_tokenizer, l
 # SD-1's text encoder: OpenAI CLIP ViT-L/14's text tower (Radford et al. 2021), as transformers' CLIPTextConfig.
 SD1_CLIP_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+
+
+def check_clip_skip_value(clip_skip) -> None:
+    """A clip_skip setting is None (the model's own layer) or an integer >= 0 (0 is the model's own layer too)."""
+    if clip_skip is None:
+        return
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int):
+        raise LdmError(f"--clip-skip must be a whole number of layers (0 or more), got {clip_skip!r}")
+    if clip_skip < 0:
+        raise LdmError(f"--clip-skip {clip_skip} is negative: it counts the last layers of the text encoder left "
+                       "out (0 = none; A1111's 'Clip skip 2' is clip_skip 1)")
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer" + ("s" if n != 1 else "")
+
+
+def skipped_layers(layer: str, clip_skip: int = 0) -> int:
+    """Transformer blocks left out at the end of a CLIP tower: the model's own (`penultimate`: 1) plus clip_skip.
+
+    diffusers' SD-2 folders drop OpenCLIP's last block, so their `clip_skip` counts on from the penultimate layer;
+    ldm reads SD-2 at `layer: penultimate` and adds clip_skip to it, which gives diffusers' tokens for the same
+    weights in either format."""
+    return (1 if layer == "penultimate" else 0) + clip_skip
 
 
 @dataclass
@@ -55,15 +79,44 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def encode(self, prompts: list[str]) -> TextEmbeddings:
-        """Encode a batch of prompts ("" allowed); over-long prompts are truncated with a warning."""
+    def encode(self, prompts: list[str], clip_skip: int | None = None) -> TextEmbeddings:
+        """Encode a batch of prompts ("" allowed); over-long prompts are truncated with a warning.
+
+        `clip_skip` (CLIP and OpenCLIP towers only; None or 0: the model's own layer) reads the tokens that many
+        transformer blocks earlier, diffusers' `clip_skip` (docs/clip-skip.md)."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        self.check_clip_skip(clip_skip)
         with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            if clip_skip:
+                return self._encode(list(prompts), clip_skip=clip_skip)
             return self._encode(list(prompts))
 
-    def forward(self, prompts: list[str]) -> TextEmbeddings:
-        return self.encode(prompts)
+    def forward(self, prompts: list[str], clip_skip: int | None = None) -> TextEmbeddings:
+        return self.encode(prompts, clip_skip)
+
+    def max_clip_skip(self) -> int | None:
+        """The largest `clip_skip` this encoder takes (one transformer block must remain); None where clip_skip has
+        no meaning (T5, the small byte-level encoder)."""
+        return None
+
+    def check_clip_skip(self, clip_skip) -> None:
+        """Refuse a clip_skip this encoder cannot take: not an integer >= 0, past its first block, or any value for
+        an encoder that is not CLIP's."""
+        check_clip_skip_value(clip_skip)
+        if clip_skip is None:
+            return
+        limit = self.max_clip_skip()
+        if limit is None:
+            raise LdmError(f"--clip-skip {clip_skip}: clip_skip reads an earlier layer of a CLIP text encoder (SD-1, "
+                           f"SD-2, SDXL); this model's text encoder is {type(self).__name__}, for which it has no "
+                           "meaning: leave --clip-skip out")
+        if clip_skip > limit:
+            raise LdmError(f"--clip-skip {clip_skip} is more than this model's {type(self).__name__} can skip: "
+                           f"{self._layers_note()}, so clip_skip is at most {limit}")
+
+    def _layers_note(self) -> str:
+        return ""
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         raise NotImplementedError
@@ -115,17 +168,31 @@ class CLIPTextEncoder(TextEncoder):
         """The wrapped transformers `CLIPTextModel`."""
         return self.transformer.text_model if isinstance(self.transformer, _TextModelKeys) else self.transformer
 
-    def _encode(self, prompts: list[str]) -> TextEmbeddings:
+    @property
+    def num_layers(self) -> int:
+        """The tower's transformer blocks."""
+        return self.hf_model.config.num_hidden_layers
+
+    def max_clip_skip(self) -> int:
+        return self.num_layers - 1 - skipped_layers(self.layer)
+
+    def _layers_note(self) -> str:
+        own = " and reads the penultimate one (layer: penultimate)" if self.layer == "penultimate" else ""
+        return f"it has {_layers(self.num_layers)}{own}"
+
+    def _encode(self, prompts: list[str], clip_skip: int = 0) -> TextEmbeddings:
         for prompt in prompts:
             ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
             if len(ids) > self.max_length - 2:  # room for <start> and <end>
                 self._warn_truncated(prompt, self.tokenizer.decode(ids[self.max_length - 2:]))
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt").input_ids.to(self.device)
-        out = self.hf_model(ids, output_hidden_states=self.layer == "penultimate")
+        skip = skipped_layers(self.layer, clip_skip)
+        out = self.hf_model(ids, output_hidden_states=skip > 0)
         tokens = out.last_hidden_state
-        if self.layer == "penultimate":  # diffusers' clip_skip=1: the block before last, then the final LayerNorm
-            tokens = getattr(self.hf_model, "text_model", self.hf_model).final_layer_norm(out.hidden_states[-2])
+        if skip:  # diffusers' clip_skip: `skip` blocks before the last one's output, then the final LayerNorm
+            # (hidden_states[0] is the embedding layer's output, hidden_states[-1] the last block's)
+            tokens = getattr(self.hf_model, "text_model", self.hf_model).final_layer_norm(out.hidden_states[-1 - skip])
         # SD's U-Net attends to all max_length positions, padding included: the mask is all True.
         mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         return TextEmbeddings(tokens, out.pooler_output, mask)
@@ -162,7 +229,20 @@ class OpenCLIPTextEncoder(TextEncoder):
             x = block(x, attn_mask=mask)
         return x if batch_first else x.transpose(0, 1)
 
-    def _encode(self, prompts: list[str]) -> TextEmbeddings:
+    @property
+    def num_layers(self) -> int:
+        """The tower's transformer blocks (a diffusers SD-2 folder's 23, plus the identity block put in place of the
+        dropped 24th)."""
+        return len(self.model.transformer.resblocks)
+
+    def max_clip_skip(self) -> int:
+        return self.num_layers - 1 - skipped_layers(self.layer)
+
+    def _layers_note(self) -> str:
+        own = " and reads the penultimate one (layer: penultimate)" if self.layer == "penultimate" else ""
+        return f"it has {_layers(self.num_layers)}{own}"
+
+    def _encode(self, prompts: list[str], clip_skip: int = 0) -> TextEmbeddings:
         for prompt in prompts:
             ids = self.tokenizer.encode(prompt)
             if len(ids) > self.max_length - 2:
@@ -171,10 +251,11 @@ class OpenCLIPTextEncoder(TextEncoder):
         m = self.model
         x = m.token_embedding(ids) + m.positional_embedding[:self.max_length]
         blocks = m.transformer.resblocks
-        if self.layer == "penultimate":
-            x = self._blocks(x, blocks[:-1])
+        skip = skipped_layers(self.layer, clip_skip)
+        if skip:  # the tokens `skip` blocks before the end, through ln_final; pooled from the last block as ever
+            x = self._blocks(x, blocks[:-skip])
             tokens = m.ln_final(x)
-            last = m.ln_final(self._blocks(x, blocks[-1:]))
+            last = m.ln_final(self._blocks(x, blocks[-skip:]))
         else:
             tokens = last = m.ln_final(self._blocks(x, blocks))
         # Pooled as open_clip's encode_text: the end-of-text token (the largest id) of the last layer, projected.

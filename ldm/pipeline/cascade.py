@@ -137,6 +137,8 @@ class Cascade:
             raise LdmError(f"--start-stage {options['start_stage']} upscales an image: give it with --init-image")
         for i, (stage, s) in enumerate(zip(self.stages, self.stage_settings(common, **options))):
             check_settings(s, factor=1, schedule_config=stage.schedule_config, conditional=stage.conditional)
+            if common.clip_skip is not None and stage.text_encoder is not None:  # every stage with text reads it
+                stage.check_clip_skip(common.clip_skip)
             if stage.super_resolution:
                 check_steps_left(self.start_strength(i, options["upscale_strength"]), s.steps, f"stage {i + 1}")
         return common
@@ -248,7 +250,7 @@ class Cascade:
                 group = [j for j in range(first, len(self.stages)) if self.text_groups[j] == self.text_groups[i]]
                 guided = any(per_stage[j].guidance > 1.0 for j in group)
                 groups[self.text_groups[i]] = (guided, self.stages[i].conditioning(
-                    prompts, negatives, common.n, 2.0 if guided else 1.0))
+                    prompts, negatives, common.n, 2.0 if guided else 1.0, common.clip_skip))
         all_images = []
         for i in range(first, len(self.stages)):
             stage, s = self.stages[i], dataclasses.replace(per_stage[i], seed=self.stage_seed(common.seed, i))

@@ -87,6 +87,7 @@ def check_generation(
     sampler_options: dict | None = None,
     dynamic_threshold: float | None = None,
     micro_conditioning: dict | None = None,
+    clip_skip: int | None = None,
 ) -> dict:
     """Every check that can fail before a generation starts (settings, input images, schedule, memory).
 
@@ -95,7 +96,7 @@ def check_generation(
     checked = pipe.settings(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                             n=n_per_prompt, height=height, width=width, sampler_options=dict(sampler_options or {}),
                             dynamic_threshold=dynamic_threshold, from_image=init_image is not None, inpainting=mask_image is not None, strength=strength,
-                            micro_conditioning=dict(micro_conditioning or {}))
+                            micro_conditioning=dict(micro_conditioning or {}), clip_skip=clip_skip)
     modes = _load_mode_images(init_image, mask_image)
     if hasattr(pipe, "check_inputs"):  # a cascade: the image to upscale must be its start stage's input size
         pipe.check_inputs(**modes)
@@ -169,6 +170,7 @@ def generate_to_folder(
     dynamic_threshold: float | None = None,  # percentile; None: the model's default (on for pixel models), 0: off
     noise_level: int | None = None,  # a latent upscaler's (x4) used alone; a cascade takes it from load_cascade
     micro_conditioning: dict | None = None,  # SDXL: original_size, crops_coords_top_left, target_size, aesthetic_score
+    clip_skip: int | None = None,  # diffusers' clip_skip: CLIP text layers left out (None: the model's own layer)
 ) -> list[dict]:
     """Generate `n_per_prompt` images per prompt; return the metadata records written to `out_dir/metadata.jsonl`.
 
@@ -181,7 +183,7 @@ def generate_to_folder(
     pipe = model if callable(model) and hasattr(model, "settings") else load_pipeline(model, device=device, dtype=dtype)
     settings = dict(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, n=n_per_prompt,
                     height=height, width=width, sampler_options=dict(sampler_options or {}),
-                    dynamic_threshold=dynamic_threshold)
+                    dynamic_threshold=dynamic_threshold, clip_skip=clip_skip)
     if micro_conditioning:  # only SDXL models take it (and the cascade has no such setting)
         settings["micro_conditioning"] = dict(micro_conditioning)
     # Fail before anything is written.
@@ -190,7 +192,8 @@ def generate_to_folder(
     modes = check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                              n_per_prompt=n_per_prompt, height=height, width=width, init_image=init_image,
                              strength=strength, mask_image=mask_image, sampler_options=sampler_options,
-                             dynamic_threshold=dynamic_threshold, micro_conditioning=micro_conditioning)
+                             dynamic_threshold=dynamic_threshold, micro_conditioning=micro_conditioning,
+                             clip_skip=clip_skip)
     stage = getattr(pipe, "stage", None)
     if stage is not None:  # a single model: the settings it samples with (its own defaults) are recorded
         resolved = GenerationSettings(**with_defaults({"steps": steps, "guidance": guidance, "sampler": sampler},
@@ -228,6 +231,7 @@ def generate_to_folder(
                 "steps": steps,
                 "guidance": guidance,
                 "guidance_rescale": guidance_rescale or None,
+                "clip_skip": clip_skip,  # None: the text encoder's own layer
                 "height": image.height,
                 "width": image.width,
                 "model": pipe.model_name,

@@ -57,9 +57,9 @@ class Pipeline:
         """Turn the fast path on in place: fused q|k|v, NHWC, compiled networks (`ldm.pipeline.fast`)."""
         return compile_pipeline(self, mode=mode, **options)
 
-    def encode_prompts(self, prompts: list[str]) -> dict:
-        """Text -> the U-Net's conditioning keyword arguments."""
-        return self.stage.encode_prompts(prompts)
+    def encode_prompts(self, prompts: list[str], clip_skip: int | None = None) -> dict:
+        """Text -> the U-Net's conditioning keyword arguments (`clip_skip` as diffusers')."""
+        return self.stage.encode_prompts(prompts, clip_skip)
 
     def settings(self, *, from_image: bool = False, inpainting: bool = False, **settings) -> GenerationSettings:
         """Checked settings for a call (the one check the CLI, generate_to_folder and `pipe()` share)."""
@@ -75,6 +75,7 @@ class Pipeline:
             s.strength = INPAINT_STRENGTH if inpainting else self.stage.default_settings.get("strength", IMG2IMG_STRENGTH)
         check_settings(s, factor=self.factor, schedule_config=self.schedule_config,
                        conditional=self.stage.conditional, from_image=from_image)
+        self.stage.check_clip_skip(s.clip_skip)
         return s
 
     def _upscale_settings(self, from_image: bool, inpainting: bool, settings: dict) -> GenerationSettings:
@@ -90,6 +91,7 @@ class Pipeline:
                            "--height and --width")
         s = GenerationSettings.from_call(settings)
         check_settings(s, factor=1, schedule_config=self.schedule_config, conditional=self.stage.conditional)
+        self.stage.check_clip_skip(s.clip_skip)
         return s
 
     def check_inputs(self, init_image: Image.Image | None = None, **_) -> None:

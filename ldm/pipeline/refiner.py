@@ -91,6 +91,7 @@ class ExpertEnsemble:
             raise LdmError("--refiner runs text-to-image; to refine a finished image give the refiner as --model with "
                            "--init-image and --strength")
         s = self.base.settings(**settings)
+        self.refiner.stage.check_clip_skip(s.clip_skip)  # the refiner's bigG reads the prompt at the same layer
         plan = sampling_plan(self.base.schedule_config, s.sampler, s.steps)
         k = split_step(plan, self.high_noise_frac, self.base.schedule_config.num_train_timesteps)
         if not 0 < k < s.steps:

@@ -40,7 +40,7 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
     generator = ImageGenerators(seeds) if seeds is not None else seeded_generator(s.seed)
     plan = sampling_plan(stage.schedule_config, s.sampler, s.steps)
     if cond is None:
-        cond = stage.conditioning(prompts, negative_prompts, s.n, s.guidance)
+        cond = stage.conditioning(prompts, negative_prompts, s.n, s.guidance, s.clip_skip)
     base = stage.denoiser.quantized() if plan.quantize_timesteps else stage.denoiser  # Karras + DPM-Solver / UniPC
     denoiser = cfg(base, s.guidance, rescale=s.guidance_rescale) if s.guidance > 1.0 else base
     shape = stage.shape(len(prompts) * s.n, s.height, s.width)

@@ -10,6 +10,7 @@ from ldm.diffusion.plans import sampling_plan
 from ldm.diffusion.sampler_registry import check_sampler_options
 from ldm.errors import ConfigError, LdmError
 from ldm.models.micro_conditioning import MICRO_FIELDS, micro_values
+from ldm.models.text_encoders import check_clip_skip_value
 
 IMG2IMG_STRENGTH = 0.8  # diffusers' defaults: img2img keeps 20% of the schedule's noise steps for the image
 SDXL_IMG2IMG_STRENGTH = 0.3  # diffusers' StableDiffusionXLImg2ImgPipeline: a refiner pass keeps most of the image
@@ -36,6 +37,9 @@ class GenerationSettings:
     # SDXL: original_size, crops_coords_top_left, target_size, aesthetic_score (and negative_*); unset: diffusers'
     # defaults (the image size, (0, 0), 6.0 / 2.5). Models without micro-conditioning ignore it.
     micro_conditioning: dict = field(default_factory=dict)
+    # diffusers' clip_skip: read a CLIP text encoder that many layers before the model's own (None or 0: the model's
+    # own; 1 is A1111's "Clip skip 2"), for the prompt and the negative prompt alike (docs/clip-skip.md)
+    clip_skip: int | None = None
 
     @classmethod
     def from_call(cls, settings: dict) -> "GenerationSettings":
@@ -126,6 +130,7 @@ def check_settings(s: GenerationSettings, *, factor: int, schedule_config, condi
             hint = " (512 / 2 is a float: use 512 // 2)" if name != "n" and isinstance(value, float) else ""
             raise LdmError(f"--{name} must be an integer, got {value!r}{hint}")
     check_guidance(s.guidance)
+    check_clip_skip_value(s.clip_skip)
     if isinstance(s.guidance_rescale, bool) or not isinstance(s.guidance_rescale, numbers.Real):
         raise LdmError(f"--guidance-rescale must be a number, got {s.guidance_rescale!r}")
     for name, value in (("guidance-rescale", s.guidance_rescale), ("strength", s.strength),

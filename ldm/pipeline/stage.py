@@ -142,27 +142,39 @@ class Stage:
         f = self.codec.downsample_factor
         return (batch, self.codec.latent_channels, (height or self.default_size) // f, (width or self.default_size) // f)
 
-    def encode_prompts(self, prompts: list[str]) -> dict:
-        """Text -> the network's conditioning arguments (context, its mask, pooled `y` where the U-Net takes it)."""
+    def check_clip_skip(self, clip_skip: int | None) -> None:
+        """Refuse a clip_skip this stage's text encoder cannot take (or any, without a text encoder)."""
+        if clip_skip is None:
+            return
+        if self.text_encoder is None:
+            raise LdmError(f"--clip-skip {clip_skip}: this model has no text encoder; leave --clip-skip out")
+        self.text_encoder.check_clip_skip(clip_skip)
+
+    def encode_prompts(self, prompts: list[str], clip_skip: int | None = None) -> dict:
+        """Text -> the network's conditioning arguments (context, its mask, pooled `y` where the U-Net takes it);
+        `clip_skip` as diffusers' (None: the text encoder's own layer)."""
         if self.text_encoder is None:
             return {}
         pooled = takes_pooled_text(self.unet.config)
-        cond = text_conditioning(self.text_encoder.encode(list(prompts)), pooled=pooled)
+        cond = text_conditioning(self.text_encoder.encode(list(prompts), clip_skip=clip_skip), pooled=pooled)
         return {k: v.to(self.device, v.dtype if k == "context_mask" else self.dtype) for k, v in cond.items()}
 
     def conditioning(self, prompts: list[str], negative_prompts: list[str | None] | None, repeat: int,
-                     guidance: float) -> dict:
+                     guidance: float, clip_skip: int | None = None) -> dict:
         """Conditioning for `prompts`, each repeated `repeat` times; `{"cond", "uncond"}` under guidance > 1; an
-        all-True text mask (CLIP's) is dropped (`drop_full_masks`)."""
+        all-True text mask (CLIP's) is dropped (`drop_full_masks`).
+
+        `clip_skip` reads the prompts and the negative prompts at the same layer (A1111 and ComfyUI do too; diffusers'
+        pipelines read the negative prompt at the model's own layer whatever clip_skip: docs/clip-skip.md)."""
         for text in [*prompts, *(n for n in negative_prompts or () if n is not None)]:
             if not isinstance(text, str):  # a list would be tokenized as one prompt and give one image, silently
                 raise LdmError(f"a prompt is a string, got {type(text).__name__} {text!r:.60}; for several prompts "
                                "use pipe.batch(prompts, seeds) or generate_to_folder(pipe, prompts, folder)")
-        cond = _repeat(self.encode_prompts(prompts), repeat)
+        cond = _repeat(self.encode_prompts(prompts, clip_skip), repeat)
         if guidance <= 1.0:
             return drop_full_masks(cond)
         given = list(negative_prompts or [None] * len(prompts))
-        uncond = self.encode_prompts([n or "" for n in given])
+        uncond = self.encode_prompts([n or "" for n in given], clip_skip)
         if getattr(self.text_encoder, "force_zeros_for_empty_prompt", False):  # SDXL: no negative prompt -> zeros
             keep = torch.tensor([n is not None for n in given], device=self.device)
             uncond = {k: v * keep.view(-1, *[1] * (v.ndim - 1)).to(v.dtype) if k in ("context", "y") else v
