@@ -272,3 +272,33 @@ def test_txt2img_refuses_too_many_layers_before_writing(tiny_sd_folder, tmp_path
                  "cpu"]) == 2
     assert "it has 1 layer, so clip_skip is at most 0" in capsys.readouterr().err
     assert not (out / "metadata.jsonl").exists()
+
+
+def test_eval_records_clip_skip_and_refuses_it_before_generating(sd1, tiny_sd_folder, tiny_clip_config, tmp_path,
+                                                                  capsys):
+    from ldm.cli.eval import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    common = ["--prompts", str(prompts), "--samplers", "euler", "--steps", "1", "--guidance", "1", "--height", "32",
+              "--width", "32", "--clip-model", str(tiny_clip_config), "--clip-pretrained", "none", "--clip-skip", "1"]
+    out = tmp_path / "eval"
+    assert main(["--model", str(sd1[2]), *common, "--out", str(out)]) == 0
+    folder, = (out / "samples").iterdir()
+    assert folder.name.endswith("-clipskip1")
+    assert json.loads((folder / "settings.json").read_text())["clip_skip"] == 1
+    record = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
+    assert record["clip_skip"] == 1
+    assert json.loads((out / "report.json").read_text())["runs"][0]["settings"]["clip_skip"] == 1
+    refused = tmp_path / "refused"  # the native tiny model's 1-layer CLIP has no layer to spare
+    assert main(["--model", str(tiny_sd_folder), *common, "--out", str(refused)]) == 2
+    assert "clip_skip is at most 0" in capsys.readouterr().err
+    assert not list(refused.rglob("*.png"))
+
+
+def test_demo_generator_passes_clip_skip(sd1, tmp_path):
+    from ldm.cli.demo_page import Generator
+
+    (_, record), = Generator(sd1[1], tmp_path).generate(PROMPT, steps=1, guidance=1.0, height=32, width=32,
+                                                            clip_skip=2)
+    assert record["clip_skip"] == 2
