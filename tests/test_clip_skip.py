@@ -18,6 +18,7 @@ from ldm.pipeline.load import load_pipeline
 from ldm.pipeline.sampling import sample
 
 diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.slow  # ~40 s of CPU for the parity tests, ~35 s more for the CLI, ldm-eval and demo ones
 
 PROMPT, NEGATIVE = "a red circle on the left", "blurry"
 STEPS, SIZE = 4, 32
