@@ -1,5 +1,6 @@
 """ldm-demo's door and the page's generation without a browser: the missing extra, a model that does not load, the
 defaults it serves with, the cascade settings of the page against ldm-txt2img's flags, and the empty-prompt rule."""
+import json
 import signal
 import socket
 import sys
@@ -141,3 +142,18 @@ def test_an_empty_prompt_with_guidance_is_refused_by_every_door(model, tmp_path,
     (steered,) = generate_to_folder(pipe, [""], tmp_path / "ok", guidance=7.5, negative_prompt="red", **small)
     a, b = (np.asarray(Image.open(tmp_path / "ok" / r["file_name"]), dtype=float) for r in (unconditional, steered))
     assert np.abs(a - b).max() > 0
+
+
+def test_blank_boxes_are_the_models_own_defaults_as_the_flags_left_out(model, tmp_path, capsys):
+    """A blank guidance (or steps, sampler) box used to reach the empty-prompt check as None (a TypeError)."""
+    generator = demo_page.Generator(load_pipeline(model, device="cpu"), tmp_path / "page")
+    ((path, record),) = generator.generate("a cat", seed=3, height=16, width=16)
+    code, _ = run_cli(txt2img.main, ["a cat", "--model", model, "--seed", "3", "--height", "16", "--width", "16",
+                                     "--out", tmp_path / "cli"], capsys)
+    (cli_record,) = [json.loads(line) for line in (tmp_path / "cli" / "metadata.jsonl").read_text().splitlines()]
+    assert code == 0 and path.exists()
+    for key in ("sampler", "steps", "guidance", "seed"):
+        assert record[key] == cli_record[key], key
+    a = np.asarray(Image.open(path), dtype=float)
+    b = np.asarray(Image.open(tmp_path / "cli" / cli_record["file_name"]), dtype=float)
+    assert np.array_equal(a, b)

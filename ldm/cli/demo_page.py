@@ -19,6 +19,7 @@ from ldm.cli.txt2img import build_parser as txt2img_parser
 from ldm.diffusion.sampler_registry import sampler_names
 from ldm.errors import LdmError
 from ldm.eval.prompts import load_prompts
+from ldm.pipeline.cascade import use_model_defaults
 from ldm.pipeline.default_model import BUNDLED
 from ldm.pipeline.generate import generate_to_folder
 
@@ -95,10 +96,14 @@ class Generator:
         """(PNG path, record) per image, exactly as `ldm-txt2img` with these flags writes them (blank = its default)."""
         d = self.defaults
         folder = self._folder()
+        model = self._model(stage_steps, aug_level)
+        chosen = use_model_defaults(  # a blank box is the model's own default, as the flag left out
+            model, sampler=sampler or d["sampler"], steps=d["steps"] if steps is None else steps,
+            guidance=d["guidance"] if guidance is None else guidance)
         records = generate_to_folder(
-            self._model(stage_steps, aug_level), [prompt or ""], folder,
-            sampler=sampler or d["sampler"], steps=d["steps"] if steps is None else steps,
-            guidance=d["guidance"] if guidance is None else guidance, seed=d["seed"] if seed is None else seed,
+            model, [prompt or ""], folder,
+            sampler=chosen["sampler"], steps=chosen["steps"], guidance=chosen["guidance"],
+            seed=d["seed"] if seed is None else seed,
             n_per_prompt=d["n"] if n is None else n, height=height, width=width,
             negative_prompt=negative_prompt or None,  # an empty box is no negative prompt, as the flag left out
             clip_skip=clip_skip,

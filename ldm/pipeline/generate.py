@@ -187,7 +187,7 @@ def generate_to_folder(
     if micro_conditioning:  # only SDXL models take it (and the cascade has no such setting)
         settings["micro_conditioning"] = dict(micro_conditioning)
     # Fail before anything is written.
-    check_prompts(prompts, negative_prompt, guidance)
+    check_prompts(prompts, negative_prompt, _guidance_used(pipe, guidance))
     check_seed(seed, len(prompts))
     modes = check_generation(pipe, sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                              n_per_prompt=n_per_prompt, height=height, width=width, init_image=init_image,
@@ -269,3 +269,11 @@ def _out_of_memory(pipe, settings: dict, i: int, total: int) -> LdmError:
     return LdmError(f"out of {pipe.device.type} memory generating {settings['n']} image(s) of {width}x{height} "
                     f"(prompt {i + 1} of {total}); lower --n or --height/--width"
                     + (", or use --dtype fp16" if pipe.dtype == torch.float32 and pipe.device.type == "cuda" else ""))
+
+
+def _guidance_used(pipe, guidance: float | None) -> float:
+    """The first stage's guidance scale of a call: the given one, else the model's own default, else ldm's."""
+    if guidance is not None:
+        return guidance
+    own = pipe.stages[0].default_settings.get("guidance")
+    return own if own is not None else GenerationSettings.guidance
