@@ -13,10 +13,14 @@ SiLU), so turning it on is always safe; a CPU machine without triton never impor
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.errors import LdmError
 from ldm.models.unet_blocks import GroupNorm32, ResBlock
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -24,8 +28,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 def _kernel_op():
     """`torch.ops.ldm.group_norm_nhwc`, registered by importing the Triton module (on first use only)."""
-    import ldm.models.group_norm_kernel  # noqa: F401  registers the op
-
+    importlib.import_module("ldm.models.group_norm_kernel")  # registers the op
     return torch.ops.ldm.group_norm_nhwc
 
 
@@ -88,6 +91,13 @@ def _restore(network: nn.Module) -> int:
         elif type(module) is SiLUInNorm:
             module.__class__ = nn.SiLU
     return count
+
+
+def check_group_norm_kernel(device: torch.device | str) -> None:
+    """The kernel needs triton on a CUDA device (elsewhere the fused norms run the reference path: no check)."""
+    if torch.device(device).type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise LdmError("the GroupNorm kernel needs triton (pip install triton): drop --group-norm-kernel")
 
 
 def uses_fused_group_norm(network: nn.Module) -> bool:

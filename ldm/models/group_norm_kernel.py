@@ -5,14 +5,14 @@ Why a kernel of our own: in channels_last each pixel holds only C/G contiguous c
 20 bytes in bf16 at C=320), so inductor's decomposition reduces with strided loads. Here every load is a contiguous
 run of whole pixels (`p c` rows of the NHWC map), and the groups are formed only from per-channel sums:
 
-1. `_channel_sums`, grid (batch, pixel blocks): per channel, the sum and sum of squares of `x - ref` over the block's
-   pixels, where `ref` is the channel's value at the image's first pixel (a shift that keeps the squares from
+1. `_group_norm_channel_sums`, grid (batch, pixel blocks): per channel, the sum and sum of squares of `x - ref` over
+   the block's pixels, where `ref` is the channel's value at the image's first pixel (a shift that keeps the squares from
    cancelling when the mean is large against the spread); written to `[n, block, c]` float32 partials.
-2. `_group_stats`, grid (batch, group): adds the partials over the blocks in a fixed order (deterministic, no
+2. `_group_norm_stats`, grid (batch, group): adds the partials over the blocks in a fixed order (deterministic, no
    atomics), merges the group's channels (Chan et al. 1979: the channels' squared deviations plus their means'
    spread about the group mean) and writes each channel's group mean and `rstd * weight` to `[n, c]` buffers.
-3. `_normalize`, grid (batch, pixel blocks): `(x - mean) * scale + bias`, then SiLU when asked, stored in x's dtype
-   and layout.
+3. `_group_norm_apply`, grid (batch, pixel blocks): `(x - mean) * scale + bias`, then SiLU when asked, stored in x's
+   dtype and layout.
 
 `shift` (`n c`, optional) is added to x before everything, rounded to x's dtype as `x + shift` would be: a ResBlock's
 `GroupNorm(h + emb)` without writing the sum out first.
@@ -45,7 +45,7 @@ def _load_pixels(x_ptr, shift_ptr, n, pixels, channels, HW, C, HAS_SHIFT: tl.con
 
 
 @triton.jit
-def _channel_sums(x_ptr, shift_ptr, sums_ptr, squares_ptr, HW, C, n_blocks,
+def _group_norm_channel_sums(x_ptr, shift_ptr, sums_ptr, squares_ptr, HW, C, n_blocks,
                   HAS_SHIFT: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(0)
     block = tl.program_id(1)
@@ -67,7 +67,7 @@ def _channel_sums(x_ptr, shift_ptr, sums_ptr, squares_ptr, HW, C, n_blocks,
 
 
 @triton.jit
-def _group_stats(x_ptr, shift_ptr, sums_ptr, squares_ptr, weight_ptr, mean_ptr, scale_ptr, HW, C, n_blocks,
+def _group_norm_stats(x_ptr, shift_ptr, sums_ptr, squares_ptr, weight_ptr, mean_ptr, scale_ptr, HW, C, n_blocks,
                  group_size, eps, HAS_SHIFT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr):
     n = tl.program_id(0)
     group = tl.program_id(1)
@@ -94,7 +94,7 @@ def _group_stats(x_ptr, shift_ptr, sums_ptr, squares_ptr, weight_ptr, mean_ptr, 
 
 
 @triton.jit
-def _normalize(x_ptr, shift_ptr, mean_ptr, scale_ptr, bias_ptr, out_ptr, HW, C,
+def _group_norm_apply(x_ptr, shift_ptr, mean_ptr, scale_ptr, bias_ptr, out_ptr, HW, C,
                HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(0)
     pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -132,15 +132,16 @@ def group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     warps = 8 if block_c * block_p >= 4096 else 4
     sums = torch.empty((n, n_blocks, c), device=x.device, dtype=torch.float32)
     squares = torch.empty_like(sums)
-    wrap_triton(_channel_sums)[(n, n_blocks)](x, shift, sums, squares, hw, c, n_blocks, HAS_SHIFT=has_shift,
-                                              BLOCK_P=block_p, TILES=tiles, BLOCK_C=block_c, num_warps=warps)
+    wrap_triton(_group_norm_channel_sums)[(n, n_blocks)](
+        x, shift, sums, squares, hw, c, n_blocks, HAS_SHIFT=has_shift, BLOCK_P=block_p, TILES=tiles, BLOCK_C=block_c,
+        num_warps=warps)
     mean = torch.empty((n, c), device=x.device, dtype=torch.float32)
     scale = torch.empty_like(mean)
-    wrap_triton(_group_stats)[(n, num_groups)](
+    wrap_triton(_group_norm_stats)[(n, num_groups)](
         x, shift, sums, squares, weight, mean, scale, hw, c, n_blocks, c // num_groups, eps, HAS_SHIFT=has_shift,
         BLOCK_B=triton.next_power_of_2(n_blocks), BLOCK_G=triton.next_power_of_2(c // num_groups), num_warps=4)
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    wrap_triton(_normalize)[(n, triton.cdiv(hw, block_p))](x, shift, mean, scale, bias, out, hw, c,
-                                                           HAS_SHIFT=has_shift, SILU=silu, BLOCK_P=block_p,
-                                                           BLOCK_C=block_c, num_warps=warps)
+    wrap_triton(_group_norm_apply)[(n, triton.cdiv(hw, block_p))](
+        x, shift, mean, scale, bias, out, hw, c, HAS_SHIFT=has_shift, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c,
+        num_warps=warps)
     return out
