@@ -7,6 +7,7 @@ float64 GroupNorm on small NHWC maps. On a CUDA GPU: the same at SD-1.5's shapes
 import importlib.util
 import json
 import os
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -94,6 +95,39 @@ def test_a_scale_shift_resblock_keeps_its_silu_apart_and_its_output():
         assert block.in_layers[0].fuses_silu and type(block.in_layers[1]) is SiLUInNorm
         assert not block.out_layers[0].fuses_silu and type(block.out_layers[1]) is torch.nn.SiLU  # modulated first
         assert torch.equal(block(x, emb), reference)
+
+
+@torch.library.custom_op("ldm_test::group_norm_stand_in", mutates_args=())
+def _stand_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool,
+              shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kernel op's schema with the reference maths: what dynamo sees where the kernel runs."""
+    y = F.group_norm(x if shift is None else x + shift[:, :, None, None], num_groups, weight, bias, eps)
+    return (F.silu(y) if silu else y).contiguous(memory_format=torch.channels_last)
+
+
+@_stand_in.register_fake
+def _(x, weight, bias, num_groups, eps, silu, shift=None):
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+def test_a_compiled_block_keeps_the_kernel_op_in_one_graph(monkeypatch):
+    """Where the kernel runs, dynamo traces the norm's dispatch and the op without a graph break (fullgraph)."""
+    block = realistic_weights(ResBlock(64, 32, out_channels=32), 0).eval().to(memory_format=torch.channels_last)
+    x, emb = torch.randn(2, 64, 6, 6).contiguous(memory_format=torch.channels_last), torch.randn(2, 32)
+    monkeypatch.setattr(fused_group_norm, "_op", torch.ops.ldm_test.group_norm_stand_in)
+    monkeypatch.setattr(FusedGroupNorm, "can_use_kernel", lambda self, x: x.ndim == 4 and not torch.is_grad_enabled())
+    with torch.no_grad():
+        reference = block(x, emb)
+        use_fused_group_norm(block)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(block)(x, emb)
+        ops = [n for g in explained.graphs for n in g.graph.nodes if "group_norm_stand_in" in str(n.target)]
+        assert explained.graph_count == 1 and explained.graph_break_count == 0
+        assert len(ops) == 2 and ops[1].args[-1] is not None, "both norms, the second adding the time embedding"
+        torch._dynamo.reset()
+        compiled = torch.compile(block, backend="eager", fullgraph=True, dynamic=False)
+        torch.testing.assert_close(compiled(x, emb), reference, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
 
 
 def test_the_kernel_needs_triton_on_cuda_only(monkeypatch):
@@ -242,6 +276,7 @@ def test_cuda_compiled_block_with_the_kernel_in_its_cuda_graph_matches_eager():
         compiled = torch.compile(block, mode="reduce-overhead", fullgraph=True, dynamic=False)  # no graph break
         for _ in range(3):  # record, then replay the CUDA graph
             out = compiled(x, emb).float()
+        torch._dynamo.reset()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             compiled_again = torch.compile(block, fullgraph=True, dynamic=False)  # no CUDA graph: kernels visible
             compiled_again(x, emb)

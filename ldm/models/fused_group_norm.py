@@ -26,10 +26,16 @@ from ldm.models.unet_blocks import GroupNorm32, ResBlock
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
+_op = None
+
+
 def _kernel_op():
     """`torch.ops.ldm.group_norm_nhwc`, registered by importing the Triton module (on first use only)."""
-    importlib.import_module("ldm.models.group_norm_kernel")  # registers the op
-    return torch.ops.ldm.group_norm_nhwc
+    global _op
+    if _op is None:
+        importlib.import_module("ldm.models.group_norm_kernel")  # registers the op
+        _op = torch.ops.ldm.group_norm_nhwc
+    return _op
 
 
 class SiLUInNorm(nn.SiLU):
@@ -65,6 +71,8 @@ def use_fused_group_norm(network: nn.Module, enabled: bool = True) -> int:
     `enabled=False`; returns how many norms changed."""
     if not enabled:
         return _restore(network)
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        _kernel_op()  # registered now: a compile tracing the norms later finds it without an import (a graph break)
     count = 0
     for module in network.modules():
         if type(module) is GroupNorm32:

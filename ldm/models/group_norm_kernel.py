@@ -6,8 +6,8 @@ Why a kernel of our own: in channels_last each pixel holds only C/G contiguous c
 run of whole pixels (`p c` rows of the NHWC map), and the groups are formed only from per-channel sums:
 
 1. `_group_norm_channel_sums`, grid (batch, pixel blocks): per channel, the sum and sum of squares of `x - ref` over
-   the block's pixels, where `ref` is the channel's value at the image's first pixel (a shift that keeps the squares from
-   cancelling when the mean is large against the spread); written to `[n, block, c]` float32 partials.
+   the block's pixels, where `ref` is the channel's value at the image's first pixel (a shift that keeps the squares
+   from cancelling when the mean is large against the spread); written to `[n, block, c]` float32 partials.
 2. `_group_norm_stats`, grid (batch, group): adds the partials over the blocks in a fixed order (deterministic, no
    atomics), merges the group's channels (Chan et al. 1979: the channels' squared deviations plus their means'
    spread about the group mean) and writes each channel's group mean and `rstd * weight` to `[n, c]` buffers.
@@ -81,7 +81,7 @@ def _group_norm_stats(x_ptr, shift_ptr, sums_ptr, squares_ptr, weight_ptr, mean_
     total_sq = tl.sum(tl.load(squares_ptr + offsets, mask=mask, other=0.0), axis=0)
     first, _ = _load_pixels(x_ptr, shift_ptr, n, tl.arange(0, 1), channels, HW, C, HAS_SHIFT)
     ref = tl.sum(first, axis=0)
-    count = HW.to(tl.float32)
+    count = HW * 1.0  # (not .to: triton passes an HW of 1 as a constant)
     channel_mean = ref + total / count
     channel_m2 = tl.maximum(total_sq - total * total / count, 0.0)  # sum of squared deviations from its mean
     mean = tl.sum(tl.where(in_group, channel_mean, 0.0), axis=0) / group_size
