@@ -19,8 +19,13 @@ from PIL import Image
 from ldm.cli.txt2img import main as txt2img
 from ldm.errors import LdmError
 from ldm.models import fused_group_norm
-from ldm.models.fused_group_norm import (FusedGroupNorm, SiLUInNorm, check_group_norm_kernel, use_fused_group_norm,
-                                         uses_fused_group_norm)
+from ldm.models.fused_group_norm import (
+    FusedGroupNorm,
+    SiLUInNorm,
+    check_group_norm_kernel,
+    use_fused_group_norm,
+    uses_fused_group_norm,
+)
 from ldm.models.unet import UNetModel
 from ldm.models.unet_blocks import GroupNorm32, ResBlock
 from ldm.pipeline.images import read_png_parameters
@@ -99,7 +104,7 @@ def test_a_scale_shift_resblock_keeps_its_silu_apart_and_its_output():
 
 @torch.library.custom_op("ldm_test::group_norm_stand_in", mutates_args=())
 def _stand_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool,
-              shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+              shift: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045  as the kernel op's schema
     """The kernel op's schema with the reference maths: what dynamo sees where the kernel runs."""
     y = F.group_norm(x if shift is None else x + shift[:, :, None, None], num_groups, weight, bias, eps)
     return (F.silu(y) if silu else y).contiguous(memory_format=torch.channels_last)

@@ -26,8 +26,8 @@ from ldm.bench.timing import alternate, call_times_ms
 from ldm.errors import LdmError
 from ldm.models.attention import set_sdpa_kernels
 from ldm.models.float8 import from_float8, to_float8
-from ldm.models.fused_group_norm import use_fused_group_norm
 from ldm.models.fused import fuse_qkv
+from ldm.models.fused_group_norm import use_fused_group_norm
 from ldm.pipeline.fast import compile_pipeline, fast_network
 from ldm.pipeline.images import to_pil
 from ldm.pipeline.load import load_pipeline

@@ -103,9 +103,8 @@ def _restore(network: nn.Module) -> int:
 
 def check_group_norm_kernel(device: torch.device | str) -> None:
     """The kernel needs triton on a CUDA device (elsewhere the fused norms run the reference path: no check)."""
-    if torch.device(device).type == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            raise LdmError("the GroupNorm kernel needs triton (pip install triton): drop --group-norm-kernel")
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise LdmError("the GroupNorm kernel needs triton (pip install triton): drop --group-norm-kernel")
 
 
 def uses_fused_group_norm(network: nn.Module) -> bool:

@@ -120,7 +120,7 @@ def _tiling(hw: int, channels: int) -> tuple[int, int, int, int]:
 
 @triton_op("ldm::group_norm_nhwc", mutates_args=())
 def group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float,
-                    silu: bool, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    silu: bool, shift: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045 (schema)
     """GroupNorm of `b c h w` x (stored channels_last) over `num_groups` groups, then SiLU when `silu`; `shift`
     (`b c`) is added to x first. Statistics in float32; the result in x's dtype, channels_last."""
     n, c, h, w = x.shape
