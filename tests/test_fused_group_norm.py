@@ -290,3 +290,27 @@ def test_cuda_compiled_block_with_the_kernel_in_its_cuda_graph_matches_eager():
     assert any("group_norm_apply" in k for k in kernels), f"the kernel ran inside the compiled graph: {kernels}"
     assert ((eager - reference).norm() / reference.norm()).item() < 1e-2
     assert ((out - eager).norm() / eager.norm()).item() < 1e-2
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_fused_norm_takes_the_kernel_only_where_it_can(monkeypatch):
+    norm = GroupNorm32(32, 320).cuda()
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    x = _nhwc(2, 320, 16, 16, torch.bfloat16, device="cuda")
+    reference = F.silu(GroupNorm32.forward(norm, x))
+    sequential = torch.nn.Sequential(norm, torch.nn.SiLU())
+    use_fused_group_norm(sequential)
+    calls = []
+    kernel = fused_group_norm._kernel_op()
+    monkeypatch.setattr(fused_group_norm, "_kernel_op", lambda: lambda *args: calls.append(args) or kernel(*args))
+    with torch.no_grad():
+        out = sequential(x)
+        assert len(calls) == 1 and calls[0][5] is True, "bf16 NHWC inference: the kernel, with the SiLU"
+        torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=2e-2)  # bf16: one or two units
+        for other in (x.contiguous(), x.float()):  # NCHW, float32: the reference
+            torch.testing.assert_close(sequential(other).float(), F.silu(GroupNorm32.forward(norm, other)).float())
+    sequential(x)  # grad enabled with parameters that want it: the reference, so autograd works
+    assert len(calls) == 1
