@@ -27,6 +27,7 @@ from ldm.errors import LdmError
 from ldm.models.attention import set_sdpa_kernels
 from ldm.models.float8 import from_float8, to_float8
 from ldm.models.fused import fuse_qkv
+from ldm.models.fused_group_norm import use_fused_group_norm
 from ldm.pipeline.fast import compile_pipeline, fast_network
 from ldm.pipeline.images import to_pil
 from ldm.pipeline.load import load_pipeline
@@ -202,14 +203,15 @@ def eager_levers(b: Bench, unet, x, t, c, mask) -> None:
 @dataclass(frozen=True)
 class Lever:
     """One compiled configuration of the guided step: compile keywords (over the run's backend), the seconds it
-    needs at least, and whether it keeps the all-True mask, runs FP8, profiles kernels, or compiles the peer's
-    U-Net instead of ours (its time goes to the lever line's `peer_ms`)."""
+    needs at least, and whether it keeps the all-True mask, runs FP8 or the Triton GroupNorm, profiles kernels, or
+    compiles the peer's U-Net instead of ours (its time goes to the lever line's `peer_ms`)."""
 
     name: str
     options: dict
     needs_s: int
     mask: bool = False
     fp8: bool = False
+    group_norm_kernel: bool = False
     profile: bool = False
     peer: bool = False
 
@@ -219,6 +221,12 @@ COMPILED_LEVERS = (  # in priority order: what a window that runs out first lose
           90, profile=True),
     Lever("torch.compile reduce-overhead: the fast path, again in this process", {"mode": "reduce-overhead"}, 60),
     Lever("+ FP8 transformer linears (ldm.models.float8)", {"mode": "reduce-overhead"}, 90, fp8=True),
+    # run 10's profile: normalisation took 1.36 of compile default's 6.30 ms, ~7x its memory-traffic floor (inductor
+    # reduces NHWC GroupNorms with strided loads); ldm.models.group_norm_kernel reads whole pixels (not yet measured)
+    Lever("+ Triton GroupNorm(+SiLU) kernel (NHWC, two-phase)", {"mode": "reduce-overhead"}, 90,
+          group_norm_kernel=True),
+    Lever("torch.compile default + Triton GroupNorm(+SiLU) kernel: GPU time by kernel kind", {"mode": "default"}, 90,
+          group_norm_kernel=True, profile=True),
     Lever("+ freezing (weights folded in as constants)", {"options": {"triton.cudagraphs": True, "freezing": True}},
           90),
     Lever("CUDA graphs alone (backend cudagraphs: eager kernels replayed)", {"backend": "cudagraphs"}, 60),
@@ -286,11 +294,17 @@ def compiled_levers(b: Bench) -> None:
                     to_float8(unet)
                     with eager():  # plain products, eagerly (no compile of an earlier lever runs)
                         reference = _plain_output(unet, call)
+                if lever.group_norm_kernel:
+                    with eager():  # the plain norms, eagerly
+                        reference = call().float()
+                    use_fused_group_norm(unet)
                 network.compile(dynamic=False, **_lever_options(b, lever))
                 call()  # the compile
                 extra["compile_s"] = round(time.monotonic() - started, 1)
                 if lever.fp8:
                     extra["fp8_change"] = relative_l2(call(), reference)
+                if lever.group_norm_kernel:
+                    extra["group_norm_change"] = relative_l2(call(), reference)
                 if lever.profile and b.device.type == "cuda":
                     extra["profile"] = kernel_breakdown(call)
                 ms = _step_ms(b, call)
@@ -301,7 +315,8 @@ def compiled_levers(b: Bench) -> None:
         except Exception as e:  # noqa: BLE001  one lever failing must not lose the next
             write_lever(b, lever.name, None, error=f"{type(e).__name__}: {e}"[:2000])
         finally:
-            from_float8(unet)  # the next lever runs plain products (nothing to undo after the others)
+            from_float8(unet)  # the next lever runs plain products and norms (nothing to undo after the others)
+            use_fused_group_norm(unet, False)
 
 
 def _plain_output(unet, call) -> torch.Tensor:

@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the U-Net's transformer linears multiply in FP8 (Ada/Hopper GPUs; opt-in: images differ "
                         "slightly from bf16's, and at SD sizes it measured slower, docs/benchmarks/README.md); "
                         "without --compile it also fuses q|k|v and stores the networks NHWC, as the fast path does")
+    p.add_argument("--group-norm-kernel", action="store_true",
+                   help="the U-Net's GroupNorms (and the SiLU after them) as one Triton kernel each (CUDA with "
+                        "triton, NHWC, half precision; opt-in until measured faster, docs/benchmarks/README.md); "
+                        "without --compile it also fuses q|k|v and stores the networks NHWC, as the fast path does")
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
     return p
 
@@ -199,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = use_model_defaults(pipe, sampler=args.sampler, steps=args.steps, guidance=args.guidance)
     if len(pipe.stages) == 1:  # a cascade checks each stage's sampler against the options itself
         check_sampler_options(chosen["sampler"], sampler_options)
-    if args.compile or args.fp8:
-        compile_pipeline(pipe, mode=args.compile, fp8=args.fp8)
+    if args.compile or args.fp8 or args.group_norm_kernel:
+        compile_pipeline(pipe, mode=args.compile, fp8=args.fp8, group_norm_kernel=args.group_norm_kernel)
     records = generate_to_folder(
         pipe, prompts, args.out, sampler=chosen["sampler"], steps=chosen["steps"], guidance=chosen["guidance"],
         guidance_rescale=args.guidance_rescale, seed=args.seed,

@@ -114,6 +114,8 @@ class ResBlock(nn.Module):
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
+        elif getattr(self.out_layers[0], "adds_shift", False):  # ldm.models.fused_group_norm: the add in its kernel
+            h = self.out_layers[1:](self.out_layers[0](h, emb_out))
         else:
             h = self.out_layers(h + emb_out)
         out = self.skip_connection(x) + h

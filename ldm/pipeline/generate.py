@@ -15,6 +15,7 @@ from ldm.atomic import atomic_write_text
 from ldm.errors import LdmError
 from ldm.models.attention import get_attention_backend
 from ldm.models.float8 import uses_float8
+from ldm.models.fused_group_norm import uses_fused_group_norm
 from ldm.pipeline.fast import running_stages
 from ldm.pipeline.images import read_png_parameters, save_png
 from ldm.pipeline.load import load_pipeline
@@ -205,6 +206,7 @@ def generate_to_folder(
     elif noise_level is not None:  # a cascade records each stage's level
         raise LdmError("a cascade takes its --noise-level when it is built (load_cascade(..., noise_level=))")
     fp8 = any(uses_float8(s.unet) for s in running_stages(pipe))
+    group_norm_kernel = any(uses_fused_group_norm(s.unet) for s in running_stages(pipe))
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata_path = out_dir / "metadata.jsonl"
     records = _open_index(out_dir)
@@ -238,6 +240,8 @@ def generate_to_folder(
             }
             if fp8:
                 record["fp8"] = True  # the transformer linears ran in FP8: images differ slightly from bf16's
+            if group_norm_kernel:
+                record["group_norm_kernel"] = True  # the Triton GroupNorm (where it could run): rounding differs
             if micro_conditioning:
                 record["micro_conditioning"] = {k: list(v) if isinstance(v, (list, tuple)) else v
                                                 for k, v in micro_conditioning.items()}
