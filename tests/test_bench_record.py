@@ -145,3 +145,15 @@ def test_the_peer_networks_hold_our_weights():
                             rel=1e-5, what="diffusers' U-Net on our weights")
         assert_close_to_ref(peer_vae.encode(image).latent_dist.mean, parts.autoencoder.encode(image).mean,
                             rel=1e-5, what="diffusers' encoder on our weights")
+
+
+def test_the_inference_networks_are_in_eval_mode_as_the_pipeline_runs_them():
+    """Run 9's GroupNorm lever timed the reference path: the benchmark's U-Net was in training mode, which the
+    fused norm then refused (it no longer looks at the mode). The inference benchmarks run what generation runs."""
+    from ldm.bench.models import sd15_parts
+
+    parts = sd15_parts("cpu", tiny=True)
+    for name in ("unet", "autoencoder", "text_encoder"):
+        assert not any(m.training for m in getattr(parts, name).modules()), name
+    bench = benchmarks.Bench(torch.device("cpu"), "test", peer=False, backend="eager", tiny=True)
+    assert bench.parts().unet.training is False

@@ -297,11 +297,19 @@ sys.meta_path.insert(0, CtrlCAtImport())
 """
 
 
+# Ctrl-C as a terminal delivers it: a suite started in the background (`nohup ... &`, some CI runners) passes
+# SIGINT on ignored, and Python then installs no KeyboardInterrupt handler, so the signal would do nothing at all
+INTERACTIVE_SIGINT = """
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
+"""
+
+
 def run_console_script(folder: Path, entry: str, argv: list, before: str) -> subprocess.CompletedProcess:
     """Run the script pip would write for `entry` ('module:function') in `folder`, after the code `before`."""
     module, function = entry.split(":")
     script = folder / "script.py"
-    script.write_text(before + PIP_SCRIPT.format(module=module, function=function))
+    script.write_text(INTERACTIVE_SIGINT + before + PIP_SCRIPT.format(module=module, function=function))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     return subprocess.run([sys.executable, str(script), *map(str, argv)], cwd=folder, env=env, capture_output=True,
                           text=True, timeout=600, check=False)

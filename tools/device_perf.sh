@@ -2,7 +2,12 @@
 # Issue 12's missing rows in one GPU window of at most ~9 minutes, each benchmark in its own process under a hard
 # timeout (a hang or a slow compile costs only its own step), in the priority order PLAN names:
 #
-# PLAN=run10 (the default: the peer in its fastest mode, and max-autotune's choices without prologue fusion; give
+# PLAN=run11 (the default: the Triton GroupNorm(+SiLU) kernel against the fast path, run 9's call 5 having timed
+#   the reference path; first run `python3 -m pytest -q tests/test_fused_group_norm.py -k cuda`)
+#   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: the fast path, the kernel under reduce-overhead, then GPU
+#      time by kernel kind under compile default without and with the kernel (~80 + 60 + 70 + 70 s)
+#   2. train_sd15_unet_512 --fp8 --no-peer: the compiled FP8 training step
+# PLAN=run10 (the peer in its fastest mode, and max-autotune's choices without prologue fusion; give
 #   TUNE_CACHE=docs/benchmarks/tune-cache)
 #   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: diffusers' U-Net compiled reduce-overhead, then
 #      max-autotune (never measured), then ours with max-autotune's options and prologue_fusion off, while time lasts
@@ -69,7 +74,7 @@ set -u
 OUT=${OUT:?set OUT to the folder that receives results.jsonl, levers.jsonl and perf.log}
 BUDGET_S=${BUDGET_S:-$([ -n "${DRY_RUN:-}" ] && echo 1500 || echo 500)}
 PY=${PYTHON:-python3}
-PLAN=${PLAN:-run10}
+PLAN=${PLAN:-run11}
 FROM=${FROM:-1}
 TO=${TO:-9}
 mkdir -p "$OUT"
@@ -165,8 +170,8 @@ nth() {
 }
 
 case $PLAN in
-    run3|run4|run5|run6|run7|run8|run9|run10) ;;
-    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run10 (the default), run9, run8, run7, run6, run5, run4 or run3" >&2
+    run3|run4|run5|run6|run7|run8|run9|run10|run11) ;;
+    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run11 (the default), run10, run9, run8, run7, run6, run5, run4 or run3" >&2
        exit 2 ;;
 esac
 case $FROM in
@@ -189,6 +194,11 @@ if [ "$PLAN" = run3 ]; then
     nth 2 train_sd15_unet_512 300 120
     nth 3 train_sd15_unet_256 300 150
     nth 4 eval_generate_sd15_512_25steps 150 75 --eager
+elif [ "$PLAN" = run11 ]; then
+    # 1: the levers in COMPILED_LEVERS' order: compile default profiled, the fast path, the kernel, its profile
+    nth 1 unet_step_sd15_512_b1_cfg 580 300 --levers "$OUT/levers.jsonl" --compiled-levers-only --no-peer \
+        --lever-names "default (inductor kernels" "the fast path, again" "Triton GroupNorm" --budget-s 100000
+    nth 2 train_sd15_unet_512 480 300 --fp8 --no-peer
 elif [ "$PLAN" = run10 ]; then
     # 1: the peer's reduce-overhead ~60 s; its max-autotune with run 8's cached shapes ~220-300 s; ours without
     # prologue fusion ~220-300 s (bench.py skips, with a line saying so, what its --budget-s cannot hold)

@@ -66,7 +66,10 @@ def sd15_parts(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, 
         autoencoder = AutoencoderKL(vae_config)
         text_encoder = build_text_encoder(text_config)
     redraw_zero_init_(autoencoder, seed=seed + 1)
-    return SDComponents(unet=unet, autoencoder=autoencoder.to(dtype), text_encoder=text_encoder.to(dtype),
+    # eval mode, as the pipeline runs them (Stage): the inference benchmarks time what generation runs (the
+    # training benchmark builds its own U-Net in training mode)
+    return SDComponents(unet=unet.eval(), autoencoder=autoencoder.to(dtype).eval(),
+                        text_encoder=text_encoder.to(dtype).eval(),
                         schedule=SD15_SCHEDULE, source="random SD-1.5 (ldm.bench.models)" + (", tiny" if tiny else ""),
                         config=resolved_config(unet.config, vae_config, text_config, SD15_SCHEDULE))
 

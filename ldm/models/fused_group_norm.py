@@ -8,8 +8,8 @@ embedding to the out_layers' norm, which adds it inside the kernel (`GroupNorm(h
 `h + emb` out first. `use_fused_group_norm(network, False)` undoes all of it.
 
 The kernel (`ldm.models.group_norm_kernel`, needs triton) runs only where it can: a CUDA, 4-d, channels_last,
-bf16/fp16 input without autograd (inference). Anything else takes the exact reference path (GroupNorm32, then
-SiLU), so turning it on is always safe; a CPU machine without triton never imports it.
+bf16/fp16 input without autograd (inference, in training or eval mode). Anything else takes the exact reference
+path (GroupNorm32, then SiLU), so turning it on is always safe; a CPU machine without triton never imports it.
 """
 from __future__ import annotations
 
@@ -52,8 +52,10 @@ class FusedGroupNorm(GroupNorm32):
     adds_shift = True  # forward takes `shift`: ResBlock passes the time embedding in
 
     def can_use_kernel(self, x: torch.Tensor) -> bool:
-        """Whether `x` can take the kernel: CUDA, `b c h w` channels_last, half precision, no autograd."""
-        return (x.is_cuda and x.ndim == 4 and x.dtype in _KERNEL_DTYPES and not self.training
+        """Whether `x` can take the kernel: CUDA, `b c h w` channels_last, half precision, no autograd. (Not
+        `self.training`: a GroupNorm computes the same in either mode, and a network left in training mode, as
+        run 9's benchmark network was, must not silently take the reference path.)"""
+        return (x.is_cuda and x.ndim == 4 and x.dtype in _KERNEL_DTYPES
                 and x.is_contiguous(memory_format=torch.channels_last)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
 
