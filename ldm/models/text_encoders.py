@@ -130,6 +130,20 @@ class TextEncoder(nn.Module):
                       f"the dropped words are: {dropped[:200]!r}{more}", stacklevel=4)
 
 
+class _CLIPLayers(TextEncoder):
+    """A CLIP-style tower of `num_layers` blocks read at `layer` ("last" | "penultimate"): what clip_skip may skip."""
+
+    layer: str
+    num_layers: int
+
+    def max_clip_skip(self) -> int:
+        return self.num_layers - 1 - skipped_layers(self.layer)
+
+    def _layers_note(self) -> str:
+        own = " and reads the penultimate one (layer: penultimate)" if self.layer == "penultimate" else ""
+        return f"it has {_layers(self.num_layers)}{own}"
+
+
 class _TextModelKeys(nn.Module):
     """Holds a transformers >= 5 `CLIPTextModel` at `.text_model`: keys read `text_model.*` as in SD-1 checkpoints."""
 
@@ -147,7 +161,7 @@ class _TextModelKeys(nn.Module):
         return self.text_model(*args, **kwargs)
 
 
-class CLIPTextEncoder(TextEncoder):
+class CLIPTextEncoder(_CLIPLayers):
     """transformers `CLIPTextModel` (SD-1, or diffusers' SD-2 export); padded to max_length as diffusers' pipelines."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, layer: str = "last", max_length: int | None = None,
@@ -173,13 +187,6 @@ class CLIPTextEncoder(TextEncoder):
         """The tower's transformer blocks."""
         return self.hf_model.config.num_hidden_layers
 
-    def max_clip_skip(self) -> int:
-        return self.num_layers - 1 - skipped_layers(self.layer)
-
-    def _layers_note(self) -> str:
-        own = " and reads the penultimate one (layer: penultimate)" if self.layer == "penultimate" else ""
-        return f"it has {_layers(self.num_layers)}{own}"
-
     def _encode(self, prompts: list[str], clip_skip: int = 0) -> TextEmbeddings:
         for prompt in prompts:
             ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
@@ -198,7 +205,7 @@ class CLIPTextEncoder(TextEncoder):
         return TextEmbeddings(tokens, out.pooler_output, mask)
 
 
-class OpenCLIPTextEncoder(TextEncoder):
+class OpenCLIPTextEncoder(_CLIPLayers):
     """open_clip text tower (SD-2's FrozenOpenCLIPEmbedder) at `.model`; "penultimate" skips the last block.
 
     `model` is ldm's `OpenCLIPTextTower` or an open_clip `CLIP` (same keys); the tokenizer is ldm's `BPETokenizer`,
@@ -234,13 +241,6 @@ class OpenCLIPTextEncoder(TextEncoder):
         """The tower's transformer blocks (a diffusers SD-2 folder's 23, plus the identity block put in place of the
         dropped 24th)."""
         return len(self.model.transformer.resblocks)
-
-    def max_clip_skip(self) -> int:
-        return self.num_layers - 1 - skipped_layers(self.layer)
-
-    def _layers_note(self) -> str:
-        own = " and reads the penultimate one (layer: penultimate)" if self.layer == "penultimate" else ""
-        return f"it has {_layers(self.num_layers)}{own}"
 
     def _encode(self, prompts: list[str], clip_skip: int = 0) -> TextEmbeddings:
         for prompt in prompts:
