@@ -83,7 +83,8 @@ def test_cascade_shares_one_text_embedding_and_its_first_stage_is_the_base_alone
     calls = []
     for stage in cascade.stages:
         encode = stage.text_encoder.encode
-        stage.text_encoder.encode = lambda prompts, encode=encode: calls.append(list(prompts)) or encode(prompts)
+        stage.text_encoder.encode = (lambda prompts, clip_skip=None, encode=encode:
+                                     calls.append(list(prompts)) or encode(prompts, clip_skip))
     low, high = cascade("a red circle", seed=3, steps=2, guidance=3.0, return_all_stages=True)
     assert low[0].size == (16, 16) and high[0].size == (32, 32)
     assert calls == [["a red circle"], [""]]  # the prompt and "" (CFG) encoded once, shared by both stages

@@ -69,7 +69,8 @@ def test_the_x4_stage_encodes_its_prompt_with_its_own_text_encoder(models):
     calls = []
     for name, stage in zip(("base", "x4"), cascade.stages):
         encode = stage.text_encoder.encode
-        stage.text_encoder.encode = lambda p, encode=encode, name=name: calls.append((name, list(p))) or encode(p)
+        stage.text_encoder.encode = (lambda p, clip_skip=None, encode=encode, name=name:
+                                     calls.append((name, list(p))) or encode(p, clip_skip))
     low, high = cascade("a red circle", "blurry", seed=1, steps=2, sampler="ddim", guidance=3.0,
                         return_all_stages=True)
     assert calls == [("base", ["a red circle"]), ("base", ["blurry"]), ("x4", ["a red circle"]), ("x4", ["blurry"])]
