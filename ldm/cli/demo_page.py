@@ -106,7 +106,7 @@ class Generator:
             seed=d["seed"] if seed is None else seed,
             n_per_prompt=d["n"] if n is None else n, height=height, width=width,
             negative_prompt=negative_prompt or None,  # an empty box is no negative prompt, as the flag left out
-            clip_skip=clip_skip,
+            clip_skip=clip_skip or None,  # gradio sends a blank box as 0: the model's own layer, as blank
         )
         return [(folder / r["file_name"], r) for r in records]
 
