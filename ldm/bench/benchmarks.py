@@ -282,12 +282,14 @@ def compiled_levers(b: Bench) -> None:
             write_lever(b, lever.name, None, skipped="diffusers is not installed (or --no-peer)")
             continue
         torch._dynamo.reset()  # the next compile starts clean (inductor's on-disk caches still help)
-        network = diffusers_fast(b.peer_pipeline().unet, None) if lever.peer else unet  # fused, NHWC, not compiled
-        call = (lambda: unet(x, t, context=c, context_mask=mask)) if lever.mask else (lambda: unet(x, t, context=c))
-        if lever.peer:
-            call = lambda: network(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
+        network, call = unet, (lambda: unet(x, t, context=c))
+        if lever.mask:
+            call = lambda: unet(x, t, context=c, context_mask=mask)  # noqa: E731
         started = time.monotonic()
         try:
+            if lever.peer:  # diffusers' U-Net, fused and NHWC, not compiled (building it may fail: one line says so)
+                network = diffusers_fast(b.peer_pipeline().unet, None)
+                call = lambda: network(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
             with torch.no_grad():
                 extra = {}
                 if lever.fp8:
