@@ -212,17 +212,36 @@ def test_the_interpreted_kernel_keeps_its_precision_under_a_large_mean():
 
 @interpreted
 def test_the_interpreted_kernel_with_many_tiles_per_block(monkeypatch):
-    """Small tiles and few blocks: each statistics program loops over several tiles, the merge over several blocks."""
+    """Small tiles and few programs: each statistics program loops over several pixel tiles of one channel slice
+    (three slices, the last one partial), and the merge steps over the blocks several at a time."""
     from ldm.models import group_norm_kernel
 
-    monkeypatch.setattr(group_norm_kernel, "TILE_ELEMENTS", 256)
-    monkeypatch.setattr(group_norm_kernel, "MAX_BLOCKS", 4)
-    n, c, h, w, groups = 2, 40, 11, 13, 4  # 143 pixels in tiles of 4: 36 tiles, 9 per block, the last one partial
-    assert group_norm_kernel._tiling(h * w, c) == (64, 4, 9, 4)
+    monkeypatch.setattr(group_norm_kernel, "SUM_CHANNELS", 16)
+    monkeypatch.setattr(group_norm_kernel, "SUM_ELEMENTS", 64)
+    monkeypatch.setattr(group_norm_kernel, "PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(group_norm_kernel, "MERGE_ELEMENTS", 32)
+    n, c, h, w, groups = 2, 40, 11, 13, 4  # 143 pixels in tiles of 4: 36 tiles, 6 per block, 6 blocks
+    assert group_norm_kernel.statistics_tiling(n, h * w, c, multiprocessors=40) == (16, 4, 6, 6)
     x = _nhwc(n, c, h, w, torch.float32, mean=-2.0)
     weight, bias = 1 + 0.2 * torch.randn(c), 0.2 * torch.randn(c)
     torch.testing.assert_close(_kernel(x, weight, bias, groups, 1e-6, True).double(),
                                _reference(x, weight, bias, groups, 1e-6, True), atol=2e-5, rtol=2e-5)
+
+
+def test_the_statistics_tiling_fills_the_device_and_covers_every_pixel():
+    """The statistics grid aims at PROGRAMS_PER_SM programs per multiprocessor at the SD shapes, never has an empty
+    block, and its blocks x tiles x pixels cover the map exactly once or with one partial tile."""
+    pytest.importorskip("triton")
+    from ldm.models import group_norm_kernel as gnk
+
+    for n, c, hw in [(2, 320, 4096), (2, 960, 4096), (2, 1280, 256), (2, 2560, 64), (1, 40, 1), (8, 1920, 1024)]:
+        block_c, block_p, tiles, blocks = gnk.statistics_tiling(n, hw, c, multiprocessors=132)
+        pixel_tiles = -(-hw // block_p)
+        assert block_c <= gnk.SUM_CHANNELS and block_c * block_p <= max(gnk.SUM_ELEMENTS, block_c)
+        assert (blocks - 1) * tiles < pixel_tiles <= blocks * tiles  # no empty block, every tile in one
+        programs = n * blocks * -(-c // block_c)
+        assert programs <= gnk.PROGRAMS_PER_SM * 132 + n * -(-c // block_c)  # no more than about one wave's worth
+        assert programs >= min(pixel_tiles * n * -(-c // block_c), gnk.PROGRAMS_PER_SM * 132 // 2)
 
 
 @interpreted
@@ -314,3 +333,23 @@ def test_cuda_fused_norm_takes_the_kernel_only_where_it_can(monkeypatch):
             torch.testing.assert_close(sequential(other).float(), F.silu(GroupNorm32.forward(norm, other)).float())
     sequential(x)  # grad enabled with parameters that want it: the reference, so autograd works
     assert len(calls) == 1
+
+
+def test_narrowing_only_swaps_the_first_norms_of_resblocks_that_narrow_their_channels():
+    """`narrowing_only=True` (run 10's lever): only the in_layers norms of ResBlocks whose input is wider than their
+    output (a decoder's concatenated skips) become FusedGroupNorms, each taking its SiLU; the rest, and every key,
+    stay as they were, and off the kernel's path the output is bitwise the reference's."""
+    unet = _tiny_unet()
+    reference = _out(unet)
+    keys = list(unet.state_dict())
+    narrowing = [m for m in unet.modules()
+                 if isinstance(m, ResBlock) and m.in_layers[0].num_channels > m.out_layers[0].num_channels]
+    assert narrowing, "the tiny U-Net's decoder concatenates skips"
+    assert use_fused_group_norm(unet, narrowing_only=True) == len(narrowing)
+    fused = [m for m in unet.modules() if type(m) is FusedGroupNorm]
+    assert {id(m) for m in fused} == {id(block.in_layers[0]) for block in narrowing}
+    assert all(m.fuses_silu for m in fused) and all(type(b.in_layers[1]) is SiLUInNorm for b in narrowing)
+    assert list(unet.state_dict()) == keys
+    assert torch.equal(_out(unet), reference)
+    assert use_fused_group_norm(unet, False) == len(narrowing)
+    assert not any(type(m) in (FusedGroupNorm, SiLUInNorm) for m in unet.modules())

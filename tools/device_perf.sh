@@ -2,7 +2,12 @@
 # Issue 12's missing rows in one GPU window of at most ~9 minutes, each benchmark in its own process under a hard
 # timeout (a hang or a slow compile costs only its own step), in the priority order PLAN names:
 #
-# PLAN=run11 (the default: the Triton GroupNorm(+SiLU) kernel against the fast path, run 9's call 5 having timed
+# PLAN=run12 (the default: run 10's unexplained -9.4% of GroupNorm as channel sums, whose GPU time was unchanged,
+#   and the 50-step image, last measured in run 1)
+#   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: compile default profiled, the fast path, the channel-sums
+#      GroupNorm under reduce-overhead, in one process (~90 + 60 + 90 s)
+#   2. txt2img_sd15_512_50steps_b1: the 50-step image, both sides compiled
+# PLAN=run11 (run 10: the Triton GroupNorm(+SiLU) kernel against the fast path, run 9's call 5 having timed
 #   the reference path; first run `python3 -m pytest -q tests/test_fused_group_norm.py -k cuda`)
 #   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: the fast path, the kernel under reduce-overhead, then GPU
 #      time by kernel kind under compile default without and with the kernel (~80 + 60 + 70 + 70 s)
@@ -74,7 +79,7 @@ set -u
 OUT=${OUT:?set OUT to the folder that receives results.jsonl, levers.jsonl and perf.log}
 BUDGET_S=${BUDGET_S:-$([ -n "${DRY_RUN:-}" ] && echo 1500 || echo 500)}
 PY=${PYTHON:-python3}
-PLAN=${PLAN:-run11}
+PLAN=${PLAN:-run12}
 FROM=${FROM:-1}
 TO=${TO:-9}
 mkdir -p "$OUT"
@@ -170,8 +175,8 @@ nth() {
 }
 
 case $PLAN in
-    run3|run4|run5|run6|run7|run8|run9|run10|run11) ;;
-    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run11 (the default), run10, run9, run8, run7, run6, run5, run4 or run3" >&2
+    run3|run4|run5|run6|run7|run8|run9|run10|run11|run12) ;;
+    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run12 (the default), run11, run10, run9, run8, run7, run6, run5, run4 or run3" >&2
        exit 2 ;;
 esac
 case $FROM in
@@ -194,6 +199,10 @@ if [ "$PLAN" = run3 ]; then
     nth 2 train_sd15_unet_512 300 120
     nth 3 train_sd15_unet_256 300 150
     nth 4 eval_generate_sd15_512_25steps 150 75 --eager
+elif [ "$PLAN" = run12 ]; then
+    nth 1 unet_step_sd15_512_b1_cfg 300 200 --levers "$OUT/levers.jsonl" --compiled-levers-only --no-peer \
+        --lever-names "default (inductor kernels" "the fast path, again" "sums (ldm" --budget-s 100000
+    nth 2 txt2img_sd15_512_50steps_b1 300 200
 elif [ "$PLAN" = run11 ]; then
     # 1: the levers in COMPILED_LEVERS' order: compile default profiled, the fast path, the kernel, its profile
     nth 1 unet_step_sd15_512_b1_cfg 580 300 --levers "$OUT/levers.jsonl" --compiled-levers-only --no-peer \

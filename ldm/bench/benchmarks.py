@@ -25,6 +25,7 @@ from ldm.bench.record import Row, make_row
 from ldm.bench.timing import alternate, call_times_ms
 from ldm.errors import LdmError
 from ldm.models.attention import set_sdpa_kernels
+from ldm.models.channel_sums_group_norm import use_channel_sums_group_norm
 from ldm.models.float8 import from_float8, to_float8
 from ldm.models.fused import fuse_qkv
 from ldm.models.fused_group_norm import use_fused_group_norm
@@ -212,6 +213,8 @@ class Lever:
     mask: bool = False
     fp8: bool = False
     group_norm_kernel: bool = False
+    narrowing_only: bool = False
+    channel_sums: bool = False
     profile: bool = False
     peer: bool = False
 
@@ -221,12 +224,24 @@ COMPILED_LEVERS = (  # in priority order: what a window that runs out first lose
           90, profile=True),
     Lever("torch.compile reduce-overhead: the fast path, again in this process", {"mode": "reduce-overhead"}, 60),
     Lever("+ FP8 transformer linears (ldm.models.float8)", {"mode": "reduce-overhead"}, 90, fp8=True),
-    # run 10's profile: normalisation took 1.36 of compile default's 6.30 ms, ~7x its memory-traffic floor (inductor
-    # reduces NHWC GroupNorms with strided loads); ldm.models.group_norm_kernel reads whole pixels (not yet measured)
+    # run 9's profile: normalisation took 1.36 of compile default's 6.30 ms (inductor reduces NHWC GroupNorms with
+    # strided loads); ldm.models.group_norm_kernel reads whole pixels. Run 10: 3-17% slower in the step
     Lever("+ Triton GroupNorm(+SiLU) kernel (NHWC, two-phase)", {"mode": "reduce-overhead"}, 90,
           group_norm_kernel=True),
     Lever("torch.compile default + Triton GroupNorm(+SiLU) kernel: GPU time by kernel kind", {"mode": "default"}, 90,
           group_norm_kernel=True, profile=True),
+    # run 10's probe: the kernel beat inductor 2.5-6x on the decoder's concatenated inputs (20-80 channels a group)
+    # and lost on 320 channels, where inductor also fuses the norm's neighbours: the kernel on those 12 norms only
+    Lever("+ Triton GroupNorm on the decoder's concatenated inputs only (narrowing ResBlocks)",
+          {"mode": "reduce-overhead"}, 90, group_norm_kernel=True, narrowing_only=True),
+    Lever("torch.compile default + Triton GroupNorm on the concatenated inputs only: GPU time by kernel kind",
+          {"mode": "default"}, 90, group_norm_kernel=True, narrowing_only=True, profile=True),
+    # run 10's probe: inductor's GroupNorm took 98-177 us on the 640/960-channel 64x64 maps (strided group reads);
+    # written as per-channel sums it reads channels contiguously and stays fusable with its neighbours
+    Lever("+ GroupNorm as per-channel sums (ldm.models.channel_sums_group_norm)", {"mode": "reduce-overhead"}, 90,
+          channel_sums=True),
+    Lever("torch.compile default + GroupNorm as per-channel sums: GPU time by kernel kind", {"mode": "default"}, 90,
+          channel_sums=True, profile=True),
     Lever("+ freezing (weights folded in as constants)", {"options": {"triton.cudagraphs": True, "freezing": True}},
           90),
     Lever("CUDA graphs alone (backend cudagraphs: eager kernels replayed)", {"backend": "cudagraphs"}, 60),
@@ -299,13 +314,17 @@ def compiled_levers(b: Bench) -> None:
                 if lever.group_norm_kernel:
                     with eager():  # the plain norms, eagerly
                         reference = call().float()
-                    use_fused_group_norm(unet)
+                    use_fused_group_norm(unet, narrowing_only=lever.narrowing_only)
+                if lever.channel_sums:
+                    with eager():
+                        reference = call().float()
+                    use_channel_sums_group_norm(unet)
                 network.compile(dynamic=False, **_lever_options(b, lever))
                 call()  # the compile
                 extra["compile_s"] = round(time.monotonic() - started, 1)
                 if lever.fp8:
                     extra["fp8_change"] = relative_l2(call(), reference)
-                if lever.group_norm_kernel:
+                if lever.group_norm_kernel or lever.channel_sums:
                     extra["group_norm_change"] = relative_l2(call(), reference)
                 if lever.profile and b.device.type == "cuda":
                     extra["profile"] = kernel_breakdown(call)
@@ -319,6 +338,7 @@ def compiled_levers(b: Bench) -> None:
         finally:
             from_float8(unet)  # the next lever runs plain products and norms (nothing to undo after the others)
             use_fused_group_norm(unet, False)
+            use_channel_sums_group_norm(unet, False)
 
 
 def _plain_output(unet, call) -> torch.Tensor:

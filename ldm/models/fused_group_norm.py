@@ -68,16 +68,26 @@ class FusedGroupNorm(GroupNorm32):
         return F.silu(h) if self.fuses_silu else h
 
 
-def use_fused_group_norm(network: nn.Module, enabled: bool = True) -> int:
-    """Swap every GroupNorm32 of `network` for a FusedGroupNorm (taking the SiLU that follows it), or back when
-    `enabled=False`; returns how many norms changed."""
+def narrowing_norms(network: nn.Module) -> set[int]:
+    """ids of the first norms of ResBlocks whose input is wider than their output: a U-Net decoder's concatenated
+    skips, 20-80 channels a group, which inductor reduces with strided loads 2.5-6x slower than the kernel (run 10:
+    ~0.68 against ~0.21 ms for these 12 norms of the SD-1.5 step), and whose input the block writes out anyway for
+    its 1x1 skip convolution (so the kernel costs inductor no fusion there)."""
+    return {id(m.in_layers[0]) for m in network.modules()
+            if isinstance(m, ResBlock) and m.in_layers[0].num_channels > m.out_layers[0].num_channels}
+
+
+def use_fused_group_norm(network: nn.Module, enabled: bool = True, *, narrowing_only: bool = False) -> int:
+    """Swap every GroupNorm32 of `network` for a FusedGroupNorm (taking the SiLU that follows it), or only those of
+    `narrowing_norms`, or back when `enabled=False`; returns how many norms changed."""
     if not enabled:
         return _restore(network)
     if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
         _kernel_op()  # registered now: a compile tracing the norms later finds it without an import (a graph break)
     count = 0
+    chosen = narrowing_norms(network) if narrowing_only else None
     for module in network.modules():
-        if type(module) is GroupNorm32:
+        if type(module) is GroupNorm32 and (chosen is None or id(module) in chosen):
             module.__class__ = FusedGroupNorm  # same parameters: keys, hooks and devices unchanged
             count += 1
     apart = {id(m.out_layers) for m in network.modules() if isinstance(m, ResBlock) and m.use_scale_shift_norm}

@@ -7,7 +7,7 @@ keeps its sigmas as Python floats (`ldm.diffusion.samplers`), so no step waits o
 Same results: tests/test_fast_paths.py compares the fast path with the reference path on the CPU.
 
 `fp8=True` (opt-in) runs the transformer blocks' linear products in FP8 (`ldm.models.float8`; Ada/Hopper GPUs).
-`group_norm_kernel=True` (opt-in until measured faster) runs the U-Nets' GroupNorms, with the SiLU after them, as
+`group_norm_kernel=True` (opt-in: measured 3% slower in the compiled SD-1.5 step, run 10) runs the U-Nets' GroupNorms, with the SiLU after them, as
 one Triton kernel each (`ldm.models.fused_group_norm`; CUDA, NHWC, half precision; elsewhere the reference path).
 """
 from __future__ import annotations
