@@ -40,12 +40,13 @@ class VarianceNet(torch.nn.Module):
         return torch.cat([1.5 * h[:, :3], torch.tanh(h[:, 3:])], dim=1)
 
 
-def diffusers_loop(net, scheduler_config, text, seed=0):
-    """IFPipeline's denoising loop (guidance on the eps half, the text half's variance) over DDPMScheduler."""
-    scheduler = diffusers.DDPMScheduler(**scheduler_config)
+def diffusers_loop(net, scheduler_config, text, seed=0, scheduler_class="DDPMScheduler"):
+    """IFPipeline's denoising loop (guidance on the eps half, the text half's variance) over DDPMScheduler, or over
+    another scheduler IFPipeline runs with IF's config (`from_config`: DPMSolverMultistepScheduler)."""
+    scheduler = getattr(diffusers, scheduler_class).from_config(scheduler_config)
     scheduler.set_timesteps(STEPS)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(SHAPE, generator=generator)
+    x = torch.randn(SHAPE, generator=generator) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         out = net(torch.cat([x, x]), t.repeat(2), context=torch.cat([text["uncond"], text["cond"]]))
         uncond, cond = out.chunk(2)
@@ -57,13 +58,13 @@ def diffusers_loop(net, scheduler_config, text, seed=0):
     return x
 
 
-def ldm_sample(net, scheduler_config, text, seed=0, dynamic_threshold=None):
+def ldm_sample(net, scheduler_config, text, seed=0, dynamic_threshold=None, sampler="ddpm"):
     schedule = ScheduleConfig.from_diffusers(scheduler_config)
     thresholding = scheduler_config["thresholding"]
     stage_config = StageConfig(resolution=SHAPE[-1], dynamic_threshold=0.95 if thresholding else None,
                                dynamic_threshold_max=1.5 if thresholding else None)
     stage = Stage(net, schedule, IdentityCodec(), stage_config=stage_config)
-    settings = GenerationSettings(sampler="ddpm", steps=STEPS, guidance=GUIDANCE, seed=seed, height=SHAPE[-1],
+    settings = GenerationSettings(sampler=sampler, steps=STEPS, guidance=GUIDANCE, seed=seed, height=SHAPE[-1],
                                   width=SHAPE[-1], dynamic_threshold=dynamic_threshold)
     cond = {"cond": {"context": text["cond"]}, "uncond": {"context": text["uncond"]}}
     return sample(stage, ["a prompt"], settings, cond=cond)
@@ -106,6 +107,28 @@ def test_dynamic_threshold_zero_leaves_the_schedules_static_clipping(net_and_tex
     expected = diffusers_loop(net, {**IF_SCHEDULER, "thresholding": False, "clip_sample": True}, text)
     ours = ldm_sample(net, {**IF_SCHEDULER, "thresholding": True, "clip_sample": True}, text, dynamic_threshold=0.0)
     assert_close_to_ref(ours, expected)
+
+
+@pytest.mark.parametrize("thresholding", [True, False])
+def test_dpm_solver_thresholds_but_never_clips_as_diffusers_does(net_and_text, thresholding):
+    """IFPipeline with DPMSolverMultistepScheduler.from_config(IF's config): the learned range is dropped, x0 is
+    thresholded when the config says `thresholding`, and never clipped otherwise: DPM-Solver has no `clip_sample`
+    (only DDPM, DDIM and Heun read it). ldm clipped x0 for every sampler of a pixel stage whose config says
+    `clip_sample`: dpmpp_2m with thresholding off was 0.93 of the image's norm away from diffusers' (IF-I, 10 steps)."""
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": thresholding, "clip_sample": True}
+    expected = diffusers_loop(net, config, text, scheduler_class="DPMSolverMultistepScheduler")
+    assert_close_to_ref(ldm_sample(net, config, text, sampler="dpmpp_2m"), expected)
+    if not thresholding:  # what ldm used to do: the same loop clipping x0 is far from diffusers' image
+        clipped = diffusers_loop(net, {**config, "thresholding": True, "sample_max_value": 1.0}, text,
+                                 scheduler_class="DPMSolverMultistepScheduler")
+        assert (clipped - expected).abs().max() > 1e-3 * expected.abs().max()
+    # the recorded clip follows the sampler: DDPM, DDIM and Heun clip, DPM-Solver, UniPC and Euler do not
+    stage = Stage(net, ScheduleConfig.from_diffusers(config), IdentityCodec(),
+                  stage_config=StageConfig(resolution=SHAPE[-1], dynamic_threshold=None))
+    assert {name: stage.clip_limit(sampler=name) for name in ("ddpm", "ddim", "heun", "dpmpp_2m", "unipc", "euler")} \
+        == {"ddpm": 1.0, "ddim": 1.0, "heun": 1.0, "dpmpp_2m": None, "unipc": None, "euler": None}
+    assert stage.thresholding(sampler="dpmpp_2m") == ()
 
 
 def test_a_latent_models_x0_is_never_clipped_whatever_its_scheduler_says(net_and_text):

@@ -152,7 +152,7 @@ class Cascade:
                    "guidance": s.guidance, "seed": self.stage_seed(settings.seed, i), "size": s.height,
                    "dynamic_threshold": pipe.stage.threshold_percentile(s.dynamic_threshold),
                    "ran": i + 1 >= options["start_stage"]}
-            if (limit := pipe.stage.clip_limit(s.dynamic_threshold)) is not None:
+            if (limit := pipe.stage.clip_limit(s.dynamic_threshold, s.sampler)) is not None:
                 row["clip_sample"] = limit  # x0 clipped to [-limit, limit] instead of dynamic thresholding
             if pipe.stage.latent_upscaler:
                 row["noise_level"] = self.noise_level(i, options["noise_level"])
