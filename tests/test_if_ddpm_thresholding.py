@@ -11,6 +11,7 @@ import torch
 from helpers import assert_close_to_ref
 
 from ldm.diffusion.schedules import ScheduleConfig
+from ldm.errors import ConfigError
 from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.models.codecs import IdentityCodec
 from ldm.pipeline.sampling import sample
@@ -98,6 +99,23 @@ def test_learned_range_variance_is_used(net_and_text):
     fixed = diffusers_loop(net, {**config, "variance_type": "fixed_small"}, text)
     assert (fixed - expected).abs().max() > 1e-3 * expected.abs().max()
     assert_close_to_ref(ldm_sample(net, config, text), expected)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_a_fixed_variance_type_overrides_the_learned_half(net_and_text, variance_type):
+    """IFPipeline drops the network's variance half when the scheduler's variance_type is not learned (e.g.
+    `DDPMScheduler.from_config(IF's config, variance_type="fixed_small")`), and DDPM steps with beta_tilde (fixed_small)
+    or beta (fixed_large). ldm used the variance half of any network with twice x's channels: an IF-I folder whose
+    scheduler says fixed_small came out 0.25 of the image's norm away from IFPipeline's (10 steps, guidance 3)."""
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": True, "clip_sample": True, "variance_type": variance_type}
+    expected = diffusers_loop(net, config, text)
+    assert_close_to_ref(ldm_sample(net, config, text), expected)
+    for other in ("learned_range", "fixed_large" if variance_type == "fixed_small" else "fixed_small"):
+        moved = diffusers_loop(net, {**config, "variance_type": other}, text)
+        assert (moved - expected).abs().max() > 1e-3 * expected.abs().max()
+    with pytest.raises(ConfigError, match="variance_type"):
+        ScheduleConfig.from_diffusers({**config, "variance_type": "fixed_medium"})
 
 
 def test_dynamic_threshold_zero_leaves_the_schedules_static_clipping(net_and_text):
