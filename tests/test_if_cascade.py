@@ -71,3 +71,14 @@ def test_every_sampler_and_guidance_wrapper_runs_on_an_if_stage(folders):
                       wrappers=(lambda d: classifier_guidance(d, grad),))
         pixels = torch.from_numpy(np.asarray(images[0], dtype=np.float32))
         assert images[0].size == (8, 8) and pixels.std() > 1, name  # an image, not a constant
+
+
+def test_noise_level_on_an_if_cascade_points_to_aug_level(folders, tmp_path, capsys):
+    """A DeepFloyd user passes IF-II's noise_level (IFSuperResolutionPipeline's argument); ldm's IF-II takes the level
+    of the same (alpha, sigma) as --aug-level. The refusal said only that --noise-level is the x4 upscaler's."""
+    base, sr = folders
+    out = tmp_path / "out"
+    code, err = run_cli(txt2img, ["a cat", "--model", base, "--upscaler", sr, "--out", out, "--noise-level", 250],
+                        capsys)
+    assert code == 2 and not out.exists()
+    assert "--aug-level" in err and "noise_level 250 is --aug-level 0.2568" in err, err
