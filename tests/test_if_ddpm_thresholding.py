@@ -41,7 +41,7 @@ class VarianceNet(torch.nn.Module):
         return torch.cat([1.5 * h[:, :3], torch.tanh(h[:, 3:])], dim=1)
 
 
-def diffusers_loop(net, scheduler_config, text, seed=0, scheduler_class="DDPMScheduler"):
+def diffusers_loop(net, scheduler_config, text, seed=0, scheduler_class="DDPMScheduler", **step_kwargs):
     """IFPipeline's denoising loop (guidance on the eps half, the text half's variance) over DDPMScheduler, or over
     another scheduler IFPipeline runs with IF's config (`from_config`: DPMSolverMultistepScheduler)."""
     scheduler = getattr(diffusers, scheduler_class).from_config(scheduler_config)
@@ -55,7 +55,7 @@ def diffusers_loop(net, scheduler_config, text, seed=0, scheduler_class="DDPMSch
         out = eps_uncond + GUIDANCE * (eps_cond - eps_uncond)
         if scheduler_config["variance_type"] == "learned_range":
             out = torch.cat([out, variance], dim=1)
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        x = scheduler.step(out, t, x, generator=generator, **step_kwargs).prev_sample
     return x
 
 
@@ -147,6 +147,28 @@ def test_dpm_solver_thresholds_but_never_clips_as_diffusers_does(net_and_text, t
     assert {name: stage.clip_limit(sampler=name) for name in ("ddpm", "ddim", "heun", "dpmpp_2m", "unipc", "euler")} \
         == {"ddpm": 1.0, "ddim": 1.0, "heun": 1.0, "dpmpp_2m": None, "unipc": None, "euler": None}
     assert stage.thresholding(sampler="dpmpp_2m") == ()
+
+
+def test_ddpm_adds_noise_after_a_last_timestep_above_0(net_and_text):
+    """"trailing" spacing ends at t = 124 (8 steps), not 0: diffusers' DDPMScheduler still adds noise after that step,
+    at the learned variance between beta_124 and the floored beta_tilde = 0. ldm stopped adding noise at sigma 0:
+    max|diff| 7e-3 here (tolerance 1.1e-5); on a toy IF-I at 7 steps, 0.09 of the image's norm."""
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": True, "clip_sample": True, "timestep_spacing": "trailing"}
+    assert_close_to_ref(ldm_sample(net, config, text), diffusers_loop(net, config, text))
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_ddim_from_the_cosine_schedules_last_timestep_keeps_float32_precision(net_and_text, spacing):
+    """Both spacings start at t = 999, sigma 20291 on IF's cosine schedule. ldm's DDIM step x + (x - x0) / sigma *
+    (sigma_next - sigma) cancelled 3 of float32's 7 digits there (max|diff| 1.7e-4 for linspace here, where
+    diffusers' VP arithmetic keeps 1e-7); x0 + (x - x0) * sigma_next / sigma does not. (IFPipeline's DDIM:
+    docs/deepfloyd-if.md.)"""
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": True, "clip_sample": True, "timestep_spacing": spacing,
+              "variance_type": "fixed_small"}  # DDIMScheduler has no variance_type: IFPipeline drops the half
+    expected = diffusers_loop(net, config, text, scheduler_class="DDIMScheduler", use_clipped_model_output=True)
+    assert_close_to_ref(ldm_sample(net, config, text, sampler="ddim"), expected)
 
 
 def test_a_latent_models_x0_is_never_clipped_whatever_its_scheduler_says(net_and_text):

@@ -45,7 +45,8 @@ from ldm.errors import ConfigError, LdmError
 #                   timesteps, VE start (init_noise_sigma)
 TIMESTEP_KINDS = ("ddim", "ddpm", "dpm_multistep", "euler_discrete")
 # Keywords every sampler takes from `run_sampler` or from the plan: never user options.
-_RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "first_order", "noise_sampler"}
+_RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "first_order", "noise_sampler",
+             "noised_steps"}
 # Sampling keys of a scheduler config that some diffusers schedulers read and others ignore (SamplerSpec.config_keys).
 # clip_sample: only DDPMScheduler, DDIMScheduler and HeunDiscreteScheduler clip x0 (`Stage.thresholding`: a pixel
 # model's, with dynamic thresholding off); DPM-Solver, UniPC, Euler and the rest have no such key.
