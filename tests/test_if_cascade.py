@@ -82,3 +82,22 @@ def test_noise_level_on_an_if_cascade_points_to_aug_level(folders, tmp_path, cap
                         capsys)
     assert code == 2 and not out.exists()
     assert "--aug-level" in err and "noise_level 250 is --aug-level 0.2568" in err, err
+
+
+def test_a_stage_two_alone_names_the_command_that_upscales_an_image(folders, tmp_path, capsys):
+    """IF-II given as --model: the refusal's way out is a command that works. It used to suggest `--init-image IMG
+    --start-stage 2` on the same command line, which is refused in turn (--start-stage needs --upscaler)."""
+    from PIL import Image
+
+    base, sr = folders
+    low = tmp_path / "low.png"
+    Image.fromarray((np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)).save(low)
+    code, err = run_cli(txt2img, ["a cat", "--model", sr, "--init-image", low, "--out", tmp_path / "no"], capsys)
+    assert code == 2 and not (tmp_path / "no").exists()
+    assert f"--model BASE --upscaler {sr}" in err and "add --init-image IMG --start-stage 2" in err, err
+    out = tmp_path / "out"  # the advice, followed
+    code, err = run_cli(txt2img, ["a cat", "--model", base, "--upscaler", sr, "--init-image", low, "--start-stage", 2,
+                                  "--stage-steps", "1,2", "--out", out], capsys)
+    assert code == 0, err
+    record = json.loads((out / "metadata.jsonl").read_text())
+    assert (record["width"], record["height"]) == (32, 32) and [s["ran"] for s in record["stages"]] == [False, True]
