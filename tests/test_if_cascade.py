@@ -10,6 +10,7 @@ from if_helpers import if_pipeline
 
 from ldm.cli.txt2img import main as txt2img
 from ldm.diffusion.guidance import classifier_guidance
+from ldm.diffusion.noise_augmentation import if_noise_level_from_level
 from ldm.diffusion.sampler_registry import sampler_names
 from ldm.models.text_encoders import T5TextEncoder
 from ldm.pipeline.cascade import load_cascade, use_model_defaults
@@ -81,7 +82,9 @@ def test_noise_level_on_an_if_cascade_points_to_aug_level(folders, tmp_path, cap
     code, err = run_cli(txt2img, ["a cat", "--model", base, "--upscaler", sr, "--out", out, "--noise-level", 250],
                         capsys)
     assert code == 2 and not out.exists()
-    assert "--aug-level" in err and "noise_level 250 is --aug-level 0.2568" in err, err
+    assert "--aug-level" in err and "noise_level 250 is --aug-level 0.25682854" in err, err
+    # the level as printed reaches IF-II's noise-level embedding as 250 exactly (a float32, as sampling passes it)
+    assert float(if_noise_level_from_level(torch.tensor(0.25682854, dtype=torch.float32))) == 250.0
 
 
 def test_a_stage_two_alone_names_the_command_that_upscales_an_image(folders, tmp_path, capsys):

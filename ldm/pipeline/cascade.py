@@ -103,7 +103,7 @@ class Cascade:
                 hint = ""
                 if any(s.super_resolution for s in self.stages[1:]):  # IF-II's own argument is noise_level
                     level = (f" (IF's noise_level {noise_level} is --aug-level "
-                             f"{float(level_from_if_noise_level(noise_level)):.4f})"
+                             f"{float(level_from_if_noise_level(noise_level)):.8f})"
                              if isinstance(noise_level, int) and 0 <= noise_level < IF_TIMESTEPS else "")
                     hint = (f"; a pixel super-resolution stage (DeepFloyd IF-II, Imagen) takes --aug-level, a level "
                             f"in [0, 1]{level}")
