@@ -10,6 +10,7 @@ from if_helpers import if_pipeline
 
 from ldm.cli.txt2img import main as txt2img
 from ldm.diffusion.guidance import classifier_guidance
+from ldm.diffusion.noise_augmentation import if_noise_level_from_level
 from ldm.diffusion.sampler_registry import sampler_names
 from ldm.models.text_encoders import T5TextEncoder
 from ldm.pipeline.cascade import load_cascade, use_model_defaults
@@ -71,3 +72,35 @@ def test_every_sampler_and_guidance_wrapper_runs_on_an_if_stage(folders):
                       wrappers=(lambda d: classifier_guidance(d, grad),))
         pixels = torch.from_numpy(np.asarray(images[0], dtype=np.float32))
         assert images[0].size == (8, 8) and pixels.std() > 1, name  # an image, not a constant
+
+
+def test_noise_level_on_an_if_cascade_points_to_aug_level(folders, tmp_path, capsys):
+    """A DeepFloyd user passes IF-II's noise_level (IFSuperResolutionPipeline's argument); ldm's IF-II takes the level
+    of the same (alpha, sigma) as --aug-level. The refusal said only that --noise-level is the x4 upscaler's."""
+    base, sr = folders
+    out = tmp_path / "out"
+    code, err = run_cli(txt2img, ["a cat", "--model", base, "--upscaler", sr, "--out", out, "--noise-level", 250],
+                        capsys)
+    assert code == 2 and not out.exists()
+    assert "--aug-level" in err and "noise_level 250 is --aug-level 0.25682854" in err, err
+    # the level as printed reaches IF-II's noise-level embedding as 250 exactly (a float32, as sampling passes it)
+    assert float(if_noise_level_from_level(torch.tensor(0.25682854, dtype=torch.float32))) == 250.0
+
+
+def test_a_stage_two_alone_names_the_command_that_upscales_an_image(folders, tmp_path, capsys):
+    """IF-II given as --model: the refusal's way out is a command that works. It used to suggest `--init-image IMG
+    --start-stage 2` on the same command line, which is refused in turn (--start-stage needs --upscaler)."""
+    from PIL import Image
+
+    base, sr = folders
+    low = tmp_path / "low.png"
+    Image.fromarray((np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)).save(low)
+    code, err = run_cli(txt2img, ["a cat", "--model", sr, "--init-image", low, "--out", tmp_path / "no"], capsys)
+    assert code == 2 and not (tmp_path / "no").exists()
+    assert f"--model BASE --upscaler {sr}" in err and "add --init-image IMG --start-stage 2" in err, err
+    out = tmp_path / "out"  # the advice, followed
+    code, err = run_cli(txt2img, ["a cat", "--model", base, "--upscaler", sr, "--init-image", low, "--start-stage", 2,
+                                  "--stage-steps", "1,2", "--out", out], capsys)
+    assert code == 0, err
+    record = json.loads((out / "metadata.jsonl").read_text())
+    assert (record["width"], record["height"]) == (32, 32) and [s["ran"] for s in record["stages"]] == [False, True]

@@ -11,6 +11,7 @@ import torch
 from helpers import assert_close_to_ref
 
 from ldm.diffusion.schedules import ScheduleConfig
+from ldm.errors import ConfigError
 from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.models.codecs import IdentityCodec
 from ldm.pipeline.sampling import sample
@@ -40,12 +41,13 @@ class VarianceNet(torch.nn.Module):
         return torch.cat([1.5 * h[:, :3], torch.tanh(h[:, 3:])], dim=1)
 
 
-def diffusers_loop(net, scheduler_config, text, seed=0):
-    """IFPipeline's denoising loop (guidance on the eps half, the text half's variance) over DDPMScheduler."""
-    scheduler = diffusers.DDPMScheduler(**scheduler_config)
+def diffusers_loop(net, scheduler_config, text, seed=0, scheduler_class="DDPMScheduler", **step_kwargs):
+    """IFPipeline's denoising loop (guidance on the eps half, the text half's variance) over DDPMScheduler, or over
+    another scheduler IFPipeline runs with IF's config (`from_config`: DPMSolverMultistepScheduler)."""
+    scheduler = getattr(diffusers, scheduler_class).from_config(scheduler_config)
     scheduler.set_timesteps(STEPS)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(SHAPE, generator=generator)
+    x = torch.randn(SHAPE, generator=generator) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         out = net(torch.cat([x, x]), t.repeat(2), context=torch.cat([text["uncond"], text["cond"]]))
         uncond, cond = out.chunk(2)
@@ -53,17 +55,17 @@ def diffusers_loop(net, scheduler_config, text, seed=0):
         out = eps_uncond + GUIDANCE * (eps_cond - eps_uncond)
         if scheduler_config["variance_type"] == "learned_range":
             out = torch.cat([out, variance], dim=1)
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        x = scheduler.step(out, t, x, generator=generator, **step_kwargs).prev_sample
     return x
 
 
-def ldm_sample(net, scheduler_config, text, seed=0, dynamic_threshold=None):
+def ldm_sample(net, scheduler_config, text, seed=0, dynamic_threshold=None, sampler="ddpm"):
     schedule = ScheduleConfig.from_diffusers(scheduler_config)
     thresholding = scheduler_config["thresholding"]
     stage_config = StageConfig(resolution=SHAPE[-1], dynamic_threshold=0.95 if thresholding else None,
                                dynamic_threshold_max=1.5 if thresholding else None)
     stage = Stage(net, schedule, IdentityCodec(), stage_config=stage_config)
-    settings = GenerationSettings(sampler="ddpm", steps=STEPS, guidance=GUIDANCE, seed=seed, height=SHAPE[-1],
+    settings = GenerationSettings(sampler=sampler, steps=STEPS, guidance=GUIDANCE, seed=seed, height=SHAPE[-1],
                                   width=SHAPE[-1], dynamic_threshold=dynamic_threshold)
     cond = {"cond": {"context": text["cond"]}, "uncond": {"context": text["uncond"]}}
     return sample(stage, ["a prompt"], settings, cond=cond)
@@ -99,6 +101,23 @@ def test_learned_range_variance_is_used(net_and_text):
     assert_close_to_ref(ldm_sample(net, config, text), expected)
 
 
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_a_fixed_variance_type_overrides_the_learned_half(net_and_text, variance_type):
+    """IFPipeline drops the network's variance half when the scheduler's variance_type is not learned (e.g.
+    `DDPMScheduler.from_config(IF's config, variance_type="fixed_small")`), and DDPM steps with beta_tilde (fixed_small)
+    or beta (fixed_large). ldm used the variance half of any network with twice x's channels: an IF-I folder whose
+    scheduler says fixed_small came out 0.25 of the image's norm away from IFPipeline's (10 steps, guidance 3)."""
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": True, "clip_sample": True, "variance_type": variance_type}
+    expected = diffusers_loop(net, config, text)
+    assert_close_to_ref(ldm_sample(net, config, text), expected)
+    for other in ("learned_range", "fixed_large" if variance_type == "fixed_small" else "fixed_small"):
+        moved = diffusers_loop(net, {**config, "variance_type": other}, text)
+        assert (moved - expected).abs().max() > 1e-3 * expected.abs().max()
+    with pytest.raises(ConfigError, match="variance_type"):
+        ScheduleConfig.from_diffusers({**config, "variance_type": "fixed_medium"})
+
+
 def test_dynamic_threshold_zero_leaves_the_schedules_static_clipping(net_and_text):
     """`dynamic_threshold=0` turns dynamic thresholding off; the scheduler's `clip_sample` then clips x0 to [-1, 1],
     as diffusers' DDPMScheduler does with `thresholding: false`."""
@@ -106,6 +125,50 @@ def test_dynamic_threshold_zero_leaves_the_schedules_static_clipping(net_and_tex
     expected = diffusers_loop(net, {**IF_SCHEDULER, "thresholding": False, "clip_sample": True}, text)
     ours = ldm_sample(net, {**IF_SCHEDULER, "thresholding": True, "clip_sample": True}, text, dynamic_threshold=0.0)
     assert_close_to_ref(ours, expected)
+
+
+@pytest.mark.parametrize("thresholding", [True, False])
+def test_dpm_solver_thresholds_but_never_clips_as_diffusers_does(net_and_text, thresholding):
+    """IFPipeline with DPMSolverMultistepScheduler.from_config(IF's config): the learned range is dropped, x0 is
+    thresholded when the config says `thresholding`, and never clipped otherwise: DPM-Solver has no `clip_sample`
+    (only DDPM, DDIM and Heun read it). ldm clipped x0 for every sampler of a pixel stage whose config says
+    `clip_sample`: dpmpp_2m with thresholding off was 0.93 of the image's norm away from diffusers' (IF-I, 10 steps)."""
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": thresholding, "clip_sample": True}
+    expected = diffusers_loop(net, config, text, scheduler_class="DPMSolverMultistepScheduler")
+    assert_close_to_ref(ldm_sample(net, config, text, sampler="dpmpp_2m"), expected)
+    if not thresholding:  # what ldm used to do: the same loop clipping x0 is far from diffusers' image
+        clipped = diffusers_loop(net, {**config, "thresholding": True, "sample_max_value": 1.0}, text,
+                                 scheduler_class="DPMSolverMultistepScheduler")
+        assert (clipped - expected).abs().max() > 1e-3 * expected.abs().max()
+    # the recorded clip follows the sampler: DDPM, DDIM and Heun clip, DPM-Solver, UniPC and Euler do not
+    stage = Stage(net, ScheduleConfig.from_diffusers(config), IdentityCodec(),
+                  stage_config=StageConfig(resolution=SHAPE[-1], dynamic_threshold=None))
+    assert {name: stage.clip_limit(sampler=name) for name in ("ddpm", "ddim", "heun", "dpmpp_2m", "unipc", "euler")} \
+        == {"ddpm": 1.0, "ddim": 1.0, "heun": 1.0, "dpmpp_2m": None, "unipc": None, "euler": None}
+    assert stage.thresholding(sampler="dpmpp_2m") == ()
+
+
+def test_ddpm_adds_noise_after_a_last_timestep_above_0(net_and_text):
+    """"trailing" spacing ends at t = 124 (8 steps), not 0: diffusers' DDPMScheduler still adds noise after that step,
+    at the learned variance between beta_124 and the floored beta_tilde = 0. ldm stopped adding noise at sigma 0:
+    max|diff| 7e-3 here (tolerance 1.1e-5); on a toy IF-I at 7 steps, 0.09 of the image's norm."""
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": True, "clip_sample": True, "timestep_spacing": "trailing"}
+    assert_close_to_ref(ldm_sample(net, config, text), diffusers_loop(net, config, text))
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_ddim_from_the_cosine_schedules_last_timestep_keeps_float32_precision(net_and_text, spacing):
+    """Both spacings start at t = 999, sigma 20291 on IF's cosine schedule. ldm's DDIM step x + (x - x0) / sigma *
+    (sigma_next - sigma) cancelled 3 of float32's 7 digits there (max|diff| 1.7e-4 for linspace here, where
+    diffusers' VP arithmetic keeps 1e-7); x0 + (x - x0) * sigma_next / sigma does not. (IFPipeline's DDIM:
+    docs/deepfloyd-if.md.)"""
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": True, "clip_sample": True, "timestep_spacing": spacing,
+              "variance_type": "fixed_small"}  # DDIMScheduler has no variance_type: IFPipeline drops the half
+    expected = diffusers_loop(net, config, text, scheduler_class="DDIMScheduler", use_clipped_model_output=True)
+    assert_close_to_ref(ldm_sample(net, config, text, sampler="ddim"), expected)
 
 
 def test_a_latent_models_x0_is_never_clipped_whatever_its_scheduler_says(net_and_text):

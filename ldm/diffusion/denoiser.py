@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ldm.diffusion.scalings import EDMScaling, scaling_for
-from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
+from ldm.diffusion.schedules import FIXED_VARIANCE_TYPES, DiscreteSchedule, ScheduleConfig
 
 
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -33,18 +33,23 @@ class Denoiser(nn.Module):
     float16's 65504. Only c_in x, about unit variance, is cast to the network's precision.
     """
 
-    def __init__(self, network, scaling, dtype: torch.dtype | None = None):
+    def __init__(self, network, scaling, dtype: torch.dtype | None = None, variance_type: str | None = None):
         super().__init__()
         self.network = network
         self.scaling = scaling
         self.network_dtype = dtype
+        self.variance_type = variance_type  # the schedule's (ScheduleConfig.variance_type): a fixed one wins
 
     def noise_input(self, c_noise: torch.Tensor) -> torch.Tensor:
         """The network's noise-level input for the scaling's c_noise."""
         return c_noise
 
     def forward_with_variance(self, x: torch.Tensor, sigma, cond: dict | None = None):
-        """(x0, variance output or None): a network with 2x the channels of x returns [output, variance] halves."""
+        """(x0, variance output or None): a network with 2x the channels of x returns [output, variance] halves.
+
+        The variance output is v in [-1, 1] between log beta_tilde and log beta (Nichol & Dhariwal 2021, eq. 15). A
+        fixed `variance_type` replaces it, as diffusers' DDPMScheduler ignores a learned half then: fixed_small is
+        None (beta_tilde), fixed_large v = 1 (beta)."""
         sigma = batch_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in self.scaling(sigma))
         x_in = (x * c_in).to(self.network_dtype or x.dtype)
@@ -54,6 +59,8 @@ class Denoiser(nn.Module):
         variance = None
         if out.shape[1] == 2 * x.shape[1]:  # learned variance (Nichol & Dhariwal 2021): [eps | v]
             out, variance = out.chunk(2, dim=1)
+        if self.variance_type in FIXED_VARIANCE_TYPES:
+            variance = torch.ones_like(out) if self.variance_type.startswith("fixed_large") else None
         return (c_skip * x + c_out * out).to(x.dtype), variance
 
     def forward(self, x: torch.Tensor, sigma, cond: dict | None = None) -> torch.Tensor:
@@ -68,8 +75,8 @@ class DiscreteDenoiser(Denoiser):
     """
 
     def __init__(self, network, schedule: DiscreteSchedule, prediction: str = "epsilon",
-                 dtype: torch.dtype | None = None, quantize: bool = False):
-        super().__init__(network, scaling_for(prediction), dtype)
+                 dtype: torch.dtype | None = None, quantize: bool = False, variance_type: str | None = None):
+        super().__init__(network, scaling_for(prediction), dtype, variance_type)
         self.schedule = schedule
         self.prediction = prediction
         self.quantize = quantize
@@ -77,7 +84,8 @@ class DiscreteDenoiser(Denoiser):
     def quantized(self) -> "DiscreteDenoiser":
         """The same network and schedule, fed the nearest training timestep of each sigma (a plan that asks for it:
         Karras sigmas under diffusers' DPM-Solver / UniPC, which round their timesteps)."""
-        return DiscreteDenoiser(self.network, self.schedule, self.prediction, self.network_dtype, quantize=True)
+        return DiscreteDenoiser(self.network, self.schedule, self.prediction, self.network_dtype, quantize=True,
+                                variance_type=self.variance_type)
 
     @property
     def sigma_min(self) -> float:
@@ -112,4 +120,5 @@ def build_denoiser(network, schedule_config: ScheduleConfig, dtype: torch.dtype 
     c = schedule_config
     if c.is_edm:
         return EDMDenoiser(network, c.sigma_data, c.sigma_min, c.sigma_max, dtype)
-    return DiscreteDenoiser(network, DiscreteSchedule.from_config(c), c.prediction_type, dtype)
+    return DiscreteDenoiser(network, DiscreteSchedule.from_config(c), c.prediction_type, dtype,
+                            variance_type=c.variance_type)

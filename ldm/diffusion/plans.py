@@ -93,6 +93,8 @@ def _ddim_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: s
     kwargs = {}
     if ddpm:
         last = 0.0  # DDPMScheduler: the step after the last timestep has alpha_bar = 1
+        if timesteps[-1] > 0:  # ... and still adds noise after it ("trailing", steps_offset: a learned variance shows)
+            kwargs["noised_steps"] = torch.from_numpy(timesteps > 0)
     else:
         prev = int(timesteps[-1]) - num_train // steps
         alpha_to_one = config.set_alpha_to_one is not False  # DDIMScheduler's default is True

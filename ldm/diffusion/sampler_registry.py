@@ -45,9 +45,12 @@ from ldm.errors import ConfigError, LdmError
 #                   timesteps, VE start (init_noise_sigma)
 TIMESTEP_KINDS = ("ddim", "ddpm", "dpm_multistep", "euler_discrete")
 # Keywords every sampler takes from `run_sampler` or from the plan: never user options.
-_RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "first_order", "noise_sampler"}
+_RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "first_order", "noise_sampler",
+             "noised_steps"}
 # Sampling keys of a scheduler config that some diffusers schedulers read and others ignore (SamplerSpec.config_keys).
-CONFIG_KEYS = ("use_karras_sigmas", "final_sigmas_type")
+# clip_sample: only DDPMScheduler, DDIMScheduler and HeunDiscreteScheduler clip x0 (`Stage.thresholding`: a pixel
+# model's, with dynamic thresholding off); DPM-Solver, UniPC, Euler and the rest have no such key.
+CONFIG_KEYS = ("use_karras_sigmas", "final_sigmas_type", "clip_sample")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class SamplerSpec:
     default_spacing: str  # the mirrored diffusers scheduler's own timestep_spacing default
     options: Mapping[str, float] = field(default_factory=dict)  # user-settable keywords and their defaults
     # The scheduler-config sampling keys (CONFIG_KEYS) the mirrored diffusers scheduler reads; a model's
-    # use_karras_sigmas / final_sigmas_type reach this sampler's plan only where it is named here.
+    # use_karras_sigmas / final_sigmas_type reach this sampler's plan, and its clip_sample this sampler's x0
+    # (`Stage.thresholding`), only where they are named here.
     config_keys: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -227,13 +231,15 @@ def run_sampler(name: str, denoiser: Callable, x: torch.Tensor, plan, cond=None,
 
 _CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}  # EDM Alg. 2, k-diffusion's names
 _KARRAS = ("use_karras_sigmas",)  # the schedulers that read use_karras_sigmas but not final_sigmas_type
-_BOTH = CONFIG_KEYS  # Euler, DPM-Solver multistep and UniPC read both
+_BOTH = ("use_karras_sigmas", "final_sigmas_type")  # Euler, DPM-Solver multistep and UniPC read both
+_CLIP = ("clip_sample",)  # DDPMScheduler and DDIMScheduler clip x0 (neither reads the sigma keys)
+_KARRAS_CLIP = ("use_karras_sigmas", "clip_sample")  # HeunDiscreteScheduler
 for _spec in (
-    SamplerSpec("ddpm", sample_ddpm, "ddpm", "leading"),
-    SamplerSpec("ddim", sample_ddim, "ddim", "leading", {"eta": 0.0}),
+    SamplerSpec("ddpm", sample_ddpm, "ddpm", "leading", {}, _CLIP),
+    SamplerSpec("ddim", sample_ddim, "ddim", "leading", {"eta": 0.0}, _CLIP),
     SamplerSpec("euler", sample_euler, "euler_discrete", "linspace", _CHURN, _BOTH),
     SamplerSpec("euler_a", sample_euler_ancestral, "euler_discrete", "linspace", {"eta": 1.0, "s_noise": 1.0}),
-    SamplerSpec("heun", sample_heun, "euler_discrete", "linspace", _CHURN, _KARRAS),
+    SamplerSpec("heun", sample_heun, "euler_discrete", "linspace", _CHURN, _KARRAS_CLIP),
     SamplerSpec("lms", sample_lms, "euler_discrete", "linspace", {"order": 4}, _KARRAS),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "dpm_multistep", "linspace", {}, _BOTH),
     SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpm_multistep", "linspace", {"eta": 1.0, "s_noise": 1.0},

@@ -76,6 +76,13 @@ def _euler_to(x, denoised, sigma, sigma_to):
     return x + (x - denoised) / sigma * (sigma_to - sigma)
 
 
+def _ddim_to(x, denoised, sigma, sigma_to):
+    """The same step written as DDIM's x0 + sigma_to * eps (Song et al. 2021, eq. 12): no cancellation of x against
+    the update, which at the cosine schedule's sigma_max (20291, DeepFloyd IF) cost `_euler_to` 3 of float32's 7
+    digits (1.5e-4 of the image, where diffusers' VP arithmetic keeps 1e-7)."""
+    return denoised + (x - denoised) * (sigma_to / sigma)
+
+
 def _churned(denoiser, x, sigmas, cond, step, churn, generator, callback, disable_progress):
     """EDM's Alg. 2 loop: churn to sigma_hat, denoise, then `step(x, denoised, sigma_hat, sigma_next)`."""
     sigmas = _sigma_list(sigmas)
@@ -150,12 +157,12 @@ def sample_ddim(denoiser, x, sigmas, cond=None, *, generator=None, callback=None
     """
     sigmas = _sigma_list(sigmas)
     if sigmas_next is None:
-        return _ancestral(denoiser, x, sigmas, cond, eta, 1.0, generator, callback, disable_progress)
+        return _ancestral(denoiser, x, sigmas, cond, eta, 1.0, generator, callback, disable_progress, step=_ddim_to)
     sigmas_next = _sigma_list(sigmas_next)
     for i in trange(len(sigmas) - 1, disable=disable_progress):
         denoised = _call(denoiser, x, sigmas[i], cond)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas_next[i], eta)
-        x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
+        x = _ddim_to(x, denoised, sigmas[i], sigma_down)
         if sigma_up > 0:
             x = x + _noise(x, generator) * sigma_up
         # The VP sample at sigmas_next[i] is taken to be at sigmas[i + 1]: rescale x_ve = x_vp sqrt(1 + sigma^2).
@@ -165,11 +172,15 @@ def sample_ddim(denoiser, x, sigmas, cond=None, *, generator=None, callback=None
 
 
 @torch.no_grad()
-def sample_ddpm(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True):
+def sample_ddpm(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
+                noised_steps=None):
     """Ancestral sampling from p(x_prev | x) = q(x_prev | x, x0_hat) (Ho et al. 2020, Alg. 2, in VE coordinates).
 
     The variance is the posterior's beta_tilde, or the learned interpolation between beta and beta_tilde
     (Nichol & Dhariwal 2021, eq. 15) when the denoiser returns a variance output from `forward_with_variance`.
+    Noise is added after every step to a sigma > 0; `noised_steps[i]` (the plan's, where the last timestep is not 0)
+    says which steps add it instead: diffusers' DDPMScheduler adds it after every step from a timestep t > 0, the
+    last one too, whose learned variance interpolates between beta_t and the floored beta_tilde = 0.
     """
     sigmas = _sigma_list(sigmas)
     with_variance = getattr(denoiser, "forward_with_variance", None)
@@ -181,7 +192,7 @@ def sample_ddpm(denoiser, x, sigmas, cond=None, *, generator=None, callback=None
         else:
             denoised, v = denoiser(x, s_in, cond), None
         x, variance = posterior(denoised, x, sigma, sigma_prev)  # Alg. 2 line 4: the mean and beta_tilde of eq. 7
-        if sigma_prev > 0:
+        if (sigma_prev > 0) if noised_steps is None else bool(noised_steps[i]):
             if v is None:
                 std = math.sqrt(variance)
             else:

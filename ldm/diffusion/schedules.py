@@ -18,6 +18,10 @@ PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 EDM_DEFAULTS = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "rho": 7.0}
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+# diffusers' DDPMScheduler variance types. A fixed one is the DDPM sampler's variance whatever the network outputs
+# (IFPipeline drops a learned half when the scheduler says fixed): beta_tilde for fixed_small, beta for fixed_large.
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+FIXED_VARIANCE_TYPES = VARIANCE_TYPES[:4]
 # The terminal alpha_cumprod that stands in for 0 under zero terminal SNR (diffusers' Euler/DPM choice, fp16's
 # smallest subnormal): it keeps the first sigma finite (~4096) in variance-exploding coordinates.
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
@@ -106,6 +110,9 @@ class ScheduleConfig:
     # (`Stage.thresholding`)
     clip_sample: bool = False
     clip_sample_range: float = 1.0
+    # The DDPM sampler's reverse variance (VARIANCE_TYPES). None or learned(_range): the network's learned half where
+    # it has one (IF's 6 output channels), else fixed_small; a fixed type overrides a learned half, as diffusers does
+    variance_type: str | None = None
     sigma_min: float | None = None  # edm: lowest sampling sigma (default 0.002)
     sigma_max: float | None = None  # edm: highest sampling sigma = std of the initial noise (default 80)
     sigma_data: float | None = None  # edm: std of the training data, sets the preconditioning (default 0.5)
@@ -126,6 +133,9 @@ class ScheduleConfig:
         if self.final_sigmas_type not in FINAL_SIGMAS_TYPES:
             raise ConfigError(f"schedule: unknown final_sigmas_type {self.final_sigmas_type!r}; "
                               f"use one of {', '.join(FINAL_SIGMAS_TYPES)}")
+        if self.variance_type is not None and self.variance_type not in VARIANCE_TYPES:
+            raise ConfigError(f"schedule: unknown variance_type {self.variance_type!r}; use one of "
+                              f"{', '.join(VARIANCE_TYPES)}")
         if not self.clip_sample_range > 0:
             raise ConfigError(f"schedule: clip_sample_range={self.clip_sample_range} must be positive")
         if self.prediction_type != "edm":

@@ -17,7 +17,7 @@ from ldm.config import from_dict, to_plain
 from ldm.diffusion.noise_augmentation import StageConfig, level_from_if_noise_level
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import CheckpointError, ConfigError, LdmError
-from ldm.io.checkpoint import read_state_dict, write_safetensors
+from ldm.io.checkpoint import write_safetensors
 from ldm.io.components import ModelParts, make_parts, section_type, text_config
 from ldm.io.diffusers_format import _read_json, _read_weights, _write_json
 from ldm.io.keys_if import (if_config_from_diffusers, if_config_to_diffusers, if_unet_diffusers_to_native,
@@ -107,7 +107,8 @@ def _scheduler_config(schedule: ScheduleConfig, stage: StageConfig, learn_sigma:
     if cfg.get("beta_schedule") == "cosine":
         cfg["beta_schedule"] = "squaredcos_cap_v2"
     threshold = stage.dynamic_threshold is not None
-    cfg.update(variance_type="learned_range" if learn_sigma else "fixed_small", thresholding=threshold)
+    cfg.setdefault("variance_type", "learned_range" if learn_sigma else "fixed_small")  # the schedule's own, if any
+    cfg["thresholding"] = threshold
     if threshold:
         cfg.update(dynamic_thresholding_ratio=stage.dynamic_threshold,
                    sample_max_value=stage.dynamic_threshold_max or 1.0)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ldm.config import to_plain
 from ldm.diffusion.latent_upscale import check_noise_level
-from ldm.diffusion.noise_augmentation import SAMPLING_DEFAULTS
+from ldm.diffusion.noise_augmentation import SAMPLING_DEFAULTS, level_from_if_noise_level
 from ldm.errors import LdmError
 from ldm.pipeline.default_model import DEFAULT, default_upscaler_path
 from ldm.pipeline.images import from_pil, to_pil
@@ -32,6 +32,8 @@ from ldm.pipeline.sampling import sample
 from ldm.pipeline.settings import GenerationSettings, check_batch_seeds, check_settings, with_defaults
 from ldm.pipeline.super_resolution import SuperResolution, check_start_strength, check_steps_left
 from ldm.runtime import derive_seed
+
+IF_TIMESTEPS = 1000  # IF's noise_level is a timestep of its 1000-step cosine schedule
 
 PER_STAGE = ("steps", "guidance", "sampler")  # the settings a cascade takes one per stage (--stage-steps 50,25)
 
@@ -98,7 +100,14 @@ class Cascade:
         if noise_level is not None:
             upscalers = [s for s in self.stages if s.latent_upscaler]
             if not upscalers:
-                raise LdmError("--noise-level is a latent upscaler's (the x4 upscaler's); this cascade has none")
+                hint = ""
+                if any(s.super_resolution for s in self.stages[1:]):  # IF-II's own argument is noise_level
+                    level = (f" (IF's noise_level {noise_level} is --aug-level "
+                             f"{float(level_from_if_noise_level(noise_level)):.8f})"
+                             if isinstance(noise_level, int) and 0 <= noise_level < IF_TIMESTEPS else "")
+                    hint = (f"; a pixel super-resolution stage (DeepFloyd IF-II, Imagen) takes --aug-level, a level "
+                            f"in [0, 1]{level}")
+                raise LdmError(f"--noise-level is a latent upscaler's (the x4 upscaler's); this cascade has none{hint}")
             for stage in upscalers:
                 check_noise_level(noise_level, stage.latent_upscale.max_noise_level)
 
@@ -152,7 +161,7 @@ class Cascade:
                    "guidance": s.guidance, "seed": self.stage_seed(settings.seed, i), "size": s.height,
                    "dynamic_threshold": pipe.stage.threshold_percentile(s.dynamic_threshold),
                    "ran": i + 1 >= options["start_stage"]}
-            if (limit := pipe.stage.clip_limit(s.dynamic_threshold)) is not None:
+            if (limit := pipe.stage.clip_limit(s.dynamic_threshold, s.sampler)) is not None:
                 row["clip_sample"] = limit  # x0 clipped to [-limit, limit] instead of dynamic thresholding
             if pipe.stage.latent_upscaler:
                 row["noise_level"] = self.noise_level(i, options["noise_level"])

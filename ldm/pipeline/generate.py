@@ -249,7 +249,7 @@ def generate_to_folder(
                 record["stages"] = pipe.records(GenerationSettings(**{**settings, "seed": seed + i}))
             else:
                 record["dynamic_threshold"] = pipe.stage.threshold_percentile(dynamic_threshold)
-                if (limit := pipe.stage.clip_limit(dynamic_threshold)) is not None:
+                if (limit := pipe.stage.clip_limit(dynamic_threshold, sampler)) is not None:
                     record["clip_sample"] = limit  # x0 clipped to [-limit, limit] instead
                 if "noise_level" in modes:
                     record["noise_level"] = modes["noise_level"]

@@ -64,9 +64,12 @@ class Pipeline:
     def settings(self, *, from_image: bool = False, inpainting: bool = False, **settings) -> GenerationSettings:
         """Checked settings for a call (the one check the CLI, generate_to_folder and `pipe()` share)."""
         if self.stage.super_resolution:
-            raise LdmError(f"{self.model_name or 'this model'} is a super-resolution stage (it upscales "
-                           f"{self.stage.stage_config.low_res_size} px images): give it as --upscaler after a base "
-                           "model, or upscale an image with --init-image IMG --start-stage 2")
+            name, size = self.model_name or "SR", self.stage.stage_config.low_res_size
+            raise LdmError(f"{name} is a super-resolution stage (it upscales {size} px images): run it after a base "
+                           f"model that makes {size} px images with the same text encoder, --model BASE --upscaler "
+                           f"{name}; to upscale an image of your own, add --init-image IMG --start-stage 2 to that "
+                           "(the base does not run; in Python: load_cascade(BASE, [SR])(prompt, init_image=IMG, "
+                           "start_stage=2))")
         settings = with_defaults(settings, self.stage.default_settings)
         if self.stage.latent_upscaler:
             return self._upscale_settings(from_image, inpainting, settings)

@@ -47,7 +47,7 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
     cond = stage.micro_conditioning(cond, shape, s.micro_conditioning)  # SDXL's sizes, crop, aesthetic score
     start = (strategy or TextToImage()).start(stage, shape, plan, cond, denoiser, generator)
     denoiser = start.denoiser
-    for wrap in (*stage.thresholding(s.dynamic_threshold), *wrappers):  # dynamic thresholding: pixel models
+    for wrap in (*stage.thresholding(s.dynamic_threshold, s.sampler), *wrappers):  # dynamic thresholding: pixel models
         denoiser = wrap(denoiser)
     x = run_sampler(s.sampler, denoiser, start.x, start.plan, start.cond, options=s.options(), generator=generator,
                     callback=callback, progress=progress)

@@ -17,6 +17,7 @@ from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.guidance import dynamic_threshold, static_threshold
 from ldm.diffusion.latent_upscale import DEFAULT_GUIDANCE, DEFAULT_STEPS, SECTION, LatentUpscaleConfig
 from ldm.diffusion.noise_augmentation import StageConfig
+from ldm.diffusion.sampler_registry import get_sampler
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import LdmError
 from ldm.io.components import ModelParts
@@ -99,23 +100,27 @@ class Stage:
             percentile = (self.stage_config or StageConfig()).dynamic_threshold if self.pixel else None
         return percentile or None
 
-    def thresholding(self, percentile: float | None = None) -> tuple:
+    def thresholding(self, percentile: float | None = None, sampler: str | None = None) -> tuple:
         """The denoiser wrappers of x0's thresholding (Saharia et al. 2022, Sec. 2.3): dynamic at the percentile;
-        without it, for a pixel model, static clipping where the schedule says `clip_sample` (diffusers' DDPM and
-        DDIM do the same, and DeepFloyd IF's configs say it); otherwise none. A latent model's x0 is never clipped,
-        whatever its scheduler config says (diffusers' StableDiffusionPipeline forces clip_sample off too)."""
+        without it, for a pixel model, static clipping where the schedule says `clip_sample` and `sampler`'s diffusers
+        scheduler reads that key (DDPM, DDIM and Heun do; DPM-Solver, UniPC and Euler do not: `clip_limit`); otherwise
+        none. A latent model's x0 is never clipped, whatever its scheduler config says (diffusers'
+        StableDiffusionPipeline forces clip_sample off too)."""
         resolved = self.threshold_percentile(percentile)
         if resolved:
             cap = (self.stage_config or StageConfig()).dynamic_threshold_max or float("inf")
             return (partial(dynamic_threshold, percentile=resolved, max_value=cap),)
-        limit = self.clip_limit(percentile)  # the caller's percentile: 0 (off) must not fall back to the default
+        limit = self.clip_limit(percentile, sampler)  # the caller's percentile: 0 (off) must not fall back
         return (partial(static_threshold, limit=limit),) if limit is not None else ()
 
-    def clip_limit(self, percentile: float | None = None) -> float | None:
+    def clip_limit(self, percentile: float | None = None, sampler: str | None = None) -> float | None:
         """x0's static clip (`clip_sample_range`) where `thresholding` clips instead of thresholding dynamically: a
-        pixel stage whose schedule says `clip_sample`; None otherwise (recorded in the images' metadata)."""
+        pixel stage whose schedule says `clip_sample`, sampled by a sampler whose diffusers scheduler reads the key
+        (`SamplerSpec.config_keys`; None: any sampler); None otherwise (recorded in the images' metadata)."""
         if self.threshold_percentile(percentile) or not (self.pixel and self.schedule_config.clip_sample):
             return None
+        if sampler is not None and "clip_sample" not in get_sampler(sampler).config_keys:
+            return None  # diffusers' DPMSolverMultistepScheduler, UniPC, Euler, ... never clip x0
         return self.schedule_config.clip_sample_range
 
     @property
