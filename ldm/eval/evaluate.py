@@ -12,7 +12,7 @@ from ldm.eval.clip_score import ClipModel, clip_score
 from ldm.eval.features import FeatureExtractor, compute_features
 from ldm.eval.frechet import GaussianStats, fid, load_stats
 from ldm.eval.imagefolder import list_images, read_metadata
-from ldm.eval.inception import EXTRACTOR_NAME as INCEPTION_NAME
+from ldm.eval.inception import stats_space
 from ldm.eval.kid import kid
 from ldm.eval.precision_recall import PR_K, precision_recall
 
@@ -49,8 +49,7 @@ class Reference:
         """Reference statistics in the feature space of `extractor`."""
         if self.npz is None:
             return self._compute(extractor, keep=False)[0]
-        # pytorch-fid files carry no extractor name: they hold Inception statistics.
-        space = self.npz.extractor or INCEPTION_NAME
+        space = stats_space(self.npz)  # pytorch-fid files carry no extractor name: they hold Inception statistics
         if space != extractor.name or self.npz.dim != extractor.dim:
             raise LdmError(
                 f"{self.path}: holds {self.npz.dim}-d statistics of {space!r}, "
