@@ -186,6 +186,30 @@ def test_fid_and_eval_check_workers_stats_name_and_image_count_before_loading_a_
     assert not (tmp_path / "stats").exists()
 
 
+def test_eval_sets_too_small_for_the_metrics_are_named_before_clip_loads(tmp_path, capsys, monkeypatch):
+    """One image cannot make a covariance, nor four-or-fewer a k=3 precision / recall: said up front, naming the set
+    (it was 'a covariance needs at least 2 images, got 1', after the CLIP model had loaded and scored)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("CLIP was loaded before the set sizes were checked")
+
+    patch_everywhere(monkeypatch, "ldm.eval.clip_score.ClipModel", refuse)
+    one = captioned_folder(tmp_path / "one", ["a cat"])
+    four = captioned_folder(tmp_path / "four", ["a cat", "a dog", "a cow", "a hen"], seed=1)
+    three = captioned_folder(tmp_path / "three", ["a cat", "a dog", "a cow"], seed=5)
+    for argv, message in (([one, "--ref", four], f"--images {one}: 1 image(s); a Frechet distance"),
+                          ([four, "--ref", one], f"--ref {one}: 1 image(s)"),
+                          ([four, "--ref", one, "--kid"], f"--ref {one}: 1 image(s)"),
+                          ([four, "--ref", three, "--precision-recall"], f"--ref {three}: 3 image(s); precision"),
+                          ([four, "--ref", one, "--distance", "fd_clip"], "leave out --ref")):
+        code, err = run_cli(eval_main, ["--images", *argv, "--out", tmp_path / "eval"], capsys)
+        assert code == 2 and message in err and not (tmp_path / "eval").exists(), (argv, err)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    code, err = run_cli(eval_main, ["--model", tmp_path / "no-model", "--prompts", prompts, "--ref", four,
+                                    "--out", tmp_path / "eval"], capsys)
+    assert code == 2 and "(1 prompts x --n-per-prompt 1): 1 image(s)" in err, err
+
+
 @pytest.mark.parametrize("name", ["../outside.png", "sub/../../outside.png", "/etc/hostname"])
 def test_metadata_cannot_read_files_outside_the_folder(tmp_path, name):
     folder = captioned_folder(tmp_path / "imgs", ["a"])

@@ -25,8 +25,8 @@ from ldm.cli.common import cli_main, finite_floats, launched_accelerator, layer_
 from ldm.diffusion.sampler_registry import check_sampler_options
 from ldm.errors import LdmError
 from ldm.eval.clip_score import ClipModel
-from ldm.eval.evaluate import Reference, score_folder
-from ldm.eval.imagefolder import read_metadata
+from ldm.eval.evaluate import Reference, check_set_size, score_folder
+from ldm.eval.imagefolder import list_images, read_metadata
 from ldm.eval.inception import RESIZERS, InceptionExtractor, MissingWeightsError
 from ldm.eval.precision_recall import PR_K
 from ldm.eval.prompts import load_prompts
@@ -391,8 +391,17 @@ def run(args: argparse.Namespace) -> dict:
     prompts = load_prompts(args.prompts) if args.prompts else []
     categories = {p.text: p.category for p in prompts}
     if args.images:
-        read_metadata(args.images)  # a broken metadata.jsonl fails now, not after the CLIP model loads
+        # a broken metadata.jsonl fails now, not after the CLIP model loads
+        n_images, what = len(read_metadata(args.images)), f"--images {args.images}"
     else:
+        n_images = len(prompts) * max(args.n_per_prompt, 1)
+        what = f"--prompts {args.prompts} ({len(prompts)} prompts x --n-per-prompt {args.n_per_prompt})"
+    if args.ref:  # sets too small for the metrics asked: refused before any model loads, naming the set
+        check_set_size(n_images, what, distance=True, precision_recall=args.precision_recall)
+        if Path(args.ref).suffix != ".npz":
+            check_set_size(len(list_images(args.ref)), f"--ref {args.ref}", distance=True,
+                           precision_recall=args.precision_recall)
+    if not args.images:
         given, (levels, strengths) = _given_axes(args), _sr_axes(args)
         if args.n_per_prompt < 1:
             raise LdmError(f"--n-per-prompt must be positive, got {args.n_per_prompt}")

@@ -17,6 +17,17 @@ from ldm.eval.kid import kid
 from ldm.eval.precision_recall import PR_K, precision_recall
 
 
+def check_set_size(n_images: int, what: str, *, distance: bool, precision_recall: bool = False) -> None:
+    """Refuse, before any network loads, an image set too small for the metrics asked of it."""
+    if distance and n_images < 2:
+        raise LdmError(f"{what}: {n_images} image(s); a Frechet distance (FID, FD_CLIP) and KID need at least 2 per "
+                       "set (they compare covariances); add images, or leave out --ref")
+    if precision_recall and n_images <= PR_K:
+        raise LdmError(f"{what}: {n_images} image(s); precision and recall (k={PR_K}) need at least {PR_K + 1} per set "
+                       f"(each image's ball reaches its {PR_K}rd nearest neighbour in its set); add images, or leave "
+                       "out --precision-recall")
+
+
 class Reference:
     """Reference images (a folder) or statistics (.npz), with features computed once per extractor and cached."""
 
