@@ -473,6 +473,11 @@ def run(args: argparse.Namespace) -> dict:
         )
         if main_process:
             print(f"{folder}: {summary}\n  protocol: {result['protocol']}", file=sys.stderr)
+    cut = max(r["truncated_prompts"] for r in results)
+    if cut:
+        notes.append(f"{cut} prompt(s) are longer than the CLIP text context ({clip.context_length} tokens) and were "
+                     "scored on their first tokens only, as OpenAI's CLIP and torchmetrics truncate them "
+                     "(per_image marks them 'truncated')")
     report = {
         "clip_model": clip.describe(),
         "clip": clip.name,

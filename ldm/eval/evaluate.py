@@ -101,9 +101,12 @@ def score_folder(
         accelerator=accelerator,
         desc=f"CLIP {Path(folder).name}",
     )
-    txt = clip.encode_texts([r.text for r in rows])
+    texts = [r.text for r in rows]
+    txt = clip.encode_texts(texts)
     scores = clip_score(img.values, txt)  # b
-    result: dict = {"n_images": len(rows), "clip_score": float(scores.mean())}
+    # prompts over the CLIP text context (77 tokens for OpenAI's CLIP) are scored on their first tokens only
+    truncated = clip.truncated_prompts(texts)
+    result: dict = {"n_images": len(rows), "clip_score": float(scores.mean()), "truncated_prompts": len(truncated)}
     if ref is not None and distance is not None:
         key = "fd_clip" if distance is clip else "fid"
         feats = (
@@ -127,13 +130,15 @@ def score_folder(
             precision, recall = precision_recall(ref.features(distance), feats.values, k=PR_K)
             result["precision_recall"] = {"precision": precision, "recall": recall, "k": PR_K,
                                           "features": distance.name}
+    cut = set(truncated)
     result["per_image"] = [
         {
             "file_name": r.file_name,
             "text": r.text,
             "clip_score": float(s),
             **({"category": r.category} if r.category else {}),
+            **({"truncated": True} if i in cut else {}),
         }
-        for r, s in zip(rows, scores)
+        for i, (r, s) in enumerate(zip(rows, scores))
     ]
     return result
