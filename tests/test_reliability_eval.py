@@ -76,6 +76,22 @@ def test_every_sixteen_bit_png_layout_matches_the_value_over_257(tmp_path, color
         assert np.abs(rgb[..., c] - colour[c] / 257).max() <= 1.0  # Pillow keeps the high byte of 16-bit colour
 
 
+def test_netpbm_images_are_listed_as_pytorch_fid_lists_them_and_deep_grey_is_rescaled(tmp_path):
+    """pytorch-fid counts .pgm / .ppm files: ldm skipped them, so one folder gave two tools different image sets."""
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.ppm")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "b.PGM")
+    deep = np.arange(64).reshape(8, 8) * 1040  # 0 .. 65520
+    for name, maxval in (("c.pgm", 65535), ("d.pgm", 1023)):  # Pillow opens both as mode I scaled to 0..65535
+        values = (deep * maxval // 65535).astype(">u2")
+        (tmp_path / name).write_bytes(b"P5\n8 8\n%d\n" % maxval + values.tobytes())
+    assert [p.name for p in list_images(tmp_path)] == ["a.ppm", "b.PGM", "c.pgm", "d.pgm"]
+    np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "a.ppm")), rgb)
+    for name in ("c.pgm", "d.pgm"):
+        grey = np.asarray(load_rgb(tmp_path / name)).astype(int)[..., 0]
+        assert np.abs(grey - deep / 257).max() <= 1.0 and grey.max() == 255, name
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "CMYK", "L", "1"])
 def test_eight_bit_modes_convert_as_pillow_does(tmp_path, mode):
     rng = np.random.default_rng(0)
