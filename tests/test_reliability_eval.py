@@ -226,6 +226,21 @@ def test_eval_sets_too_small_for_the_metrics_are_named_before_clip_loads(tmp_pat
     assert code == 2 and "(1 prompts x --n-per-prompt 1): 1 image(s)" in err, err
 
 
+def test_eval_takes_reference_images_from_subfolders_as_its_error_says(tmp_path, clip_config, capsys):
+    """'no images found ... use --recursive for subfolders' named a flag ldm-eval did not have (argparse refused it)."""
+    captioned_folder(tmp_path / "gen", ["a cat", "a dog"])
+    for sub in ("x", "y"):
+        write_images(tmp_path / "ref" / sub, seed=len(sub), sizes=((16, 16),) * 2)
+    argv = ["--images", tmp_path / "gen", "--ref", tmp_path / "ref", "--distance", "fd_clip", "--out", tmp_path / "o",
+            "--clip-model", clip_config, "--clip-pretrained", "none"]
+    code, err = run_cli(eval_main, argv, capsys)
+    assert code == 2 and "use --recursive for subfolders" in err, err
+    code, err = run_cli(eval_main, [*argv, "--recursive"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert f"FD_CLIP against {tmp_path / 'ref'} (4 images)" in report["protocol"] and report["fd_clip"] > 0
+
+
 @pytest.mark.parametrize("name", ["../outside.png", "sub/../../outside.png", "/etc/hostname"])
 def test_metadata_cannot_read_files_outside_the_folder(tmp_path, name):
     folder = captioned_folder(tmp_path / "imgs", ["a"])

@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score setting folders that have a metadata.jsonl as they are, generating nothing there")
     m = p.add_argument_group("metrics")
     m.add_argument("--ref", metavar="DIR|NPZ", help="reference images or statistics: adds FID (or FD_CLIP)")
+    m.add_argument("--recursive", action="store_true", help="also take --ref images from subfolders")
     m.add_argument(
         "--distance",
         choices=["auto", "fid", "fd_clip"],
@@ -399,7 +400,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.ref:  # sets too small for the metrics asked: refused before any model loads, naming the set
         check_set_size(n_images, what, distance=True, precision_recall=args.precision_recall)
         if Path(args.ref).suffix != ".npz":
-            check_set_size(len(list_images(args.ref)), f"--ref {args.ref}", distance=True,
+            check_set_size(len(list_images(args.ref, args.recursive)), f"--ref {args.ref}", distance=True,
                            precision_recall=args.precision_recall)
     if not args.images:
         given, (levels, strengths) = _given_axes(args), _sr_axes(args)
@@ -422,7 +423,7 @@ def run(args: argparse.Namespace) -> dict:
     if clip.random_weights:
         notes.append("CLIP has random weights (--clip-pretrained none): CLIP scores and FD_CLIP are meaningless")
     ref = (Reference(args.ref, batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator,
-                     keep_features=args.kid or args.precision_recall) if args.ref else None)
+                     keep_features=args.kid or args.precision_recall, recursive=args.recursive) if args.ref else None)
     if (args.kid or args.precision_recall) and ref.npz is not None:
         raise LdmError(f"--kid and --precision-recall need reference images; {args.ref} holds only statistics")
     distance = None
