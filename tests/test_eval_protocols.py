@@ -103,7 +103,7 @@ def test_the_report_states_the_protocol_in_one_line(random_weights, tiny_clip_co
 
 def test_a_reference_of_another_dimension_fails_before_generating(tiny_sd_folder, tiny_clip_config, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle\n")
+    prompts.write_text("a red circle\na blue square\n")  # two images: a covariance (one is refused first)
     ref = tmp_path / "clip_stats.npz"  # CLIP-space statistics, but 7-d: the tiny CLIP's image features are 16-d
     save_stats(ref, GaussianStats(mu=np.zeros(7), sigma=np.eye(7), n=10, extractor="clip:ldm-test-tiny-clip:none"))
     out = tmp_path / "o"
