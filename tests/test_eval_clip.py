@@ -39,6 +39,25 @@ def test_clip_score_is_100_times_clamped_open_clip_cosine(tiny_clip):
     assert clip_score(torch.tensor([[1.0, 0.0]]), torch.tensor([[-1.0, 0.0]])).item() == 0  # negative cosine -> 0
 
 
+def test_prompts_over_the_text_context_are_scored_on_their_first_tokens_and_reported(tiny_clip, tiny_clip_config,
+                                                                                     tmp_path):
+    """CLIP reads 77 tokens (start and end included): a longer prompt is cut to its first 75 words' tokens, as
+    OpenAI's CLIP and torchmetrics do. It was cut silently: now a warning, per-image flags and a report note."""
+    fits, over = "a " * 75, "a " * 76  # one token per "a": 75 + 2 = 77 fits, 76 + 2 does not
+    assert tiny_clip.context_length == 77
+    assert tiny_clip.truncated_prompts([fits, over, "a red cube", ""]) == [1]
+    with pytest.warns(UserWarning, match="1 of 2 prompts are longer than .* text context of 77 tokens"):
+        emb = tiny_clip.encode_texts([fits, fits + "red cube on a blue mat"])
+    torch.testing.assert_close(emb[0], emb[1])  # the cut prompt is its first 75 tokens, ended by the end token
+    folder = _captioned_folder(tmp_path / "gen", ["a red cube", over + "in the rain"])
+    with pytest.warns(UserWarning, match="longer than"):
+        assert eval_main(["--images", str(folder), "--clip-model", str(tiny_clip_config), "--clip-pretrained", "none",
+                          "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["truncated_prompts"] == 1 and [i.get("truncated", False) for i in report["per_image"]] == [False, True]
+    assert any("1 prompt(s) are longer than the CLIP text context (77 tokens)" in n for n in report["notes"])
+
+
 def test_eval_images_writes_report_html_and_plot(tiny_clip_config, tiny_clip, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights anywhere: FD_CLIP instead
     monkeypatch.delenv("LDM_INCEPTION_WEIGHTS", raising=False)

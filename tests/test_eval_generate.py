@@ -39,7 +39,7 @@ def test_reference_of_another_feature_space_fails_before_generating(tiny_sd_fold
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached Inception weights
     model, clip = tiny_sd_folder, tiny_clip_config
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n")
+    prompts.write_text("a red circle\na blue square\n")  # two images: a covariance (one is refused first)
     ref = tmp_path / "inception_stats.npz"  # a pytorch-fid file: Inception statistics, no extractor name
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
     out = tmp_path / "eval"

@@ -81,7 +81,7 @@ def test_the_resizer_is_configurable_and_named_in_the_statistics(random_weights,
     assert load_stats(tmp_path / "a.npz").extractor == EXTRACTOR_NAME + "+pil-bicubic"
     # statistics of one resizer are not compared with features of the other
     code, err = run_cli(fid_main, [str(tmp_path / "a.npz"), str(folder), *args], capsys)
-    assert code == 2 and "different feature extractors" in err
+    assert code == 2 and "+pil-bicubic'" in err and "--resizer tf-bilinear" in err
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ def test_the_report_states_the_protocol_in_one_line(random_weights, tiny_clip_co
 
 def test_a_reference_of_another_dimension_fails_before_generating(tiny_sd_folder, tiny_clip_config, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle\n")
+    prompts.write_text("a red circle\na blue square\n")  # two images: a covariance (one is refused first)
     ref = tmp_path / "clip_stats.npz"  # CLIP-space statistics, but 7-d: the tiny CLIP's image features are 16-d
     save_stats(ref, GaussianStats(mu=np.zeros(7), sigma=np.eye(7), n=10, extractor="clip:ldm-test-tiny-clip:none"))
     out = tmp_path / "o"
@@ -155,3 +155,54 @@ def test_sampler_options_reach_every_image_and_bad_ones_are_refused(tiny_sd_fold
     code, err = run_cli(main, _gen_argv(tiny_sd_folder, tiny_clip_config, prompts, tmp_path / "o2",
                                         "--sampler-option", "s_churn=1"), capsys)
     assert code == 2 and "s_churn" in err
+
+
+def test_a_pytorch_fid_file_is_default_resizer_statistics_and_is_read_before_inception_loads(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """A .npz without a feature-space name (pytorch-fid's, clean-fid's, TF's) holds tf-bilinear Inception statistics:
+    ldm-fid compared it silently with pil-bicubic features (and read a bad .npz only after the images' features)."""
+    from helpers import patch_everywhere
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Inception was loaded before the statistics files were checked")
+
+    patch_everywhere(monkeypatch, "ldm.eval.inception.InceptionExtractor", refuse)
+    folder = write_images(tmp_path / "a", seed=0, sizes=((32, 32),) * 2)
+    plain, small, cut = tmp_path / "pytorch_fid.npz", tmp_path / "dims768.npz", tmp_path / "cut.npz"
+    np.savez(plain, mu=np.zeros(2048), sigma=np.eye(2048))
+    np.savez(small, mu=np.zeros(768), sigma=np.eye(768))  # pytorch-fid --dims 768: not ldm's 2048-d pool features
+    cut.write_bytes(plain.read_bytes()[:300])
+    for argv, message in (([folder, plain, "--resizer", "pil-bicubic"], "--resizer pil-bicubic"),
+                          ([plain, folder, "--resizer", "pil-bicubic"], "--resizer pil-bicubic"),
+                          ([folder, small], "holds 768-d statistics"),
+                          ([folder, cut], "not a .npz archive")):
+        code, err = run_cli(fid_main, argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+    code, err = run_cli(fid_main, [plain, tmp_path / "named.npz"], capsys)  # two files: no network needed
+    assert code == 2 and "no such statistics file" in err
+    save_stats(tmp_path / "named.npz", GaussianStats(np.zeros(2048), np.eye(2048), 5, EXTRACTOR_NAME + "+pil-bicubic"))
+    code, err = run_cli(fid_main, [plain, tmp_path / "named.npz"], capsys)
+    assert code == 2 and "different feature extractors" in err and "resizer" in err
+    assert fid_main([str(plain), str(plain)]) == 0 and capsys.readouterr().out.strip() == "0"
+
+
+def test_in_training_fid_takes_a_pytorch_fid_file_as_default_resizer_statistics(tiny_clip):
+    from ldm.eval.in_training import evaluate_generations
+
+    class Extractor:  # stands in for an InceptionExtractor with another resizer
+        name, dim, device = EXTRACTOR_NAME + "+pil-bicubic", 4, torch.device("cpu")
+
+        def prepare(self, image):
+            return torch.from_numpy(np.array(image, dtype=np.float64)).permute(2, 0, 1)
+
+        def __call__(self, batch):
+            return batch.mean(dim=(2, 3)).repeat(1, 2)[:, :4] / 255
+
+    images = [Image.new("RGB", (8, 8), (40 * i, 100, 200 - 30 * i)) for i in range(3)]
+    plain = GaussianStats(mu=np.zeros(4), sigma=np.eye(4))  # as load_stats reads a pytorch-fid .npz
+    with pytest.raises(LdmError, match="different feature extractors"):
+        evaluate_generations(lambda ps: images, ["a", "b", "c"], tiny_clip, ref_stats=plain, fid_extractor=Extractor())
+    Extractor.name = EXTRACTOR_NAME  # the default resizer: the file's own space
+    metrics, _ = evaluate_generations(lambda ps: images, ["a", "b", "c"], tiny_clip, ref_stats=plain,
+                                      fid_extractor=Extractor())
+    assert metrics["fid"] > 0

@@ -76,6 +76,22 @@ def test_every_sixteen_bit_png_layout_matches_the_value_over_257(tmp_path, color
         assert np.abs(rgb[..., c] - colour[c] / 257).max() <= 1.0  # Pillow keeps the high byte of 16-bit colour
 
 
+def test_netpbm_images_are_listed_as_pytorch_fid_lists_them_and_deep_grey_is_rescaled(tmp_path):
+    """pytorch-fid counts .pgm / .ppm files: ldm skipped them, so one folder gave two tools different image sets."""
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.ppm")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "b.PGM")
+    deep = np.arange(64).reshape(8, 8) * 1040  # 0 .. 65520
+    for name, maxval in (("c.pgm", 65535), ("d.pgm", 1023)):  # Pillow opens both as mode I scaled to 0..65535
+        values = (deep * maxval // 65535).astype(">u2")
+        (tmp_path / name).write_bytes(b"P5\n8 8\n%d\n" % maxval + values.tobytes())
+    assert [p.name for p in list_images(tmp_path)] == ["a.ppm", "b.PGM", "c.pgm", "d.pgm"]
+    np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "a.ppm")), rgb)
+    for name in ("c.pgm", "d.pgm"):
+        grey = np.asarray(load_rgb(tmp_path / name)).astype(int)[..., 0]
+        assert np.abs(grey - deep / 257).max() <= 1.0 and grey.max() == 255, name
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "CMYK", "L", "1"])
 def test_eight_bit_modes_convert_as_pillow_does(tmp_path, mode):
     rng = np.random.default_rng(0)
@@ -184,6 +200,45 @@ def test_fid_and_eval_check_workers_stats_name_and_image_count_before_loading_a_
         code, err = run_cli(eval_main, ["--images", two, *argv, "--out", tmp_path / "eval"], capsys)
         assert code == 2 and message in err and not (tmp_path / "eval").exists(), err
     assert not (tmp_path / "stats").exists()
+
+
+def test_eval_sets_too_small_for_the_metrics_are_named_before_clip_loads(tmp_path, capsys, monkeypatch):
+    """One image cannot make a covariance, nor four-or-fewer a k=3 precision / recall: said up front, naming the set
+    (it was 'a covariance needs at least 2 images, got 1', after the CLIP model had loaded and scored)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("CLIP was loaded before the set sizes were checked")
+
+    patch_everywhere(monkeypatch, "ldm.eval.clip_score.ClipModel", refuse)
+    one = captioned_folder(tmp_path / "one", ["a cat"])
+    four = captioned_folder(tmp_path / "four", ["a cat", "a dog", "a cow", "a hen"], seed=1)
+    three = captioned_folder(tmp_path / "three", ["a cat", "a dog", "a cow"], seed=5)
+    for argv, message in (([one, "--ref", four], f"--images {one}: 1 image(s); a Frechet distance"),
+                          ([four, "--ref", one], f"--ref {one}: 1 image(s)"),
+                          ([four, "--ref", one, "--kid"], f"--ref {one}: 1 image(s)"),
+                          ([four, "--ref", three, "--precision-recall"], f"--ref {three}: 3 image(s); precision"),
+                          ([four, "--ref", one, "--distance", "fd_clip"], "leave out --ref")):
+        code, err = run_cli(eval_main, ["--images", *argv, "--out", tmp_path / "eval"], capsys)
+        assert code == 2 and message in err and not (tmp_path / "eval").exists(), (argv, err)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    code, err = run_cli(eval_main, ["--model", tmp_path / "no-model", "--prompts", prompts, "--ref", four,
+                                    "--out", tmp_path / "eval"], capsys)
+    assert code == 2 and "(1 prompts x --n-per-prompt 1): 1 image(s)" in err, err
+
+
+def test_eval_takes_reference_images_from_subfolders_as_its_error_says(tmp_path, clip_config, capsys):
+    """'no images found ... use --recursive for subfolders' named a flag ldm-eval did not have (argparse refused it)."""
+    captioned_folder(tmp_path / "gen", ["a cat", "a dog"])
+    for sub in ("x", "y"):
+        write_images(tmp_path / "ref" / sub, seed=len(sub), sizes=((16, 16),) * 2)
+    argv = ["--images", tmp_path / "gen", "--ref", tmp_path / "ref", "--distance", "fd_clip", "--out", tmp_path / "o",
+            "--clip-model", clip_config, "--clip-pretrained", "none"]
+    code, err = run_cli(eval_main, argv, capsys)
+    assert code == 2 and "use --recursive for subfolders" in err, err
+    code, err = run_cli(eval_main, [*argv, "--recursive"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert f"FD_CLIP against {tmp_path / 'ref'} (4 images)" in report["protocol"] and report["fd_clip"] > 0
 
 
 @pytest.mark.parametrize("name", ["../outside.png", "sub/../../outside.png", "/etc/hostname"])

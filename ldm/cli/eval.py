@@ -25,8 +25,8 @@ from ldm.cli.common import cli_main, finite_floats, launched_accelerator, layer_
 from ldm.diffusion.sampler_registry import check_sampler_options
 from ldm.errors import LdmError
 from ldm.eval.clip_score import ClipModel
-from ldm.eval.evaluate import Reference, score_folder
-from ldm.eval.imagefolder import read_metadata
+from ldm.eval.evaluate import Reference, check_set_size, score_folder
+from ldm.eval.imagefolder import list_images, read_metadata
 from ldm.eval.inception import RESIZERS, InceptionExtractor, MissingWeightsError
 from ldm.eval.precision_recall import PR_K
 from ldm.eval.prompts import load_prompts
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score setting folders that have a metadata.jsonl as they are, generating nothing there")
     m = p.add_argument_group("metrics")
     m.add_argument("--ref", metavar="DIR|NPZ", help="reference images or statistics: adds FID (or FD_CLIP)")
+    m.add_argument("--recursive", action="store_true", help="also take --ref images from subfolders")
     m.add_argument(
         "--distance",
         choices=["auto", "fid", "fd_clip"],
@@ -391,8 +392,17 @@ def run(args: argparse.Namespace) -> dict:
     prompts = load_prompts(args.prompts) if args.prompts else []
     categories = {p.text: p.category for p in prompts}
     if args.images:
-        read_metadata(args.images)  # a broken metadata.jsonl fails now, not after the CLIP model loads
+        # a broken metadata.jsonl fails now, not after the CLIP model loads
+        n_images, what = len(read_metadata(args.images)), f"--images {args.images}"
     else:
+        n_images = len(prompts) * max(args.n_per_prompt, 1)
+        what = f"--prompts {args.prompts} ({len(prompts)} prompts x --n-per-prompt {args.n_per_prompt})"
+    if args.ref:  # sets too small for the metrics asked: refused before any model loads, naming the set
+        check_set_size(n_images, what, distance=True, precision_recall=args.precision_recall)
+        if Path(args.ref).suffix != ".npz":
+            check_set_size(len(list_images(args.ref, args.recursive)), f"--ref {args.ref}", distance=True,
+                           precision_recall=args.precision_recall)
+    if not args.images:
         given, (levels, strengths) = _given_axes(args), _sr_axes(args)
         if args.n_per_prompt < 1:
             raise LdmError(f"--n-per-prompt must be positive, got {args.n_per_prompt}")
@@ -413,7 +423,7 @@ def run(args: argparse.Namespace) -> dict:
     if clip.random_weights:
         notes.append("CLIP has random weights (--clip-pretrained none): CLIP scores and FD_CLIP are meaningless")
     ref = (Reference(args.ref, batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator,
-                     keep_features=args.kid or args.precision_recall) if args.ref else None)
+                     keep_features=args.kid or args.precision_recall, recursive=args.recursive) if args.ref else None)
     if (args.kid or args.precision_recall) and ref.npz is not None:
         raise LdmError(f"--kid and --precision-recall need reference images; {args.ref} holds only statistics")
     distance = None
@@ -464,6 +474,11 @@ def run(args: argparse.Namespace) -> dict:
         )
         if main_process:
             print(f"{folder}: {summary}\n  protocol: {result['protocol']}", file=sys.stderr)
+    cut = max(r["truncated_prompts"] for r in results)
+    if cut:
+        notes.append(f"{cut} prompt(s) are longer than the CLIP text context ({clip.context_length} tokens) and were "
+                     "scored on their first tokens only, as OpenAI's CLIP and torchmetrics truncate them "
+                     "(per_image marks them 'truncated')")
     report = {
         "clip_model": clip.describe(),
         "clip": clip.name,

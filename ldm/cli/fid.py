@@ -18,7 +18,7 @@ from ldm.errors import LdmError
 from ldm.eval.features import compute_features
 from ldm.eval.frechet import fid, load_stats, save_stats
 from ldm.eval.imagefolder import list_images
-from ldm.eval.inception import RESIZERS, InceptionExtractor
+from ldm.eval.inception import FEATURE_DIM, RESIZERS, InceptionExtractor, extractor_name, stats_space
 from ldm.runtime import resolve_device
 from ldm.writable import check_output_path
 
@@ -56,10 +56,22 @@ def run(args: argparse.Namespace) -> float | None:
             raise LdmError(f"--save-stats {args.save_stats}: name the statistics file *.npz")
         check_output_path(args.save_stats, "--save-stats", folder=False, overwrite=args.overwrite)
     paths = [Path(p) for p in (args.path1, args.path2) if p is not None]
-    for p in paths:  # check both inputs before spending minutes on the first
+    space = extractor_name(args.resizer)  # the feature space of the images' statistics
+    loaded = {}
+    for p in paths:  # check both inputs, statistics files read, before spending minutes on the first
         if p.suffix == ".npz":
             if not p.is_file():
                 raise LdmError(f"{p}: no such statistics file")
+            held = loaded[p] = load_stats(p)
+            held.extractor = stats_space(held)  # a pytorch-fid file: TF Inception with the default resizer
+            images_too = any(q.suffix != ".npz" for q in paths)
+            if images_too and (held.extractor, held.dim) != (space, FEATURE_DIM):
+                raise LdmError(
+                    f"{p}: holds {held.dim}-d statistics of {held.extractor!r}, but the images are measured as "
+                    f"{space!r} ({FEATURE_DIM}-d, --resizer {args.resizer}); FID compares only one feature "
+                    "space: pass the --resizer the statistics were made with, or make them again from the reference "
+                    "images with ldm-fid REF --save-stats"
+                )
         elif len(list_images(p, args.recursive)) < 2:
             raise LdmError(f"{p}: one image; FID needs at least 2 (it compares covariances)")
     accelerator = launched_accelerator(args.device)
@@ -69,7 +81,7 @@ def run(args: argparse.Namespace) -> float | None:
     stats = []
     for p in paths:
         if p.suffix == ".npz":
-            stats.append(load_stats(p))
+            stats.append(loaded[p])
             continue
         if extractor is None:
             extractor = InceptionExtractor(args.inception_weights, device=device, resizer=args.resizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -141,9 +142,29 @@ class ClipModel:
         """Image embeddings `b 3 h w -> b d` (not normalised)."""
         return self.net.encode_image(batch).float()
 
+    @property
+    def context_length(self) -> int | None:
+        """How many tokens of a prompt the text tower reads (start and end tokens included; 77 for OpenAI's CLIP)."""
+        return getattr(self.tokenizer, "context_length", None)
+
+    def truncated_prompts(self, texts: list[str]) -> list[int]:
+        """Indices of the prompts longer than the text context: the tokenizer keeps their first tokens and ends them
+        with the end token (as OpenAI's CLIP and torchmetrics' CLIPScore do), so their score sees only those."""
+        n = self.context_length
+        if not n or not texts:
+            return []
+        short, longer = self.tokenizer(texts, context_length=n), self.tokenizer(texts, context_length=n + 1)
+        return [i for i in range(len(texts)) if not torch.equal(short[i], longer[i, :n])]
+
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Text embeddings `n d` (float32, CPU); prompts longer than the context are truncated by the tokenizer."""
+        """Text embeddings `n d` (float32, CPU); prompts longer than the context are truncated by the tokenizer,
+        with a warning naming how many and the first of them."""
+        cut = self.truncated_prompts(texts)
+        if cut:
+            warnings.warn(f"{len(cut)} of {len(texts)} prompts are longer than {self.name}'s text context of "
+                          f"{self.context_length} tokens and are scored on their first tokens only, e.g. "
+                          f"{texts[cut[0]][:200]!r}", stacklevel=2)
         out = [
             self.net.encode_text(self.tokenizer(texts[i : i + batch_size]).to(self.device)).float().cpu()
             for i in range(0, len(texts), batch_size)

@@ -12,9 +12,20 @@ from ldm.eval.clip_score import ClipModel, clip_score
 from ldm.eval.features import FeatureExtractor, compute_features
 from ldm.eval.frechet import GaussianStats, fid, load_stats
 from ldm.eval.imagefolder import list_images, read_metadata
-from ldm.eval.inception import EXTRACTOR_NAME as INCEPTION_NAME
+from ldm.eval.inception import stats_space
 from ldm.eval.kid import kid
 from ldm.eval.precision_recall import PR_K, precision_recall
+
+
+def check_set_size(n_images: int, what: str, *, distance: bool, precision_recall: bool = False) -> None:
+    """Refuse, before any network loads, an image set too small for the metrics asked of it."""
+    if distance and n_images < 2:
+        raise LdmError(f"{what}: {n_images} image(s); a Frechet distance (FID, FD_CLIP) and KID need at least 2 per "
+                       "set (they compare covariances); add images, or leave out --ref")
+    if precision_recall and n_images <= PR_K:
+        raise LdmError(f"{what}: {n_images} image(s); precision and recall (k={PR_K}) need at least {PR_K + 1} per set "
+                       f"(each image's ball reaches its {PR_K}rd nearest neighbour in its set); add images, or leave "
+                       "out --precision-recall")
 
 
 class Reference:
@@ -49,8 +60,7 @@ class Reference:
         """Reference statistics in the feature space of `extractor`."""
         if self.npz is None:
             return self._compute(extractor, keep=False)[0]
-        # pytorch-fid files carry no extractor name: they hold Inception statistics.
-        space = self.npz.extractor or INCEPTION_NAME
+        space = stats_space(self.npz)  # pytorch-fid files carry no extractor name: they hold Inception statistics
         if space != extractor.name or self.npz.dim != extractor.dim:
             raise LdmError(
                 f"{self.path}: holds {self.npz.dim}-d statistics of {space!r}, "
@@ -91,9 +101,12 @@ def score_folder(
         accelerator=accelerator,
         desc=f"CLIP {Path(folder).name}",
     )
-    txt = clip.encode_texts([r.text for r in rows])
+    texts = [r.text for r in rows]
+    txt = clip.encode_texts(texts)
     scores = clip_score(img.values, txt)  # b
-    result: dict = {"n_images": len(rows), "clip_score": float(scores.mean())}
+    # prompts over the CLIP text context (77 tokens for OpenAI's CLIP) are scored on their first tokens only
+    truncated = clip.truncated_prompts(texts)
+    result: dict = {"n_images": len(rows), "clip_score": float(scores.mean()), "truncated_prompts": len(truncated)}
     if ref is not None and distance is not None:
         key = "fd_clip" if distance is clip else "fid"
         feats = (
@@ -117,13 +130,15 @@ def score_folder(
             precision, recall = precision_recall(ref.features(distance), feats.values, k=PR_K)
             result["precision_recall"] = {"precision": precision, "recall": recall, "k": PR_K,
                                           "features": distance.name}
+    cut = set(truncated)
     result["per_image"] = [
         {
             "file_name": r.file_name,
             "text": r.text,
             "clip_score": float(s),
             **({"category": r.category} if r.category else {}),
+            **({"truncated": True} if i in cut else {}),
         }
-        for r, s in zip(rows, scores)
+        for i, (r, s) in enumerate(zip(rows, scores))
     ]
     return result

@@ -118,7 +118,9 @@ def fid(stats_a: GaussianStats, stats_b: GaussianStats) -> float:
     """Frechet distance between two feature Gaussians (FID for Inception features, FD_CLIP for CLIP ones)."""
     if stats_a.extractor and stats_b.extractor and stats_a.extractor != stats_b.extractor:
         raise LdmError(
-            f"statistics come from different feature extractors ({stats_a.extractor!r} vs {stats_b.extractor!r})"
+            f"statistics come from different feature extractors ({stats_a.extractor!r} vs {stats_b.extractor!r}); "
+            "make both with the same extractor and resizer (a pytorch-fid .npz holds TF-Inception statistics made "
+            "with the default tf-bilinear resizer)"
         )
     if stats_a.dim != stats_b.dim:
         raise LdmError(

@@ -12,7 +12,8 @@ from ldm.errors import LdmError
 from ldm.imagemodes import to_rgb8
 from ldm.textfiles import read_jsonl
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# pytorch-fid's list (a folder is counted as it counts it), matched case-insensitively
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".pgm", ".ppm")
 
 
 @dataclass

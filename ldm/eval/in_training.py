@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from PIL import Image
@@ -11,6 +12,7 @@ from ldm.eval.clip_score import ClipModel, clip_score
 from ldm.eval.features import FeatureExtractor, compute_features
 from ldm.eval.frechet import GaussianStats, fid
 from ldm.eval.grid import make_grid
+from ldm.eval.inception import stats_space
 
 
 def evaluate_generations(
@@ -38,8 +40,10 @@ def evaluate_generations(
         if ref_stats.extractor == clip.name:
             metrics["fd_clip"] = fid(img.moments.to_stats(clip.name), ref_stats)
         elif fid_extractor is not None:
+            # A file without a feature-space name (pytorch-fid's) holds default-resizer Inception statistics.
+            ref = replace(ref_stats, extractor=stats_space(ref_stats))
             feats = compute_features(images, fid_extractor, batch_size=batch_size, keep=False, progress=False)
-            metrics["fid"] = fid(feats.moments.to_stats(fid_extractor.name), ref_stats)
+            metrics["fid"] = fid(feats.moments.to_stats(fid_extractor.name), ref)
         else:
             raise LdmError(
                 f"reference statistics of {ref_stats.extractor or 'Inception (pytorch-fid file)'!r} "

@@ -22,6 +22,18 @@ EXTRACTOR_NAME = "inception-v3-tf-2015-12-05"  # stored in .npz files we write, 
 # as the network takes uint8), then the network's resize is the identity.
 RESIZERS = ("tf-bilinear", "pil-bicubic")
 INPUT_SIZE = 299
+FEATURE_DIM = 2048  # pool3 features
+
+
+def extractor_name(resizer: str = RESIZERS[0]) -> str:
+    """The feature space of Inception features made with `resizer`, as statistics files name it."""
+    return EXTRACTOR_NAME if resizer == RESIZERS[0] else f"{EXTRACTOR_NAME}+{resizer}"
+
+
+def stats_space(stats) -> str:
+    """The feature space of Inception statistics: a file without a name (pytorch-fid's, clean-fid's, the original
+    TensorFlow code's) holds TF-Inception statistics made with the default resizer."""
+    return stats.extractor or EXTRACTOR_NAME
 
 
 class MissingWeightsError(LdmError):
@@ -69,7 +81,7 @@ class InceptionExtractor:
     """2048-d pool3 features of the TF FID Inception (torch-fidelity's port: TF1-exact bilinear resize to 299)."""
 
     name = EXTRACTOR_NAME  # with the default resizer
-    dim = 2048
+    dim = FEATURE_DIM
 
     def __init__(self, weights: str | os.PathLike | None = None, device: torch.device | str = "cpu",
                  resizer: str = RESIZERS[0]):
@@ -79,8 +91,7 @@ class InceptionExtractor:
             raise LdmError(f"unknown resizer {resizer!r}; choose one of {', '.join(RESIZERS)}")
         self.resizer = resizer
         # Another resizer gives other statistics: its name goes into the feature space's name (and .npz files).
-        if resizer != RESIZERS[0]:
-            self.name = f"{EXTRACTOR_NAME}+{resizer}"
+        self.name = extractor_name(resizer)
 
         self.weights = resolve_inception_weights(weights)
         # torch-fidelity reads the file with weights_only=False; refuse anything a safe load would not accept.
