@@ -50,6 +50,19 @@ def test_equal_batch_counts_for_two_ranks_with_fewer_shards_than_streams(tmp_pat
     assert [k for b in again for k in b["key"]] == streams[1, 0]  # deterministic given the seed
 
 
+def test_worker_loader_leaves_the_global_torch_rng_alone(tmp_path):
+    # A DataLoader draws its workers' base seed from the global RNG at every new iterator; a resumed run makes one
+    # mid-epoch where the uninterrupted run made none, so its dropout masks differed (resume was not exact).
+    folder, _ = write_uneven_shards(tmp_path, [4, 4])
+    loader = make_loader(config(folder, num_workers=1, batches_per_epoch=1))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = [k for b in loader for k in b["key"]]
+    assert torch.equal(torch.get_rng_state(), state)
+    loader.set_epoch(0)
+    assert [k for b in loader for k in b["key"]] == first  # the stream itself is still seeded per epoch
+
+
 def test_shard_partition_splits_by_node_and_worker():
     urls = [f"s{i}" for i in range(8)]
     parts = [shard_partition(urls, r, 2, w, 2, resampled=True) for r in range(2) for w in range(2)]

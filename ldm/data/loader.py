@@ -243,7 +243,11 @@ class StreamLoader:
         if self.config.num_workers == 0:
             source: Iterable[dict] = self.dataset
         else:
-            source = DataLoader(self.dataset, batch_size=None, num_workers=self.config.num_workers, persistent_workers=False)
+            # Its own generator: a DataLoader otherwise draws its workers' base seed from the global torch RNG at
+            # every epoch, so a resumed run (a fresh iterator mid-epoch) would shift that RNG, and with it dropout.
+            workers_seed = derive_seed(self.config.seed, self.dataset.epoch, self.dataset.rank, "workers")
+            source = DataLoader(self.dataset, batch_size=None, num_workers=self.config.num_workers, persistent_workers=False,
+                                generator=torch.Generator().manual_seed(workers_seed))
         limit = self.config.batches_per_epoch if self.config.resampled else None
         for batch in islice(source, limit):  # the epoch ends here, on the loader, not in each worker (#303)
             self.skips.update(batch)
