@@ -14,7 +14,7 @@ from helpers import tiny_resumable_config, subprocess_env
 from safetensors.torch import load_file
 
 from ldm.config import apply_overrides, from_dict, load_yaml
-from ldm.errors import CheckpointError, LdmError
+from ldm.errors import CheckpointError, ConfigError, LdmError
 from ldm.train.batches import TrainState, batch_stream
 from ldm.train.checkpointing import (MANIFEST_FILE, checkpoint_problem, list_checkpoints, read_trainer_state,
                                      rotate_checkpoints, tidy_checkpoints)
@@ -143,6 +143,26 @@ def test_a_refused_resume_in_a_new_folder_leaves_it_empty_for_the_corrected_comm
     err = capsys.readouterr().err
     assert code == 2 and "no such checkpoint folder" in err and "run without --resume" in err, err
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_an_image_size_the_unet_cannot_halve_is_refused_before_the_first_step(shape_shards, tmp_path):
+    # 30 px / the autoencoder's 4 = 7.5 latents: it used to fail in the U-Net's skip concatenation at step 1
+    for override, message in (("data.resolution=30", r"data.resolution: 30x30 is not a multiple of 8 .* try 32"),
+                              ("data.buckets=[[32,40],[36,32]]", r"data.buckets: 36x32 is not a multiple of 8")):
+        out = tmp_path / override.split("=")[0]
+        with pytest.raises(ConfigError, match=message):
+            train(tiny_resumable_config(shape_shards, out, "max_steps=1", override))
+        assert list(out.iterdir()) == []  # the corrected command may use the same folder
+
+
+def test_the_documented_exponent_learning_rate_is_read_as_a_number(shape_shards, tmp_path, capsys):
+    # `tools/train.py --help` and docs/training.md give optim.lr=5e-5; PyYAML read it as the string '5e-5' (refused)
+    out = tmp_path / "run"
+    code = tool("train").main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--train-data", shape_shards,
+                               "--output-dir", str(out), "optim.lr=5e-5", "max_steps=0", "progress=false",
+                               "log_with=none", "sampling.at_end=false"])
+    assert code == 0, capsys.readouterr().err
+    assert load_yaml(out / "train_config.yaml")["optim"]["lr"] == 5e-5
 
 
 def test_a_refused_start_leaves_the_old_run_and_its_record_alone(shape_shards, two_steps, tmp_path):

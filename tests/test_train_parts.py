@@ -94,6 +94,32 @@ def test_train_config_rejects_unknown_keys():
     assert cfg.data.batch_size == 3 and cfg.optim.betas == (0.9, 0.99)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm must be > 0"),  # silently flipped every gradient's sign
+    ("optim.max_grad_norm=0", "optim.max_grad_norm must be > 0"),  # silently zeroed every gradient
+    ("optim.betas=[2,0.9]", "optim.betas must be two numbers"),  # was torch's ValueError after the model was built
+    ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+    ("optim.weight_decay=-1", "optim.eps and optim.weight_decay"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must lie in"),
+    ("optim.decay_steps=0", "optim.decay_steps"),  # 0 was taken for null
+    ("ema.inv_gamma=0", "ema.inv_gamma and ema.power"),  # was a ZeroDivisionError at the first step
+    ("sampling.sampler=bogus", "unknown sampler 'bogus'"),  # these three failed only at the end of the run,
+    ("sampling.steps=0", "sampling.steps"),  # after every training step, and before the export
+    ("sampling.n_per_prompt=0", "n_per_prompt"),
+    ("sampling.every=-1", "sampling.every must be >= 0"),
+    ("sampling.guidance=-3", "sampling.guidance"),
+    ("attention_backend=bogus", "attention_backend must be one of"),  # was a ValueError traceback
+    ("loss.min_snr_gamma=0", "loss.min_snr_gamma must be > 0"),
+    ("data.resolution=0", "resolution"),
+    ("data.background=[300,0,0]", "background"),
+])
+def test_train_config_refuses_values_out_of_range_naming_the_key(override, message):
+    from ldm.config import apply_overrides, from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        from_dict(TrainConfig, apply_overrides({}, [override]))
+
+
 class _Model(nn.Module):
     def __init__(self):
         super().__init__()

@@ -162,6 +162,26 @@ def check_fp8_unet(model: ModelConfig) -> None:
                        f"widths are multiples of {FP8_ALIGN}: FP8 has nothing to run on; set fp8: false")
 
 
+def check_training_sizes(config: TrainConfig, parts: LatentDiffusionParts) -> None:
+    """The image sizes the loader makes (data.resolution or data.buckets) must be multiples of the codec's factor
+    times the U-Net's downsampling, as `Stage.factor` says for sampling; else the U-Net's skip connections fail to
+    concatenate at the first step, deep in the forward pass."""
+    if config.loss.inputs == "latents":  # the shards hold latents of their own size
+        return
+    own = getattr(parts.unet.config, "downsample_factor", None)  # the Efficient U-Net's
+    levels = getattr(parts.unet.config, "channel_mult", None)
+    if own is None and levels is None:
+        return
+    factor = parts.codec.downsample_factor * (own or 2 ** (len(levels) - 1))
+    bad = [(h, w) for h, w in config.data.sizes if h % factor or w % factor]
+    if bad:
+        key = "data.buckets" if config.data.buckets else "data.resolution"
+        h, w = bad[0]
+        raise ConfigError(f"{key}: {h}x{w} is not a multiple of {factor} (the autoencoder's factor "
+                          f"{parts.codec.downsample_factor} times the U-Net's downsampling); try "
+                          f"{max(factor, round(h / factor) * factor)}")
+
+
 def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train the model of `config` into `config.output_dir`; returns that folder, which then holds the final model.
 
@@ -192,6 +212,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     # The model: identical random init on every rank (DDP broadcasts rank 0's weights anyway).
     torch.manual_seed(config.seed)
     parts = build_parts(config.model)
+    check_training_sizes(config, parts)
     if config.fp8:  # before compiling: the compiled graph holds the FP8 products
         to_float8(parts.unet)  # in place: parameters and state_dict keys are unchanged
     if config.compile if config.compile is not None else device.type == "cuda":
