@@ -183,6 +183,54 @@ def test_crash_mid_save_leaves_no_half_checkpoint(tmp_path, accel_setup, monkeyp
     assert json.loads((tmp_path / "checkpoints" / "step-000002" / ckpt.STATE_FILE).read_text())["step"] == 2
 
 
+@pytest.mark.parametrize("error", [
+    "safetensors",  # what safetensors raises when the disk fills (not an OSError)
+    "torch.save",  # what torch.save's zip writer raises for the optimizer file on a full disk
+])
+def test_a_real_full_disk_while_saving_is_an_error_line_not_a_traceback(error, tmp_path, accel_setup, monkeypatch):
+    from safetensors import SafetensorError
+
+    accelerator, model, _ = accel_setup
+    ema = EMA(model, decay=0.5)
+    raised = {"safetensors": SafetensorError("Error while serializing: I/O error: No space left on device "
+                                             "(os error 28)"),
+              "torch.save": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2097472 vs "
+                                         "2097364")}[error]
+
+    def full_disk(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match=r"step 4 .*(no space left on device|written short).*--resume latest"):
+        ckpt.save_checkpoint(accelerator, tmp_path, 4, {"epoch": 0}, ema)
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # the temporary folder is gone
+
+
+def test_a_full_disk_during_the_export_names_the_way_out_and_leaves_no_staging(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from ldm.errors import LdmError
+    from ldm.io import native_format
+    from ldm.models.text_encoders import TextEncoderConfig
+    from ldm.train.loop import export_model
+    from ldm.train.model import build_parts
+    from ldm.train.config import ModelConfig
+
+    parts = build_parts(ModelConfig(
+        unet=dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=[1], num_res_blocks=1,
+                  attention_resolutions=[], context_dim=16, num_heads=1),
+        autoencoder=None, text_encoder=vars(TextEncoderConfig(type="small", max_length=8,
+                                                              small={"width": 16, "layers": 1, "heads": 1}))))
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(native_format, "write_safetensors", full_disk)
+    with pytest.raises(LdmError, match=r"cannot write the exported model .*no space left on device.*--resume latest"):
+        export_model(parts, None, None, tmp_path, step=3)
+    assert list(tmp_path.iterdir()) == []  # no hidden .export.tmp left behind
+
+
 def test_parameter_fingerprint_sees_any_single_change():
     import torch
 

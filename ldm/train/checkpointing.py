@@ -34,7 +34,7 @@ from typing import Iterable
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, write_failure
 from ldm.train.sharding import is_sharded, load_sharded_ema, save_sharded_ema
 
 STATE_FILE = "trainer_state.json"  # written last: a folder without it is not a checkpoint
@@ -240,9 +240,12 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_stat
     except BaseException as e:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # a full disk, a lost mount: say where and what, not a traceback
-            raise CheckpointError(f"cannot write the checkpoint of step {step} to {tmp.parent}: {e}; free space or "
-                                  "fix the folder, then continue with --resume latest") from e
+        # a full disk, a lost mount: say where and what, not a traceback (safetensors and torch.save report a full
+        # disk in their own exception types, not as an OSError)
+        if isinstance(e, OSError) or write_failure(e):
+            reason = write_failure(e) or e
+            raise CheckpointError(f"cannot write the checkpoint of step {step} to {tmp.parent}: {reason} ({e}); free "
+                                  "space or fix the folder, then continue with --resume latest") from e
         raise
     accelerator.wait_for_everyone()
     return final

@@ -20,7 +20,7 @@ from ldm.config import save_yaml, to_plain
 from ldm.data.latents import check_latent_shards
 from ldm.data.loader import make_loader
 from ldm.diffusion.conditioning import takes_pooled_text
-from ldm.errors import ConfigError, LdmError
+from ldm.errors import ConfigError, LdmError, write_failure
 from ldm.eval.clip_score import ClipModel
 from ldm.eval.frechet import load_stats
 from ldm.eval.grid import make_grid
@@ -457,4 +457,11 @@ def export_model(parts, ema, objective, out: Path, step: int | None = None, acce
         if accelerator is not None and is_sharded(accelerator):
             parts = unsharded_parts(parts, keep=main)
         if main:
-            export_native(parts.model_parts(source=str(out)), out, step=step)
+            try:
+                export_native(parts.model_parts(source=str(out)), out, step=step)
+            except Exception as e:
+                if write_failure(e) is None:
+                    raise
+                raise LdmError(f"cannot write the exported model into {out}: {write_failure(e)} ({e}); the final "
+                               "checkpoint is complete: free space, then run the same command with --resume latest "
+                               "(it trains no step and exports again)") from e
