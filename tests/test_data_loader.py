@@ -110,6 +110,16 @@ def test_unusable_shards_raise_instead_of_looping_forever(tmp_path):
         config(tmp_path, crop="top")
 
 
+def test_a_worker_that_finds_no_usable_shard_raises_its_own_message_in_the_main_process(tmp_path):
+    # it used to arrive as "Caught LdmError in DataLoader worker process 0. Original Traceback ..." (20 lines)
+    (tmp_path / "00000.tar").write_bytes(b"")
+    (tmp_path / "00001.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(LdmError) as raised:
+        list(make_loader(config(tmp_path, num_workers=1, max_empty_shards=4)))
+    assert str(raised.value).startswith("4 shards in a row gave no sample (last ")
+    assert "Traceback" not in str(raised.value) and "DataLoader worker" not in str(raised.value)
+
+
 def test_caption_dropout_is_deterministic_and_matches_the_mask(tmp_path):
     folder, _ = write_uneven_shards(tmp_path, [6, 6])
     runs = [[(b["caption"], b["drop_mask"].tolist()) for b in make_loader(config(folder, caption_dropout=0.5, seed=s))] for s in (7, 7, 8)]

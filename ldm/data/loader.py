@@ -34,6 +34,7 @@ from ldm.data.samples import FilteredSample, SkipSample, collate, get_sample_for
 from ldm.errors import LdmError
 from ldm.runtime import derive_seed
 
+LOADER_ERROR = "__loader_error__"  # a batch that carries a stream's LdmError message from its worker
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
 
 
@@ -191,6 +192,12 @@ class ShardStream(IterableDataset):
                 )
 
     def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self._batches()
+        except LdmError as e:  # e.g. no usable shard: the main process raises it (a worker's raise would reach the
+            yield {LOADER_ERROR: str(e)}  # user wrapped in torch's "Caught LdmError in DataLoader worker" traceback)
+
+    def _batches(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         seed = derive_seed(self.config.seed, self.epoch, self.rank, worker)
@@ -250,6 +257,8 @@ class StreamLoader:
                                 generator=torch.Generator().manual_seed(workers_seed))
         limit = self.config.batches_per_epoch if self.config.resampled else None
         for batch in islice(source, limit):  # the epoch ends here, on the loader, not in each worker (#303)
+            if LOADER_ERROR in batch:
+                raise LdmError(batch[LOADER_ERROR])
             self.skips.update(batch)
             yield batch
 
