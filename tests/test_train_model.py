@@ -72,3 +72,15 @@ def test_sd_training_configs_match_the_published_architectures(version):
     assert config.model.text_encoder["type"] == ("clip" if version == "v1" else "openclip")
     assert config.model.schedule["beta_start"] == original["linear_start"]
     assert config.model.pretrained.autoencoder is None and not config.model.random_autoencoder  # must be given
+
+
+@pytest.mark.parametrize("name", ["imagen-tiny-sr.yaml", "tiny.yaml"])
+def test_the_resolved_model_section_builds_the_same_networks_again(name):
+    # DIR/train_config.yaml of an Imagen run lost `type: efficient_unet`: used as --config it was refused
+    from ldm.config import to_plain
+
+    config = from_dict(TrainConfig, load_yaml(ROOT / "configs" / name))
+    parts = build_parts(config.model)
+    again = build_parts(from_dict(ModelConfig, {**to_plain(config.model), **parts.resolved()}))
+    assert type(again.unet) is type(parts.unet) and again.unet.config == parts.unet.config
+    assert type(again.codec) is type(parts.codec)

@@ -22,7 +22,7 @@ from ldm.io.checkpoint import load_into, read_state_dict
 from ldm.io.components import ModelParts, codec_for, config_sections
 from ldm.io.formats import load_model
 from ldm.io.infer import normalize_text_keys, strip_prefix
-from ldm.io.part_types import PART_TYPES, build_part, read_section, section_type
+from ldm.io.part_types import PART_TYPES, build_part, read_section, section_dict, section_type
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder, hf_config_fields
 from ldm.models.unet import UNetConfig, UNetModel
@@ -81,7 +81,10 @@ class LatentDiffusionParts:
 
     def resolved(self) -> dict:
         """The model section with every default written out, as saved in DIR/train_config.yaml."""
-        return {"unet": to_plain(self.unet.config), "autoencoder": to_plain(getattr(self.autoencoder, "config", None)),
+        # section_dict writes a network's `type` (efficient_unet, if_unet), so that the file trains again as --config
+        autoencoder = getattr(self.autoencoder, "config", None)
+        return {"unet": section_dict("unet", self.unet.config),
+                "autoencoder": None if autoencoder is None else section_dict("autoencoder", autoencoder),
                 "text_encoder": to_plain(self.text_encoder_config), "schedule": to_plain(self.schedule),
                 "stage": to_plain(self.stage), "latent_upscale": to_plain(self.latent_upscale)}
 
