@@ -404,6 +404,28 @@ def test_resuming_after_a_finished_epoch_does_not_reread_it():
     assert next(batch_stream(loader, state))["id"] == (2, 1)
 
 
+class OnePassLoader:
+    """A one-pass loader (no length, as data.resampled=false) of `batches` batches per epoch."""
+
+    def __init__(self, batches: int, world_size: int = 1):
+        self.batches, self.world_size = batches, world_size
+
+    def set_epoch(self, epoch):
+        assert epoch < 10, "the stream went on to epoch 10 of a data set that gives nothing"
+
+    def __iter__(self):
+        yield from ({"id": i} for i in range(self.batches))
+
+
+def test_a_one_pass_stream_that_gives_nothing_is_an_error_not_an_endless_loop():
+    # data.resampled=false on shards with no usable sample: the trainer spun at 100% CPU forever, printing nothing
+    assert [b["id"] for b, _ in zip(batch_stream(OnePassLoader(2), TrainState()), range(5))] == [0, 1, 0, 1, 0]
+    with pytest.raises(LdmError, match=r"data.resampled=false\) gave no batch"):
+        next(batch_stream(OnePassLoader(0), TrainState()))
+    with pytest.raises(LdmError, match="DDP would hang"):  # ranks' one-pass streams differ in length
+        next(batch_stream(OnePassLoader(2, world_size=2), TrainState()))
+
+
 def test_trainer_state_of_an_old_checkpoint_loads_with_defaults():
     state = TrainState.from_saved({"step": 4, "epoch": 1, "batch_in_epoch": 2, "unknown": 1})
     assert (state.step, state.skipped, state.reasons) == (4, 0, {})

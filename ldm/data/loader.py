@@ -230,7 +230,7 @@ class StreamLoader:
     def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise LdmError(f"rank {rank} is outside world_size {world_size}")
-        self.config = config
+        self.config, self.world_size = config, world_size
         self.urls = expand_shards(config.shards)
         self.dataset = ShardStream(config, self.urls, rank, world_size)
         self.skips = SkipCounter()

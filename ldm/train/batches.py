@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from ldm.errors import LdmError
+
 
 @dataclass
 class TrainState:
@@ -42,15 +44,25 @@ def batch_stream(loader, state: TrainState) -> Iterator[dict]:
 
     A checkpoint taken after the last batch of an epoch resumes at the next epoch without reading the finished one.
     """
+    if _epoch_length(loader) is None and getattr(loader, "world_size", 1) > 1:
+        raise LdmError(f"data.resampled=false reads each rank's shards once, so the {loader.world_size} ranks would "
+                       "take different numbers of steps and DDP would hang at the end of the shorter pass; train with "
+                       "data.resampled=true (the default: data.batches_per_epoch batches per rank and epoch)")
     while True:
         loader.set_epoch(state.epoch)  # shard draws, shuffles, crops and caption dropout are seeded per epoch
         length = _epoch_length(loader)
         if length is None or state.batch_in_epoch < length:
+            read = 0
             for index, batch in enumerate(loader):
+                read = index + 1
                 if index < state.batch_in_epoch:
                     continue
                 state.batch_in_epoch = index + 1
                 yield batch
+            if length is None and read == 0:  # a one-pass epoch gave nothing: the next would too, forever
+                raise LdmError("one pass over the shards (data.resampled=false) gave no batch: they are empty or "
+                               "unreadable, or every sample was skipped or filtered; check data.shards and the "
+                               "filters")
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
