@@ -155,6 +155,22 @@ def test_an_image_size_the_unet_cannot_halve_is_refused_before_the_first_step(sh
         assert list(out.iterdir()) == []  # the corrected command may use the same folder
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["sampling.eval_prompts=ldm_eval_v1"], "sampling.eval_prompts needs sampling.clip_pretrained"),
+    (["sampling.eval_prompts=nosuchset", "sampling.clip_pretrained=none"], "prompt set 'nosuchset'"),
+    (["sampling.eval_prompts=ldm_eval_v1", "sampling.clip_pretrained=/no/clip.bin"],
+     "sampling.clip_pretrained /no/clip.bin: neither a file nor a known tag"),
+    (["sampling.eval_prompts=ldm_eval_v1", "sampling.clip_pretrained=none", "sampling.ref_stats=/no/stats.npz"],
+     "/no/stats.npz: cannot read statistics file"),
+])
+def test_evaluation_settings_are_checked_before_the_run_not_at_its_end(overrides, message, shape_shards, tmp_path):
+    # these failed at the first sample grid: with sampling.every=0 after the last step, and before the export
+    out = tmp_path / "run"
+    with pytest.raises(LdmError, match=message):
+        train(tiny_resumable_config(shape_shards, out, "max_steps=1", "sampling.at_end=true", *overrides))
+    assert not out.exists()
+
+
 def test_the_documented_exponent_learning_rate_is_read_as_a_number(shape_shards, tmp_path, capsys):
     # `tools/train.py --help` and docs/training.md give optim.lr=5e-5; PyYAML read it as the string '5e-5' (refused)
     out = tmp_path / "run"

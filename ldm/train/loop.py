@@ -21,11 +21,11 @@ from ldm.data.latents import check_latent_shards
 from ldm.data.loader import make_loader
 from ldm.diffusion.conditioning import takes_pooled_text
 from ldm.errors import ConfigError, LdmError, write_failure
-from ldm.eval.clip_score import ClipModel
+from ldm.eval.clip_score import ClipModel, check_clip_weights
 from ldm.eval.frechet import load_stats
 from ldm.eval.grid import make_grid
 from ldm.eval.in_training import evaluate_generations
-from ldm.eval.inception import InceptionExtractor
+from ldm.eval.inception import InceptionExtractor, resolve_inception_weights
 from ldm.eval.prompts import load_prompts
 from ldm.io.native_format import export_native
 from ldm.models.attention import set_attention_backend
@@ -162,6 +162,25 @@ def check_fp8_unet(model: ModelConfig) -> None:
                        f"widths are multiples of {FP8_ALIGN}: FP8 has nothing to run on; set fp8: false")
 
 
+def check_evaluation(s) -> None:
+    """The in-training evaluation's settings (`sampling.eval_prompts` and what it needs), checked before any work:
+    they are first used at the first sample grid, after training steps, at the end of the run (before the export)
+    when `sampling.every` is 0. Files are read (prompts, statistics); the CLIP model is built only at the grid."""
+    if not s.eval_prompts or not s.prompts or not (s.every or s.at_end):
+        return
+    if s.clip_pretrained is None:
+        raise ConfigError("sampling.eval_prompts needs sampling.clip_pretrained (a tag, a weights file, or 'none')")
+    load_prompts(s.eval_prompts)
+    try:
+        check_clip_weights(s.clip_model, s.clip_pretrained)
+    except LdmError as e:  # the evaluation CLIs' flag is this run's config key
+        raise ConfigError(str(e).replace("--clip-pretrained", "sampling.clip_pretrained", 1)) from e
+    if s.ref_stats:
+        ref = load_stats(s.ref_stats)
+        if not ref.extractor.startswith("clip:"):  # Inception statistics: FID needs the Inception weights
+            resolve_inception_weights(s.inception_weights)
+
+
 def check_training_sizes(config: TrainConfig, parts: LatentDiffusionParts) -> None:
     """The image sizes the loader makes (data.resolution or data.buckets) must be multiples of the codec's factor
     times the U-Net's downsampling, as `Stage.factor` says for sampling; else the U-Net's skip connections fail to
@@ -191,6 +210,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     from accelerate.utils import DistributedDataParallelKwargs
 
     out = Path(config.output_dir)
+    check_evaluation(config.sampling)
     if config.fp8:  # before the run folder exists: a refused run leaves nothing behind
         check_fp8_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
         check_fp8_unet(config.model)
@@ -425,8 +445,6 @@ def evaluate_in_training(parts, ema, objective, s, latent_size, device, logger, 
 
     key = (s.eval_prompts, s.clip_model, s.clip_pretrained, s.ref_stats)
     if key not in _EVALUATORS:
-        if s.clip_pretrained is None:
-            raise ConfigError("sampling.eval_prompts needs sampling.clip_pretrained (a tag, a weights file, or 'none')")
         ref = load_stats(s.ref_stats) if s.ref_stats else None
         inception = None
         if ref is not None and not ref.extractor.startswith("clip:"):  # Inception statistics: FID
