@@ -171,6 +171,13 @@ def test_evaluation_settings_are_checked_before_the_run_not_at_its_end(overrides
     assert not out.exists()
 
 
+def test_grid_steps_the_schedule_cannot_sample_are_refused_before_the_first_step(shape_shards, tmp_path):
+    out = tmp_path / "run"  # 5000 steps on 1000 training timesteps failed at the end of the run, before the export
+    with pytest.raises(ConfigError, match=r"sampling \(the training's sample grids\): cannot sample 5000 steps"):
+        train(tiny_resumable_config(shape_shards, out, "max_steps=1", "sampling.at_end=true", "sampling.steps=5000"))
+    assert list(out.iterdir()) == []
+
+
 def test_the_documented_exponent_learning_rate_is_read_as_a_number(shape_shards, tmp_path, capsys):
     # `tools/train.py --help` and docs/training.md give optim.lr=5e-5; PyYAML read it as the string '5e-5' (refused)
     out = tmp_path / "run"

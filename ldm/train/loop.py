@@ -41,7 +41,7 @@ from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_par
                              latents_from_posterior, text_conditioning)
 from ldm.train.optim import lr_at, make_optimizer, set_lr
 from ldm.train.run_folder import open_run
-from ldm.train.samples import sample_images, upscale_references
+from ldm.train.samples import check_preview_settings, sample_images, upscale_references
 from ldm.train.latent_upscale import latent_upscale_inputs
 from ldm.train.sharding import finish_wrapping, is_sharded, set_wrap_units, unsharded_parts
 from ldm.train.super_resolution import super_resolution_inputs
@@ -233,6 +233,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     torch.manual_seed(config.seed)
     parts = build_parts(config.model)
     check_training_sizes(config, parts)
+    if config.sampling.every or config.sampling.at_end:
+        check_preview_settings(parts, config.sampling)
     if config.fp8:  # before compiling: the compiled graph holds the FP8 products
         to_float8(parts.unet)  # in place: parameters and state_dict keys are unchanged
     if config.compile if config.compile is not None else device.type == "cuda":
