@@ -205,6 +205,17 @@ def test_a_refused_start_leaves_the_old_run_and_its_record_alone(shape_shards, t
     assert list(fresh.iterdir()) == []
 
 
+def test_resuming_with_another_model_config_is_refused_briefly_and_keeps_the_runs_record(shape_shards, two_steps,
+                                                                                         tmp_path):
+    run = copy_run(two_steps, tmp_path / "run")
+    before = (run / "train_config.yaml").read_bytes()
+    with pytest.raises(CheckpointError, match="holds another model than the config describes") as raised:
+        train(tiny_resumable_config(shape_shards, run, "max_steps=3", "model.unet.model_channels=64"), resume="latest")
+    assert len(str(raised.value).splitlines()) < 10  # not the 200 lines of size mismatches
+    assert "resume with the config the run was trained with" in str(raised.value)
+    assert (run / "train_config.yaml").read_bytes() == before  # it was overwritten with the refused config
+
+
 @pytest.mark.slow
 def test_under_torchrun_the_error_line_ends_the_launcher_summary(tmp_path):
     """torchrun (what `accelerate launch --multi_gpu` runs) ends with the child's error line, not a stock hint."""

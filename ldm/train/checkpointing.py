@@ -288,6 +288,13 @@ def load_checkpoint(accelerator, path: str | Path, ema=None) -> dict:
     try:
         accelerator.load_state(str(path))
     except (OSError, RuntimeError, KeyError, ValueError) as e:
+        lines = str(e).strip().splitlines()
+        if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
+            shown = "\n".join(lines[:4]) + (f"\n\t... ({len(lines) - 4} more lines)" if len(lines) > 4 else "")
+            raise CheckpointError(f"cannot restore the training state from {path}: it holds another model than the "
+                                  f"config describes:\n{shown}\nresume with the config the run was trained with "
+                                  "(its model section, as in DIR/train_config.yaml), or start a new run in another "
+                                  "folder") from e
         raise CheckpointError(f"cannot restore the training state from {path}: {e}") from e
     if ema is not None and is_sharded(accelerator):
         load_sharded_ema(ema, path, accelerator.process_index, accelerator.num_processes)

@@ -197,11 +197,11 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None, overwrite: bo
 
     loader = make_loader(config.data, rank=rank, world_size=world)  # per-rank stream already
     state = TrainState()
-    if accelerator.is_main_process:  # once the checkpoint is found: a refused --resume leaves the run's record alone
-        save_yaml(to_plain(config), out / "config.yaml")
     if checkpoint is not None:
         state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    if accelerator.is_main_process:  # once the checkpoint is restored: a refused --resume leaves the run's record alone
+        save_yaml(to_plain(config), out / "config.yaml")
     saved_step = state.step if checkpoint is not None else None
     batches = batch_stream(loader, state)
     logger = RunLogger(accelerator, config.log_with, out, run_name="ldm-train-clip")

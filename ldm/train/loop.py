@@ -262,15 +262,15 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     loader = make_loader(config.data, rank=rank, world_size=world)
     state = TrainState()
     checkpoint = resolve_resume(out, resume, accelerate_files(accelerator))
-    # Recorded once the shards and the checkpoint are found: a refused start leaves the folder (or its run's record)
-    # as it was, so that the corrected command is not told the folder holds a run.
-    resolved = {**to_plain(config), "model": {**to_plain(config.model), **parts.resolved()}}
-    if accelerator.is_main_process:
-        save_yaml(resolved, out / TRAIN_CONFIG)
     if checkpoint is not None:
         saved = load_checkpoint(accelerator, checkpoint, ema)
         state = TrainState.from_saved(saved)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    # Recorded once the shards are found and the checkpoint restored: a refused start (a checkpoint of another
+    # model config) leaves the folder, or its run's record, as it was; a new folder is not told it holds a run.
+    resolved = {**to_plain(config), "model": {**to_plain(config.model), **parts.resolved()}}
+    if accelerator.is_main_process:
+        save_yaml(resolved, out / TRAIN_CONFIG)
     batches = batch_stream(loader, state)
     logger = RunLogger(accelerator, config.log_with, out)
     latent_size = config.data.resolution // parts.codec.downsample_factor  # of the sample grids

@@ -265,11 +265,11 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
     loader = make_loader(config.data, rank=rank, world_size=world)  # not prepared: the stream is already per-rank
     state = TrainState()
     checkpoint = resolve_resume(out, resume, accelerate_files(accelerator))
-    if accelerator.is_main_process:  # once the checkpoint is found: a refused --resume leaves the run's record alone
-        save_yaml(to_plain(config), out / "config.yaml")
     if checkpoint is not None:
         state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    if accelerator.is_main_process:  # once the checkpoint is restored: a refused --resume leaves the run's record alone
+        save_yaml(to_plain(config), out / "config.yaml")
     saved_step = state.step if checkpoint is not None else None
     batches = batch_stream(loader, state)
     data_counts = DataCounts()  # samples the loader skipped or filtered since the last sync (this rank)
