@@ -205,6 +205,18 @@ def test_a_refused_start_leaves_the_old_run_and_its_record_alone(shape_shards, t
     assert list(fresh.iterdir()) == []
 
 
+def test_rewinding_to_an_older_checkpoint_sets_the_newer_ones_aside(shape_shards, two_steps, tmp_path):
+    # `--resume checkpoints/step-000001` (a rewind), then a preempted job's `--resume latest` continued step 2 of
+    # the line that was left, not the new one
+    run = copy_run(two_steps, tmp_path / "run")
+    with pytest.warns(UserWarning, match="step-000002 is newer than the resumed step 1: renamed"):
+        train(tiny_resumable_config(shape_shards, run, "max_steps=1"), resume=str(run / "checkpoints" / "step-000001"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["abandoned-step-000002", "step-000001"]
+    assert [s for s, _ in list_checkpoints(run)] == [1]
+    train(tiny_resumable_config(shape_shards, run, "max_steps=2"), resume="latest")  # from step 1, the new line
+    assert_same_weights(run / "checkpoints" / "step-000002", two_steps / "checkpoints" / "step-000002")
+
+
 def test_resuming_with_another_model_config_is_refused_briefly_and_keeps_the_runs_record(shape_shards, two_steps,
                                                                                          tmp_path):
     run = copy_run(two_steps, tmp_path / "run")

@@ -187,6 +187,25 @@ def rotate_checkpoints(output_dir: str | Path, limit: int | None) -> list[Path]:
     return doomed
 
 
+def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
+    """Rename the complete checkpoints of `output_dir` newer than `step` to `abandoned-step-NNNNNN` (main process).
+
+    A run resumed from an older checkpoint (`--resume PATH`, rewinding past a loss spike) starts a new line of
+    steps: the newer checkpoints belong to the line it left. Left as they were, a later `--resume latest` (a
+    preempted job) would continue the abandoned line, and rotation would keep them over the new ones. Renamed, they
+    are kept for the user but no longer taken for this run's."""
+    moved = []
+    for found, path in list_checkpoints(output_dir):
+        if found > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            n = 1
+            while target.exists():
+                target, n = path.with_name(f"abandoned-{n}-{path.name}"), n + 1
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
 def tidy_checkpoints(output_dir: str | Path) -> list[str]:
     """Clear what a kill left in `checkpoints/` (main process, before training); returns one note per change."""
     root = Path(output_dir) / "checkpoints"
