@@ -206,6 +206,14 @@ def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
     return moved
 
 
+def after_resume(accelerator, output_dir: str | Path, step: int) -> None:
+    """Once a checkpoint of `step` is restored (every trainer): the newer checkpoints set aside, with a warning."""
+    if accelerator.is_main_process:
+        for moved in set_aside_newer(output_dir, step):
+            warnings.warn(f"{moved.name.removeprefix('abandoned-')} is newer than the resumed step {step}: renamed "
+                          f"to {moved}, so that --resume latest never continues the line this run left", stacklevel=2)
+
+
 def tidy_checkpoints(output_dir: str | Path) -> list[str]:
     """Clear what a kill left in `checkpoints/` (main process, before training); returns one note per change."""
     root = Path(output_dir) / "checkpoints"

@@ -11,7 +11,6 @@ import dataclasses
 import math
 import os
 import time
-import warnings
 import weakref
 from pathlib import Path
 
@@ -34,8 +33,8 @@ from ldm.models.float8 import FP8_ALIGN, check_fp8_device, to_float8, transforme
 from ldm.models.text_encoders import TextEmbeddings
 from ldm.runtime import derive_seed
 from ldm.train.batches import DataCounts, TrainState, batch_stream
-from ldm.train.checkpointing import (accelerate_files, load_checkpoint, resolve_resume, save_checkpoint,
-                                     set_aside_newer)
+from ldm.train.checkpointing import (accelerate_files, after_resume, load_checkpoint, resolve_resume,
+                                     save_checkpoint)
 from ldm.train.compiled import compile_for_training
 from ldm.train.config import ModelConfig, TrainConfig
 from ldm.train.ema import EMA
@@ -268,11 +267,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         saved = load_checkpoint(accelerator, checkpoint, ema)
         state = TrainState.from_saved(saved)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-        if accelerator.is_main_process:
-            for moved in set_aside_newer(out, state.step):
-                warnings.warn(f"{moved.name.removeprefix('abandoned-')} is newer than the resumed step {state.step}: "
-                              f"renamed to {moved}, so that --resume latest never continues the line this run left",
-                              stacklevel=2)
+        after_resume(accelerator, out, state.step)
     # Recorded once the shards are found and the checkpoint restored: a refused start (a checkpoint of another
     # model config) leaves the folder, or its run's record, as it was; a new folder is not told it holds a run.
     resolved = {**to_plain(config), "model": {**to_plain(config.model), **parts.resolved()}}
