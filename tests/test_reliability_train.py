@@ -217,6 +217,20 @@ def test_rewinding_to_an_older_checkpoint_sets_the_newer_ones_aside(shape_shards
     assert_same_weights(run / "checkpoints" / "step-000002", two_steps / "checkpoints" / "step-000002")
 
 
+def test_resuming_with_another_data_stream_says_so(shape_shards, two_steps, tmp_path):
+    # data.num_workers (another machine) or data.batch_size changed on resume: the data position then names other
+    # batches, and the run silently stopped being the uninterrupted one
+    run = copy_run(two_steps, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "step-000002")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train(tiny_resumable_config(shape_shards, run, "max_steps=2"), resume="latest")
+    assert not [w for w in record if "data stream" in str(w.message)]
+    assert_same_weights(run / "checkpoints" / "step-000002", two_steps / "checkpoints" / "step-000002")
+    with pytest.warns(UserWarning, match=r"data stream differs from the checkpoint's \(data.num_workers 1 -> 2\)"):
+        train(tiny_resumable_config(shape_shards, run, "max_steps=3", "data.num_workers=2"), resume="latest")
+
+
 def test_resuming_with_another_model_config_is_refused_briefly_and_keeps_the_runs_record(shape_shards, two_steps,
                                                                                          tmp_path):
     run = copy_run(two_steps, tmp_path / "run")

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from ldm.config import to_plain
 from ldm.errors import LdmError
 
 
@@ -20,6 +24,7 @@ class TrainState:
     skipped: int = 0  # corrupt samples the loaders skipped, all ranks
     filtered: int = 0  # samples the metadata filters dropped, all ranks
     reasons: dict[str, int] = field(default_factory=dict)  # skipped and filtered ("filter_<rule>") by reason
+    stream: dict = field(default_factory=dict)  # what the data position counts in (stream_settings)
 
     @classmethod
     def from_saved(cls, saved: dict) -> "TrainState":
@@ -30,6 +35,30 @@ class TrainState:
         """Skipped and filtered totals and one `skip/<reason>` entry per reason, for logs and metrics."""
         return {"skipped": self.skipped, "filtered": self.filtered,
                 **{f"skip/{k}": v for k, v in sorted(self.reasons.items())}}
+
+
+# The data settings that decide which batches a position (epoch, batch) stands for.
+STREAM_KEYS = ("batch_size", "num_workers", "batches_per_epoch", "seed", "resampled", "shuffle_buffer", "resolution",
+               "buckets", "crop", "flip_prob", "caption_dropout")
+
+
+def stream_settings(data, urls: list[str], world_size: int) -> dict:
+    """The data stream a run reads: the settings above, the process count and the shard names (not their folder)."""
+    names = "\n".join(os.path.basename(u) for u in urls)
+    settings = to_plain({k: getattr(data, k) for k in STREAM_KEYS})
+    settings["num_workers"] = max(1, data.num_workers)  # 0 reads in the main process the one stream 1 worker reads
+    return {**settings, "processes": world_size,
+            "shards": f"{len(urls)} shards, sha256 {hashlib.sha256(names.encode()).hexdigest()[:12]}"}
+
+
+def note_stream_change(saved: dict, now: dict) -> None:
+    """Warn when a resumed run reads another stream than the checkpoint's: its position then means other batches,
+    and the run no longer equals an uninterrupted one (a checkpoint from before this record says nothing)."""
+    changed = [f"{'data.' if k in STREAM_KEYS else ''}{k} {saved[k]} -> {now.get(k)}" for k in saved
+               if saved[k] != now.get(k)]
+    if changed:
+        warnings.warn(f"the data stream differs from the checkpoint's ({'; '.join(changed)}): the run goes on from "
+                      "its position, but reads other batches than the uninterrupted run would have", stacklevel=2)
 
 
 def _epoch_length(loader) -> int | None:

@@ -32,7 +32,7 @@ from ldm.models.attention import set_attention_backend
 from ldm.models.float8 import FP8_ALIGN, check_fp8_device, to_float8, transformer_linears
 from ldm.models.text_encoders import TextEmbeddings
 from ldm.runtime import derive_seed
-from ldm.train.batches import DataCounts, TrainState, batch_stream
+from ldm.train.batches import DataCounts, TrainState, batch_stream, note_stream_change, stream_settings
 from ldm.train.checkpointing import (accelerate_files, after_resume, load_checkpoint, resolve_resume,
                                      save_checkpoint)
 from ldm.train.compiled import compile_for_training
@@ -263,11 +263,15 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     loader = make_loader(config.data, rank=rank, world_size=world)
     state = TrainState()
     checkpoint = resolve_resume(out, resume, accelerate_files(accelerator))
+    stream = stream_settings(config.data, loader.urls, world)
     if checkpoint is not None:
         saved = load_checkpoint(accelerator, checkpoint, ema)
         state = TrainState.from_saved(saved)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
         after_resume(accelerator, out, state.step)
+        if accelerator.is_main_process:
+            note_stream_change(state.stream, stream)
+    state.stream = stream
     # Recorded once the shards are found and the checkpoint restored: a refused start (a checkpoint of another
     # model config) leaves the folder, or its run's record, as it was; a new folder is not told it holds a run.
     resolved = {**to_plain(config), "model": {**to_plain(config.model), **parts.resolved()}}
