@@ -5,8 +5,8 @@
     python tools/train.py --config configs/tiny.yaml --train-data shards/ --output-dir runs/tiny   # one CPU process
 
 The resolved config goes to DIR/train_config.yaml, checkpoints to DIR/checkpoints/step-NNNNNN/, sample grids to
-DIR/samples/, logs to DIR/logs/, and the final EMA model to DIR/ in the native format (config.yaml + safetensors:
-`ldm-txt2img --model DIR "a prompt"`).
+DIR/samples/, logs to DIR/logs/, and the final model (its EMA weights; the trained ones with ema.enabled=false) to
+DIR/ in the native format (config.yaml + safetensors: `ldm-txt2img --model DIR "a prompt"`).
 """
 from __future__ import annotations
 
