@@ -282,7 +282,14 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     latent_size = config.data.resolution // parts.codec.downsample_factor  # of the sample grids
 
     saved_step = state.step if checkpoint is not None else None
-    references = None  # an SR stage's preview inputs: the first training images this run reads
+    # An SR stage's preview inputs: the run's first training images (epoch 0, batch 0), read again by a resumed run
+    # so that its grids are the uninterrupted run's.
+    references = None
+    if parts.upscales and checkpoint is not None and (config.sampling.every or config.sampling.at_end):
+        loader.set_epoch(0)
+        first = iter(loader)
+        references = preview_references(next(first), config)
+        first.close()  # its worker processes end here
 
     def checkpoint_now() -> None:
         nonlocal saved_step
@@ -316,9 +323,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             batch = next(batches)
             data_counts.add(batch)
             if parts.upscales and references is None:  # the SR grid upscales these training images
-                count = min(len(batch["caption"]), len(config.sampling.prompts) * config.sampling.n_per_prompt)
-                images = batch["image"] if "image" in batch else batch["latent_mean"]  # precomputed: the images
-                references = (images[:count].float().clone(), list(batch["caption"][:count]))
+                references = preview_references(batch, config)
             with accelerator.autocast():  # the frozen encoders run in the autocast dtype, their weights stay float32
                 inputs = prepare_inputs(batch, parts, objective, config, state, rank, device)
             last = micro == config.grad_accum - 1
@@ -384,6 +389,13 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     accelerator.wait_for_everyone()
     logger.close()
     return out
+
+
+def preview_references(batch: dict, config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
+    """The training images (and captions) of `batch` an SR stage's preview grid upscales."""
+    count = min(len(batch["caption"]), len(config.sampling.prompts) * config.sampling.n_per_prompt)
+    images = batch["image"] if "image" in batch else batch["latent_mean"]  # precomputed: the images
+    return images[:count].float().clone(), list(batch["caption"][:count])
 
 
 def parameter_fingerprint(module: torch.nn.Module) -> torch.Tensor:
