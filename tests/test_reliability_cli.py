@@ -505,7 +505,7 @@ def test_a_full_disk_or_read_only_folder_anywhere_is_one_error_line(capsys):
             raise raised
 
         assert main([]) == 2
-        assert capsys.readouterr().err.startswith(f"error: cannot write a file: {reason} (")
+        assert capsys.readouterr().err.startswith(f"error: {reason} (")
 
     @cli_main
     def bug(argv):

@@ -126,7 +126,8 @@ def cli_main(func: Callable[[list[str] | None], int | None]) -> Callable[[list[s
             except Exception as e:  # a full disk or a read-only folder found while writing: one line, not a traceback
                 if write_failure(e) is None:
                     raise
-                message = f"error: cannot write a file: {write_failure(e)} ({e}); free space or fix the folder"
+                message = (f"error: {write_failure(e)} ({e}); free space, or fix the folder's or file's "
+                           "permissions or mount")
                 print(message, file=sys.stderr)
                 _tell_launcher(message)
                 return 2
