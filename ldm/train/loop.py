@@ -39,7 +39,7 @@ from ldm.train.compiled import compile_for_training
 from ldm.train.config import ModelConfig, TrainConfig
 from ldm.train.ema import EMA
 from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_parts, build_unet, check_latent_batch,
-                             latents_from_posterior, text_conditioning)
+                             encode_captions, latents_from_posterior, text_conditioning)
 from ldm.train.optim import lr_at, make_optimizer, set_lr
 from ldm.train.run_folder import open_run
 from ldm.train.samples import check_preview_settings, sample_images, upscale_references
@@ -104,7 +104,7 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
     if config.loss.inputs == "latents":
         cond = latent_text_conditioning(batch, parts, device)
     else:
-        cond = text_conditioning(parts.text_encoder.encode(captions), parts.unet.config)
+        cond = text_conditioning(encode_captions(parts.text_encoder, captions), parts.unet.config)
     return {**inputs, "cond": {**{k: v.to(device) for k, v in cond.items()}, **extra}}
 
 
