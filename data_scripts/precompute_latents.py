@@ -76,6 +76,7 @@ def precompute(loader, autoencoder, text_encoder, out: Path, *, samples_per_shar
                progress: bool = True) -> dict:
     """Encode every batch of `loader` into latent shards in `out`; returns counts for latents_meta.json."""
     from ldm.data.shards import AtomicShardWriter
+    from ldm.train.model import encode_captions
 
     if autoencoder is not None:  # None: a pixel-space model, whose shards hold the images themselves
         autoencoder.to(device, dtype).eval()
@@ -98,7 +99,7 @@ def precompute(loader, autoencoder, text_encoder, out: Path, *, samples_per_shar
             new = list(dict.fromkeys(h for h in hashes if h not in store))  # unique, first-seen order
             if new:
                 text = dict(zip(hashes, batch["caption"]))
-                emb = text_encoder.encode([text[h] for h in new])
+                emb = encode_captions(text_encoder, [text[h] for h in new])  # a long caption: said once
                 for i, h in enumerate(new):
                     store.add(h, emb.tokens[i], emb.mask[i], None if emb.pooled is None else emb.pooled[i])
             for i, key in enumerate(batch["key"]):

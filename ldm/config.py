@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -82,10 +83,26 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+# YAML 1.1 (PyYAML) reads `1e-4` and `5e-5` as strings (it wants `1.0e-4`); a float field takes them as numbers.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp) or tp is dict or typing.get_origin(tp) is dict:
+        return "a mapping"
+    if typing.get_origin(tp) in (tuple, list):
+        return "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if value is None:
+        if tp in (int, float, str, bool):  # a scalar key set to null (`optim.lr=null`) would fail deep inside
+            raise ConfigError(f"{where}: expected {tp.__name__}, got null")
         return None
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where=where)
@@ -97,12 +114,21 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return _convert(arg, value, where)
             except (ConfigError, TypeError, ValueError):
                 continue
-        return value
-    if origin in (tuple, list) and isinstance(value, (list, tuple)):
+        names = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):  # a string would be iterated letter by letter
+            raise ConfigError(f"{where}: expected a list, got {value!r} (write [{value!r}] for a list of one)")
         inner = args[0] if args else Any
         seq = [_convert(inner, v, where) for v in value]
         return tuple(seq) if origin is tuple else seq
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if (tp is dict or origin is dict) and not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping (key: value), got {value!r}")
+    if tp in (int, float) and isinstance(value, bool):  # True is an int to Python, never a count or a rate
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
         return float(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
@@ -112,9 +138,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: Mapping | None, where: str | None = None) -> T:
     """Build dataclass `cls` from a dict, rejecting unknown keys with their names (no silent typos)."""
     where = where or cls.__name__
+    if data is not None and not isinstance(data, Mapping):  # `optim=5`, a list where a section belongs
+        raise ConfigError(f"{where}: expected a mapping (a section of key: value), got {data!r}")
     data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

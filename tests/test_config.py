@@ -54,3 +54,34 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+@dataclass
+class Typed:
+    lr: float = 1e-4
+    limit: int | None = 3
+    keys: list[str] = field(default_factory=lambda: ["jpg"])
+    section: dict = field(default_factory=dict)
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_exponent_floats_written_without_a_dot_are_numbers():
+    # PyYAML (YAML 1.1) reads `5e-5` as a string: the documented `optim.lr=5e-5` was refused as "expected float"
+    assert from_dict(Typed, apply_overrides({}, ["lr=5e-5"])).lr == 5e-5
+    assert from_dict(Typed, {"lr": "-1E3"}).lr == -1000.0
+    with pytest.raises(ConfigError, match="lr: expected float, got 'fast'"):
+        from_dict(Typed, {"lr": "fast"})
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"limit": "abc"}, "limit: expected int or null, got 'abc'"),  # was returned as-is: a TypeError later
+    ({"limit": True}, "limit: expected int or null, got True"),  # a bool is not a count
+    ({"keys": "jpg"}, r"keys: expected a list, got 'jpg' \(write \['jpg'\]"),  # was iterated letter by letter
+    ({"section": 5}, "section: expected a mapping"),
+    ({"inner": 5}, "inner: expected a mapping"),  # was a TypeError from dict(5)
+    ({"inner": [1, 2]}, "inner: expected a mapping"),
+    ({"lr": None}, "lr: expected float, got null"),
+])
+def test_values_of_the_wrong_type_are_refused_naming_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Typed, data, where="run.yaml")

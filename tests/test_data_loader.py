@@ -50,6 +50,19 @@ def test_equal_batch_counts_for_two_ranks_with_fewer_shards_than_streams(tmp_pat
     assert [k for b in again for k in b["key"]] == streams[1, 0]  # deterministic given the seed
 
 
+def test_worker_loader_leaves_the_global_torch_rng_alone(tmp_path):
+    # A DataLoader draws its workers' base seed from the global RNG at every new iterator; a resumed run makes one
+    # mid-epoch where the uninterrupted run made none, so its dropout masks differed (resume was not exact).
+    folder, _ = write_uneven_shards(tmp_path, [4, 4])
+    loader = make_loader(config(folder, num_workers=1, batches_per_epoch=1))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = [k for b in loader for k in b["key"]]
+    assert torch.equal(torch.get_rng_state(), state)
+    loader.set_epoch(0)
+    assert [k for b in loader for k in b["key"]] == first  # the stream itself is still seeded per epoch
+
+
 def test_shard_partition_splits_by_node_and_worker():
     urls = [f"s{i}" for i in range(8)]
     parts = [shard_partition(urls, r, 2, w, 2, resampled=True) for r in range(2) for w in range(2)]
@@ -95,6 +108,16 @@ def test_unusable_shards_raise_instead_of_looping_forever(tmp_path):
         make_loader(config(tmp_path / "missing.tar"))
     with pytest.raises(ConfigError):
         config(tmp_path, crop="top")
+
+
+def test_a_worker_that_finds_no_usable_shard_raises_its_own_message_in_the_main_process(tmp_path):
+    # it used to arrive as "Caught LdmError in DataLoader worker process 0. Original Traceback ..." (20 lines)
+    (tmp_path / "00000.tar").write_bytes(b"")
+    (tmp_path / "00001.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(LdmError) as raised:
+        list(make_loader(config(tmp_path, num_workers=1, max_empty_shards=4)))
+    assert str(raised.value).startswith("4 shards in a row gave no sample (last ")
+    assert "Traceback" not in str(raised.value) and "DataLoader worker" not in str(raised.value)
 
 
 def test_caption_dropout_is_deterministic_and_matches_the_mask(tmp_path):

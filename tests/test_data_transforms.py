@@ -75,6 +75,23 @@ def test_tensor_range_rgba_background_and_corrupt_bytes():
             decode_image(bad)
 
 
+def test_sixteen_bit_grey_training_images_are_rescaled_not_clipped_white():
+    import io
+
+    import numpy as np
+
+    grey = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535 in 16-bit steps
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="PNG")  # reopened as I;16: convert("RGB") put 99.6% of it at 255
+    pixels = np.asarray(decode_image(buffer.getvalue()))
+    assert pixels.shape == (16, 16, 3) and np.array_equal(pixels[..., 0], np.arange(256).reshape(16, 16))
+    assert np.array_equal(pixels[..., 0], pixels[..., 2])
+    buffer = io.BytesIO()
+    Image.new("F", (8, 8), 0.5).save(buffer, format="TIFF")  # floating point of no known range: a skipped sample
+    with pytest.raises(CorruptImage, match="no known value range"):
+        decode_image(buffer.getvalue())
+
+
 def test_buckets_pick_the_nearest_aspect_ratio_and_batch_by_bucket():
     buckets = [(64, 64), (48, 80), (80, 48)]  # (h, w)
     assert nearest_bucket(100, 100, buckets) == 0

@@ -491,6 +491,30 @@ def test_warnings_from_a_command_are_one_line(capsys):
     assert capsys.readouterr().err == "warning: something to know\n"
 
 
+def test_a_full_disk_or_read_only_folder_anywhere_is_one_error_line(capsys):
+    import errno
+
+    from safetensors import SafetensorError
+
+    for raised, reason in ((OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+                           (OSError(errno.EROFS, "Read-only file system"), "read-only file system"),
+                           (SafetensorError("Error while serializing: I/O error: No space left on device (os error "
+                                            "28)"), "no space left on device")):
+        @cli_main
+        def main(argv):
+            raise raised
+
+        assert main([]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {reason} (")
+
+    @cli_main
+    def bug(argv):
+        raise RuntimeError("a bug")  # anything else is still a traceback
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        bug([])
+
+
 def test_sixteen_bit_init_image_is_rescaled_not_clipped():
     import numpy as np
 

@@ -14,7 +14,7 @@ from helpers import tiny_resumable_config, subprocess_env
 from safetensors.torch import load_file
 
 from ldm.config import apply_overrides, from_dict, load_yaml
-from ldm.errors import CheckpointError, LdmError
+from ldm.errors import CheckpointError, ConfigError, LdmError
 from ldm.train.batches import TrainState, batch_stream
 from ldm.train.checkpointing import (MANIFEST_FILE, checkpoint_problem, list_checkpoints, read_trainer_state,
                                      rotate_checkpoints, tidy_checkpoints)
@@ -145,6 +145,49 @@ def test_a_refused_resume_in_a_new_folder_leaves_it_empty_for_the_corrected_comm
     assert not out.exists() or list(out.iterdir()) == []
 
 
+def test_an_image_size_the_unet_cannot_halve_is_refused_before_the_first_step(shape_shards, tmp_path):
+    # 30 px / the autoencoder's 4 = 7.5 latents: it used to fail in the U-Net's skip concatenation at step 1
+    for override, message in (("data.resolution=30", r"data.resolution: 30x30 is not a multiple of 8 .* try 32"),
+                              ("data.buckets=[[32,40],[36,32]]", r"data.buckets: 36x32 is not a multiple of 8")):
+        out = tmp_path / override.split("=")[0]
+        with pytest.raises(ConfigError, match=message):
+            train(tiny_resumable_config(shape_shards, out, "max_steps=1", override))
+        assert list(out.iterdir()) == []  # the corrected command may use the same folder
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sampling.eval_prompts=ldm_eval_v1"], "sampling.eval_prompts needs sampling.clip_pretrained"),
+    (["sampling.eval_prompts=nosuchset", "sampling.clip_pretrained=none"], "prompt set 'nosuchset'"),
+    (["sampling.eval_prompts=ldm_eval_v1", "sampling.clip_pretrained=/no/clip.bin"],
+     "sampling.clip_pretrained /no/clip.bin: neither a file nor a known tag"),
+    (["sampling.eval_prompts=ldm_eval_v1", "sampling.clip_pretrained=none", "sampling.ref_stats=/no/stats.npz"],
+     "/no/stats.npz: cannot read statistics file"),
+])
+def test_evaluation_settings_are_checked_before_the_run_not_at_its_end(overrides, message, shape_shards, tmp_path):
+    # these failed at the first sample grid: with sampling.every=0 after the last step, and before the export
+    out = tmp_path / "run"
+    with pytest.raises(LdmError, match=message):
+        train(tiny_resumable_config(shape_shards, out, "max_steps=1", "sampling.at_end=true", *overrides))
+    assert not out.exists()
+
+
+def test_grid_steps_the_schedule_cannot_sample_are_refused_before_the_first_step(shape_shards, tmp_path):
+    out = tmp_path / "run"  # 5000 steps on 1000 training timesteps failed at the end of the run, before the export
+    with pytest.raises(ConfigError, match=r"sampling \(the training's sample grids\): cannot sample 5000 steps"):
+        train(tiny_resumable_config(shape_shards, out, "max_steps=1", "sampling.at_end=true", "sampling.steps=5000"))
+    assert list(out.iterdir()) == []
+
+
+def test_the_documented_exponent_learning_rate_is_read_as_a_number(shape_shards, tmp_path, capsys):
+    # `tools/train.py --help` and docs/training.md give optim.lr=5e-5; PyYAML read it as the string '5e-5' (refused)
+    out = tmp_path / "run"
+    code = tool("train").main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--train-data", shape_shards,
+                               "--output-dir", str(out), "optim.lr=5e-5", "max_steps=0", "progress=false",
+                               "log_with=none", "sampling.at_end=false"])
+    assert code == 0, capsys.readouterr().err
+    assert load_yaml(out / "train_config.yaml")["optim"]["lr"] == 5e-5
+
+
 def test_a_refused_start_leaves_the_old_run_and_its_record_alone(shape_shards, two_steps, tmp_path):
     run = copy_run(two_steps, tmp_path / "run")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -160,6 +203,43 @@ def test_a_refused_start_leaves_the_old_run_and_its_record_alone(shape_shards, t
                        r"to resume; run without --resume to start"):
         train(tiny_resumable_config(shape_shards, fresh, "max_steps=1"), resume=str(gone))
     assert list(fresh.iterdir()) == []
+
+
+def test_rewinding_to_an_older_checkpoint_sets_the_newer_ones_aside(shape_shards, two_steps, tmp_path):
+    # `--resume checkpoints/step-000001` (a rewind), then a preempted job's `--resume latest` continued step 2 of
+    # the line that was left, not the new one
+    run = copy_run(two_steps, tmp_path / "run")
+    with pytest.warns(UserWarning, match="step-000002 is newer than the resumed step 1: renamed"):
+        train(tiny_resumable_config(shape_shards, run, "max_steps=1"), resume=str(run / "checkpoints" / "step-000001"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["abandoned-step-000002", "step-000001"]
+    assert [s for s, _ in list_checkpoints(run)] == [1]
+    train(tiny_resumable_config(shape_shards, run, "max_steps=2"), resume="latest")  # from step 1, the new line
+    assert_same_weights(run / "checkpoints" / "step-000002", two_steps / "checkpoints" / "step-000002")
+
+
+def test_resuming_with_another_data_stream_says_so(shape_shards, two_steps, tmp_path):
+    # data.num_workers (another machine) or data.batch_size changed on resume: the data position then names other
+    # batches, and the run silently stopped being the uninterrupted one
+    run = copy_run(two_steps, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "step-000002")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train(tiny_resumable_config(shape_shards, run, "max_steps=2"), resume="latest")
+    assert not [w for w in record if "data stream" in str(w.message)]
+    assert_same_weights(run / "checkpoints" / "step-000002", two_steps / "checkpoints" / "step-000002")
+    with pytest.warns(UserWarning, match=r"data stream differs from the checkpoint's \(data.num_workers 1 -> 2\)"):
+        train(tiny_resumable_config(shape_shards, run, "max_steps=3", "data.num_workers=2"), resume="latest")
+
+
+def test_resuming_with_another_model_config_is_refused_briefly_and_keeps_the_runs_record(shape_shards, two_steps,
+                                                                                         tmp_path):
+    run = copy_run(two_steps, tmp_path / "run")
+    before = (run / "train_config.yaml").read_bytes()
+    with pytest.raises(CheckpointError, match="holds another model than the config describes") as raised:
+        train(tiny_resumable_config(shape_shards, run, "max_steps=3", "model.unet.model_channels=64"), resume="latest")
+    assert len(str(raised.value).splitlines()) < 10  # not the 200 lines of size mismatches
+    assert "resume with the config the run was trained with" in str(raised.value)
+    assert (run / "train_config.yaml").read_bytes() == before  # it was overwritten with the refused config
 
 
 @pytest.mark.slow
@@ -382,6 +462,28 @@ def test_resuming_after_a_finished_epoch_does_not_reread_it():
     assert loader.reads == 1 and (state.epoch, state.batch_in_epoch) == (1, 1)
     state = TrainState(epoch=2, batch_in_epoch=1)  # mid-epoch: replays to the position
     assert next(batch_stream(loader, state))["id"] == (2, 1)
+
+
+class OnePassLoader:
+    """A one-pass loader (no length, as data.resampled=false) of `batches` batches per epoch."""
+
+    def __init__(self, batches: int, world_size: int = 1):
+        self.batches, self.world_size = batches, world_size
+
+    def set_epoch(self, epoch):
+        assert epoch < 10, "the stream went on to epoch 10 of a data set that gives nothing"
+
+    def __iter__(self):
+        yield from ({"id": i} for i in range(self.batches))
+
+
+def test_a_one_pass_stream_that_gives_nothing_is_an_error_not_an_endless_loop():
+    # data.resampled=false on shards with no usable sample: the trainer spun at 100% CPU forever, printing nothing
+    assert [b["id"] for b, _ in zip(batch_stream(OnePassLoader(2), TrainState()), range(5))] == [0, 1, 0, 1, 0]
+    with pytest.raises(LdmError, match=r"data.resampled=false\) gave no batch"):
+        next(batch_stream(OnePassLoader(0), TrainState()))
+    with pytest.raises(LdmError, match="DDP would hang"):  # ranks' one-pass streams differ in length
+        next(batch_stream(OnePassLoader(2, world_size=2), TrainState()))
 
 
 def test_trainer_state_of_an_old_checkpoint_loads_with_defaults():

@@ -72,3 +72,38 @@ def test_sd_training_configs_match_the_published_architectures(version):
     assert config.model.text_encoder["type"] == ("clip" if version == "v1" else "openclip")
     assert config.model.schedule["beta_start"] == original["linear_start"]
     assert config.model.pretrained.autoencoder is None and not config.model.random_autoencoder  # must be given
+
+
+@pytest.mark.parametrize("name", ["imagen-tiny-sr.yaml", "tiny.yaml"])
+def test_the_resolved_model_section_builds_the_same_networks_again(name):
+    # DIR/train_config.yaml of an Imagen run lost `type: efficient_unet`: used as --config it was refused
+    from ldm.config import to_plain
+
+    config = from_dict(TrainConfig, load_yaml(ROOT / "configs" / name))
+    parts = build_parts(config.model)
+    again = build_parts(from_dict(ModelConfig, {**to_plain(config.model), **parts.resolved()}))
+    assert type(again.unet) is type(parts.unet) and again.unet.config == parts.unet.config
+    assert type(again.codec) is type(parts.codec)
+
+
+def test_long_training_captions_are_said_to_be_cut_once_not_for_every_sample():
+    # web captions often exceed the text encoder's context: every such caption of every step printed a warning
+    import warnings
+
+    from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
+    from ldm.train.model import encode_captions
+
+    encoder = build_text_encoder(TextEncoderConfig(type="small", max_length=8,
+                                                   small={"width": 16, "layers": 1, "heads": 1}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            embeddings = encode_captions(encoder, [f"caption {step} {'long ' * 10}", "short"])
+    cut = [str(w.message) for w in caught if "longer than 8 tokens" in str(w.message)]
+    assert len(cut) == 1 and "said once per run" in cut[0], cut
+    assert embeddings.tokens.shape[:2] == (2, 8)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        encode_captions(build_text_encoder(TextEncoderConfig(type="small", max_length=8, small={
+            "width": 16, "layers": 1, "heads": 1})), ["another " * 10])
+    assert len(again) == 1  # said once per encoder (a run), not once per process

@@ -94,6 +94,32 @@ def test_train_config_rejects_unknown_keys():
     assert cfg.data.batch_size == 3 and cfg.optim.betas == (0.9, 0.99)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm must be > 0"),  # silently flipped every gradient's sign
+    ("optim.max_grad_norm=0", "optim.max_grad_norm must be > 0"),  # silently zeroed every gradient
+    ("optim.betas=[2,0.9]", "optim.betas must be two numbers"),  # was torch's ValueError after the model was built
+    ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+    ("optim.weight_decay=-1", "optim.eps and optim.weight_decay"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must lie in"),
+    ("optim.decay_steps=0", "optim.decay_steps"),  # 0 was taken for null
+    ("ema.inv_gamma=0", "ema.inv_gamma and ema.power"),  # was a ZeroDivisionError at the first step
+    ("sampling.sampler=bogus", "unknown sampler 'bogus'"),  # these three failed only at the end of the run,
+    ("sampling.steps=0", "sampling.steps"),  # after every training step, and before the export
+    ("sampling.n_per_prompt=0", "n_per_prompt"),
+    ("sampling.every=-1", "sampling.every must be >= 0"),
+    ("sampling.guidance=-3", "sampling.guidance"),
+    ("attention_backend=bogus", "attention_backend must be one of"),  # was a ValueError traceback
+    ("loss.min_snr_gamma=0", "loss.min_snr_gamma must be > 0"),
+    ("data.resolution=0", "resolution"),
+    ("data.background=[300,0,0]", "background"),
+])
+def test_train_config_refuses_values_out_of_range_naming_the_key(override, message):
+    from ldm.config import apply_overrides, from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        from_dict(TrainConfig, apply_overrides({}, [override]))
+
+
 class _Model(nn.Module):
     def __init__(self):
         super().__init__()
@@ -155,6 +181,54 @@ def test_crash_mid_save_leaves_no_half_checkpoint(tmp_path, accel_setup, monkeyp
     (tmp_path / "checkpoints" / "step-000008" / "model.safetensors").write_bytes(b"half")
     assert ckpt.resolve_resume(tmp_path, "latest").name == "step-000002"
     assert json.loads((tmp_path / "checkpoints" / "step-000002" / ckpt.STATE_FILE).read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("error", [
+    "safetensors",  # what safetensors raises when the disk fills (not an OSError)
+    "torch.save",  # what torch.save's zip writer raises for the optimizer file on a full disk
+])
+def test_a_real_full_disk_while_saving_is_an_error_line_not_a_traceback(error, tmp_path, accel_setup, monkeypatch):
+    from safetensors import SafetensorError
+
+    accelerator, model, _ = accel_setup
+    ema = EMA(model, decay=0.5)
+    raised = {"safetensors": SafetensorError("Error while serializing: I/O error: No space left on device "
+                                             "(os error 28)"),
+              "torch.save": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2097472 vs "
+                                         "2097364")}[error]
+
+    def full_disk(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match=r"step 4 .*(no space left on device|written short).*--resume latest"):
+        ckpt.save_checkpoint(accelerator, tmp_path, 4, {"epoch": 0}, ema)
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # the temporary folder is gone
+
+
+def test_a_full_disk_during_the_export_names_the_way_out_and_leaves_no_staging(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from ldm.errors import LdmError
+    from ldm.io import native_format
+    from ldm.models.text_encoders import TextEncoderConfig
+    from ldm.train.loop import export_model
+    from ldm.train.model import build_parts
+    from ldm.train.config import ModelConfig
+
+    parts = build_parts(ModelConfig(
+        unet=dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=[1], num_res_blocks=1,
+                  attention_resolutions=[], context_dim=16, num_heads=1),
+        autoencoder=None, text_encoder=vars(TextEncoderConfig(type="small", max_length=8,
+                                                              small={"width": 16, "layers": 1, "heads": 1}))))
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(native_format, "write_safetensors", full_disk)
+    with pytest.raises(LdmError, match=r"cannot write the exported model .*no space left on device.*--resume latest"):
+        export_model(parts, None, None, tmp_path, step=3)
+    assert list(tmp_path.iterdir()) == []  # no hidden .export.tmp left behind
 
 
 def test_parameter_fingerprint_sees_any_single_change():

@@ -60,6 +60,14 @@ def test_a_latent_upscaler_config_is_checked():
 
 
 @pytest.mark.slow
+def test_the_hint_after_training_an_upscaler_is_a_command_that_runs(shards, tmp_path, capsys):
+    # it printed `ldm-txt2img --model OUT "prompt"`, which refuses a latent upscaler without --init-image
+    assert train_main(["--config", str(ROOT / "configs" / "x4-tiny.yaml"), "--train-data", shards, "--output-dir",
+                       str(tmp_path / "run"), "--max-steps", "0", *FAST, "sampling.at_end=false"]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "--init-image LOW_RES.png" in hint and f"--upscaler {tmp_path / 'run'}" in hint, hint
+
+
 def test_the_x4_stage_trains_and_exports(shards, tmp_path, monkeypatch):
     seen = []
     forward = UNetModel.forward

@@ -5,8 +5,8 @@
     python tools/train.py --config configs/tiny.yaml --train-data shards/ --output-dir runs/tiny   # one CPU process
 
 The resolved config goes to DIR/train_config.yaml, checkpoints to DIR/checkpoints/step-NNNNNN/, sample grids to
-DIR/samples/, logs to DIR/logs/, and the final EMA model to DIR/ in the native format (config.yaml + safetensors:
-`ldm-txt2img --model DIR "a prompt"`).
+DIR/samples/, logs to DIR/logs/, and the final model (its EMA weights; the trained ones with ema.enabled=false) to
+DIR/ in the native format (config.yaml + safetensors: `ldm-txt2img --model DIR "a prompt"`).
 """
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         prompt = config.sampling.prompts[0] if config.sampling.prompts else "a photo"
         if (config.model.stage or {}).get("low_res_size") is not None:  # an SR stage upscales a base model's images
             print(f'model written to {out}; try: ldm-txt2img --model BASE --upscaler {out} "{prompt}"')
+        elif config.model.latent_upscale is not None:  # the x4 upscaler: alone it needs the image to upscale
+            print(f'model written to {out}; try: ldm-txt2img --model {out} --init-image LOW_RES.png "{prompt}" '
+                  f'(or --model BASE --upscaler {out})')
         else:
             print(f'model written to {out}; try: ldm-txt2img --model {out} "{prompt}"')
     return 0

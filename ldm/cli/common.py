@@ -21,7 +21,7 @@ import torch
 
 from ldm.cli.scripts import interrupted
 from ldm.diffusion.sampler_registry import check_option_values
-from ldm.errors import LdmError
+from ldm.errors import LdmError, write_failure
 
 
 def finite_float(text: str) -> float:
@@ -123,5 +123,13 @@ def cli_main(func: Callable[[list[str] | None], int | None]) -> Callable[[list[s
                 return e.exit_code
             except KeyboardInterrupt:
                 return interrupted()
+            except Exception as e:  # a full disk or a read-only folder found while writing: one line, not a traceback
+                if write_failure(e) is None:
+                    raise
+                message = (f"error: {write_failure(e)} ({e}); free space, or fix the folder's or file's "
+                           "permissions or mount")
+                print(message, file=sys.stderr)
+                _tell_launcher(message)
+                return 2
 
     return wrapper

@@ -48,8 +48,11 @@ class DataConfig:
             self.buckets = [tuple(int(v) for v in b) for b in self.buckets]
             if not self.buckets or any(len(b) != 2 or min(b) < 1 for b in self.buckets):
                 raise ConfigError(f"DataConfig.buckets must be a non-empty list of (height, width), got {self.buckets}")
-        if len(self.background) != 3:
-            raise ConfigError(f"DataConfig.background must be [r, g, b], got {self.background}")
+        if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):
+            raise ConfigError(f"DataConfig.background must be [r, g, b] of 0-255, got {self.background}")
+        if self.resolution < 1 or self.max_empty_shards < 1 or self.max_rejected_streak < 1:
+            raise ConfigError("DataConfig: resolution, max_empty_shards and max_rejected_streak must be >= 1, got "
+                              f"{self.resolution}, {self.max_empty_shards} and {self.max_rejected_streak}")
 
     @property
     def sample_filter(self) -> SampleFilter:

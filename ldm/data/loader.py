@@ -34,6 +34,7 @@ from ldm.data.samples import FilteredSample, SkipSample, collate, get_sample_for
 from ldm.errors import LdmError
 from ldm.runtime import derive_seed
 
+LOADER_ERROR = "__loader_error__"  # a batch that carries a stream's LdmError message from its worker
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
 
 
@@ -191,6 +192,12 @@ class ShardStream(IterableDataset):
                 )
 
     def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self._batches()
+        except LdmError as e:  # e.g. no usable shard: the main process raises it (a worker's raise would reach the
+            yield {LOADER_ERROR: str(e)}  # user wrapped in torch's "Caught LdmError in DataLoader worker" traceback)
+
+    def _batches(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         seed = derive_seed(self.config.seed, self.epoch, self.rank, worker)
@@ -223,7 +230,7 @@ class StreamLoader:
     def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise LdmError(f"rank {rank} is outside world_size {world_size}")
-        self.config = config
+        self.config, self.world_size = config, world_size
         self.urls = expand_shards(config.shards)
         self.dataset = ShardStream(config, self.urls, rank, world_size)
         self.skips = SkipCounter()
@@ -243,9 +250,15 @@ class StreamLoader:
         if self.config.num_workers == 0:
             source: Iterable[dict] = self.dataset
         else:
-            source = DataLoader(self.dataset, batch_size=None, num_workers=self.config.num_workers, persistent_workers=False)
+            # Its own generator: a DataLoader otherwise draws its workers' base seed from the global torch RNG at
+            # every epoch, so a resumed run (a fresh iterator mid-epoch) would shift that RNG, and with it dropout.
+            workers_seed = derive_seed(self.config.seed, self.dataset.epoch, self.dataset.rank, "workers")
+            source = DataLoader(self.dataset, batch_size=None, num_workers=self.config.num_workers, persistent_workers=False,
+                                generator=torch.Generator().manual_seed(workers_seed))
         limit = self.config.batches_per_epoch if self.config.resampled else None
         for batch in islice(source, limit):  # the epoch ends here, on the loader, not in each worker (#303)
+            if LOADER_ERROR in batch:
+                raise LdmError(batch[LOADER_ERROR])
             self.skips.update(batch)
             yield batch
 

@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.errors import LdmError
+from ldm.imagemodes import SIXTEEN_BIT_MODES, to_rgb8
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -17,7 +20,15 @@ class CorruptImage(Exception):
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Convert to RGB, compositing any transparency over `background` (not the black that convert("RGB") gives)."""
+    """Convert to RGB, compositing any transparency over `background` (not the black that convert("RGB") gives).
+
+    16-bit grey (a PNG of mode I;16 or I) is rescaled by `ldm.imagemodes.to_rgb8`: Pillow's convert("RGB") clips it at
+    255, a white image. 32-bit images of no known range (TIFF modes I, F) raise CorruptImage (a skipped sample)."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        try:
+            return to_rgb8(image)
+        except LdmError as e:
+            raise CorruptImage(str(e)) from e
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -68,6 +68,21 @@ def _reproducible_random_weights(net: torch.nn.Module, seed: int = 0) -> None:
         param.copy_((torch.randn(param.shape, generator=generator) * fan_in**-0.5).to(param))
 
 
+def check_clip_weights(model: str, pretrained: str) -> str:
+    """`pretrained` is "none", a file, or a tag open_clip knows for `model`; returns the architecture name."""
+    import open_clip
+
+    arch = _model_name(model)
+    if pretrained.lower() != RANDOM_WEIGHTS and not Path(pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if pretrained not in tags:
+            raise LdmError(
+                f"--clip-pretrained {pretrained}: neither a file nor a known tag for {arch} "
+                f"(tags: {', '.join(tags) or 'none'})"
+            )
+    return arch
+
+
 class ClipModel:
     """An open_clip model as a `FeatureExtractor` of image embeddings, plus text embeddings for the CLIP score."""
 
@@ -88,15 +103,8 @@ class ClipModel:
                 "open_clip.list_pretrained_tags_by_model), a local weights file, or 'none' for random weights "
                 "(meaningless numbers, for tests)"
             )
-        arch = _model_name(model)
+        arch = check_clip_weights(model, pretrained)
         self.model_name, self.pretrained, self.random_weights = model, pretrained, pretrained.lower() == RANDOM_WEIGHTS
-        if not self.random_weights and not Path(pretrained).is_file():
-            tags = open_clip.list_pretrained_tags_by_model(arch)
-            if pretrained not in tags:
-                raise LdmError(
-                    f"--clip-pretrained {pretrained}: neither a file nor a known tag for {arch} "
-                    f"(tags: {', '.join(tags) or 'none'})"
-                )
         try:
             with torch.random.fork_rng(devices=[]):  # open_clip initialises from the global RNG: leave it as it was
                 net, _, preprocess = open_clip.create_model_and_transforms(

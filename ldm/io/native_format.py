@@ -189,7 +189,11 @@ def export_native(parts: ModelParts, folder: str | Path, *, step: int | None = N
     staging = folder / ".export.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model = staging / "model"
-    _write_folder(parts, model, step)
+    try:
+        _write_folder(parts, model, step)
+    except BaseException:  # a full disk: leave no half-written staging folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     os.replace(model / MANIFEST, folder / MANIFEST)  # from here on only the complete new export matches
     for entry in sorted(model.iterdir()):
         if (folder / entry.name).is_dir():

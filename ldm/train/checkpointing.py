@@ -34,7 +34,7 @@ from typing import Iterable
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, write_failure
 from ldm.train.sharding import is_sharded, load_sharded_ema, save_sharded_ema
 
 STATE_FILE = "trainer_state.json"  # written last: a folder without it is not a checkpoint
@@ -187,6 +187,33 @@ def rotate_checkpoints(output_dir: str | Path, limit: int | None) -> list[Path]:
     return doomed
 
 
+def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
+    """Rename the complete checkpoints of `output_dir` newer than `step` to `abandoned-step-NNNNNN` (main process).
+
+    A run resumed from an older checkpoint (`--resume PATH`, rewinding past a loss spike) starts a new line of
+    steps: the newer checkpoints belong to the line it left. Left as they were, a later `--resume latest` (a
+    preempted job) would continue the abandoned line, and rotation would keep them over the new ones. Renamed, they
+    are kept for the user but no longer taken for this run's."""
+    moved = []
+    for found, path in list_checkpoints(output_dir):
+        if found > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            n = 1
+            while target.exists():
+                target, n = path.with_name(f"abandoned-{n}-{path.name}"), n + 1
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
+def after_resume(accelerator, output_dir: str | Path, step: int) -> None:
+    """Once a checkpoint of `step` is restored (every trainer): the newer checkpoints set aside, with a warning."""
+    if accelerator.is_main_process:
+        for moved in set_aside_newer(output_dir, step):
+            warnings.warn(f"{moved.name.removeprefix('abandoned-')} is newer than the resumed step {step}: renamed "
+                          f"to {moved}, so that --resume latest never continues the line this run left", stacklevel=2)
+
+
 def tidy_checkpoints(output_dir: str | Path) -> list[str]:
     """Clear what a kill left in `checkpoints/` (main process, before training); returns one note per change."""
     root = Path(output_dir) / "checkpoints"
@@ -240,9 +267,12 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_stat
     except BaseException as e:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # a full disk, a lost mount: say where and what, not a traceback
-            raise CheckpointError(f"cannot write the checkpoint of step {step} to {tmp.parent}: {e}; free space or "
-                                  "fix the folder, then continue with --resume latest") from e
+        # a full disk, a lost mount: say where and what, not a traceback (safetensors and torch.save report a full
+        # disk in their own exception types, not as an OSError)
+        if isinstance(e, OSError) or write_failure(e):
+            reason = write_failure(e) or e
+            raise CheckpointError(f"cannot write the checkpoint of step {step} to {tmp.parent}: {reason} ({e}); free "
+                                  "space or fix the folder, then continue with --resume latest") from e
         raise
     accelerator.wait_for_everyone()
     return final
@@ -285,6 +315,13 @@ def load_checkpoint(accelerator, path: str | Path, ema=None) -> dict:
     try:
         accelerator.load_state(str(path))
     except (OSError, RuntimeError, KeyError, ValueError) as e:
+        lines = str(e).strip().splitlines()
+        if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
+            shown = "\n".join(lines[:4]) + (f"\n\t... ({len(lines) - 4} more lines)" if len(lines) > 4 else "")
+            raise CheckpointError(f"cannot restore the training state from {path}: it holds another model than the "
+                                  f"config describes:\n{shown}\nresume with the config the run was trained with "
+                                  "(its model section, as in DIR/train_config.yaml), or start a new run in another "
+                                  "folder") from e
         raise CheckpointError(f"cannot restore the training state from {path}: {e}") from e
     if ema is not None and is_sharded(accelerator):
         load_sharded_ema(ema, path, accelerator.process_index, accelerator.num_processes)

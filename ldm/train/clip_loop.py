@@ -27,7 +27,7 @@ from ldm.errors import ConfigError, LdmError
 from ldm.eval.retrieval import retrieval_accuracy
 from ldm.io.checkpoint import write_safetensors
 from ldm.train.batches import TrainState, batch_stream
-from ldm.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from ldm.train.checkpointing import after_resume, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.train.config import EMAConfig, OptimConfig
 from ldm.train.ema import EMA
 from ldm.train.optim import lr_at, make_optimizer, set_lr
@@ -197,11 +197,12 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None, overwrite: bo
 
     loader = make_loader(config.data, rank=rank, world_size=world)  # per-rank stream already
     state = TrainState()
-    if accelerator.is_main_process:  # once the checkpoint is found: a refused --resume leaves the run's record alone
-        save_yaml(to_plain(config), out / "config.yaml")
     if checkpoint is not None:
         state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+        after_resume(accelerator, out, state.step)
+    if accelerator.is_main_process:  # once the checkpoint is restored: a refused --resume leaves the run's record alone
+        save_yaml(to_plain(config), out / "config.yaml")
     saved_step = state.step if checkpoint is not None else None
     batches = batch_stream(loader, state)
     logger = RunLogger(accelerator, config.log_with, out, run_name="ldm-train-clip")

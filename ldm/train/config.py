@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ldm.data.config import DataConfig
+from ldm.diffusion.sampler_registry import get_sampler
 from ldm.errors import ConfigError
+from ldm.models.attention import BACKENDS
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -64,6 +66,11 @@ class LossConfig:
             raise ConfigError(f"loss.sigma_sampler must be one of {list(SIGMA_SAMPLERS)}, got {self.sigma_sampler!r}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"loss.weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
+        for name in ("p_std", "min_snr_gamma", "sigma_data"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"loss.{name} must be > 0, got {getattr(self, name)}")
+        if self.vlb_weight < 0:
+            raise ConfigError(f"loss.vlb_weight must be >= 0, got {self.vlb_weight}")
 
 
 @dataclass
@@ -84,8 +91,20 @@ class OptimConfig:
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"optim.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.warmup_steps < 0 or self.lr <= 0:
+        if self.warmup_steps < 0 or not self.lr > 0:
             raise ConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {list(self.betas)}")
+        if self.eps < 0 or self.weight_decay < 0:
+            raise ConfigError(f"optim.eps and optim.weight_decay must be >= 0, got {self.eps} and {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:  # <= 0 zeroes or flips every gradient
+            raise ConfigError(f"optim.max_grad_norm must be > 0 (e.g. 1.0), or null for no clipping; got "
+                              f"{self.max_grad_norm}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ConfigError(f"optim.decay_steps ({self.decay_steps}) must exceed optim.warmup_steps "
+                              f"({self.warmup_steps}), or be null to decay until max_steps")
 
 
 @dataclass
@@ -101,6 +120,8 @@ class EMAConfig:
     def __post_init__(self):
         if not 0.0 <= self.decay < 1.0:
             raise ConfigError(f"ema.decay must lie in [0, 1), got {self.decay}")
+        if not (self.inv_gamma > 0 and self.power > 0):
+            raise ConfigError(f"ema.inv_gamma and ema.power must be > 0, got {self.inv_gamma} and {self.power}")
 
 
 @dataclass
@@ -123,6 +144,18 @@ class SamplingConfig:
     clip_pretrained: str | None = None  # tag, local weights file, or "none" (random: for tests only)
     ref_stats: str | None = None  # .npz with mu/sigma (ldm-fid --save-stats)
     inception_weights: str | None = None  # for FID against Inception statistics
+
+    def __post_init__(self):
+        # Checked at the start: the grids are drawn after training steps (at the latest at the end of the run, before
+        # the export), so a typo here would otherwise fail only then.
+        get_sampler(self.sampler)  # an unknown name lists the samplers
+        if self.every < 0 or self.steps < 1 or self.n_per_prompt < 1 or self.eval_max_prompts < 1:
+            raise ConfigError(f"sampling.every must be >= 0 (0: only at the end), sampling.steps, n_per_prompt and "
+                              f"eval_max_prompts >= 1; got {self.every}, {self.steps}, {self.n_per_prompt} and "
+                              f"{self.eval_max_prompts}")
+        if not 0.0 <= self.guidance < float("inf"):
+            raise ConfigError(f"sampling.guidance must be a finite number >= 0 (<= 1: no guidance), got "
+                              f"{self.guidance}")
 
 
 @dataclass
@@ -159,3 +192,5 @@ class TrainConfig:
             raise ConfigError("max_steps must be >= 0, grad_accum, checkpoint_every and log_every >= 1")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError("checkpoints_total_limit must be >= 1 or null")
+        if self.attention_backend not in BACKENDS:
+            raise ConfigError(f"attention_backend must be one of {list(BACKENDS)}, got {self.attention_backend!r}")

@@ -20,28 +20,29 @@ from ldm.config import save_yaml, to_plain
 from ldm.data.latents import check_latent_shards
 from ldm.data.loader import make_loader
 from ldm.diffusion.conditioning import takes_pooled_text
-from ldm.errors import ConfigError, LdmError
-from ldm.eval.clip_score import ClipModel
+from ldm.errors import ConfigError, LdmError, write_failure
+from ldm.eval.clip_score import ClipModel, check_clip_weights
 from ldm.eval.frechet import load_stats
 from ldm.eval.grid import make_grid
 from ldm.eval.in_training import evaluate_generations
-from ldm.eval.inception import InceptionExtractor
+from ldm.eval.inception import InceptionExtractor, resolve_inception_weights
 from ldm.eval.prompts import load_prompts
 from ldm.io.native_format import export_native
 from ldm.models.attention import set_attention_backend
 from ldm.models.float8 import FP8_ALIGN, check_fp8_device, to_float8, transformer_linears
 from ldm.models.text_encoders import TextEmbeddings
 from ldm.runtime import derive_seed
-from ldm.train.batches import DataCounts, TrainState, batch_stream
-from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_resume, save_checkpoint
+from ldm.train.batches import DataCounts, TrainState, batch_stream, note_stream_change, stream_settings
+from ldm.train.checkpointing import (accelerate_files, after_resume, load_checkpoint, resolve_resume,
+                                     save_checkpoint)
 from ldm.train.compiled import compile_for_training
 from ldm.train.config import ModelConfig, TrainConfig
 from ldm.train.ema import EMA
 from ldm.train.model import (DiffusionObjective, LatentDiffusionParts, build_parts, build_unet, check_latent_batch,
-                             latents_from_posterior, text_conditioning)
+                             encode_captions, latents_from_posterior, text_conditioning)
 from ldm.train.optim import lr_at, make_optimizer, set_lr
 from ldm.train.run_folder import open_run
-from ldm.train.samples import sample_images, upscale_references
+from ldm.train.samples import check_preview_settings, sample_images, upscale_references
 from ldm.train.latent_upscale import latent_upscale_inputs
 from ldm.train.sharding import finish_wrapping, is_sharded, set_wrap_units, unsharded_parts
 from ldm.train.super_resolution import super_resolution_inputs
@@ -103,7 +104,7 @@ def prepare_inputs(batch: dict, parts: LatentDiffusionParts, objective: Diffusio
     if config.loss.inputs == "latents":
         cond = latent_text_conditioning(batch, parts, device)
     else:
-        cond = text_conditioning(parts.text_encoder.encode(captions), parts.unet.config)
+        cond = text_conditioning(encode_captions(parts.text_encoder, captions), parts.unet.config)
     return {**inputs, "cond": {**{k: v.to(device) for k, v in cond.items()}, **extra}}
 
 
@@ -162,6 +163,45 @@ def check_fp8_unet(model: ModelConfig) -> None:
                        f"widths are multiples of {FP8_ALIGN}: FP8 has nothing to run on; set fp8: false")
 
 
+def check_evaluation(s) -> None:
+    """The in-training evaluation's settings (`sampling.eval_prompts` and what it needs), checked before any work:
+    they are first used at the first sample grid, after training steps, at the end of the run (before the export)
+    when `sampling.every` is 0. Files are read (prompts, statistics); the CLIP model is built only at the grid."""
+    if not s.eval_prompts or not s.prompts or not (s.every or s.at_end):
+        return
+    if s.clip_pretrained is None:
+        raise ConfigError("sampling.eval_prompts needs sampling.clip_pretrained (a tag, a weights file, or 'none')")
+    load_prompts(s.eval_prompts)
+    try:
+        check_clip_weights(s.clip_model, s.clip_pretrained)
+    except LdmError as e:  # the evaluation CLIs' flag is this run's config key
+        raise ConfigError(str(e).replace("--clip-pretrained", "sampling.clip_pretrained", 1)) from e
+    if s.ref_stats:
+        ref = load_stats(s.ref_stats)
+        if not ref.extractor.startswith("clip:"):  # Inception statistics: FID needs the Inception weights
+            resolve_inception_weights(s.inception_weights)
+
+
+def check_training_sizes(config: TrainConfig, parts: LatentDiffusionParts) -> None:
+    """The image sizes the loader makes (data.resolution or data.buckets) must be multiples of the codec's factor
+    times the U-Net's downsampling, as `Stage.factor` says for sampling; else the U-Net's skip connections fail to
+    concatenate at the first step, deep in the forward pass."""
+    if config.loss.inputs == "latents":  # the shards hold latents of their own size
+        return
+    own = getattr(parts.unet.config, "downsample_factor", None)  # the Efficient U-Net's
+    levels = getattr(parts.unet.config, "channel_mult", None)
+    if own is None and levels is None:
+        return
+    factor = parts.codec.downsample_factor * (own or 2 ** (len(levels) - 1))
+    bad = [(h, w) for h, w in config.data.sizes if h % factor or w % factor]
+    if bad:
+        key = "data.buckets" if config.data.buckets else "data.resolution"
+        h, w = bad[0]
+        raise ConfigError(f"{key}: {h}x{w} is not a multiple of {factor} (the autoencoder's factor "
+                          f"{parts.codec.downsample_factor} times the U-Net's downsampling); try "
+                          f"{max(factor, round(h / factor) * factor)}")
+
+
 def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train the model of `config` into `config.output_dir`; returns that folder, which then holds the final model.
 
@@ -171,6 +211,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     from accelerate.utils import DistributedDataParallelKwargs
 
     out = Path(config.output_dir)
+    check_evaluation(config.sampling)
     if config.fp8:  # before the run folder exists: a refused run leaves nothing behind
         check_fp8_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
         check_fp8_unet(config.model)
@@ -192,6 +233,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     # The model: identical random init on every rank (DDP broadcasts rank 0's weights anyway).
     torch.manual_seed(config.seed)
     parts = build_parts(config.model)
+    check_training_sizes(config, parts)
+    if config.sampling.every or config.sampling.at_end:
+        check_preview_settings(parts, config.sampling)
     if config.fp8:  # before compiling: the compiled graph holds the FP8 products
         to_float8(parts.unet)  # in place: parameters and state_dict keys are unchanged
     if config.compile if config.compile is not None else device.type == "cuda":
@@ -219,21 +263,33 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     loader = make_loader(config.data, rank=rank, world_size=world)
     state = TrainState()
     checkpoint = resolve_resume(out, resume, accelerate_files(accelerator))
-    # Recorded once the shards and the checkpoint are found: a refused start leaves the folder (or its run's record)
-    # as it was, so that the corrected command is not told the folder holds a run.
-    resolved = {**to_plain(config), "model": {**to_plain(config.model), **parts.resolved()}}
-    if accelerator.is_main_process:
-        save_yaml(resolved, out / TRAIN_CONFIG)
+    stream = stream_settings(config.data, loader.urls, world)
     if checkpoint is not None:
         saved = load_checkpoint(accelerator, checkpoint, ema)
         state = TrainState.from_saved(saved)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+        after_resume(accelerator, out, state.step)
+        if accelerator.is_main_process:
+            note_stream_change(state.stream, stream)
+    state.stream = stream
+    # Recorded once the shards are found and the checkpoint restored: a refused start (a checkpoint of another
+    # model config) leaves the folder, or its run's record, as it was; a new folder is not told it holds a run.
+    resolved = {**to_plain(config), "model": {**to_plain(config.model), **parts.resolved()}}
+    if accelerator.is_main_process:
+        save_yaml(resolved, out / TRAIN_CONFIG)
     batches = batch_stream(loader, state)
     logger = RunLogger(accelerator, config.log_with, out)
     latent_size = config.data.resolution // parts.codec.downsample_factor  # of the sample grids
 
     saved_step = state.step if checkpoint is not None else None
-    references = None  # an SR stage's preview inputs: the first training images this run reads
+    # An SR stage's preview inputs: the run's first training images (epoch 0, batch 0), read again by a resumed run
+    # so that its grids are the uninterrupted run's.
+    references = None
+    if parts.upscales and checkpoint is not None and (config.sampling.every or config.sampling.at_end):
+        loader.set_epoch(0)
+        first = iter(loader)
+        references = preview_references(next(first), config)
+        first.close()  # its worker processes end here
 
     def checkpoint_now() -> None:
         nonlocal saved_step
@@ -267,9 +323,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             batch = next(batches)
             data_counts.add(batch)
             if parts.upscales and references is None:  # the SR grid upscales these training images
-                count = min(len(batch["caption"]), len(config.sampling.prompts) * config.sampling.n_per_prompt)
-                images = batch["image"] if "image" in batch else batch["latent_mean"]  # precomputed: the images
-                references = (images[:count].float().clone(), list(batch["caption"][:count]))
+                references = preview_references(batch, config)
             with accelerator.autocast():  # the frozen encoders run in the autocast dtype, their weights stay float32
                 inputs = prepare_inputs(batch, parts, objective, config, state, rank, device)
             last = micro == config.grad_accum - 1
@@ -335,6 +389,13 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     accelerator.wait_for_everyone()
     logger.close()
     return out
+
+
+def preview_references(batch: dict, config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
+    """The training images (and captions) of `batch` an SR stage's preview grid upscales."""
+    count = min(len(batch["caption"]), len(config.sampling.prompts) * config.sampling.n_per_prompt)
+    images = batch["image"] if "image" in batch else batch["latent_mean"]  # precomputed: the images
+    return images[:count].float().clone(), list(batch["caption"][:count])
 
 
 def parameter_fingerprint(module: torch.nn.Module) -> torch.Tensor:
@@ -404,8 +465,6 @@ def evaluate_in_training(parts, ema, objective, s, latent_size, device, logger, 
 
     key = (s.eval_prompts, s.clip_model, s.clip_pretrained, s.ref_stats)
     if key not in _EVALUATORS:
-        if s.clip_pretrained is None:
-            raise ConfigError("sampling.eval_prompts needs sampling.clip_pretrained (a tag, a weights file, or 'none')")
         ref = load_stats(s.ref_stats) if s.ref_stats else None
         inception = None
         if ref is not None and not ref.extractor.startswith("clip:"):  # Inception statistics: FID
@@ -436,4 +495,11 @@ def export_model(parts, ema, objective, out: Path, step: int | None = None, acce
         if accelerator is not None and is_sharded(accelerator):
             parts = unsharded_parts(parts, keep=main)
         if main:
-            export_native(parts.model_parts(source=str(out)), out, step=step)
+            try:
+                export_native(parts.model_parts(source=str(out)), out, step=step)
+            except Exception as e:
+                if write_failure(e) is None:
+                    raise
+                raise LdmError(f"cannot write the exported model into {out}: {write_failure(e)} ({e}); the final "
+                               "checkpoint is complete: free space, then run the same command with --resume latest "
+                               "(it trains no step and exports again)") from e

@@ -1,6 +1,8 @@
 """The model a training run builds: a trainable U-Net denoiser, a frozen autoencoder, a text encoder."""
 from __future__ import annotations
 
+import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from ldm.io.checkpoint import load_into, read_state_dict
 from ldm.io.components import ModelParts, codec_for, config_sections
 from ldm.io.formats import load_model
 from ldm.io.infer import normalize_text_keys, strip_prefix
-from ldm.io.part_types import PART_TYPES, build_part, read_section, section_type
+from ldm.io.part_types import PART_TYPES, build_part, read_section, section_dict, section_type
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder, hf_config_fields
 from ldm.models.unet import UNetConfig, UNetModel
@@ -81,9 +83,33 @@ class LatentDiffusionParts:
 
     def resolved(self) -> dict:
         """The model section with every default written out, as saved in DIR/train_config.yaml."""
-        return {"unet": to_plain(self.unet.config), "autoencoder": to_plain(getattr(self.autoencoder, "config", None)),
+        # section_dict writes a network's `type` (efficient_unet, if_unet), so that the file trains again as --config
+        autoencoder = getattr(self.autoencoder, "config", None)
+        return {"unet": section_dict("unet", self.unet.config),
+                "autoencoder": None if autoencoder is None else section_dict("autoencoder", autoencoder),
                 "text_encoder": to_plain(self.text_encoder_config), "schedule": to_plain(self.schedule),
                 "stage": to_plain(self.stage), "latent_upscale": to_plain(self.latent_upscale)}
+
+
+_TRUNCATION = " tokens; the dropped words are: "  # the text encoders' warning of a prompt cut at their context
+_TRUNCATION_SAID: "weakref.WeakSet" = weakref.WeakSet()  # encoders whose training captions were said to be cut
+
+
+def encode_captions(text_encoder: nn.Module, captions: list[str]):
+    """`text_encoder.encode(captions)` for training: captions longer than the encoder's context are cut, as in
+    Stable Diffusion's training. The encoder warns for every such prompt (right for a user's prompt); web captions
+    are often that long, which would print a warning for most samples of every step, so it is said once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embeddings = text_encoder.encode(captions)
+    for w in caught:
+        if _TRUNCATION not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif text_encoder not in _TRUNCATION_SAID:
+            _TRUNCATION_SAID.add(text_encoder)
+            warnings.warn(f"{w.message} (captions longer than the text encoder's context are cut, as in Stable "
+                          "Diffusion's training; this is said once per run)", stacklevel=2)
+    return embeddings
 
 
 def _load_weights(kind: str, module: nn.Module, path: str) -> nn.Module:
@@ -263,7 +289,8 @@ class DiffusionObjective(nn.Module):
                 captions: list[str] | None = None) -> torch.Tensor:
         """Per-sample loss `b` of denoising x0 + sigma * noise; a trained text encoder encodes `captions` here."""
         if self.text_encoder is not None:  # `cond` then holds only the other arguments (an SR stage's low-res image)
-            cond = {**text_conditioning(self.text_encoder.encode(captions), self.unet.config), **(cond or {})}
+            cond = {**text_conditioning(encode_captions(self.text_encoder, captions), self.unet.config),
+                    **(cond or {})}
         if self.learned_variance:
             return hybrid_loss(self.denoiser, x0, sigma, cond, weighting=self.weighting, vlb_weight=self.vlb_weight,
                                noise=noise)

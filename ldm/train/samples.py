@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ldm.diffusion.noise_augmentation import downsample, upsample
+from ldm.errors import ConfigError, LdmError
 from ldm.pipeline.images import to_pil
 from ldm.pipeline.latent_upscale import LatentUpscale
 from ldm.pipeline.sampling import sample
@@ -20,6 +21,19 @@ from ldm.pipeline.super_resolution import SuperResolution
 from ldm.train.config import SamplingConfig
 from ldm.train.latent_upscale import low_res_of
 from ldm.train.model import LatentDiffusionParts
+
+
+def check_preview_settings(parts: LatentDiffusionParts, config: SamplingConfig) -> None:
+    """The grids' sampler, steps and guidance against the model's schedule, as the grids will check them: before
+    the first training step, not at the first grid (with `sampling.every: 0` the end of the run, before the export)."""
+    if not config.prompts:
+        return
+    settings = GenerationSettings(sampler=config.sampler, steps=config.steps, guidance=config.guidance,
+                                  seed=config.seed)
+    try:
+        check_settings(settings, factor=1, schedule_config=parts.schedule, conditional=parts.text_encoder is not None)
+    except LdmError as e:
+        raise ConfigError(f"sampling (the training's sample grids): {e}") from e
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from ldm.pipeline.images import to_pil
 from ldm.runtime import derive_seed
 from ldm.train.autoencoder_loss import AutoencoderLoss, AutoencoderLossConfig
 from ldm.train.batches import DataCounts, TrainState, batch_stream
-from ldm.train.checkpointing import accelerate_files, load_checkpoint, resolve_resume, save_checkpoint
+from ldm.train.checkpointing import accelerate_files, after_resume, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.train.config import EMAConfig, OptimConfig
 from ldm.train.ema import EMA
 from ldm.train.optim import lr_at, make_optimizer, set_lr
@@ -265,11 +265,12 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
     loader = make_loader(config.data, rank=rank, world_size=world)  # not prepared: the stream is already per-rank
     state = TrainState()
     checkpoint = resolve_resume(out, resume, accelerate_files(accelerator))
-    if accelerator.is_main_process:  # once the checkpoint is found: a refused --resume leaves the run's record alone
-        save_yaml(to_plain(config), out / "config.yaml")
     if checkpoint is not None:
         state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+        after_resume(accelerator, out, state.step)
+    if accelerator.is_main_process:  # once the checkpoint is restored: a refused --resume leaves the run's record alone
+        save_yaml(to_plain(config), out / "config.yaml")
     saved_step = state.step if checkpoint is not None else None
     batches = batch_stream(loader, state)
     data_counts = DataCounts()  # samples the loader skipped or filtered since the last sync (this rank)
