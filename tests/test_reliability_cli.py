@@ -552,5 +552,6 @@ def test_under_torchrun_the_error_line_ends_the_output(tmp_path):
     assert result.returncode == 1  # the launcher's own code, whatever the children's (2 here)
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("=")]
     assert "exitcode  : 2" in result.stderr
-    assert lines[-1].strip() == "traceback : error: empty: no images found (looked for .png, .jpg, .jpeg, .webp, " \
-                                ".bmp, .tif, .tiff; use --recursive for subfolders)"
+    from ldm.eval.imagefolder import IMAGE_EXTENSIONS
+    assert lines[-1].strip() == (f"traceback : error: empty: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}; "
+                                 "use --recursive for subfolders)")
