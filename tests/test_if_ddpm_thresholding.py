@@ -199,3 +199,29 @@ def test_a_ddpm_or_ddim_config_without_clip_sample_clips_as_diffusers_does():
         assert getattr(diffusers, name)().config.clip_sample is True
         assert ScheduleConfig.from_diffusers({"_class_name": name, "clip_sample": False}).clip_sample is False
     assert ScheduleConfig.from_diffusers({"_class_name": "EulerDiscreteScheduler"}).clip_sample is False
+
+
+def test_a_cap_kept_with_thresholding_off_applies_when_thresholding_is_turned_on(net_and_text):
+    """An IF scheduler config with `thresholding: false` still says `sample_max_value: 1.5`. Turned on later (ldm:
+    `--dynamic-threshold 0.95`; diffusers: DDPMScheduler with thresholding=True over the same config) s is capped at
+    1.5. ldm's loader dropped the cap with thresholding off, so s ran uncapped: max|diff| 0.57-0.63 of the
+    reference's magnitude (three seeds; tolerance 1e-5)."""
+    from ldm.io.if_format import stage_config
+
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": False, "clip_sample": True}
+    loaded = stage_config(SimpleNamespace(aug_level_conditioning=False, sample_size=SHAPE[-1]), config)
+    assert (loaded.dynamic_threshold, loaded.dynamic_threshold_max) == (None, 1.5)
+    stage = Stage(net, ScheduleConfig.from_diffusers(config), IdentityCodec(), stage_config=loaded)
+    assert stage.threshold_cap() is None and stage.threshold_cap(0.95) == 1.5  # what the metadata records
+    settings = GenerationSettings(sampler="ddpm", steps=STEPS, guidance=GUIDANCE, seed=0, height=SHAPE[-1],
+                                  width=SHAPE[-1], dynamic_threshold=0.95)
+    cond = {"cond": {"context": text["cond"]}, "uncond": {"context": text["uncond"]}}
+    expected = diffusers_loop(net, {**config, "thresholding": True}, text)
+    assert_close_to_ref(sample(stage, ["a prompt"], settings, cond=cond), expected)
+    uncapped = diffusers_loop(net, {**config, "thresholding": True, "sample_max_value": 1e9}, text)
+    assert (uncapped - expected).abs().max() > 1e-3 * expected.abs().max()  # the cap is really exercised
+    # diffusers' own default where the config has no sample_max_value
+    bare = {k: v for k, v in config.items() if k != "sample_max_value"}
+    assert stage_config(SimpleNamespace(aug_level_conditioning=False, sample_size=8), bare).dynamic_threshold_max == \
+        diffusers.DDPMScheduler.from_config(bare).config.sample_max_value == 1.0
