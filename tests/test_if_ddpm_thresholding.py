@@ -11,7 +11,7 @@ import torch
 from helpers import assert_close_to_ref
 
 from ldm.diffusion.schedules import ScheduleConfig
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, LdmError
 from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.models.codecs import IdentityCodec
 from ldm.pipeline.sampling import sample
@@ -53,7 +53,7 @@ def diffusers_loop(net, scheduler_config, text, seed=0, scheduler_class="DDPMSch
         uncond, cond = out.chunk(2)
         eps_uncond, eps_cond, variance = uncond[:, :3], cond[:, :3], cond[:, 3:]
         out = eps_uncond + GUIDANCE * (eps_cond - eps_uncond)
-        if scheduler_config["variance_type"] == "learned_range":
+        if scheduler_config["variance_type"] in ("learned", "learned_range"):  # IFPipeline keeps the half for both
             out = torch.cat([out, variance], dim=1)
         x = scheduler.step(out, t, x, generator=generator, **step_kwargs).prev_sample
     return x
@@ -225,3 +225,56 @@ def test_a_cap_kept_with_thresholding_off_applies_when_thresholding_is_turned_on
     bare = {k: v for k, v in config.items() if k != "sample_max_value"}
     assert stage_config(SimpleNamespace(aug_level_conditioning=False, sample_size=8), bare).dynamic_threshold_max == \
         diffusers.DDPMScheduler.from_config(bare).config.sample_max_value == 1.0
+
+
+class PositiveVarianceNet(VarianceNet):
+    """VarianceNet whose variance half is a variance (in (0, 0.2)), as diffusers' variance_type "learned" reads it."""
+
+    def forward(self, x, t, context=None):
+        out = super().forward(x, t, context)
+        return torch.cat([out[:, :3], 0.1 * (out[:, 3:] + 1)], dim=1)
+
+
+def test_learned_variance_type_is_the_variance_itself_as_diffusers_reads_it(net_and_text):
+    """diffusers' DDPMScheduler with variance_type "learned" adds sqrt(v) * noise: the network's half is x_prev's
+    (VP) variance itself, not learned_range's interpolation of log variances. ldm read "learned" as "learned_range":
+    max|diff| 0.93-1.31 of the reference's magnitude (three seeds; tolerance 1e-5). A negative half (diffusers: NaN)
+    is refused."""
+    net, text = net_and_text
+    net = PositiveVarianceNet(int(torch.initial_seed() % 2**31))
+    config = {**IF_SCHEDULER, "thresholding": True, "clip_sample": True, "variance_type": "learned"}
+    expected = diffusers_loop(net, config, text)
+    assert_close_to_ref(ldm_sample(net, config, text), expected)
+    as_range = diffusers_loop(net, {**config, "variance_type": "learned_range"}, text)
+    assert (as_range - expected).abs().max() > 1e-3 * expected.abs().max()
+    # "trailing" ends at t = 124: the last step adds noise too, at the network's variance
+    trailing = {**config, "timestep_spacing": "trailing"}
+    assert_close_to_ref(ldm_sample(net, trailing, text), diffusers_loop(net, trailing, text))
+    # VarianceNet's half lies in [-1, 1]: diffusers' image is NaN, ldm says why
+    assert diffusers_loop(VarianceNet(0), config, text).isnan().any()
+    with pytest.raises(LdmError, match="variance_type 'learned' takes it as the variance itself"):
+        ldm_sample(VarianceNet(0), config, text)
+
+
+def test_the_log_fixed_variance_types(net_and_text):
+    """fixed_small_log is fixed_small in diffusers (exp(0.5 log beta_tilde) as the std). fixed_large_log (GLIDE's
+    max_log: log variance log beta) makes NaN in diffusers' DDPMScheduler, whose step takes the square root of
+    log beta < 0; ldm samples it as its name says, with variance beta: fixed_large's image."""
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": True, "clip_sample": True}
+    small_log = {**config, "variance_type": "fixed_small_log"}
+    assert_close_to_ref(ldm_sample(net, small_log, text), diffusers_loop(net, small_log, text))
+    large_log = {**config, "variance_type": "fixed_large_log"}
+    assert diffusers_loop(net, large_log, text).isnan().all()
+    ours = ldm_sample(net, large_log, text)
+    assert_close_to_ref(ours, diffusers_loop(net, {**config, "variance_type": "fixed_large"}, text))
+
+
+def test_training_refuses_a_learned_variance_type():
+    """The hybrid loss trains learned_range's interpolation; a schedule saying "learned" would sample it otherwise."""
+    from ldm.train.model import DiffusionObjective
+
+    parts = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(learn_sigma=True)),
+                            schedule=ScheduleConfig.from_diffusers({**IF_SCHEDULER, "variance_type": "learned"}))
+    with pytest.raises(ConfigError, match="set it to learned_range"):
+        DiffusionObjective(parts, None)
