@@ -8,6 +8,7 @@ import torch
 from helpers import run_cli
 from if_helpers import if_pipeline
 
+from ldm.cli.convert import main as convert
 from ldm.cli.txt2img import main as txt2img
 from ldm.diffusion.guidance import classifier_guidance
 from ldm.diffusion.noise_augmentation import if_noise_level_from_level
@@ -104,3 +105,28 @@ def test_a_stage_two_alone_names_the_command_that_upscales_an_image(folders, tmp
     assert code == 0, err
     record = json.loads((out / "metadata.jsonl").read_text())
     assert (record["width"], record["height"]) == (32, 32) and [s["ran"] for s in record["stages"]] == [False, True]
+
+
+def test_a_folder_with_thresholding_off_keeps_its_cap_for_dynamic_threshold(tmp_path, capsys):
+    """IF-I whose scheduler says `thresholding: false, sample_max_value: 1.5`: `--dynamic-threshold 0.95` (and
+    `pipe(..., dynamic_threshold=0.95)`) caps s at 1.5 as diffusers does, and the images' metadata says so; the cap
+    survives a conversion to native and back. It was lost: s ran uncapped (tests/test_if_ddpm_thresholding.py)."""
+    _, folder = if_pipeline(tmp_path, False, sample_size=8)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "thresholding": False}))
+    pipe = load_pipeline(folder)
+    assert pipe.stage.thresholding(0.95)[0].keywords == {"percentile": 0.95, "max_value": 1.5}
+    out = tmp_path / "out"
+    common = ["a cat", "--model", folder, "--steps", 2, "--guidance", 2]
+    assert run_cli(txt2img, [*common, "--dynamic-threshold", 0.95, "--out", out / "on"], capsys)[0] == 0
+    assert run_cli(txt2img, [*common, "--out", out / "off"], capsys)[0] == 0
+    on = json.loads((out / "on" / "metadata.jsonl").read_text())
+    off = json.loads((out / "off" / "metadata.jsonl").read_text())
+    assert (on["dynamic_threshold"], on["dynamic_threshold_max"], "clip_sample" in on) == (0.95, 1.5, False)
+    assert (off["dynamic_threshold"], "dynamic_threshold_max" in off, off["clip_sample"]) == (None, False, 1.0)
+    native, back = tmp_path / "native", tmp_path / "back"
+    assert run_cli(convert, [folder, native, "--to", "native"], capsys)[0] == 0
+    assert run_cli(convert, [native, back, "--to", "diffusers"], capsys)[0] == 0
+    written = json.loads((back / "scheduler" / "scheduler_config.json").read_text())
+    assert (written["thresholding"], written["sample_max_value"]) == (False, 1.5)
+    assert load_pipeline(back).stage.threshold_cap(0.95) == 1.5

@@ -11,7 +11,7 @@ import torch
 from helpers import assert_close_to_ref
 
 from ldm.diffusion.schedules import ScheduleConfig
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, LdmError
 from ldm.diffusion.noise_augmentation import StageConfig
 from ldm.models.codecs import IdentityCodec
 from ldm.pipeline.sampling import sample
@@ -53,7 +53,7 @@ def diffusers_loop(net, scheduler_config, text, seed=0, scheduler_class="DDPMSch
         uncond, cond = out.chunk(2)
         eps_uncond, eps_cond, variance = uncond[:, :3], cond[:, :3], cond[:, 3:]
         out = eps_uncond + GUIDANCE * (eps_cond - eps_uncond)
-        if scheduler_config["variance_type"] == "learned_range":
+        if scheduler_config["variance_type"] in ("learned", "learned_range"):  # IFPipeline keeps the half for both
             out = torch.cat([out, variance], dim=1)
         x = scheduler.step(out, t, x, generator=generator, **step_kwargs).prev_sample
     return x
@@ -199,3 +199,82 @@ def test_a_ddpm_or_ddim_config_without_clip_sample_clips_as_diffusers_does():
         assert getattr(diffusers, name)().config.clip_sample is True
         assert ScheduleConfig.from_diffusers({"_class_name": name, "clip_sample": False}).clip_sample is False
     assert ScheduleConfig.from_diffusers({"_class_name": "EulerDiscreteScheduler"}).clip_sample is False
+
+
+def test_a_cap_kept_with_thresholding_off_applies_when_thresholding_is_turned_on(net_and_text):
+    """An IF scheduler config with `thresholding: false` still says `sample_max_value: 1.5`. Turned on later (ldm:
+    `--dynamic-threshold 0.95`; diffusers: DDPMScheduler with thresholding=True over the same config) s is capped at
+    1.5. ldm's loader dropped the cap with thresholding off, so s ran uncapped: max|diff| 0.57-0.63 of the
+    reference's magnitude (three seeds; tolerance 1e-5)."""
+    from ldm.io.if_format import stage_config
+
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": False, "clip_sample": True}
+    loaded = stage_config(SimpleNamespace(aug_level_conditioning=False, sample_size=SHAPE[-1]), config)
+    assert (loaded.dynamic_threshold, loaded.dynamic_threshold_max) == (None, 1.5)
+    stage = Stage(net, ScheduleConfig.from_diffusers(config), IdentityCodec(), stage_config=loaded)
+    assert stage.threshold_cap() is None and stage.threshold_cap(0.95) == 1.5  # what the metadata records
+    settings = GenerationSettings(sampler="ddpm", steps=STEPS, guidance=GUIDANCE, seed=0, height=SHAPE[-1],
+                                  width=SHAPE[-1], dynamic_threshold=0.95)
+    cond = {"cond": {"context": text["cond"]}, "uncond": {"context": text["uncond"]}}
+    expected = diffusers_loop(net, {**config, "thresholding": True}, text)
+    assert_close_to_ref(sample(stage, ["a prompt"], settings, cond=cond), expected)
+    uncapped = diffusers_loop(net, {**config, "thresholding": True, "sample_max_value": 1e9}, text)
+    assert (uncapped - expected).abs().max() > 1e-3 * expected.abs().max()  # the cap is really exercised
+    # diffusers' own default where the config has no sample_max_value
+    bare = {k: v for k, v in config.items() if k != "sample_max_value"}
+    assert stage_config(SimpleNamespace(aug_level_conditioning=False, sample_size=8), bare).dynamic_threshold_max == \
+        diffusers.DDPMScheduler.from_config(bare).config.sample_max_value == 1.0
+
+
+class PositiveVarianceNet(VarianceNet):
+    """VarianceNet whose variance half is a variance (in (0, 0.2)), as diffusers' variance_type "learned" reads it."""
+
+    def forward(self, x, t, context=None):
+        out = super().forward(x, t, context)
+        return torch.cat([out[:, :3], 0.1 * (out[:, 3:] + 1)], dim=1)
+
+
+def test_learned_variance_type_is_the_variance_itself_as_diffusers_reads_it(net_and_text):
+    """diffusers' DDPMScheduler with variance_type "learned" adds sqrt(v) * noise: the network's half is x_prev's
+    (VP) variance itself, not learned_range's interpolation of log variances. ldm read "learned" as "learned_range":
+    max|diff| 0.93-1.31 of the reference's magnitude (three seeds; tolerance 1e-5). A negative half (diffusers: NaN)
+    is refused."""
+    net, text = net_and_text
+    net = PositiveVarianceNet(int(torch.initial_seed() % 2**31))
+    config = {**IF_SCHEDULER, "thresholding": True, "clip_sample": True, "variance_type": "learned"}
+    expected = diffusers_loop(net, config, text)
+    assert_close_to_ref(ldm_sample(net, config, text), expected)
+    as_range = diffusers_loop(net, {**config, "variance_type": "learned_range"}, text)
+    assert (as_range - expected).abs().max() > 1e-3 * expected.abs().max()
+    # "trailing" ends at t = 124: the last step adds noise too, at the network's variance
+    trailing = {**config, "timestep_spacing": "trailing"}
+    assert_close_to_ref(ldm_sample(net, trailing, text), diffusers_loop(net, trailing, text))
+    # VarianceNet's half lies in [-1, 1]: diffusers' image is NaN, ldm says why
+    assert diffusers_loop(VarianceNet(0), config, text).isnan().any()
+    with pytest.raises(LdmError, match="variance_type 'learned' takes it as the variance itself"):
+        ldm_sample(VarianceNet(0), config, text)
+
+
+def test_the_log_fixed_variance_types(net_and_text):
+    """fixed_small_log is fixed_small in diffusers (exp(0.5 log beta_tilde) as the std). fixed_large_log (GLIDE's
+    max_log: log variance log beta) makes NaN in diffusers' DDPMScheduler, whose step takes the square root of
+    log beta < 0; ldm samples it as its name says, with variance beta: fixed_large's image."""
+    net, text = net_and_text
+    config = {**IF_SCHEDULER, "thresholding": True, "clip_sample": True}
+    small_log = {**config, "variance_type": "fixed_small_log"}
+    assert_close_to_ref(ldm_sample(net, small_log, text), diffusers_loop(net, small_log, text))
+    large_log = {**config, "variance_type": "fixed_large_log"}
+    assert diffusers_loop(net, large_log, text).isnan().all()
+    ours = ldm_sample(net, large_log, text)
+    assert_close_to_ref(ours, diffusers_loop(net, {**config, "variance_type": "fixed_large"}, text))
+
+
+def test_training_refuses_a_learned_variance_type():
+    """The hybrid loss trains learned_range's interpolation; a schedule saying "learned" would sample it otherwise."""
+    from ldm.train.model import DiffusionObjective
+
+    parts = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(learn_sigma=True)),
+                            schedule=ScheduleConfig.from_diffusers({**IF_SCHEDULER, "variance_type": "learned"}))
+    with pytest.raises(ConfigError, match="set it to learned_range"):
+        DiffusionObjective(parts, None)

@@ -347,6 +347,33 @@ def test_without_the_guard_the_same_ctrl_c_was_a_traceback(tmp_path):
     assert "Traceback" in result.stderr and result.stderr.splitlines()[-1] == "KeyboardInterrupt"
 
 
+def run_module(folder: Path, module: str, argv: list, before: str) -> subprocess.CompletedProcess:
+    """`python -m module argv` in `folder`, after the code `before` (run first as sitecustomize, from PYTHONPATH)."""
+    (folder / "site").mkdir()
+    (folder / "site" / "sitecustomize.py").write_text(INTERACTIVE_SIGINT + before)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder / "site"), str(ROOT), *sys.path])}
+    return subprocess.run([sys.executable, "-m", module, *map(str, argv)], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
+@pytest.mark.parametrize("at", ["torch", "ldm.cli.common"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_ctrl_c_while_python_m_imports_a_command_exits_130_with_one_line(command, at, tmp_path):
+    """`python -m ldm.cli.NAME` (and `accelerate launch -m`, which runs it so) imports the command inside the same
+    guard as its console script: its module's first lines hand over to `ldm.cli.scripts.run_as_main`. It imported
+    torch at its top before any handler existed, and printed a KeyboardInterrupt traceback."""
+    module = "ldm.cli." + command.removeprefix("ldm-")
+    result = run_module(tmp_path, module, ["--help"], ctrl_c_at_import(at))
+    assert (result.returncode, result.stderr, result.stdout) == (130, "interrupted\n", ""), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]  # nothing written
+
+
+def test_python_m_runs_the_command(tmp_path):
+    """Without an interrupt `python -m ldm.cli.convert` is the command itself: its usage error and exit code 2."""
+    result = run_module(tmp_path, "ldm.cli.convert", ["--to", "nowhere"], "")
+    assert result.returncode == 2 and "usage: ldm-convert" in result.stderr, result.stderr
+
+
 def test_ctrl_c_while_ldm_convert_writes_leaves_no_output_and_no_temporary(tmp_path):
     """The weights are in the temporary file, not yet renamed to DST, when Ctrl-C comes: DST never appears."""
     model = write_tiny_sd(tmp_path / "model")

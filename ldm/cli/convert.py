@@ -1,6 +1,11 @@
 """ldm-convert: Stable Diffusion weights between the original single file, diffusers folders and the native format."""
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m ldm.cli.convert: imported again inside the Ctrl-C guard (scripts.py)
+    from ldm.cli.scripts import run_as_main
+
+    run_as_main("ldm.cli.convert")
+
 import argparse
 import sys
 from pathlib import Path
@@ -65,7 +70,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.dst} ({args.to})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

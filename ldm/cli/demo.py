@@ -1,6 +1,11 @@
 """ldm-demo: a local web page to generate and compare images with any model ldm loads (gradio, offline)."""
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m ldm.cli.demo: imported again inside the Ctrl-C guard (scripts.py)
+    from ldm.cli.scripts import run_as_main
+
+    run_as_main("ldm.cli.demo")
+
 import argparse
 import signal
 import sys
@@ -73,7 +78,3 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
         remove_output_root(root)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,11 @@ section; a cascade's per stage, as `ldm-txt2img` does), else ldm-eval's (EVAL_DE
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m ldm.cli.eval: imported again inside the Ctrl-C guard (scripts.py)
+    from ldm.cli.scripts import run_as_main
+
+    run_as_main("ldm.cli.eval")
+
 import argparse
 import itertools
 import os
@@ -528,7 +533,3 @@ def main(argv: list[str] | None = None) -> int:
         return _launch(args, argv)
     run(args)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

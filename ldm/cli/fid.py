@@ -6,6 +6,11 @@ images; their feature moments are gathered and merged).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m ldm.cli.fid: imported again inside the Ctrl-C guard (scripts.py)
+    from ldm.cli.scripts import run_as_main
+
+    run_as_main("ldm.cli.fid")
+
 import argparse
 import os
 import sys
@@ -113,7 +118,3 @@ def run(args: argparse.Namespace) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     run(build_parser().parse_args(argv))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

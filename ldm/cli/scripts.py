@@ -5,11 +5,16 @@ A script generated for `ldm.cli.txt2img:main` imports that module, and with it t
 Each function here imports its command inside the guard that also runs it, and this module imports nothing heavy: from
 the first line of ldm's code on, an interrupt gives `interrupted` on stderr and exit code 130. Nothing is written while
 the modules import, and the commands write every file atomically (ldm.atomic), so no half-written output is left.
+
+`python -m ldm.cli.NAME` (and `accelerate launch -m ldm.cli.NAME`, which runs that) executes the command's module as
+`__main__`, whose imports of torch came before any handler too: each command module's first lines hand over to
+`run_as_main` under `if __name__ == "__main__"`, which imports the module again by its name inside the guard.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+from typing import NoReturn
 
 INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
 
@@ -27,6 +32,12 @@ def run(module: str) -> int:
         return importlib.import_module(module).main()
     except KeyboardInterrupt:
         return interrupted()
+
+
+def run_as_main(module: str) -> NoReturn:
+    """`python -m module`: run the command as its console script does (`run`) and exit with its code, before the
+    `__main__` copy of the module imports anything heavy."""
+    sys.exit(run(module))
 
 
 def ldm_txt2img() -> int:

@@ -1,6 +1,11 @@
 """ldm-txt2img: generate images for a prompt (or a file of prompts) into a folder with metadata.jsonl."""
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m ldm.cli.txt2img: imported again inside the Ctrl-C guard (scripts.py)
+    from ldm.cli.scripts import run_as_main
+
+    run_as_main("ldm.cli.txt2img")
+
 import argparse
 import sys
 from pathlib import Path
@@ -217,7 +222,3 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         print(args.out / r["file_name"])
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

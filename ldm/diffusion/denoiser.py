@@ -47,9 +47,10 @@ class Denoiser(nn.Module):
     def forward_with_variance(self, x: torch.Tensor, sigma, cond: dict | None = None):
         """(x0, variance output or None): a network with 2x the channels of x returns [output, variance] halves.
 
-        The variance output is v in [-1, 1] between log beta_tilde and log beta (Nichol & Dhariwal 2021, eq. 15). A
-        fixed `variance_type` replaces it, as diffusers' DDPMScheduler ignores a learned half then: fixed_small is
-        None (beta_tilde), fixed_large v = 1 (beta)."""
+        The variance output is v in [-1, 1] between log beta_tilde and log beta (Nichol & Dhariwal 2021, eq. 15);
+        with `variance_type` "learned" it is the variance itself (diffusers' reading, `sample_ddpm`). A fixed
+        `variance_type` replaces it, as diffusers' DDPMScheduler ignores a learned half then: fixed_small(_log) is
+        None (beta_tilde), fixed_large(_log) v = 1 (beta: diffusers' fixed_large_log step is NaN, docs/deepfloyd-if.md)."""
         sigma = batch_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in self.scaling(sigma))
         x_in = (x * c_in).to(self.network_dtype or x.dtype)

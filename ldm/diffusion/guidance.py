@@ -1,7 +1,7 @@
 """Guidance: functions that wrap a denoiser and return a denoiser `(x, sigma, cond) -> x0`.
 
-A wrapped denoiser that offers `forward_with_variance` (a learned-variance network) keeps offering it, so the DDPM
-sampler can still use the variance output.
+A wrapped denoiser that offers `forward_with_variance` (a learned-variance network) keeps offering it, and its
+`variance_type`, so the DDPM sampler can still use the variance output.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class _Wrapped:
         self._fn = fn
         if hasattr(inner, "forward_with_variance"):
             self.forward_with_variance = lambda x, sigma, cond=None: self._fn(x, sigma, cond, True)
+            self.variance_type = getattr(inner, "variance_type", None)  # how the DDPM sampler reads the variance
 
     def __call__(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
         return self._fn(x, sigma, cond, False)[0]

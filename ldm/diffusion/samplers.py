@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import trange
 
 from ldm.diffusion.learned_variance import interpolate_log_variance, log_variance_bounds, posterior
+from ldm.errors import LdmError
 from ldm.runtime import randn
 
 
@@ -177,13 +178,16 @@ def sample_ddpm(denoiser, x, sigmas, cond=None, *, generator=None, callback=None
     """Ancestral sampling from p(x_prev | x) = q(x_prev | x, x0_hat) (Ho et al. 2020, Alg. 2, in VE coordinates).
 
     The variance is the posterior's beta_tilde, or the learned interpolation between beta and beta_tilde
-    (Nichol & Dhariwal 2021, eq. 15) when the denoiser returns a variance output from `forward_with_variance`.
+    (Nichol & Dhariwal 2021, eq. 15) when the denoiser returns a variance output from `forward_with_variance`. A
+    denoiser whose `variance_type` is "learned" (diffusers' DDPMScheduler: the output is the variance of x_prev itself,
+    in VP units, not an interpolation) steps with that variance; a negative one is refused (diffusers' image is NaN).
     Noise is added after every step to a sigma > 0; `noised_steps[i]` (the plan's, where the last timestep is not 0)
     says which steps add it instead: diffusers' DDPMScheduler adds it after every step from a timestep t > 0, the
     last one too, whose learned variance interpolates between beta_t and the floored beta_tilde = 0.
     """
     sigmas = _sigma_list(sigmas)
     with_variance = getattr(denoiser, "forward_with_variance", None)
+    raw_variance = getattr(denoiser, "variance_type", None) == "learned"
     for i in trange(len(sigmas) - 1, disable=disable_progress):
         sigma, sigma_prev = sigmas[i], sigmas[i + 1]
         s_in = _sigma_in(x, sigma)
@@ -195,6 +199,13 @@ def sample_ddpm(denoiser, x, sigmas, cond=None, *, generator=None, callback=None
         if (sigma_prev > 0) if noised_steps is None else bool(noised_steps[i]):
             if v is None:
                 std = math.sqrt(variance)
+            elif raw_variance:  # x_prev's VP variance: x_ve = x_vp * sqrt(1 + sigma^2) scales it by 1 + sigma_prev^2
+                if bool((v < 0).any()):
+                    raise LdmError(f"DDPM step {i + 1}: the network's variance output has negative values, and the "
+                                   "scheduler's variance_type 'learned' takes it as the variance itself (diffusers' "
+                                   "DDPMScheduler makes NaN there). A model trained for the interpolation between "
+                                   "beta and beta_tilde needs variance_type 'learned_range'")
+                std = (v.float() * (1 + sigma_prev**2)).sqrt().to(x.dtype)
             else:
                 bounds = log_variance_bounds(*torch.tensor([sigma, sigma_prev], dtype=torch.float64))
                 log_var = interpolate_log_variance(v.float(), *(float(b) for b in bounds))

@@ -110,8 +110,10 @@ class ScheduleConfig:
     # (`Stage.thresholding`)
     clip_sample: bool = False
     clip_sample_range: float = 1.0
-    # The DDPM sampler's reverse variance (VARIANCE_TYPES). None or learned(_range): the network's learned half where
-    # it has one (IF's 6 output channels), else fixed_small; a fixed type overrides a learned half, as diffusers does
+    # The DDPM sampler's reverse variance (VARIANCE_TYPES). None or learned_range: the network's learned half where
+    # it has one (IF's 6 output channels) as the interpolation between log beta_tilde and log beta; learned: that half
+    # as the variance itself (diffusers); else fixed_small. A fixed type overrides a learned half, as diffusers does;
+    # fixed_small_log is fixed_small, fixed_large_log is fixed_large (diffusers' own step makes NaN of it)
     variance_type: str | None = None
     sigma_min: float | None = None  # edm: lowest sampling sigma (default 0.002)
     sigma_max: float | None = None  # edm: highest sampling sigma = std of the initial noise (default 80)

@@ -55,7 +55,9 @@ def stage_config(unet_cfg, scheduler: Mapping) -> StageConfig:
         aug_level=float(level_from_if_noise_level(IF_NOISE_LEVEL)) if sr else 0.0,
         resize_mode="bilinear_align_corners" if sr else "bicubic",
         dynamic_threshold=scheduler.get("dynamic_thresholding_ratio", 0.995) if threshold else None,
-        dynamic_threshold_max=scheduler.get("sample_max_value", 1.0) if threshold else None,
+        # the cap stays with thresholding off: turned on later (--dynamic-threshold P), diffusers' DDPMScheduler with
+        # thresholding=True over this config caps s at sample_max_value (its default 1.0)
+        dynamic_threshold_max=scheduler.get("sample_max_value", 1.0),
         steps=steps, guidance=guidance, sampler="ddpm")
 
 
@@ -110,8 +112,9 @@ def _scheduler_config(schedule: ScheduleConfig, stage: StageConfig, learn_sigma:
     cfg.setdefault("variance_type", "learned_range" if learn_sigma else "fixed_small")  # the schedule's own, if any
     cfg["thresholding"] = threshold
     if threshold:
-        cfg.update(dynamic_thresholding_ratio=stage.dynamic_threshold,
-                   sample_max_value=stage.dynamic_threshold_max or 1.0)
+        cfg["dynamic_thresholding_ratio"] = stage.dynamic_threshold
+    if threshold or stage.dynamic_threshold_max is not None:  # kept with thresholding off, for when it is turned on
+        cfg["sample_max_value"] = stage.dynamic_threshold_max or 1.0
     return {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **cfg}
 
 

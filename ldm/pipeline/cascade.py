@@ -161,6 +161,8 @@ class Cascade:
                    "guidance": s.guidance, "seed": self.stage_seed(settings.seed, i), "size": s.height,
                    "dynamic_threshold": pipe.stage.threshold_percentile(s.dynamic_threshold),
                    "ran": i + 1 >= options["start_stage"]}
+            if (cap := pipe.stage.threshold_cap(s.dynamic_threshold)) is not None:
+                row["dynamic_threshold_max"] = cap  # the cap on s (IF's sample_max_value)
             if (limit := pipe.stage.clip_limit(s.dynamic_threshold, s.sampler)) is not None:
                 row["clip_sample"] = limit  # x0 clipped to [-limit, limit] instead of dynamic thresholding
             if pipe.stage.latent_upscaler:

@@ -249,6 +249,8 @@ def generate_to_folder(
                 record["stages"] = pipe.records(GenerationSettings(**{**settings, "seed": seed + i}))
             else:
                 record["dynamic_threshold"] = pipe.stage.threshold_percentile(dynamic_threshold)
+                if (cap := pipe.stage.threshold_cap(dynamic_threshold)) is not None:
+                    record["dynamic_threshold_max"] = cap  # the cap on s (IF's sample_max_value)
                 if (limit := pipe.stage.clip_limit(dynamic_threshold, sampler)) is not None:
                     record["clip_sample"] = limit  # x0 clipped to [-limit, limit] instead
                 if "noise_level" in modes:

@@ -108,10 +108,18 @@ class Stage:
         StableDiffusionPipeline forces clip_sample off too)."""
         resolved = self.threshold_percentile(percentile)
         if resolved:
-            cap = (self.stage_config or StageConfig()).dynamic_threshold_max or float("inf")
+            cap = self.threshold_cap(percentile) or float("inf")
             return (partial(dynamic_threshold, percentile=resolved, max_value=cap),)
         limit = self.clip_limit(percentile, sampler)  # the caller's percentile: 0 (off) must not fall back
         return (partial(static_threshold, limit=limit),) if limit is not None else ()
+
+    def threshold_cap(self, percentile: float | None = None) -> float | None:
+        """The cap on dynamic thresholding's s (`stage.dynamic_threshold_max`, DeepFloyd IF's `sample_max_value`)
+        where it runs at `percentile` (`threshold_percentile`), also when the config's own thresholding is off and the
+        caller turns it on; None where it does not run or has no cap (recorded in the images' metadata)."""
+        if not self.threshold_percentile(percentile):
+            return None
+        return (self.stage_config or StageConfig()).dynamic_threshold_max
 
     def clip_limit(self, percentile: float | None = None, sampler: str | None = None) -> float | None:
         """x0's static clip (`clip_sample_range`) where `thresholding` clips instead of thresholding dynamically: a

@@ -272,6 +272,10 @@ class DiffusionObjective(nn.Module):
         if self.learned_variance and parts.schedule.is_edm:
             raise ConfigError("a learned-variance U-Net (learn_sigma) trains with the discrete hybrid loss; it cannot "
                               "be an EDM model (model.schedule.prediction_type=edm): set model.unet.learn_sigma=false")
+        if self.learned_variance and parts.schedule.variance_type == "learned":
+            raise ConfigError("the hybrid loss trains the variance half as the interpolation between beta_tilde and "
+                              "beta (variance_type learned_range); model.schedule.variance_type=learned would sample "
+                              "it as the variance itself: set it to learned_range")
         # An SR stage's low-res image enters beside x (`concat`), as at sampling (ldm.pipeline.stage.Stage).
         network = ConcatNetwork(parts.unet) if parts.upscales else parts.unet
         self.denoiser = build_denoiser(network, parts.schedule)
