@@ -278,3 +278,15 @@ def test_training_refuses_a_learned_variance_type():
                             schedule=ScheduleConfig.from_diffusers({**IF_SCHEDULER, "variance_type": "learned"}))
     with pytest.raises(ConfigError, match="set it to learned_range"):
         DiffusionObjective(parts, None)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"])
+def test_training_refuses_a_learned_variance_under_a_fixed_variance_type(variance_type):
+    """A fixed variance_type samples without the variance half the hybrid loss would train: refused, naming both
+    ways out (the hybrid loss failed with a bare ValueError under fixed_small and trained an unused half else)."""
+    from ldm.train.model import DiffusionObjective
+
+    parts = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(learn_sigma=True)),
+                            schedule=ScheduleConfig.from_diffusers({**IF_SCHEDULER, "variance_type": variance_type}))
+    with pytest.raises(ConfigError, match=f"variance_type={variance_type}.*learned_range.*learn_sigma=false"):
+        DiffusionObjective(parts, None)

@@ -13,7 +13,7 @@ from torch import nn
 from ldm.config import from_dict, to_plain
 from ldm.diffusion.denoiser import build_denoiser
 from ldm.diffusion.losses import DiscreteSigmaSampler, LogNormalSigmaSampler, denoising_loss, get_weighting, hybrid_loss
-from ldm.diffusion.schedules import ScheduleConfig, short_prediction
+from ldm.diffusion.schedules import FIXED_VARIANCE_TYPES, ScheduleConfig, short_prediction
 from ldm.errors import ConfigError, LdmError
 from ldm.diffusion.conditioning import ConcatNetwork, takes_pooled_text
 from ldm.diffusion.conditioning import text_conditioning as _text_conditioning
@@ -272,10 +272,16 @@ class DiffusionObjective(nn.Module):
         if self.learned_variance and parts.schedule.is_edm:
             raise ConfigError("a learned-variance U-Net (learn_sigma) trains with the discrete hybrid loss; it cannot "
                               "be an EDM model (model.schedule.prediction_type=edm): set model.unet.learn_sigma=false")
-        if self.learned_variance and parts.schedule.variance_type == "learned":
+        variance_type = parts.schedule.variance_type
+        if self.learned_variance and variance_type == "learned":
             raise ConfigError("the hybrid loss trains the variance half as the interpolation between beta_tilde and "
                               "beta (variance_type learned_range); model.schedule.variance_type=learned would sample "
                               "it as the variance itself: set it to learned_range")
+        if self.learned_variance and variance_type in FIXED_VARIANCE_TYPES:
+            raise ConfigError(f"a learned-variance U-Net (learn_sigma) trains its variance half with the hybrid loss, "
+                              f"but model.schedule.variance_type={variance_type} samples with a fixed variance and "
+                              "ignores it: set model.schedule.variance_type=learned_range, or model.unet.learn_sigma="
+                              "false for a fixed variance")
         # An SR stage's low-res image enters beside x (`concat`), as at sampling (ldm.pipeline.stage.Stage).
         network = ConcatNetwork(parts.unet) if parts.upscales else parts.unet
         self.denoiser = build_denoiser(network, parts.schedule)
