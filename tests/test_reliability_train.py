@@ -217,6 +217,14 @@ def test_rewinding_to_an_older_checkpoint_sets_the_newer_ones_aside(shape_shards
     assert_same_weights(run / "checkpoints" / "step-000002", two_steps / "checkpoints" / "step-000002")
 
 
+def test_resuming_at_or_past_max_steps_says_nothing_is_trained(shape_shards, two_steps, tmp_path):
+    # `--resume latest --max-steps 1` on a run at step 2 trained nothing and exported step 2 without a word
+    run = copy_run(two_steps, tmp_path / "run")
+    with pytest.warns(UserWarning, match=r"at step 2, at or past max_steps=1: nothing is trained.*--max-steps above 2"):
+        train(tiny_resumable_config(shape_shards, run, "max_steps=1"), resume="latest")
+    assert_same_weights(run / "checkpoints" / "step-000002", two_steps / "checkpoints" / "step-000002")
+
+
 def test_resuming_with_another_data_stream_says_so(shape_shards, two_steps, tmp_path):
     # data.num_workers (another machine) or data.batch_size changed on resume: the data position then names other
     # batches, and the run silently stopped being the uninterrupted one

@@ -206,9 +206,14 @@ def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
     return moved
 
 
-def after_resume(accelerator, output_dir: str | Path, step: int) -> None:
-    """Once a checkpoint of `step` is restored (every trainer): the newer checkpoints set aside, with a warning."""
+def after_resume(accelerator, output_dir: str | Path, step: int, max_steps: int | None = None) -> None:
+    """Once a checkpoint of `step` is restored (every trainer): the newer checkpoints set aside, with a warning; and a
+    warning when `max_steps` leaves nothing to train (the run then exports the checkpoint's weights as they are)."""
     if accelerator.is_main_process:
+        if max_steps is not None and step >= max_steps:
+            warnings.warn(f"the resumed checkpoint is at step {step}, at or past max_steps={max_steps}: nothing is "
+                          f"trained, and what the run writes is step {step}'s weights; give --max-steps above {step} "
+                          "to train on", stacklevel=2)
         for moved in set_aside_newer(output_dir, step):
             warnings.warn(f"{moved.name.removeprefix('abandoned-')} is newer than the resumed step {step}: renamed "
                           f"to {moved}, so that --resume latest never continues the line this run left", stacklevel=2)

@@ -268,7 +268,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         saved = load_checkpoint(accelerator, checkpoint, ema)
         state = TrainState.from_saved(saved)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-        after_resume(accelerator, out, state.step)
+        after_resume(accelerator, out, state.step, config.max_steps)
         if accelerator.is_main_process:
             note_stream_change(state.stream, stream)
     state.stream = stream

@@ -268,7 +268,7 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
     if checkpoint is not None:
         state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-        after_resume(accelerator, out, state.step)
+        after_resume(accelerator, out, state.step, config.max_steps)
     if accelerator.is_main_process:  # once the checkpoint is restored: a refused --resume leaves the run's record alone
         save_yaml(to_plain(config), out / "config.yaml")
     saved_step = state.step if checkpoint is not None else None
