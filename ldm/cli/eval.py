@@ -30,7 +30,7 @@ from ldm.eval.imagefolder import describe_sizes, image_sizes, list_images, read_
 from ldm.eval.inception import RESIZERS, InceptionExtractor, MissingWeightsError
 from ldm.eval.precision_recall import PR_K
 from ldm.eval.prompts import load_prompts
-from ldm.eval.report import plot_tradeoff, setting_text, write_index_html, write_report_json
+from ldm.eval.report import setting_text, write_report
 from ldm.pipeline.cascade import load_cascade, model_sampling_defaults
 from ldm.pipeline.fast import COMPILE_MODES, DEFAULT_MODE, compile_pipeline
 from ldm.pipeline.eval_images import (check_batch_fits, clear_temporaries, generate_images, missing_images,
@@ -503,10 +503,8 @@ def run(args: argparse.Namespace) -> dict:
                           for r in results for item in r["per_image"]],
         })
     if main_process:
-        write_report_json(out, report)
-        write_index_html(out, report)
-        plot_tradeoff(out, results,
-                      warning="RANDOM CLIP weights: scores are meaningless" if clip.random_weights else None)
+        # the three files as one unit: a failure leaves the previous report whole, never a mix of old and new
+        write_report(out, report, warning="RANDOM CLIP weights: scores are meaningless" if clip.random_weights else None)
         print(f"wrote {out / 'report.json'}, {out / 'index.html'}, {out / 'tradeoff.png'}", file=sys.stderr)
     return report
 
