@@ -33,14 +33,39 @@ def test_contrastive_loss_known_answers():
 def test_retrieval_accuracy_on_a_known_similarity():
     img = torch.eye(3)
     txt = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])  # texts 1 and 2 swapped
-    acc = retrieval_accuracy(img, txt, ks=(1, 2))
+    acc = retrieval_accuracy(img, txt, ks=(1, 2), captions=["a", "b", "c"])
     assert acc["t2i_top1"] == pytest.approx(1 / 3) and acc["i2t_top1"] == pytest.approx(1 / 3)
     # the swapped ones score 0 for their own pair, tied with the third candidate: a tie counts against them
     assert acc["t2i_top2"] == pytest.approx(1 / 3)
-    assert retrieval_accuracy(img, img)["t2i_top1"] == 1.0
+    assert acc["duplicate_caption_groups"] == 0
+    assert retrieval_accuracy(img, txt, ks=(1, 2), captions=None) == acc  # None: every pair distinct
+    assert retrieval_accuracy(img, img, captions=None)["t2i_top1"] == 1.0
     assert prompt_retrieval(img, txt, torch.tensor([0, 2, 1]), ks=(1,))["top1"] == 1.0
     with pytest.raises(LdmError):
-        retrieval_accuracy(img, torch.eye(2))
+        retrieval_accuracy(img, torch.eye(2), captions=None)
+    with pytest.raises(LdmError, match="2 captions for 3"):
+        retrieval_accuracy(img, txt, captions=["a", "b"])
+
+
+def test_retrieval_counts_pairs_with_the_same_caption_as_right_answers():
+    # a perfect model: each image embeds where its caption does; pairs 0 and 1 share a caption, so their images and
+    # texts coincide and each ties with the other's. Ties between right answers must not count against them.
+    captions = ["a red apple", "a red apple", "a cat", "a dog"]
+    emb = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    acc = retrieval_accuracy(emb, emb, ks=(1,), captions=captions)
+    assert acc == {"t2i_top1": 1.0, "i2t_top1": 1.0, "duplicate_caption_groups": 1.0}
+    # without the captions both tied pairs rank 2nd, as before the fix: 0.5
+    assert retrieval_accuracy(emb, emb, ks=(1,), captions=None)["t2i_top1"] == 0.5
+    # both directions take any same-caption row (image 0 finds text 1, image 1 text 0, text 0 image 1 ...), and a
+    # tie with a wrong candidate still counts against the right one (image 3: text 3 ties with text 2)
+    e = torch.eye(4)
+    img = torch.stack([e[1], e[0], e[2], (e[2] + e[3]) / 2**0.5])
+    acc = retrieval_accuracy(img, e, ks=(1, 2), captions=captions)
+    assert acc["i2t_top1"] == 0.75 and acc["i2t_top2"] == 1.0 and acc["t2i_top1"] == 1.0
+    old = retrieval_accuracy(img, e, ks=(1, 2), captions=None)
+    assert old["i2t_top1"] == 0.25 and old["t2i_top1"] == 0.5
+    three = ["x", "x", "x", "y", "z", "z"]  # two groups, one of three
+    assert retrieval_accuracy(torch.eye(6), torch.eye(6), captions=three)["duplicate_caption_groups"] == 2
 
 
 def test_images_are_normalised_as_open_clip_preprocesses():
@@ -91,6 +116,7 @@ def test_train_resume_export_and_reload_through_open_clip(shards, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5 * float(a[k].abs().max()) + 1e-6), k
     metrics = json.loads((straight / "metrics.json").read_text())
     assert metrics["step"] == 4 and metrics["val/pairs"] == 8
+    assert metrics["val/duplicate_caption_groups"] == 0  # the 8 held-out captions differ
     assert all(0.0 <= metrics[f"val/{d}_top{k}"] <= 1.0 for d in ("t2i", "i2t") for k in (1, 5))
     assert metrics["val/t2i_top5"] >= metrics["val/t2i_top1"]
     # the export loads through open_clip's own factory and computes what the trained model computed

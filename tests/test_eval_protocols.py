@@ -1,6 +1,7 @@
 """The protocols of papers' evaluations: caption files (.tsv), statistics files other FID tools read and write, the
 resizer to Inception's 299 px, the one-line protocol statement; and bad input refused before any generation."""
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from ldm.cli.eval import main
 from ldm.cli.fid import main as fid_main
 from ldm.errors import LdmError
 from ldm.eval.frechet import GaussianStats, load_stats, save_stats
+from ldm.eval.imagefolder import describe_sizes
 from ldm.eval.inception import EXTRACTOR_NAME, InceptionExtractor
 from ldm.eval.prompts import Prompt, load_prompts
 from ldm.pipeline.pipeline import Pipeline
@@ -99,6 +101,30 @@ def test_the_report_states_the_protocol_in_one_line(random_weights, tiny_clip_co
     pr = report["precision_recall"]
     assert pr["k"] == 3 and 0.0 <= pr["precision"] <= 1.0 and 0.0 <= pr["recall"] <= 1.0
     assert report["protocol"] in (out / "index.html").read_text()
+
+
+def test_the_protocol_line_states_every_size_of_a_mixed_folder(tiny_clip_config, tmp_path, capsys):
+    """It said "4 images at 16x24" for a folder of one 16x24 and three 32x32 images: the first image's size only."""
+    folder = write_images(tmp_path / "gen", seed=0, sizes=((16, 24), (32, 32), (32, 32), (32, 32)))
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i:03d}.png", "text": t}) + "\n"
+                                                   for i, t in enumerate(["a", "b", "c", "d"])))
+    out = tmp_path / "out"
+    code, err = run_cli(main, ["--images", folder, "--clip-model", tiny_clip_config, "--clip-pretrained", "none",
+                               "--out", out, "--device", "cpu"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    line = "4 images, sizes: 32x32 (3), 16x24 (1); CLIP score with clip:ldm-test-tiny-clip:none"
+    assert report["protocol"] == report["runs"][0]["protocol"] == line
+    assert f"protocol: {line}" in err and line in (out / "index.html").read_text()
+
+
+def test_image_sizes_are_described_whole():
+    assert describe_sizes(Counter({(512, 512): 30})) == "30 images at 512x512"
+    assert describe_sizes(Counter({(256, 256): 2, (512, 512): 10})) == "12 images, sizes: 512x512 (10), 256x256 (2)"
+    many = Counter({(256 + 64 * i, 192 + 32 * i): 1 for i in range(6)})
+    many[(512, 512)] = 30
+    assert describe_sizes(many) == ("36 images in 7 sizes, widths 256-576, heights 192-512, "
+                                    "most often 512x512 (30)")
 
 
 def test_a_reference_of_another_dimension_fails_before_generating(tiny_sd_folder, tiny_clip_config, tmp_path, capsys):

@@ -2,6 +2,7 @@
 folder, overwrites, non-finite or invalid settings caught before the CLIP model loads, and honest outputs."""
 import ast
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -18,7 +19,7 @@ from ldm.errors import LdmError
 from ldm.eval.clip_score import ClipModel
 from ldm.eval.frechet import frechet_distance
 from ldm.eval.imagefolder import list_images, load_rgb, read_metadata
-from ldm.eval.report import plot_tradeoff
+from ldm.eval.report import REPORT_FILES, plot_tradeoff, write_report
 
 
 @pytest.fixture(scope="module")
@@ -346,6 +347,48 @@ def test_tradeoff_plot_carries_the_random_weights_warning(tmp_path):
     warned = plot_tradeoff(tmp_path, runs, warning="RANDOM CLIP weights: scores are meaningless")
     assert _red_pixels(plain) == 0  # one blue line
     assert _red_pixels(warned) > 500  # the red banner text and frame
+
+
+def test_a_report_that_fails_midway_never_leaves_old_and_new_files_side_by_side(tmp_path, clip_config, capsys,
+                                                                                  monkeypatch):
+    """report.json, index.html and tradeoff.png were each atomic but not one unit: a plot that raised left a new
+    report.json beside the old tradeoff.png."""
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "out"
+    argv = ["--clip-model", clip_config, "--clip-pretrained", "none", "--out", out, "--device", "cpu"]
+    code, err = run_cli(eval_main, ["--images", captioned_folder(tmp_path / "a", ["a cat", "a dog"]), *argv], capsys)
+    assert code == 0, err
+    old = {name: (out / name).read_bytes() for name in REPORT_FILES}
+    # a re-run on other images whose plot fails: the previous report stays, whole
+    with monkeypatch.context() as m:
+        m.setattr(Figure, "savefig", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("the plot broke")))
+        with pytest.raises(RuntimeError, match="the plot broke"):
+            eval_main(list(map(str, ["--images", captioned_folder(tmp_path / "b", ["a red cube", "a ball"], 7),
+                                     *argv])))
+    assert {name: (out / name).read_bytes() for name in REPORT_FILES} == old
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)  # no staging folder left behind
+    # interrupted while the new files go in (after the first rename): none of the old files is left, no report.json
+    report = json.loads(old["report.json"])
+    report["runs"][0]["clip_score"] += 1.0
+    real_replace, calls = os.replace, []
+
+    def replace_once(src, dst):
+        if calls:
+            raise OSError("interrupted")
+        calls.append(dst)
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr("ldm.eval.report.os.replace", replace_once)
+        with pytest.raises(OSError, match="interrupted"):
+            write_report(out, report)
+    assert sorted(p.name for p in out.iterdir()) == ["tradeoff.png"] and calls == [out / "tradeoff.png"]
+    assert (out / "tradeoff.png").read_bytes() != old["tradeoff.png"]
+    # and uninterrupted, the whole new report
+    write_report(out, report)
+    assert json.loads((out / "report.json").read_text())["runs"][0]["clip_score"] == report["runs"][0]["clip_score"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
 
 
 def test_random_clip_weights_are_reproducible_without_touching_the_global_rng(clip_config):

@@ -31,11 +31,11 @@ from ldm.diffusion.sampler_registry import check_sampler_options
 from ldm.errors import LdmError
 from ldm.eval.clip_score import ClipModel
 from ldm.eval.evaluate import Reference, check_set_size, score_folder
-from ldm.eval.imagefolder import list_images, read_metadata
+from ldm.eval.imagefolder import describe_sizes, image_sizes, list_images, read_metadata
 from ldm.eval.inception import RESIZERS, InceptionExtractor, MissingWeightsError
 from ldm.eval.precision_recall import PR_K
 from ldm.eval.prompts import load_prompts
-from ldm.eval.report import plot_tradeoff, setting_text, write_index_html, write_report_json
+from ldm.eval.report import setting_text, write_report
 from ldm.pipeline.cascade import load_cascade, model_sampling_defaults
 from ldm.pipeline.fast import COMPILE_MODES, DEFAULT_MODE, compile_pipeline
 from ldm.pipeline.eval_images import (check_batch_fits, clear_temporaries, generate_images, missing_images,
@@ -355,12 +355,8 @@ def _launch(args, argv: list[str]) -> int:
 
 def _protocol(result: dict, settings: dict, ref: Reference | None, distance, clip: ClipModel, resizer: str) -> str:
     """The evaluation protocol in one line: what was measured against what, and how."""
-    from PIL import Image
-
-    first = Path(settings["images"]) / result["per_image"][0]["file_name"]
-    with Image.open(first) as image:
-        size = f"{image.width}x{image.height}"
-    parts = [f"{result['n_images']} images at {size}"]
+    # every image's size from its header: a folder of mixed sizes says so
+    parts = [describe_sizes(image_sizes(Path(settings["images"]) / item["file_name"] for item in result["per_image"]))]
     if ref is not None and distance is not None:
         what = "FD_CLIP" if distance is clip else "FID"
         held = f"statistics of {ref.npz.n or 'an unknown number of'} images" if ref.npz is not None \
@@ -512,10 +508,8 @@ def run(args: argparse.Namespace) -> dict:
                           for r in results for item in r["per_image"]],
         })
     if main_process:
-        write_report_json(out, report)
-        write_index_html(out, report)
-        plot_tradeoff(out, results,
-                      warning="RANDOM CLIP weights: scores are meaningless" if clip.random_weights else None)
+        # the three files as one unit: a failure leaves the previous report whole, never a mix of old and new
+        write_report(out, report, warning="RANDOM CLIP weights: scores are meaningless" if clip.random_weights else None)
         print(f"wrote {out / 'report.json'}, {out / 'index.html'}, {out / 'tradeoff.png'}", file=sys.stderr)
     return report
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +59,37 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             return to_rgb8(img, str(path))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise LdmError(f"{path}: cannot read image ({e}); remove or replace the file") from e
+
+
+def image_sizes(paths: Iterable[str | os.PathLike]) -> Counter:
+    """How many of the files have each `(width, height)`, read from their headers (no pixels are decoded)."""
+    sizes: Counter = Counter()
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sizes[img.size] += 1
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise LdmError(f"{path}: cannot read image ({e}); remove or replace the file") from e
+    return sizes
+
+
+LISTED_SIZES = 4  # more distinct sizes than this are stated as ranges
+
+
+def describe_sizes(sizes: Mapping[tuple[int, int], int]) -> str:
+    """An image set's count and sizes as the protocol line states them: `12 images at 512x512` when all are alike;
+    `12 images, sizes: 512x512 (10), 256x256 (2)` (most frequent first) for a few; else the ranges and the commonest,
+    `40 images in 7 sizes, widths 256-1024, heights 192-768, most often 512x512 (30)`."""
+    n = sum(sizes.values())
+    order = sorted(sizes.items(), key=lambda item: (-item[1], -item[0][0], -item[0][1]))
+    if len(order) == 1:
+        return f"{n} images at {order[0][0][0]}x{order[0][0][1]}"
+    if len(order) <= LISTED_SIZES:
+        return f"{n} images, sizes: " + ", ".join(f"{w}x{h} ({k})" for (w, h), k in order)
+    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
+    (w, h), k = order[0]
+    return (f"{n} images in {len(order)} sizes, widths {min(widths)}-{max(widths)}, heights {min(heights)}-"
+            f"{max(heights)}, most often {w}x{h} ({k})")
 
 
 def read_metadata(folder: str | os.PathLike) -> list[CaptionedImage]:

@@ -1,4 +1,8 @@
-"""Evaluation outputs: report.json, an index.html grid of images with prompts and scores, and trade-off plots."""
+"""Evaluation outputs: report.json, an index.html grid of images with prompts and scores, and trade-off plots.
+
+`write_report` writes the three as one unit: all rendered and staged before any is put in place, the old ones removed
+first and `report.json` put in place last, so a failure never leaves old files beside new ones.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import html
 import io
 import json
 import os
+import shutil
+import tempfile
 import urllib.parse
 from collections import defaultdict
 from pathlib import Path
@@ -13,12 +19,18 @@ from pathlib import Path
 from ldm.atomic import atomic_write_bytes, atomic_write_text
 
 DISTANCES = ("fid", "fd_clip")  # the first one present in a run is plotted
+# The files of one report, in the order write_report puts them in place: report.json last, as the mark of a whole one.
+REPORT_FILES = ("tradeoff.png", "index.html", "report.json")
+
+
+def report_json_text(report: dict) -> str:
+    return json.dumps(report, indent=2, allow_nan=True) + "\n"
 
 
 def write_report_json(out_dir: str | os.PathLike, report: dict) -> Path:
-    """Write `report.json` atomically."""
+    """Write `report.json` atomically (alone: `write_report` writes the whole report)."""
     path = Path(out_dir) / "report.json"
-    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=True) + "\n")
+    atomic_write_text(path, report_json_text(report))
     return path
 
 
@@ -62,8 +74,9 @@ def _table(runs: list[dict]) -> str:
     return "\n".join(rows) + "</table>"
 
 
-def write_index_html(out_dir: str | os.PathLike, report: dict) -> Path:
-    """Write `index.html`: per run a heading with settings and metrics, then the images with prompts and scores."""
+def index_html_text(out_dir: str | os.PathLike, report: dict) -> str:
+    """`index.html` for a report in `out_dir`: per run a heading with settings and metrics, then the images with
+    prompts and scores (paths relative to `out_dir`)."""
     out_dir = Path(out_dir)
     model = report["clip_model"]
     head = f"CLIP model {model['name']} / {model['pretrained']}" + (
@@ -94,13 +107,18 @@ def write_index_html(out_dir: str | os.PathLike, report: dict) -> Path:
             )
         parts.append("</div>")
     parts.append("</body></html>\n")
-    path = out_dir / "index.html"
-    atomic_write_text(path, "\n".join(parts))
+    return "\n".join(parts)
+
+
+def write_index_html(out_dir: str | os.PathLike, report: dict) -> Path:
+    """Write `index.html` atomically (alone: `write_report` writes the whole report)."""
+    path = Path(out_dir) / "index.html"
+    atomic_write_text(path, index_html_text(out_dir, report))
     return path
 
 
-def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict], warning: str | None = None) -> Path:
-    """Write `tradeoff.png`: FID (or FD_CLIP) against CLIP score, one line per sampler, step count (and SR augmentation
+def tradeoff_png(runs: list[dict], warning: str | None = None) -> bytes:
+    """`tradeoff.png` as PNG bytes: FID (or FD_CLIP) against CLIP score, one line per sampler, step count (and SR augmentation
     level and start strength) over guidance.
 
     Without a reference distance it plots CLIP score against guidance scale instead. A `warning` (such as random
@@ -152,6 +170,45 @@ def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict], warning: str | N
                  wrap=True, bbox={"facecolor": "white", "edgecolor": "red", "alpha": 0.85})
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_tradeoff(out_dir: str | os.PathLike, runs: list[dict], warning: str | None = None) -> Path:
+    """Write `tradeoff.png` atomically (alone: `write_report` writes the whole report); see `tradeoff_png`."""
     path = Path(out_dir) / "tradeoff.png"
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, tradeoff_png(runs, warning))
     return path
+
+
+def write_report(out_dir: str | os.PathLike, report: dict, warning: str | None = None) -> list[Path]:
+    """Write `report.json`, `index.html` and `tradeoff.png` (of `report["runs"]`) into `out_dir` as one unit.
+
+    All three are rendered in memory and staged in a hidden folder there (fsynced) before any is put in place, so
+    that a failure while rendering or staging (a plot that raises, a full disk) leaves the previous report whole.
+    Then the previous files are removed, `report.json` first, and the new ones renamed in with `report.json` last:
+    an interruption in between leaves some of the new files and none of the old, and never a `report.json` without
+    the files it goes with.
+    """
+    out_dir = Path(out_dir)
+    rendered = {
+        "tradeoff.png": tradeoff_png(report["runs"], warning),
+        "index.html": index_html_text(out_dir, report).encode("utf-8"),
+        "report.json": report_json_text(report).encode("utf-8"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".report.", suffix=".tmp", dir=out_dir))
+    try:
+        for name in REPORT_FILES:
+            with open(stage / name, "wb") as f:
+                f.write(rendered[name])
+                f.flush()
+                os.fsync(f.fileno())
+        for name in reversed(REPORT_FILES):  # report.json first: without it, what is left is not a report
+            (out_dir / name).unlink(missing_ok=True)
+        paths = []
+        for name in REPORT_FILES:  # report.json last
+            os.replace(stage / name, out_dir / name)
+            paths.append(out_dir / name)
+        return paths
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -8,20 +8,41 @@ import torch.nn.functional as F
 from ldm.errors import LdmError
 
 
-def retrieval_accuracy(img_emb: torch.Tensor, txt_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Row i of each is one pair: the fraction of texts whose image ranks in the top k among all images (t2i), and
-    of images whose text does (i2t), by cosine similarity; ties count against the right answer."""
+def caption_groups(captions: list[str]) -> torch.Tensor:
+    """`n` group ids: rows whose captions are the same string share one (the first such row's index)."""
+    first: dict[str, int] = {}
+    return torch.tensor([first.setdefault(c, i) for i, c in enumerate(captions)], dtype=torch.long)
+
+
+def retrieval_accuracy(img_emb: torch.Tensor, txt_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5), *,
+                       captions: list[str] | None) -> dict[str, float]:
+    """Row i of each is one pair: the fraction of texts with a right image in the top k among all images (t2i), and
+    of images with a right text there (i2t), by cosine similarity.
+
+    The right answers of row i are its own pair and every row whose caption is the same string (COCO / Flickr
+    retrieval's convention: any ground-truth match counts); `duplicate_caption_groups` says how many captions were
+    shared so. `captions=None` says that every pair is distinct (each row's only right answer is its own). A right
+    answer ranks 1 + the number of wrong candidates scoring at least as high as the best right one: ties with a
+    wrong candidate count against it, ties among right ones do not.
+    """
     if img_emb.shape != txt_emb.shape or img_emb.ndim != 2:
         raise LdmError(f"retrieval needs paired `n d` embeddings, got {tuple(img_emb.shape)} and {tuple(txt_emb.shape)}")
+    n = img_emb.shape[0]
+    if captions is not None and len(captions) != n:
+        raise LdmError(f"retrieval: {len(captions)} captions for {n} image-text pairs")
+    groups = caption_groups(captions) if captions is not None else torch.arange(n)
+    right = groups[:, None] == groups[None, :]  # images x texts: a ground-truth pair
     sim = F.normalize(img_emb.double(), dim=-1) @ F.normalize(txt_emb.double(), dim=-1).T  # images x texts
-    right = sim.diagonal()
-    # Rank = how many candidates score at least as high as the right one (itself included).
-    rank_i2t = (sim >= right[:, None]).sum(dim=1)
-    rank_t2i = (sim >= right[None, :]).sum(dim=0)
+    wrong = sim.masked_fill(right, float("-inf"))
+    best_i2t = sim.masked_fill(~right, float("-inf")).amax(dim=1)  # per image: its best right text
+    best_t2i = sim.masked_fill(~right, float("-inf")).amax(dim=0)  # per text: its best right image
+    rank_i2t = 1 + (wrong >= best_i2t[:, None]).sum(dim=1)
+    rank_t2i = 1 + (wrong >= best_t2i[None, :]).sum(dim=0)
     out = {}
     for k in ks:
         out[f"t2i_top{k}"] = float((rank_t2i <= k).double().mean())
         out[f"i2t_top{k}"] = float((rank_i2t <= k).double().mean())
+    out["duplicate_caption_groups"] = float((torch.bincount(groups, minlength=n) > 1).sum())
     return out
 
 

@@ -144,23 +144,25 @@ class ClipTrainee(nn.Module):
 
 @torch.no_grad()
 def embed_pairs(trainee: ClipTrainee, config: ClipTrainConfig, device: torch.device, autocast):
-    """Image and text embeddings `n d` (float32, CPU) of the held-out pairs, one pass in shard order."""
+    """Image and text embeddings `n d` (float32, CPU) of the held-out pairs, one pass in shard order, and their
+    captions (retrieval counts pairs with the same caption as right answers for each other)."""
     v = config.validation
     data = dataclasses.replace(config.data, shards=v.shards, batch_size=v.batch_size, resampled=False,
                                crop="center", flip_prob=0.0, shuffle_buffer=0, caption_dropout=0.0, buckets=None)
-    imgs, txts, seen = [], [], 0
+    imgs, txts, captions, seen = [], [], [], 0
     for batch in make_loader(data, rank=0, world_size=1):
         n = min(len(batch["caption"]), v.max_images - seen)
         with autocast():
             img, txt, _ = trainee(batch["image"][:n].to(device), batch["caption"][:n])
         imgs.append(img.float().cpu())
         txts.append(txt.float().cpu())
+        captions += batch["caption"][:n]
         seen += n
         if seen >= v.max_images:
             break
     if not imgs:
         raise LdmError(f"validation.shards={v.shards!r} yielded no images")
-    return torch.cat(imgs), torch.cat(txts)
+    return torch.cat(imgs), torch.cat(txts), captions
 
 
 def export_clip(clip: nn.Module, name: str, model_cfg: dict, out: Path) -> tuple[Path, Path]:
@@ -216,9 +218,9 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None, overwrite: bo
         if accelerator.is_main_process and config.validation.shards:
             trainee.eval()
             with ema_weights():
-                img, txt = embed_pairs(trainee, config, device, accelerator.autocast)
+                img, txt, captions = embed_pairs(trainee, config, device, accelerator.autocast)
             trainee.train()
-            metrics = {f"val/{k}": v for k, v in retrieval_accuracy(img, txt).items()}
+            metrics = {f"val/{k}": v for k, v in retrieval_accuracy(img, txt, captions=captions).items()}
             metrics["val/pairs"] = float(len(img))
             logger.scalars(metrics, step)
             accelerator.print(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
