@@ -2,6 +2,7 @@
 import contextlib
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -270,13 +271,20 @@ def test_resume_continues_at_the_right_step_with_identical_weights(full_run, sha
     train_autoencoder(first)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
     second = tiny_config(shards, tmp_path, "max_steps=4")
-    train_autoencoder(second, resume="latest")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train_autoencoder(second, resume="latest")
+    assert not [w for w in record if "data stream" in str(w.message)]  # the same stream: nothing to say
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
+    assert read_trainer_state(checkpoint_dir(tmp_path, 4))["stream"]["seed"] == 0  # what the position counts in
     for name in ("model.safetensors", "model_1.safetensors"):  # autoencoder and discriminator at step 4
         a, b = load_file(str(checkpoint_dir(full, 4) / name)), load_file(str(checkpoint_dir(tmp_path, 4) / name))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert load_yaml(tmp_path / "metrics.json")["scale_factor"] == load_yaml(full / "metrics.json")["scale_factor"]
+    # resumed with another data stream (as the diffusion trainer): a warning naming what changed
+    with pytest.warns(UserWarning, match=r"data stream differs from the checkpoint's \(data.seed 0 -> 7\)"):
+        train_autoencoder(tiny_config(shards, tmp_path, "max_steps=4", "data.seed=7"), resume="latest")
 
 
 # --- configs and the command line ------------------------------------------------------------------------------
