@@ -107,3 +107,23 @@ def test_long_training_captions_are_said_to_be_cut_once_not_for_every_sample():
         encode_captions(build_text_encoder(TextEncoderConfig(type="small", max_length=8, small={
             "width": 16, "layers": 1, "heads": 1})), ["another " * 10])
     assert len(again) == 1  # said once per encoder (a run), not once per process
+
+
+def test_other_warnings_of_the_text_encoder_keep_their_once_per_place_filter(monkeypatch):
+    # encode_captions records every warning to pick out the truncation one; the others it passes on must still be
+    # shown once per place under the default filter, not at every training step
+    import warnings
+
+    from ldm.train import model as train_model
+
+    class Encoder:
+        def encode(self, captions):
+            warnings.warn("some library's deprecation note", UserWarning)
+            return captions
+
+    monkeypatch.setattr(train_model, "_RELAYED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            train_model.encode_captions(Encoder(), ["a"])
+    assert [str(w.message) for w in caught] == ["some library's deprecation note"]

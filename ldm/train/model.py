@@ -93,6 +93,9 @@ class LatentDiffusionParts:
 
 _TRUNCATION = " tokens; the dropped words are: "  # the text encoders' warning of a prompt cut at their context
 _TRUNCATION_SAID: "weakref.WeakSet" = weakref.WeakSet()  # encoders whose training captions were said to be cut
+# the other warnings `encode_captions` passed on, by place and text: each is passed on once, as the default filter
+# shows it, not at every step (the catch_warnings around each call resets every warnings registry)
+_RELAYED: set = set()
 
 
 def encode_captions(text_encoder: nn.Module, captions: list[str]):
@@ -104,7 +107,10 @@ def encode_captions(text_encoder: nn.Module, captions: list[str]):
         embeddings = text_encoder.encode(captions)
     for w in caught:
         if _TRUNCATION not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            place = (w.category, str(w.message), w.filename, w.lineno)
+            if place not in _RELAYED:
+                _RELAYED.add(place)
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         elif text_encoder not in _TRUNCATION_SAID:
             _TRUNCATION_SAID.add(text_encoder)
             warnings.warn(f"{w.message} (captions longer than the text encoder's context are cut, as in Stable "
