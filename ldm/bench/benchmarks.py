@@ -230,8 +230,9 @@ COMPILED_LEVERS = (  # in priority order: what a window that runs out first lose
           group_norm_kernel=True),
     Lever("torch.compile default + Triton GroupNorm(+SiLU) kernel: GPU time by kernel kind", {"mode": "default"}, 90,
           group_norm_kernel=True, profile=True),
-    # run 10's probe: the kernel beat inductor 2.5-6x on the decoder's concatenated inputs (20-80 channels a group)
-    # and lost on 320 channels, where inductor also fuses the norm's neighbours: the kernel on those 12 norms only
+    # run 10's probe: the kernel beat inductor 1.7-6.4x (3.3x over all 12) on the decoder's concatenated inputs
+    # (20-80 channels a group) and lost on 320 channels, where inductor also fuses the norm's neighbours: the kernel
+    # on those 12 norms only
     Lever("+ Triton GroupNorm on the decoder's concatenated inputs only (narrowing ResBlocks)",
           {"mode": "reduce-overhead"}, 90, group_norm_kernel=True, narrowing_only=True),
     Lever("torch.compile default + Triton GroupNorm on the concatenated inputs only: GPU time by kernel kind",

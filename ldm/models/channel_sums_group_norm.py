@@ -3,7 +3,7 @@
 Inductor lowers `F.group_norm` to a mean and variance over `(C/G) x H x W` per group. In channels_last a pixel holds
 only C/G contiguous channels of a group (20 bytes at C=640 in bf16), so that reduction strides through memory: run
 10's probe (`tools/probe_group_norm_kernel.py`) timed it at 98-177 us for the 640- and 960-channel 64x64 maps of the
-SD-1.5 step, where 2x-6x fewer bytes take 15 us at 320 channels. Written as below, the reduction is over H x W with
+SD-1.5 step, where 2-3x fewer bytes take 15 us at 320 channels. Written as below, the reduction is over H x W with
 the channels contiguous (inductor's outer reduction, coalesced), the groups are merged on `n x C` numbers, and the
 normalisation is one element-wise pass that inductor can still fuse with the SiLU and whatever precedes the norm
 (a residual add, a time embedding), which a custom kernel cannot.

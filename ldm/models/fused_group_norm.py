@@ -70,7 +70,7 @@ class FusedGroupNorm(GroupNorm32):
 
 def narrowing_norms(network: nn.Module) -> set[int]:
     """ids of the first norms of ResBlocks whose input is wider than their output: a U-Net decoder's concatenated
-    skips, 20-80 channels a group, which inductor reduces with strided loads 2.5-6x slower than the kernel (run 10:
+    skips, 20-80 channels a group, which inductor reduces with strided loads 1.7-6.4x slower than the kernel (run 10:
     ~0.68 against ~0.21 ms for these 12 norms of the SD-1.5 step), and whose input the block writes out anyway for
     its 1x1 skip convolution (so the kernel costs inductor no fusion there)."""
     return {id(m.in_layers[0]) for m in network.modules()
