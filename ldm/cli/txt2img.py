@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-norm-kernel", action="store_true",
                    help="the U-Net's GroupNorms (and the SiLU after them) through a Triton kernel (CUDA with "
                         "triton, NHWC, half precision; opt-in: on an H200 it measured 3%% slower compiled and 37%% "
-                        "slower eagerly, docs/benchmarks/README.md run 10); "
+                        "slower eagerly (its first design), docs/benchmarks/README.md run 10); "
                         "without --compile it also fuses q|k|v and stores the networks NHWC, as the fast path does")
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
     return p
