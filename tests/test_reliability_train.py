@@ -171,6 +171,23 @@ def test_evaluation_settings_are_checked_before_the_run_not_at_its_end(overrides
     assert not out.exists()
 
 
+@pytest.mark.parametrize("dim, extractor", [(768, None), (2048, "inception-v3-tf-2015-12-05+pil-bicubic")])
+def test_reference_statistics_of_another_feature_space_are_refused_before_the_run(dim, extractor, shape_shards,
+                                                                                   tmp_path):
+    # the in-training FID measures the default resizer's 2048-d features: a 768-d pytorch-fid file or another
+    # resizer's statistics failed only at the first grid (ldm-fid and ldm-eval refuse them before any work)
+    import numpy as np
+
+    stats = tmp_path / "ref.npz"
+    np.savez(stats, mu=np.zeros(dim), sigma=np.eye(dim), **({"extractor": extractor} if extractor else {}))
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=rf"sampling.ref_stats=.*ref.npz: holds {dim}-d statistics"):
+        train(tiny_resumable_config(shape_shards, out, "max_steps=1", "sampling.at_end=true",
+                                    "sampling.eval_prompts=ldm_eval_v1", "sampling.clip_pretrained=none",
+                                    f"sampling.ref_stats={stats}"))
+    assert not out.exists()
+
+
 def test_grid_steps_the_schedule_cannot_sample_are_refused_before_the_first_step(shape_shards, tmp_path):
     out = tmp_path / "run"  # 5000 steps on 1000 training timesteps failed at the end of the run, before the export
     with pytest.raises(ConfigError, match=r"sampling \(the training's sample grids\): cannot sample 5000 steps"):

@@ -25,7 +25,8 @@ from ldm.eval.clip_score import ClipModel, check_clip_weights
 from ldm.eval.frechet import load_stats
 from ldm.eval.grid import make_grid
 from ldm.eval.in_training import evaluate_generations
-from ldm.eval.inception import InceptionExtractor, resolve_inception_weights
+from ldm.eval.inception import EXTRACTOR_NAME as INCEPTION_NAME
+from ldm.eval.inception import FEATURE_DIM, InceptionExtractor, resolve_inception_weights, stats_space
 from ldm.eval.prompts import load_prompts
 from ldm.io.native_format import export_native
 from ldm.models.attention import set_attention_backend
@@ -179,6 +180,11 @@ def check_evaluation(s) -> None:
     if s.ref_stats:
         ref = load_stats(s.ref_stats)
         if not ref.extractor.startswith("clip:"):  # Inception statistics: FID needs the Inception weights
+            # the grids' FID is of the default resizer's 2048-d features (as ldm-fid and ldm-eval check up front)
+            if (stats_space(ref), ref.dim) != (INCEPTION_NAME, FEATURE_DIM):
+                raise ConfigError(f"sampling.ref_stats={s.ref_stats}: holds {ref.dim}-d statistics of "
+                                  f"{stats_space(ref)!r}, but the in-training FID measures {INCEPTION_NAME!r} "
+                                  f"({FEATURE_DIM}-d, the default resizer); make them with ldm-fid REF --save-stats")
             resolve_inception_weights(s.inception_weights)
 
 
