@@ -109,6 +109,9 @@ def test_train_resume_export_and_reload_through_open_clip(shards, tmp_path):
     straight = train_clip(tiny_config(shards, tmp_path / "a", "max_steps=4"))
     train_clip(tiny_config(shards, tmp_path / "b", "max_steps=2"))
     resumed = train_clip(tiny_config(shards, tmp_path / "b", "max_steps=4"), resume="latest")
+    # the checkpoint records the data stream its position counts in (a resume with another one warns)
+    from ldm.train.checkpointing import checkpoint_dir, read_trainer_state
+    assert read_trainer_state(checkpoint_dir(resumed, 4))["stream"]["processes"] == 1
     # the resumed run continues the same data stream and optimizer state: the same weights as the straight one
     a, b = load_file(str(straight / "clip-emoji.safetensors")), load_file(str(resumed / "clip-emoji.safetensors"))
     assert a.keys() == b.keys()
