@@ -20,6 +20,10 @@ class RecordingLoader:
     def __init__(self, config, rank, world_size):
         self.loader, self.rank, self.world_size, self.batches = _make_loader(config, rank, world_size), rank, world_size, []
 
+    @property
+    def urls(self):  # the shards, which the trainer records with the data stream (as the real loader has them)
+        return self.loader.urls
+
     def set_epoch(self, epoch):
         self.loader.set_epoch(epoch)
 
