@@ -287,6 +287,29 @@ def test_resume_continues_at_the_right_step_with_identical_weights(full_run, sha
         train_autoencoder(tiny_config(shards, tmp_path, "max_steps=4", "data.seed=7"), resume="latest")
 
 
+def test_a_full_disk_at_the_export_says_how_to_export_again_and_that_works(shards, tmp_path, monkeypatch):
+    """The diffusion trainer's hint, here too (it was the generic one-line error): the last step is checkpointed
+    before the export, so `--resume latest` trains nothing and exports."""
+    from safetensors import SafetensorError
+
+    from ldm.errors import LdmError
+    from ldm.train import vae_loop
+
+    real = vae_loop.export_autoencoder
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(vae_loop, "export_autoencoder", full_disk)
+    with pytest.raises(LdmError, match=r"cannot write the exported model .*no space left on device.*--resume latest"):
+        train_autoencoder(tiny_config(shards, tmp_path, "max_steps=1"))
+    monkeypatch.setattr(vae_loop, "export_autoencoder", real)
+    with pytest.warns(UserWarning, match="nothing is trained"):
+        train_autoencoder(tiny_config(shards, tmp_path, "max_steps=1"), resume="latest")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert (tmp_path / "autoencoder.safetensors").is_file()
+
+
 # --- configs and the command line ------------------------------------------------------------------------------
 
 def test_shipped_configs_parse_and_sd_has_the_sd_architecture():

@@ -28,13 +28,14 @@ import os
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm.errors import CheckpointError, write_failure
+from ldm.errors import CheckpointError, LdmError, write_failure
 from ldm.train.sharding import is_sharded, load_sharded_ema, save_sharded_ema
 
 STATE_FILE = "trainer_state.json"  # written last: a folder without it is not a checkpoint
@@ -281,6 +282,20 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_stat
         raise
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def export_failures(out: str | Path):
+    """Around a trainer's final export (every trainer checkpoints its last step first): a full disk or an unwritable
+    folder becomes one error line that says the checkpoint is whole and how to export again."""
+    try:
+        yield
+    except Exception as e:
+        if write_failure(e) is None:
+            raise
+        raise LdmError(f"cannot write the exported model into {out}: {write_failure(e)} ({e}); the final checkpoint is "
+                       "complete: free space, then run the same command with --resume latest (it trains no step and "
+                       "exports again)") from e
 
 
 def _write_synced(path: Path, text: str) -> None:

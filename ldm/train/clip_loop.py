@@ -27,7 +27,7 @@ from ldm.errors import ConfigError, LdmError
 from ldm.eval.retrieval import retrieval_accuracy
 from ldm.io.checkpoint import write_safetensors
 from ldm.train.batches import TrainState, batch_stream, note_stream_change, stream_settings
-from ldm.train.checkpointing import after_resume, load_checkpoint, resolve_resume, save_checkpoint
+from ldm.train.checkpointing import after_resume, export_failures, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.train.config import EMAConfig, OptimConfig
 from ldm.train.ema import EMA
 from ldm.train.optim import lr_at, make_optimizer, set_lr
@@ -284,7 +284,8 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None, overwrite: bo
     metrics = evaluate(state.step)
     if accelerator.is_main_process:
         with ema_weights():
-            export_clip(clip, config.name, config.model, out)
+            with export_failures(out):
+                export_clip(clip, config.name, config.model, out)
         summary = {"step": state.step, "seconds": time.perf_counter() - run_start, **metrics}
         atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))

@@ -20,7 +20,7 @@ from ldm.config import save_yaml, to_plain
 from ldm.data.latents import check_latent_shards
 from ldm.data.loader import make_loader
 from ldm.diffusion.conditioning import takes_pooled_text
-from ldm.errors import ConfigError, LdmError, write_failure
+from ldm.errors import ConfigError, LdmError
 from ldm.eval.clip_score import ClipModel, check_clip_weights
 from ldm.eval.frechet import load_stats
 from ldm.eval.grid import make_grid
@@ -34,8 +34,8 @@ from ldm.models.float8 import FP8_ALIGN, check_fp8_device, to_float8, transforme
 from ldm.models.text_encoders import TextEmbeddings
 from ldm.runtime import derive_seed
 from ldm.train.batches import DataCounts, TrainState, batch_stream, note_stream_change, stream_settings
-from ldm.train.checkpointing import (accelerate_files, after_resume, load_checkpoint, resolve_resume,
-                                     save_checkpoint)
+from ldm.train.checkpointing import (accelerate_files, after_resume, export_failures, load_checkpoint,
+                                     resolve_resume, save_checkpoint)
 from ldm.train.compiled import compile_for_training
 from ldm.train.config import ModelConfig, TrainConfig
 from ldm.train.ema import EMA
@@ -501,11 +501,5 @@ def export_model(parts, ema, objective, out: Path, step: int | None = None, acce
         if accelerator is not None and is_sharded(accelerator):
             parts = unsharded_parts(parts, keep=main)
         if main:
-            try:
+            with export_failures(out):
                 export_native(parts.model_parts(source=str(out)), out, step=step)
-            except Exception as e:
-                if write_failure(e) is None:
-                    raise
-                raise LdmError(f"cannot write the exported model into {out}: {write_failure(e)} ({e}); the final "
-                               "checkpoint is complete: free space, then run the same command with --resume latest "
-                               "(it trains no step and exports again)") from e

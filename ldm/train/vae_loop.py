@@ -40,7 +40,8 @@ from ldm.pipeline.images import to_pil
 from ldm.runtime import derive_seed
 from ldm.train.autoencoder_loss import AutoencoderLoss, AutoencoderLossConfig
 from ldm.train.batches import DataCounts, TrainState, batch_stream, note_stream_change, stream_settings
-from ldm.train.checkpointing import accelerate_files, after_resume, load_checkpoint, resolve_resume, save_checkpoint
+from ldm.train.checkpointing import (accelerate_files, after_resume, export_failures, load_checkpoint,
+                                    resolve_resume, save_checkpoint)
 from ldm.train.config import EMAConfig, OptimConfig
 from ldm.train.ema import EMA
 from ldm.train.optim import lr_at, make_optimizer, set_lr
@@ -386,7 +387,8 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
     if accelerator.is_main_process:
         with ema_weights():
             scale = measure_scale_factor(autoencoder, config, device, accelerator.autocast)
-            export_autoencoder(autoencoder, scale, out)
+            with export_failures(out):
+                export_autoencoder(autoencoder, scale, out)
         summary = {"step": state.step, "scale_factor": scale, "seconds": time.perf_counter() - run_start,
                    **metrics, **state.data_counts(), "perceptual_weight": config.loss.perceptual_weight,
                    **({"notes": notes} if notes else {})}
