@@ -124,13 +124,17 @@ def sample_heun(denoiser, x, sigmas, cond=None, *, generator=None, callback=None
 def _ancestral(denoiser, x, sigmas, cond, eta, s_noise, generator, callback, disable_progress, step=_euler_to,
                noise_sampler=None):
     """`step(x, denoised, sigma, sigma_down)`, then noise of std sigma_up (`ancestral_step`): fresh draws from the
-    generator, or `noise_sampler(sigma, sigma_next)`."""
+    generator, or `noise_sampler(sigma, sigma_next)`.
+
+    With eta > 0 every step to a sigma_next > 0 draws its noise, also a step of zero length (sigma_next = sigma, whose
+    sigma_up is 0), as k-diffusion does: a schedule that repeats a sigma then keeps k-diffusion's noise on the later
+    steps (drawing only where sigma_up > 0 shifted them all, 0.67 to 1.0 relative)."""
     sigmas = _sigma_list(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable_progress):
         denoised = _call(denoiser, x, sigmas[i], cond)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = step(x, denoised, sigmas[i], sigma_down)
-        if sigma_up > 0:
+        if eta > 0 and sigmas[i + 1] > 0:
             noise = _noise(x, generator) if noise_sampler is None else noise_sampler(sigmas[i], sigmas[i + 1])
             x = x + noise * s_noise * sigma_up
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
@@ -226,7 +230,10 @@ def _data_prediction_loop(denoiser, x, sigmas, cond, step, callback, disable_pro
         denoised = _call(denoiser, x, sigma, cond)
         if sigma_next == 0:
             x = denoised
-        elif sigma_next != sigma:  # Karras sigmas ending at sigma_min, then sigma_min again: nothing to integrate
+        elif sigma_next == sigma:  # a repeated sigma (Karras sigmas ending at sigma_min twice): nothing to integrate,
+            _report(callback, x, i, sigma, sigma, denoised)  # and no new point in lambda for the history: the next
+            continue  # step's output is at this lambda. (Recording h = 0 divided by zero on the next step.)
+        else:
             forced = first_order is not None and bool(first_order[i])
             x = step(x, denoised, sigma, sigma_next, [] if forced else history)
         h = math.log(sigma) - math.log(sigma_next) if sigma_next > 0 else math.inf
