@@ -125,3 +125,27 @@ def test_offline_hub_id_and_existing_destination(tiny, tmp_path, capsys, monkeyp
     assert "--overwrite" in capsys.readouterr().err and (dst / "keep.txt").read_text() == "mine"
     assert main([str(src), str(tmp_path / "x.ckpt"), "--to", "original"]) == 2
     assert ".safetensors" in capsys.readouterr().err and not (tmp_path / "x.ckpt").exists()
+
+
+def test_files_mistaken_for_a_model_say_what_they_are_and_the_way_out(tiny, tmp_path, capsys):
+    """A LoRA, a VAE alone (with or without its prefix), a textual-inversion embedding, a diffusers component file,
+    a U-Net without its autoencoder and text encoder: exit 2, the kind named with the way out, nothing written."""
+    _, sd, _ = tiny
+    vae = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    files = {
+        "kohya_lora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+                        "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}, "LoRA"),
+        "peft_lora": ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32)}, "LoRA"),
+        "vae": (vae, "--vae FILE"),
+        "bare_vae": ({k.removeprefix("first_stage_model."): v for k, v in vae.items()}, "--vae FILE"),
+        "embedding": ({"emb_params": torch.zeros(2, 32)}, "textual-inversion embedding"),
+        "diffusers_unet": ({"conv_in.weight": torch.zeros(32, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight":
+                            torch.zeros(32, 32, 3, 3)}, "pass the pipeline folder"),
+        "unet_only": ({k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")},
+                      "without the autoencoder (first_stage_model.*) and the text encoder (cond_stage_model.*)"),
+    }
+    dst = tmp_path / "out"
+    for name, (weights, needle) in files.items():
+        write_safetensors(weights, tmp_path / f"{name}.safetensors")
+        _fails(capsys, [str(tmp_path / f"{name}.safetensors"), str(dst), "--to", "native"], dst,
+               f"{name}.safetensors", needle)

@@ -15,7 +15,7 @@ from ldm.io.components import (ModelParts, autoencoder_config, check_can_hold, m
                                text_config_from_dims, unet_config)
 from ldm.io.infer import (CLIP_PREFIX, OPENCLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, infer_original_config,
                           infer_text_encoder, normalize_text_keys, original_config_from_sections,
-                          sections_from_original_config, select_ema, strip_prefix)
+                          missing_networks, sections_from_original_config, select_ema, strip_prefix, what_else)
 from ldm.io.latent_upscale_format import LATENT_UPSCALE_SECTION, add_to_original, section_from_original
 from ldm.io.sdxl_original import is_sdxl, is_sdxl_original, load_sdxl_original, save_sdxl_original
 
@@ -48,9 +48,13 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
         notes.append("EMA weights found and used for the U-Net" if used_ema
                      else "EMA weights found but incomplete; using the non-EMA U-Net weights")
     if not any(k.startswith(UNET_PREFIX) for k in sd):
-        raise CheckpointError(f"{path}: no `model.diffusion_model.*` keys; not an original Stable Diffusion "
-                              "single-file checkpoint (a diffusers folder or a native folder is loaded by its path); "
-                              f"the first keys it could not place: {list(sd)[:5]}")
+        what = what_else(sd)
+        raise CheckpointError(f"{path}: no `model.diffusion_model.*` keys; not an original Stable Diffusion single-file "
+                              "checkpoint" + (f": {what}" if what else " (a diffusers folder or a native folder is "
+                                                                       "loaded by its path)")
+                              + f"; the first keys it could not place: {list(sd)[:5]}")
+    if (partial := missing_networks(sd)) and not is_sdxl_original(sd):
+        raise CheckpointError(f"{path}: {partial}")
     if is_sdxl_original(sd):  # sgm's layout: text encoders under conditioner.embedders.*
         return load_sdxl_original(path, sd, notes, device=device, dtype=dtype, config=config,
                                   prediction_type=prediction_type)
