@@ -149,3 +149,21 @@ def test_files_mistaken_for_a_model_say_what_they_are_and_the_way_out(tiny, tmp_
         write_safetensors(weights, tmp_path / f"{name}.safetensors")
         _fails(capsys, [str(tmp_path / f"{name}.safetensors"), str(dst), "--to", "native"], dst,
                f"{name}.safetensors", needle)
+
+
+def test_a_yaml_of_the_other_family_is_named_as_such(tiny, tmp_path, capsys):
+    """An SDXL file with an SD-1 YAML, an SD-1 file with an SDXL (sgm) YAML: both families named, exit 2."""
+    from sdxl_helpers import save_diffusers_sdxl
+
+    from ldm.io.formats import save_original
+
+    components, sd, sd1_yaml = tiny
+    sd1 = tmp_path / "sd1.safetensors"
+    write_safetensors(sd, sd1)
+    folder, _ = save_diffusers_sdxl(tmp_path / "pipe")
+    save_original(load_model(folder), tmp_path / "xl.safetensors")
+    dst = tmp_path / "out"
+    _fails(capsys, [str(tmp_path / "xl.safetensors"), str(dst), "--to", "native", "--config", str(sd1_yaml)], dst,
+           "xl.safetensors is an SDXL checkpoint", "describes an SD-1/SD-2 model", "sd_xl_base.yaml")
+    _fails(capsys, [str(sd1), str(dst), "--to", "native", "--config", str(tmp_path / "xl.yaml")], dst,
+           "sd1.safetensors is an SD-1/SD-2 checkpoint", "xl.yaml describes an SDXL model", "leave --config out")
