@@ -125,3 +125,45 @@ def test_offline_hub_id_and_existing_destination(tiny, tmp_path, capsys, monkeyp
     assert "--overwrite" in capsys.readouterr().err and (dst / "keep.txt").read_text() == "mine"
     assert main([str(src), str(tmp_path / "x.ckpt"), "--to", "original"]) == 2
     assert ".safetensors" in capsys.readouterr().err and not (tmp_path / "x.ckpt").exists()
+
+
+def test_files_mistaken_for_a_model_say_what_they_are_and_the_way_out(tiny, tmp_path, capsys):
+    """A LoRA, a VAE alone (with or without its prefix), a textual-inversion embedding, a diffusers component file,
+    a U-Net without its autoencoder and text encoder: exit 2, the kind named with the way out, nothing written."""
+    _, sd, _ = tiny
+    vae = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    files = {
+        "kohya_lora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+                        "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}, "LoRA"),
+        "peft_lora": ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32)}, "LoRA"),
+        "vae": (vae, "--vae FILE"),
+        "bare_vae": ({k.removeprefix("first_stage_model."): v for k, v in vae.items()}, "--vae FILE"),
+        "embedding": ({"emb_params": torch.zeros(2, 32)}, "textual-inversion embedding"),
+        "diffusers_unet": ({"conv_in.weight": torch.zeros(32, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight":
+                            torch.zeros(32, 32, 3, 3)}, "pass the pipeline folder"),
+        "unet_only": ({k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")},
+                      "without the autoencoder (first_stage_model.*) and the text encoder (cond_stage_model.*)"),
+    }
+    dst = tmp_path / "out"
+    for name, (weights, needle) in files.items():
+        write_safetensors(weights, tmp_path / f"{name}.safetensors")
+        _fails(capsys, [str(tmp_path / f"{name}.safetensors"), str(dst), "--to", "native"], dst,
+               f"{name}.safetensors", needle)
+
+
+def test_a_yaml_of_the_other_family_is_named_as_such(tiny, tmp_path, capsys):
+    """An SDXL file with an SD-1 YAML, an SD-1 file with an SDXL (sgm) YAML: both families named, exit 2."""
+    from sdxl_helpers import save_diffusers_sdxl
+
+    from ldm.io.formats import save_original
+
+    components, sd, sd1_yaml = tiny
+    sd1 = tmp_path / "sd1.safetensors"
+    write_safetensors(sd, sd1)
+    folder, _ = save_diffusers_sdxl(tmp_path / "pipe")
+    save_original(load_model(folder), tmp_path / "xl.safetensors")
+    dst = tmp_path / "out"
+    _fails(capsys, [str(tmp_path / "xl.safetensors"), str(dst), "--to", "native", "--config", str(sd1_yaml)], dst,
+           "xl.safetensors is an SDXL checkpoint", "describes an SD-1/SD-2 model", "sd_xl_base.yaml")
+    _fails(capsys, [str(sd1), str(dst), "--to", "native", "--config", str(tmp_path / "xl.yaml")], dst,
+           "sd1.safetensors is an SD-1/SD-2 checkpoint", "xl.yaml describes an SDXL model", "leave --config out")

@@ -225,3 +225,60 @@ def test_hub_ids_and_missing_local_paths_are_told_apart(tmp_path):
         "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
         "vae/diffusion_pytorch_model.bin", "text_encoder/config.json", "text_encoder/model.safetensors",
         "tokenizer/vocab.json", "scheduler/scheduler_config.json"])
+
+
+def test_fp16_variant_and_sharded_folders_as_diffusers_and_transformers_write_them(tmp_path):
+    """save_pretrained(variant="fp16", max_shard_size=...) names its index `*.safetensors.index.fp16.json` (shards
+    `*.fp16-00001-of-0000N.safetensors`); transformers' pickles are `pytorch_model*.bin`. All load, bitwise."""
+    from transformers import CLIPTextModel
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    d_unet, d_vae, d_text = _write_diffusers_folder(plain, "sd1")
+    variant = tmp_path / "variant"
+    for sub in ("tokenizer", "scheduler"):
+        (variant / sub).mkdir(parents=True)
+        for f in (plain / sub).iterdir():
+            (variant / sub / f.name).write_bytes(f.read_bytes())
+    (variant / "model_index.json").write_text((plain / "model_index.json").read_text())
+    d_unet.half().save_pretrained(variant / "unet", variant="fp16", max_shard_size="200KB")
+    d_vae.half().save_pretrained(variant / "vae", variant="fp16")
+    CLIPTextModel.from_pretrained(plain / "text_encoder").half().save_pretrained(
+        variant / "text_encoder", max_shard_size="100KB", safe_serialization=True)
+    assert (variant / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    assert (variant / "text_encoder" / "model.safetensors.index.json").is_file()
+    ours, reference = load_model(variant), load_model(plain, dtype="fp16")
+    for role in ("unet", "autoencoder", "text_encoder"):
+        got, want = ours[role].state_dict(), reference[role].state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), role
+    # transformers' pickle name, pytorch_model.bin (SD-1.x repositories ship it beside model.safetensors)
+    before = load_model(plain).text_encoder.state_dict()
+    torch.save(read_state_dict(plain / "text_encoder" / "model.safetensors"), plain / "text_encoder" / "pytorch_model.bin")
+    (plain / "text_encoder" / "model.safetensors").unlink()
+    after = load_model(plain).text_encoder.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # a shard the index names but the folder lacks: the index and the shard named
+    shard = next((variant / "unet").glob("*00002-of-*.safetensors"))
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"names the shard {shard.name}"):
+        load_model(variant)
+
+
+def test_hub_downloads_what_sdxl_if_and_sharded_components_need():
+    from ldm.io.hub import _pick_files
+
+    files = ["model_index.json", "text_encoder/config.json", "text_encoder/model.safetensors.index.fp16.json",
+             "text_encoder/model.fp16-00001-of-00002.safetensors", "text_encoder/model.fp16-00002-of-00002.safetensors",
+             "text_encoder/pytorch_model.bin.index.json", "text_encoder/pytorch_model-00001-of-00002.bin",
+             "text_encoder/pytorch_model-00002-of-00002.bin", "text_encoder_2/config.json",
+             "text_encoder_2/model.safetensors", "text_encoder_2/model.fp16.safetensors", "tokenizer_2/vocab.json",
+             "tokenizer/spiece.model", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+             "unet/diffusion_pytorch_model.fp16.bin"]
+    assert sorted(_pick_files(files)) == sorted([
+        "model_index.json", "text_encoder/config.json", "text_encoder/pytorch_model.bin.index.json",
+        "text_encoder/pytorch_model-00001-of-00002.bin", "text_encoder/pytorch_model-00002-of-00002.bin",
+        "text_encoder_2/config.json", "text_encoder_2/model.safetensors", "tokenizer_2/vocab.json",
+        "tokenizer/spiece.model", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"])
+    only_fp16 = ["text_encoder/model.safetensors.index.fp16.json", "text_encoder/model.fp16-00001-of-00002.safetensors",
+                 "text_encoder/model.fp16-00002-of-00002.safetensors"]
+    assert sorted(_pick_files(only_fp16)) == sorted(only_fp16)

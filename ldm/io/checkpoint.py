@@ -19,6 +19,31 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 
+VARIANTS = ("fp16",)  # the precision variants diffusers and transformers publish beside the full-precision files
+
+
+def weight_file_names(stem: str) -> list[tuple[str, bool]]:
+    """(file name, is a shard index) of a diffusers / transformers component's weights, in order of preference:
+    full precision before the fp16 variant, safetensors before pickles, one file or a sharded index.
+
+    `stem` is the safetensors name (`diffusion_pytorch_model`, `model`); transformers' pickles are `pytorch_model.bin`.
+    A variant goes before the suffix (`model.fp16.safetensors`), its index before `.json`
+    (`model.safetensors.index.fp16.json`, what diffusers' and transformers' save_pretrained(variant=) write); the
+    older `model.fp16.safetensors.index.json` is read too.
+    """
+    pickles = ["pytorch_model", "model"] if stem == "model" else [stem]
+    names: list[tuple[str, bool]] = []
+    for variant in (None, *VARIANTS):
+        for ext, bases in ((".safetensors", [stem]), (".bin", pickles)):
+            for base in bases:
+                if variant is None:
+                    names += [(f"{base}{ext}.index.json", True), (f"{base}{ext}", False)]
+                else:
+                    names += [(f"{base}{ext}.index.{variant}.json", True), (f"{base}.{variant}{ext}.index.json", True),
+                              (f"{base}.{variant}{ext}", False)]
+    return names
+
+
 # Globals that training frameworks store next to the weights (callbacks, hyper-parameters, numpy scalars of
 # metrics). They are replaced by inert placeholders so that CompVis/Lightning `.ckpt` files load with
 # `weights_only=True`; no code from the file runs, and the placeholders are dropped with everything that is

@@ -11,7 +11,7 @@ from ldm.atomic import atomic_path, atomic_write_text
 from ldm.config import to_plain
 from ldm.diffusion.schedules import ScheduleConfig, sampling_keys_note
 from ldm.errors import CheckpointError, ConfigError, LdmError
-from ldm.io.checkpoint import read_state_dict, write_safetensors
+from ldm.io.checkpoint import read_state_dict, weight_file_names, write_safetensors
 from ldm.io.components import ModelParts, check_can_hold, make_parts, text_config
 from ldm.io.keys_text import hf_clip_config_from_openclip, hf_clip_to_openclip, openclip_to_hf_clip
 from ldm.io.keys_unet import unet_config_from_diffusers, unet_config_to_diffusers, unet_diffusers_to_original, \
@@ -47,19 +47,26 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_weights(folder: Path, stem: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str]:
-    """`stem`.safetensors / .bin, a sharded index, or an fp16 variant; returns (state dict, what was read)."""
-    for name in (stem, f"{stem}.fp16"):
-        for ext in (".safetensors", ".bin"):
-            index = folder / f"{name}{ext}.index.json"
-            if index.is_file():
-                shards = sorted(set(_read_json(index)["weight_map"].values()))
-                sd = {}
-                for shard in shards:
-                    sd.update(read_state_dict(folder / shard, allow_pickle=allow_pickle))
-                return sd, str(index)
-            if (folder / f"{name}{ext}").is_file():
-                return read_state_dict(folder / f"{name}{ext}", allow_pickle=allow_pickle), str(folder / f"{name}{ext}")
-    raise CheckpointError(f"no weights in {folder} (expected {stem}.safetensors or {stem}.bin)")
+    """`stem`.safetensors / .bin, a sharded index, or an fp16 variant (`weight_file_names`); returns (state dict,
+    what was read)."""
+    for name, is_index in weight_file_names(stem):
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not is_index:
+            return read_state_dict(path, allow_pickle=allow_pickle), str(path)
+        weight_map = _read_json(path).get("weight_map")
+        if not isinstance(weight_map, Mapping) or not weight_map:
+            raise CheckpointError(f"{path}: a shard index without a `weight_map` (tensor name -> shard file)")
+        sd = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise CheckpointError(f"{path} names the shard {shard}, which is not in {folder}; download the "
+                                      "component's files again")
+            sd.update(read_state_dict(folder / shard, allow_pickle=allow_pickle))
+        return sd, str(path)
+    raise CheckpointError(f"no weights in {folder} (expected {stem}.safetensors, {stem}.bin, a sharded "
+                          f"{stem}.safetensors.index.json, or their fp16 variants)")
 
 
 def _text_encoder(folder: Path, allow_pickle: bool) -> tuple[TextEncoderConfig, dict, str]:

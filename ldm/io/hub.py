@@ -6,10 +6,12 @@ import re
 from pathlib import Path
 
 from ldm.errors import CheckpointError
+from ldm.io.checkpoint import VARIANTS, weight_file_names
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^\s]+)?$")
 _WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-_COMPONENTS = ("unet", "vae", "text_encoder")
+_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL
+_TOKENIZERS = ("tokenizer", "tokenizer_2")
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -49,17 +51,36 @@ def _hint(repo_id: str) -> str:
 
 
 def _pick_files(files: list[str]) -> list[str]:
-    """The configs, tokenizer and one weights file per component (safetensors preferred, no fp16 variants)."""
-    keep = [f for f in files if f == "model_index.json" or f.startswith(("tokenizer/", "scheduler/"))]
+    """The configs, tokenizers and one weights set per component (`weight_file_names`' preference: full precision,
+    safetensors; a sharded index with its shards)."""
+    keep = [f for f in files if f == "model_index.json" or f.split("/")[0] in _TOKENIZERS + ("scheduler",)]
     keep += [f for f in files if f.split("/")[0] in _COMPONENTS and f.endswith("config.json") and f.count("/") == 1]
+    present = set(files)
     for comp in _COMPONENTS:
-        names = ("diffusion_pytorch_model", "model")
-        for ext in (".safetensors", ".bin"):
-            found = [f"{comp}/{n}{ext}" for n in names if f"{comp}/{n}{ext}" in files]
-            if found:
-                keep.append(found[0])
-                break
+        stem = "model" if comp.startswith("text_encoder") else "diffusion_pytorch_model"
+        for name, is_index in weight_file_names(stem):
+            if f"{comp}/{name}" not in present:
+                continue
+            keep.append(f"{comp}/{name}")
+            if is_index:  # model.safetensors.index[.fp16].json -> model[.fp16]-00001-of-00002.safetensors, ...
+                base, ext, variant = _index_parts(name)
+                shard = re.compile(rf"{re.escape(comp)}/{re.escape(base)}{re.escape(variant)}-\d+-of-\d+"
+                                   rf"{re.escape(ext)}$")
+                keep += [f for f in files if shard.match(f)]
+            break
     return keep
+
+
+def _index_parts(name: str) -> tuple[str, str, str]:
+    """(base, suffix, '.variant' or '') of a shard index name."""
+    for ext in (".safetensors", ".bin"):
+        base, sep, rest = name.partition(ext)
+        if sep:
+            variant = rest.removeprefix(".index").removesuffix(".json")  # '' or '.fp16'
+            if base.endswith(tuple(f".{v}" for v in VARIANTS)):  # the older model.fp16.safetensors.index.json
+                base, variant = base.rsplit(".", 1)[0], "." + base.rsplit(".", 1)[1]
+            return base, ext, variant
+    raise ValueError(name)
 
 
 def resolve_hub_id(text: str, *, revision: str | None = None) -> Path:

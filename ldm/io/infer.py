@@ -45,6 +45,38 @@ def is_original_checkpoint(sd: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith(UNET_PREFIX) for k in sd)
 
 
+def what_else(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """What a weights file without a U-Net is, and the way out, for the files users mistake for a model: a LoRA, a
+    VAE alone, a textual-inversion embedding, one diffusers component. None when it is none of them."""
+    keys = list(sd)
+    if any("lora_" in k or ".lora." in k or k.startswith(("lora_unet_", "lora_te")) or ".alpha" == k[-6:]
+           for k in keys):
+        return ("it is a LoRA (low-rank adapter weights such as lora_down/lora_up or lora_A/lora_B), not a model: "
+                "ldm does not apply LoRAs; pass the whole Stable Diffusion checkpoint (or a model with the LoRA merged in)")
+    inner = [k.removeprefix(VAE_PREFIX) for k in keys]
+    if inner and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")) for k in inner):
+        return ("it holds an autoencoder (VAE) alone, not a whole model: give it beside the model it belongs to, "
+                "ldm-txt2img --model MODEL --vae FILE")
+    if any(k in ("emb_params", "string_to_param", "clip_l", "clip_g") or k.startswith("string_to_param.")
+           for k in keys):
+        return ("it is a textual-inversion embedding, not a model: pass the whole Stable Diffusion checkpoint")
+    if any(k.startswith(("down_blocks.", "mid_block.", "conv_in.", "text_model.", "encoder.block.")) for k in keys):
+        return ("it is one component of a diffusers folder (its keys are diffusers' down_blocks / text_model ...): "
+                "pass the pipeline folder that holds it (model_index.json, unet/, vae/, text_encoder/ ...)")
+    return None
+
+
+def missing_networks(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """Which of the three networks a file with a U-Net lacks (a U-Net-only export, a pruned file), or None."""
+    missing = [(name, prefix) for name, prefix in (("autoencoder", VAE_PREFIX), ("text encoder", TEXT_PREFIX))
+               if not any(k.startswith(prefix) for k in sd)]
+    if not missing:
+        return None
+    return (f"it holds the U-Net (model.diffusion_model.*) without the "
+            f"{' and the '.join(f'{name} ({prefix}*)' for name, prefix in missing)}: a single-file checkpoint holds "
+            "the whole model; pass the full checkpoint, or a diffusers folder")
+
+
 def select_ema(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
     """Replace U-Net weights by their EMA copies when every one is present; return (state dict, used_ema).
 

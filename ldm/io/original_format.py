@@ -15,7 +15,7 @@ from ldm.io.components import (ModelParts, autoencoder_config, check_can_hold, m
                                text_config_from_dims, unet_config)
 from ldm.io.infer import (CLIP_PREFIX, OPENCLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, infer_original_config,
                           infer_text_encoder, normalize_text_keys, original_config_from_sections,
-                          sections_from_original_config, select_ema, strip_prefix)
+                          missing_networks, sections_from_original_config, select_ema, strip_prefix, what_else)
 from ldm.io.latent_upscale_format import LATENT_UPSCALE_SECTION, add_to_original, section_from_original
 from ldm.io.sdxl_original import is_sdxl, is_sdxl_original, load_sdxl_original, save_sdxl_original
 
@@ -33,6 +33,26 @@ def _text_weights(sd: Mapping[str, torch.Tensor], kind: str, notes: list[str]) -
     return text
 
 
+def _check_family(path: Path, sd: Mapping[str, torch.Tensor], config: str | Path | Mapping) -> None:
+    """A YAML of the other family (an SD-1/2 CompVis YAML for an SDXL file, an SDXL sgm YAML for an SD-1/2 file)
+    is refused naming both, before the YAML's layout is read."""
+    where = str(config) if not isinstance(config, Mapping) else "the original config"
+    original = load_yaml(config) if not isinstance(config, Mapping) else config
+    params = (original.get("model") or {}).get("params") if isinstance(original, Mapping) else None
+    if not isinstance(params, Mapping):
+        return  # the layout check that follows names what is missing
+    sdxl_file, sdxl_yaml, compvis_yaml = is_sdxl_original(sd), "network_config" in params, "unet_config" in params
+    if sdxl_file and compvis_yaml and not sdxl_yaml:
+        raise ConfigError(f"{path} is an SDXL checkpoint (text encoders under conditioner.embedders.*) but {where} "
+                          "describes an SD-1/SD-2 model (CompVis unet_config); pass SDXL's own YAML (sd_xl_base.yaml "
+                          "or sd_xl_refiner.yaml) or leave --config out to read the architecture from the weights")
+    if not sdxl_file and sdxl_yaml and not compvis_yaml:
+        raise ConfigError(f"{path} is an SD-1/SD-2 checkpoint (text encoder under cond_stage_model.*) but {where} "
+                          "describes an SDXL model (sgm network_config); pass the model's own YAML (e.g. "
+                          "v1-inference.yaml, v2-inference-v.yaml) or leave --config out to read the architecture "
+                          "from the weights")
+
+
 def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: bool = False,
                   config: str | Path | Mapping | None = None, prediction_type: str | None = None) -> ModelParts:
     """Load an original single-file checkpoint.
@@ -48,9 +68,15 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
         notes.append("EMA weights found and used for the U-Net" if used_ema
                      else "EMA weights found but incomplete; using the non-EMA U-Net weights")
     if not any(k.startswith(UNET_PREFIX) for k in sd):
-        raise CheckpointError(f"{path}: no `model.diffusion_model.*` keys; not an original Stable Diffusion "
-                              "single-file checkpoint (a diffusers folder or a native folder is loaded by its path); "
-                              f"the first keys it could not place: {list(sd)[:5]}")
+        what = what_else(sd)
+        raise CheckpointError(f"{path}: no `model.diffusion_model.*` keys; not an original Stable Diffusion single-file "
+                              "checkpoint" + (f": {what}" if what else " (a diffusers folder or a native folder is "
+                                                                       "loaded by its path)")
+                              + f"; the first keys it could not place: {list(sd)[:5]}")
+    if (partial := missing_networks(sd)) and not is_sdxl_original(sd):
+        raise CheckpointError(f"{path}: {partial}")
+    if config is not None:
+        _check_family(path, sd, config)
     if is_sdxl_original(sd):  # sgm's layout: text encoders under conditioner.embedders.*
         return load_sdxl_original(path, sd, notes, device=device, dtype=dtype, config=config,
                                   prediction_type=prediction_type)
