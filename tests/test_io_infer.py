@@ -99,6 +99,28 @@ def test_ema_weights_are_preferred(tmp_path):
     assert not any(k.startswith("model_ema") for k in chosen)
 
 
+def test_no_ema_takes_the_non_ema_weights_as_diffusers_from_single_file_does(tmp_path, capsys):
+    """`ema=False` / `--no-ema`: a file holding both sets gives its non-EMA U-Net (diffusers' `extract_ema=False`,
+    its default, and A1111); the EMA keys are dropped, and a note says so. Through load_model, load_pipeline,
+    ldm-convert and ldm-txt2img."""
+    from ldm.cli.convert import main as convert
+    from ldm.pipeline.load import load_pipeline
+
+    components = tiny_components("sd1")
+    sd = original_state_dict(components)
+    path = tmp_path / "both.safetensors"
+    write_safetensors(_with_ema(sd), path)
+    plain = load_model(path, ema=False)
+    assert torch.equal(plain.unet.out[2].weight, components.unet.out[2].weight)
+    assert any("not used (--no-ema)" in note for note in plain.notes)
+    pipe = load_pipeline(path, device="cpu", ema=False)
+    assert torch.equal(pipe.stages[0].unet.out[2].weight, components.unet.out[2].weight)
+    assert convert([str(path), str(tmp_path / "plain"), "--to", "native", "--no-ema"]) == 0
+    assert torch.equal(load_model(tmp_path / "plain").unet.out[2].weight, components.unet.out[2].weight)
+    assert convert([str(path), str(tmp_path / "ema"), "--to", "native"]) == 0
+    assert torch.equal(load_model(tmp_path / "ema").unet.out[2].weight, components.unet.out[2].weight + 1.0)
+
+
 def test_explicit_yaml_config_and_prediction_override(tmp_path):
     """An original YAML fixes the architecture; text sizes still come from the weights."""
     from ldm.config import save_yaml

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow .ckpt files that need arbitrary Python objects; only for files you trust")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="cast the weights (default: keep)")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="a single-file SRC holding both U-Net weight sets: convert the non-EMA ones, as diffusers' "
+                   "from_single_file does (default: the EMA ones, as CompVis' scripts use them)")
     p.add_argument("--prediction-type", help="epsilon | v_prediction | sample (SD-2 768-v models: v_prediction); "
                                              "the weights cannot tell")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> list[str]:
         if prediction not in PREDICTION_TYPES:
             raise LdmError(f"--prediction-type {args.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
     components = load_model(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle, config=args.config,
-                            prediction_type=prediction)
+                            prediction_type=prediction, ema=args.ema)
     save(components, dst, args.to)
     own = {k: v for k, v in (components.config.get("stage") or {}).items()
            if k in ("steps", "guidance", "sampler") and v is not None}

@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "slower eagerly (its first design), docs/benchmarks/README.md run 10); "
                         "without --compile it also fuses q|k|v and stores the networks NHWC, as the fast path does")
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="a single-file checkpoint holding both U-Net weight sets: use the non-EMA ones, "
+                   "as diffusers' from_single_file and A1111 do (default: the EMA ones, as CompVis' "
+                   "scripts do)")
     return p
 
 
@@ -186,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.refiner is not None and args.upscaler:
         raise LdmError("--refiner and --upscaler: an SDXL ensemble and a pixel cascade do not combine")
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                         vae=args.vae)
+                         vae=args.vae, ema=args.ema)
     if args.refiner is not None:
         refiner = load_pipeline(args.refiner, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                                vae=args.vae)
+                                vae=args.vae, ema=args.ema)
         frac = HIGH_NOISE_FRAC if args.high_noise_frac is None else args.high_noise_frac
         pipe = ExpertEnsemble(pipe, refiner, frac)
     micro = micro_conditioning(args, pipe)

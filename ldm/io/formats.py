@@ -47,12 +47,14 @@ def detect_format(path: Path) -> str:
 
 def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                allow_pickle: bool = False, config: str | Path | Mapping | None = None,
-               prediction_type: str | None = None) -> ModelParts:
+               prediction_type: str | None = None, ema: bool = True) -> ModelParts:
     """Load a model (its parts by role, and its schedule) from any supported format (dtype None keeps the stored
     precision). Diffusers and original files hold Stable Diffusion models; native folders any registered parts.
 
     `config`: an original-layout YAML (path or dict) for single-file checkpoints; `prediction_type`
-    ("epsilon" | "v_prediction" | "sample") overrides the schedule's (weights cannot tell eps from v).
+    ("epsilon" | "v_prediction" | "sample") overrides the schedule's (weights cannot tell eps from v). `ema=False`:
+    a single file's non-EMA U-Net weights where it holds both (diffusers' `from_single_file` default); folders hold
+    one set.
     """
     text = str(path_or_id)
     path = Path(text).expanduser()
@@ -72,7 +74,7 @@ def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu", dt
         return load(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
                               prediction_type=prediction_type)
     return load_original(path, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
-                         prediction_type=prediction_type)
+                         prediction_type=prediction_type, ema=ema)
 
 
 def save_diffusers(components: ModelParts, folder: str | Path) -> None:

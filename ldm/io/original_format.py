@@ -54,18 +54,26 @@ def _check_family(path: Path, sd: Mapping[str, torch.Tensor], config: str | Path
 
 
 def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: bool = False,
-                  config: str | Path | Mapping | None = None, prediction_type: str | None = None) -> ModelParts:
+                  config: str | Path | Mapping | None = None, prediction_type: str | None = None,
+                  ema: bool = True) -> ModelParts:
     """Load an original single-file checkpoint.
 
     The architecture comes from, in order: `config` (an original YAML), the config ldm stores in the files it
-    writes, a `<name>.yaml` beside the file, or the tensor shapes (`ldm.io.infer`). EMA U-Net weights are preferred.
+    writes, a `<name>.yaml` beside the file, or the tensor shapes (`ldm.io.infer`). EMA U-Net weights are preferred, as
+    CompVis' sampling scripts use them; `ema=False` takes the non-EMA ones, as diffusers' `from_single_file`
+    (`extract_ema=False`, its default) and A1111 do.
     """
     path = Path(path)
     raw = read_state_dict(path, allow_pickle=allow_pickle)
-    sd, used_ema = select_ema(normalize_text_keys(raw))
+    normalized = normalize_text_keys(raw)
+    if ema:
+        sd, used_ema = select_ema(normalized)
+    else:
+        sd, used_ema = {k: v for k, v in normalized.items() if not k.startswith("model_ema.")}, False
     notes = []
     if any(k.startswith("model_ema.") for k in raw):
         notes.append("EMA weights found and used for the U-Net" if used_ema
+                     else "EMA weights found but not used (--no-ema); using the non-EMA U-Net weights" if not ema
                      else "EMA weights found but incomplete; using the non-EMA U-Net weights")
     if not any(k.startswith(UNET_PREFIX) for k in sd):
         what = what_else(sd)
