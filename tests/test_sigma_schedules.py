@@ -143,3 +143,24 @@ def test_eval_refuses_karras_sigmas_for_ddim_before_loading(monkeypatch, tmp_pat
     code, err = run_cli(eval_cli.main, ["--model", "default", "--prompts", prompts, "--samplers", "ddim", "--steps", "2",
                                         "--guidance", "3", "--sigmas", "karras", "--out", tmp_path / "eval"], capsys)
     assert code != 0 and "--sigmas karras does not apply to ddim" in err, err
+
+
+def test_eval_sigmas_karras_generates_the_pipes_images_and_reports_them(tiny_sd_folder, tiny_clip_config, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "eval"
+    assert eval_cli.main([str(a) for a in ["--model", tiny_sd_folder, "--prompts", prompts, "--samplers", "dpmpp_2m",
+                                           "--steps", "3", "--guidance", "1", "--height", "16", "--width", "16",
+                                           "--sigmas", "karras", "--clip-model", tiny_clip_config,
+                                           "--clip-pretrained", "none", "--out", out]]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [run["settings"]["sigmas"] for run in report["runs"]] == ["karras"]
+    folder = next((out / "samples").iterdir())
+    assert folder.name.endswith("-karras")
+    record = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
+    pipe = load_pipeline(tiny_sd_folder, device="cpu")
+    kwargs = dict(sampler="dpmpp_2m", steps=3, guidance=1.0, height=16, width=16)
+    karras = np.asarray(pipe.batch(["a red circle"], [record["seed"]], sigmas="karras", **kwargs)[0], dtype=int)
+    plain = np.asarray(pipe.batch(["a red circle"], [record["seed"]], **kwargs)[0], dtype=int)
+    image = np.asarray(Image.open(folder / record["file_name"]).convert("RGB"), dtype=int)
+    assert np.abs(image - karras).max() <= 1 and np.abs(image - plain).max() > 1
