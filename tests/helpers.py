@@ -403,15 +403,16 @@ def run_diffusers(name: str, config: dict, steps: int, shape, seed: int = 0, eta
 
 
 def run_ours(name: str, config: dict, steps: int, shape, seed: int = 0, eta: float = 0.0,
-             options: dict | None = None):
-    """(final sample, timesteps the network saw) of our sampling plan and sampler `name` on GaussianNet."""
+             options: dict | None = None, sigmas: str = "model"):
+    """(final sample, timesteps the network saw) of our sampling plan (sigma schedule `sigmas`) and sampler `name`
+    on GaussianNet."""
     schedule_config = ScheduleConfig.from_diffusers(config)
     schedule = DiscreteSchedule.from_config(schedule_config)
     alphas_cumprod = torch.cumprod(1 - schedule_config.betas(), 0)
     alphas_cumprod[alphas_cumprod <= 0] = 2**-24  # zero terminal SNR: the stand-in diffusers' Euler/DPM use
     net = GaussianNet(alphas_cumprod, schedule_config.prediction_type, config.get("variance_type") == "learned_range")
     denoiser = DiscreteDenoiser(net, schedule, schedule_config.prediction_type)
-    plan = sampling_plan(schedule_config, name, steps)
+    plan = sampling_plan(schedule_config, name, steps, sigmas)
     if plan.quantize_timesteps:  # Karras sigmas under DPM-Solver / UniPC: the network sees rounded timesteps
         denoiser = denoiser.quantized()
     generator = torch.Generator().manual_seed(seed)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ldm.cli.common import cli_main, finite_floats, launched_accelerator, layer_count, parse_sampler_options
-from ldm.diffusion.sampler_registry import check_sampler_options
+from ldm.diffusion.sampler_registry import SIGMA_SCHEDULES, check_sampler_options, check_sigmas
 from ldm.errors import LdmError
 from ldm.eval.clip_score import ClipModel
 from ldm.eval.evaluate import Reference, check_set_size, score_folder
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--sigmas", default="model", choices=list(SIGMA_SCHEDULES),
+                   help="the sigma schedule for every image: model (default) = the model's scheduler config; karras = "
+                   "diffusers' use_karras_sigmas=True (not for ddpm, ddim or euler_a)")
     g.add_argument("--clip-skip", type=layer_count, default=None, metavar="N",
                    help="diffusers' clip_skip for every image (default: the model's own layer; 1 is A1111's "
                    "'Clip skip 2')")
@@ -193,7 +196,8 @@ def _setting_folder(args, sampler, steps, guidance, aug_level: float | None, str
     name = (f"{setting_text(sampler)}-steps{setting_text(steps)}-cfg{setting_text(guidance)}"
             + (f"-aug{aug_level:g}" if aug_level is not None else "")
             + (f"-start{strength:g}" if strength is not None else "")
-            + (f"-clipskip{args.clip_skip}" if args.clip_skip is not None else ""))
+            + (f"-clipskip{args.clip_skip}" if args.clip_skip is not None else "")
+            + (f"-{args.sigmas}" if args.sigmas != "model" else ""))
     return Path(args.out) / "samples" / name
 
 
@@ -207,6 +211,7 @@ def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
     sampler_options = parse_sampler_options(args.sampler_option)
     for sampler in {s for g in grid for s in (g[0] if isinstance(g[0], tuple) else (g[0],))}:
         check_sampler_options(sampler, sampler_options)
+        check_sigmas(sampler, args.sigmas)
     common = {
         "model": _model_id(args.model),
         "upscalers": [_model_id(m) for m in args.upscaler],
@@ -222,6 +227,8 @@ def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
     }
     if args.clip_skip is not None:  # only when given: the settings.json of earlier runs stay as they were
         common["clip_skip"] = args.clip_skip
+    if args.sigmas != "model":  # likewise
+        common["sigmas"] = args.sigmas
     if args.n_per_prompt < 1:
         raise LdmError(f"--n-per-prompt must be positive, got {args.n_per_prompt}")
     planned = plan_images(texts, args.n_per_prompt, args.seed)
@@ -243,7 +250,7 @@ def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
         sweep.append({"folder": folder, "settings": settings, "planned": planned, "missing": missing,
                       "generation": {**chosen,
                                      "height": args.height, "width": args.width, "sampler_options": sampler_options,
-                                     "clip_skip": args.clip_skip,
+                                     "clip_skip": args.clip_skip, "sigmas": args.sigmas,
                                      **({"aug_level": aug_level} if aug_level is not None else {}),
                                      **({"upscale_strength": strength} if strength is not None else {})}})
     return sweep
@@ -272,10 +279,11 @@ def _checked_pipeline(args, sweep: list[dict], device: torch.device, pipe=None):
             pipe.check_options(**swept)
         check_generation(pipe, sampler=gen["sampler"], steps=gen["steps"], guidance=gen["guidance"],
                          height=args.height, width=args.width, sampler_options=gen["sampler_options"],
-                         clip_skip=gen["clip_skip"])
+                         clip_skip=gen["clip_skip"], sigmas=gen["sigmas"])
         if "upscale_strength" in gen:  # every SR stage keeps a step to run at this strength
             pipe.settings(options={**pipe.options, **swept}, sampler=gen["sampler"], steps=gen["steps"],
-                          guidance=gen["guidance"], sampler_options=gen["sampler_options"], clip_skip=gen["clip_skip"])
+                          guidance=gen["guidance"], sampler_options=gen["sampler_options"], clip_skip=gen["clip_skip"],
+                          sigmas=gen["sigmas"])
         check_batch_fits(pipe, args.batch_size, height=args.height, width=args.width, guidance=gen["guidance"])
     mode = compile_mode(args.compile, device)
     if mode is not None:
@@ -410,6 +418,7 @@ def run(args: argparse.Namespace) -> dict:
         sampler_options = parse_sampler_options(args.sampler_option)  # eta=-1 fails before any model loads
         for sampler in given["sampler"] or []:  # and so does a mistyped sampler or option
             check_sampler_options(sampler, sampler_options)
+            check_sigmas(sampler, args.sigmas)  # and --sigmas karras with ddim
         # An axis not given is the model's own: the model loads first then (otherwise only if images are missing).
         pipe = _load(args, device) if any(v is None for v in given.values()) else None
         axes, sources = _sampling_axes(given, pipe)
@@ -516,7 +525,7 @@ def run(args: argparse.Namespace) -> dict:
 
 # The settings a run's report shows (settings.json holds more: the prompt fingerprint, the model path ...).
 REPORTED = ("sampler", "steps", "guidance", "aug_level", "upscale_strength", "sampler_options", "clip_skip",
-            "base_seed", "n_per_prompt", "height", "width", "negative_prompt")
+            "sigmas", "base_seed", "n_per_prompt", "height", "width", "negative_prompt")
 
 
 @cli_main

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ldm.cli.common import cli_main, finite_float, layer_count, parse_sampler_options
-from ldm.diffusion.sampler_registry import check_sampler_options, sampler_names
+from ldm.diffusion.sampler_registry import SIGMA_SCHEDULES, check_sampler_options, check_sigmas, sampler_names
 from ldm.errors import LdmError
 from ldm.models.attention import set_attention_backend
 from ldm.pipeline.cascade import load_cascade, use_model_defaults
@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. ddpm for DeepFloyd IF, else dpmpp_2m)")
     p.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
                    help="a sampler option, repeatable: e.g. eta=0.5 (ddim, euler_a, dpmpp_2m_sde), s_churn=10 (heun)")
+    p.add_argument("--sigmas", default="model", choices=list(SIGMA_SCHEDULES),
+                   help="the sigma schedule: model (default) = the model's scheduler config; karras = Karras et al.'s "
+                   "sigmas, as diffusers' use_karras_sigmas=True (A1111's 'DPM++ 2M Karras' is --sampler dpmpp_2m "
+                   "--sigmas karras); not for ddpm, ddim or euler_a, whose diffusers schedulers lack it")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own: DeepFloyd IF "
                    "100, its stage II 50, the x4 upscaler 75, else 30; in a cascade each stage's)")
     p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale, 0 or more "
@@ -174,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     sampler_options = parse_sampler_options(args.sampler_option)  # eta=-1 fails before the model loads
     if args.sampler is not None:  # and so does a typo
         check_sampler_options(args.sampler, sampler_options)
+        check_sigmas(args.sampler, args.sigmas)  # and --sigmas karras with ddim
+    for sampler in args.stage_sampler or []:
+        check_sigmas(sampler, args.sigmas)
     for option, scales in (("--guidance", [args.guidance]), ("--stage-guidance", args.stage_guidance or [])):
         for scale in scales:
             if scale is not None:
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         n_per_prompt=args.n, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
         init_image=args.init_image, strength=args.strength, mask_image=args.mask, sampler_options=sampler_options,
         dynamic_threshold=args.dynamic_threshold, noise_level=noise_level, micro_conditioning=micro,
-        clip_skip=args.clip_skip,
+        clip_skip=args.clip_skip, sigmas=args.sigmas,
     )
     for r in records:
         print(args.out / r["file_name"])

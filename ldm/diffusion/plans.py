@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ldm.diffusion.sampler_registry import get_sampler
+from ldm.diffusion.sampler_registry import check_sigmas, get_sampler
 from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig, karras_sigmas
 from ldm.errors import ConfigError
 
@@ -159,8 +159,12 @@ _KIND_PLANS = {
 }
 
 
-def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: str, steps: int) -> SamplingPlan:
+def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: str, steps: int,
+                  sigmas: str = "model") -> SamplingPlan:
     """The sigmas, initial noise scale and final scale with which `sampler` reproduces its diffusers scheduler.
+
+    `sigmas` (SIGMA_SCHEDULES): "model" follows the config; "karras" plans as the config with use_karras_sigmas=true
+    does (a sampler whose diffusers scheduler does not read use_karras_sigmas refuses it, `check_sigmas`).
 
     An EDM schedule (prediction_type "edm") gets `edm_sampling_plan` for every sampler: Karras sigmas from
     sigma_max to sigma_min, x_T = randn * sigma_max, no final rescaling.
@@ -174,6 +178,9 @@ def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: 
     if not isinstance(schedule_config, ScheduleConfig):
         schedule_config = ScheduleConfig.from_diffusers(schedule_config)
     spec = get_sampler(sampler)
+    check_sigmas(sampler, sigmas)
+    if sigmas == "karras":
+        schedule_config = replace(schedule_config, use_karras_sigmas=True)
     if schedule_config.is_edm:  # continuous sigma: every sampler walks the same Karras sigmas
         if steps < 1:
             raise ConfigError(f"steps must be at least 1, got {steps}")

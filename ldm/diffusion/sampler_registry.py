@@ -51,6 +51,10 @@ _RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "first_
 # clip_sample: only DDPMScheduler, DDIMScheduler and HeunDiscreteScheduler clip x0 (`Stage.thresholding`: a pixel
 # model's, with dynamic thresholding off); DPM-Solver, UniPC, Euler and the rest have no such key.
 CONFIG_KEYS = ("use_karras_sigmas", "final_sigmas_type", "clip_sample")
+# A generation's sigma schedule (`--sigmas`, `pipe(..., sigmas=)`): "model" follows the model's scheduler config;
+# "karras" asks for Karras sigmas as that config's use_karras_sigmas=true would (diffusers'
+# `Scheduler.from_config(config, use_karras_sigmas=True)`, A1111's "Karras" samplers), for the samplers that read it.
+SIGMA_SCHEDULES = {"model": None, "karras": "use_karras_sigmas"}
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,23 @@ def check_sampler_options(name: str, options: Mapping[str, Any] | None) -> dict:
             value = int(value)
         checked[key] = value if isinstance(value, int) else float(value)
     return checked
+
+
+def sigma_samplers(schedule: str) -> list[str]:
+    """The samplers that take sigma schedule `schedule` (those whose diffusers scheduler reads its config key)."""
+    key = SIGMA_SCHEDULES[schedule]
+    return [name for name in sampler_names() if key is None or key in get_sampler(name).config_keys]
+
+
+def check_sigmas(sampler: str, schedule: str) -> None:
+    """Refuse a sigma schedule that is not one, or that `sampler`'s diffusers scheduler does not read."""
+    if schedule not in SIGMA_SCHEDULES:
+        raise ConfigError(f"--sigmas {schedule!r} is not a sigma schedule; use one of {', '.join(SIGMA_SCHEDULES)}")
+    spec = get_sampler(sampler)
+    key = SIGMA_SCHEDULES[schedule]
+    if key is not None and key not in spec.config_keys:
+        raise ConfigError(f"--sigmas {schedule} does not apply to {sampler}: its diffusers scheduler has no {key}; "
+                          f"the samplers that take it are {', '.join(sigma_samplers(schedule))}")
 
 
 def run_sampler(name: str, denoiser: Callable, x: torch.Tensor, plan, cond=None, *, options: Mapping | None = None,

@@ -160,7 +160,7 @@ class Cascade:
             row = {"stage": i + 1, "model": pipe.model_name, "sampler": s.sampler, "steps": s.steps,
                    "guidance": s.guidance, "seed": self.stage_seed(settings.seed, i), "size": s.height,
                    "dynamic_threshold": pipe.stage.threshold_percentile(s.dynamic_threshold),
-                   "ran": i + 1 >= options["start_stage"]}
+                   "sigmas": s.sigmas, "ran": i + 1 >= options["start_stage"]}
             if (cap := pipe.stage.threshold_cap(s.dynamic_threshold)) is not None:
                 row["dynamic_threshold_max"] = cap  # the cap on s (IF's sample_max_value)
             if (limit := pipe.stage.clip_limit(s.dynamic_threshold, s.sampler)) is not None:

@@ -89,6 +89,7 @@ def check_generation(
     dynamic_threshold: float | None = None,
     micro_conditioning: dict | None = None,
     clip_skip: int | None = None,
+    sigmas: str = "model",
 ) -> dict:
     """Every check that can fail before a generation starts (settings, input images, schedule, memory).
 
@@ -97,7 +98,8 @@ def check_generation(
     checked = pipe.settings(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                             n=n_per_prompt, height=height, width=width, sampler_options=dict(sampler_options or {}),
                             dynamic_threshold=dynamic_threshold, from_image=init_image is not None, inpainting=mask_image is not None, strength=strength,
-                            micro_conditioning=dict(micro_conditioning or {}), clip_skip=clip_skip)
+                            micro_conditioning=dict(micro_conditioning or {}), clip_skip=clip_skip,
+                            sigmas=sigmas)
     modes = _load_mode_images(init_image, mask_image)
     if hasattr(pipe, "check_inputs"):  # a cascade: the image to upscale must be its start stage's input size
         pipe.check_inputs(**modes)
@@ -172,6 +174,7 @@ def generate_to_folder(
     noise_level: int | None = None,  # a latent upscaler's (x4) used alone; a cascade takes it from load_cascade
     micro_conditioning: dict | None = None,  # SDXL: original_size, crops_coords_top_left, target_size, aesthetic_score
     clip_skip: int | None = None,  # diffusers' clip_skip: CLIP text layers left out (None: the model's own layer)
+    sigmas: str = "model",  # the sigma schedule: "model" (its scheduler config) or "karras" (use_karras_sigmas)
 ) -> list[dict]:
     """Generate `n_per_prompt` images per prompt; return the metadata records written to `out_dir/metadata.jsonl`.
 
@@ -184,7 +187,7 @@ def generate_to_folder(
     pipe = model if callable(model) and hasattr(model, "settings") else load_pipeline(model, device=device, dtype=dtype)
     settings = dict(sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, n=n_per_prompt,
                     height=height, width=width, sampler_options=dict(sampler_options or {}),
-                    dynamic_threshold=dynamic_threshold, clip_skip=clip_skip)
+                    dynamic_threshold=dynamic_threshold, clip_skip=clip_skip, sigmas=sigmas)
     if micro_conditioning:  # only SDXL models take it (and the cascade has no such setting)
         settings["micro_conditioning"] = dict(micro_conditioning)
     # Fail before anything is written.
@@ -194,7 +197,7 @@ def generate_to_folder(
                              n_per_prompt=n_per_prompt, height=height, width=width, init_image=init_image,
                              strength=strength, mask_image=mask_image, sampler_options=sampler_options,
                              dynamic_threshold=dynamic_threshold, micro_conditioning=micro_conditioning,
-                             clip_skip=clip_skip)
+                             clip_skip=clip_skip, sigmas=sigmas)
     stage = getattr(pipe, "stage", None)
     if stage is not None:  # a single model: the settings it samples with (its own defaults) are recorded
         resolved = GenerationSettings(**with_defaults({"steps": steps, "guidance": guidance, "sampler": sampler},
@@ -234,6 +237,7 @@ def generate_to_folder(
                 "guidance": guidance,
                 "guidance_rescale": guidance_rescale or None,
                 "clip_skip": clip_skip,  # None: the text encoder's own layer
+                "sigmas": sigmas,  # "model": the model's scheduler config; "karras": its use_karras_sigmas=true
                 "height": image.height,
                 "width": image.width,
                 "model": pipe.model_name,

@@ -92,7 +92,7 @@ class ExpertEnsemble:
                            "--init-image and --strength")
         s = self.base.settings(**settings)
         self.refiner.stage.check_clip_skip(s.clip_skip)  # the refiner's bigG reads the prompt at the same layer
-        plan = sampling_plan(self.base.schedule_config, s.sampler, s.steps)
+        plan = sampling_plan(self.base.schedule_config, s.sampler, s.steps, s.sigmas)
         k = split_step(plan, self.high_noise_frac, self.base.schedule_config.num_train_timesteps)
         if not 0 < k < s.steps:
             raise LdmError(f"--high-noise-frac {self.high_noise_frac} with --steps {s.steps} gives the base "
@@ -104,7 +104,7 @@ class ExpertEnsemble:
                  callback: Callable | None = None, **settings) -> list[Image.Image]:
         """Generate `n` images: the base model's high-noise steps, then the refiner's."""
         s = self.settings(**settings)
-        plan = sampling_plan(self.base.schedule_config, s.sampler, s.steps)
+        plan = sampling_plan(self.base.schedule_config, s.sampler, s.steps, s.sigmas)
         k = split_step(plan, self.high_noise_frac, self.base.schedule_config.num_train_timesteps)
         x = sample(self.base.stage, [prompt], s, negative_prompts=[negative_prompt], strategy=HighNoise(k),
                    callback=callback, progress=progress, decode=False)

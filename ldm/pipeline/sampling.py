@@ -38,7 +38,7 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
     if seeds is not None and len(seeds) != len(prompts) * s.n:
         raise LdmError(f"{len(seeds)} seeds for {len(prompts) * s.n} images; give one seed per image")
     generator = ImageGenerators(seeds) if seeds is not None else seeded_generator(s.seed)
-    plan = sampling_plan(stage.schedule_config, s.sampler, s.steps)
+    plan = sampling_plan(stage.schedule_config, s.sampler, s.steps, s.sigmas)
     if cond is None:
         cond = stage.conditioning(prompts, negative_prompts, s.n, s.guidance, s.clip_skip)
     base = stage.denoiser.quantized() if plan.quantize_timesteps else stage.denoiser  # Karras + DPM-Solver / UniPC

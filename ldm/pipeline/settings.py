@@ -7,7 +7,7 @@ import operator
 from dataclasses import dataclass, field, fields
 
 from ldm.diffusion.plans import sampling_plan
-from ldm.diffusion.sampler_registry import check_sampler_options
+from ldm.diffusion.sampler_registry import check_sampler_options, check_sigmas
 from ldm.errors import ConfigError, LdmError
 from ldm.models.micro_conditioning import MICRO_FIELDS, micro_values
 from ldm.models.text_encoders import check_clip_skip_value
@@ -40,6 +40,9 @@ class GenerationSettings:
     # diffusers' clip_skip: read a CLIP text encoder that many layers before the model's own (None or 0: the model's
     # own; 1 is A1111's "Clip skip 2"), for the prompt and the negative prompt alike (docs/clip-skip.md)
     clip_skip: int | None = None
+    # The sigma schedule (sampler_registry.SIGMA_SCHEDULES): "model" = the model's scheduler config; "karras" = its
+    # use_karras_sigmas=true (diffusers' from_config(..., use_karras_sigmas=True)), for the samplers that read it
+    sigmas: str = "model"
 
     @classmethod
     def from_call(cls, settings: dict) -> "GenerationSettings":
@@ -122,6 +125,7 @@ def check_settings(s: GenerationSettings, *, factor: int, schedule_config, condi
                    from_image: bool = False) -> None:
     """Reject bad settings before any work, with a message that says what to change."""
     check_sampler_options(s.sampler, s.options())  # an unknown sampler or option names the choices
+    check_sigmas(s.sampler, s.sigmas)  # karras with ddim names the samplers that take it
     check_seed(s.seed)
     if isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps <= 0:
         raise LdmError(f"--steps must be a positive number of sampling steps, got {s.steps}")
@@ -159,7 +163,7 @@ def check_settings(s: GenerationSettings, *, factor: int, schedule_config, condi
     if from_image and not 0.0 < s.strength <= 1.0:
         raise LdmError(f"--strength must lie in (0, 1], got {s.strength}")
     try:
-        sampling_plan(schedule_config, s.sampler, s.steps)
+        sampling_plan(schedule_config, s.sampler, s.steps, s.sigmas)
     except (ConfigError, ValueError, IndexError) as e:
         raise LdmError(f"cannot sample {s.steps} steps with {s.sampler} on this model's schedule: {e}") from e
     if from_image and s.strength < 1.0 and first_step(s.steps, s.strength) >= s.steps:
