@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm.errors import CheckpointError, LdmError, write_failure
+from ldm.train.batches import TrainState, note_stream_change
 from ldm.train.sharding import is_sharded, load_sharded_ema, save_sharded_ema
 
 STATE_FILE = "trainer_state.json"  # written last: a folder without it is not a checkpoint
@@ -205,6 +206,21 @@ def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
             os.replace(path, target)
             moved.append(target)
     return moved
+
+
+def start_state(accelerator, checkpoint: Path | None, ema, output_dir: str | Path, max_steps: int,
+                stream: dict) -> TrainState:
+    """Every trainer's start: a fresh TrainState, or the one `checkpoint` restores (weights, optimizer and EMA loaded
+    in place, newer checkpoints set aside, a changed data stream or a finished run said); `stream` recorded in it."""
+    state = TrainState()
+    if checkpoint is not None:
+        state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+        after_resume(accelerator, output_dir, state.step, max_steps)
+        if accelerator.is_main_process:
+            note_stream_change(state.stream, stream)
+    state.stream = stream  # recorded in trainer_state.json: what the data position counts in
+    return state
 
 
 def after_resume(accelerator, output_dir: str | Path, step: int, max_steps: int | None = None) -> None:

@@ -26,8 +26,8 @@ from ldm.data.loader import make_loader
 from ldm.errors import ConfigError, LdmError
 from ldm.eval.retrieval import retrieval_accuracy
 from ldm.io.checkpoint import write_safetensors
-from ldm.train.batches import TrainState, batch_stream, note_stream_change, stream_settings
-from ldm.train.checkpointing import after_resume, export_failures, load_checkpoint, resolve_resume, save_checkpoint
+from ldm.train.batches import batch_stream, stream_settings
+from ldm.train.checkpointing import export_failures, resolve_resume, save_checkpoint, start_state
 from ldm.train.config import EMAConfig, OptimConfig
 from ldm.train.ema import EMA
 from ldm.train.optim import lr_at, make_optimizer, set_lr
@@ -198,15 +198,8 @@ def train_clip(config: ClipTrainConfig, resume: str | None = None, overwrite: bo
     trainee_w, optimizer = accelerator.prepare(trainee, optimizer)
 
     loader = make_loader(config.data, rank=rank, world_size=world)  # per-rank stream already
-    state = TrainState()
-    stream = stream_settings(config.data, loader.urls, world)
-    if checkpoint is not None:
-        state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-        after_resume(accelerator, out, state.step, config.max_steps)
-        if accelerator.is_main_process:
-            note_stream_change(state.stream, stream)
-    state.stream = stream  # recorded in trainer_state.json: what the data position counts in
+    state = start_state(accelerator, checkpoint, ema, out, config.max_steps,
+                        stream_settings(config.data, loader.urls, world))
     if accelerator.is_main_process:  # once the checkpoint is restored: a refused --resume leaves the run's record alone
         save_yaml(to_plain(config), out / "config.yaml")
     saved_step = state.step if checkpoint is not None else None

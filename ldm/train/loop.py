@@ -33,9 +33,8 @@ from ldm.models.attention import set_attention_backend
 from ldm.models.float8 import FP8_ALIGN, check_fp8_device, to_float8, transformer_linears
 from ldm.models.text_encoders import TextEmbeddings
 from ldm.runtime import derive_seed
-from ldm.train.batches import DataCounts, TrainState, batch_stream, note_stream_change, stream_settings
-from ldm.train.checkpointing import (accelerate_files, after_resume, export_failures, load_checkpoint,
-                                     resolve_resume, save_checkpoint)
+from ldm.train.batches import DataCounts, TrainState, batch_stream, stream_settings
+from ldm.train.checkpointing import accelerate_files, export_failures, resolve_resume, save_checkpoint, start_state
 from ldm.train.compiled import compile_for_training
 from ldm.train.config import ModelConfig, TrainConfig
 from ldm.train.ema import EMA
@@ -267,17 +266,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
 
     # The data: not passed to accelerator.prepare (it would re-split the webdataset stream); batches moved here.
     loader = make_loader(config.data, rank=rank, world_size=world)
-    state = TrainState()
     checkpoint = resolve_resume(out, resume, accelerate_files(accelerator))
-    stream = stream_settings(config.data, loader.urls, world)
-    if checkpoint is not None:
-        saved = load_checkpoint(accelerator, checkpoint, ema)
-        state = TrainState.from_saved(saved)
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-        after_resume(accelerator, out, state.step, config.max_steps)
-        if accelerator.is_main_process:
-            note_stream_change(state.stream, stream)
-    state.stream = stream
+    state = start_state(accelerator, checkpoint, ema, out, config.max_steps,
+                        stream_settings(config.data, loader.urls, world))
     # Recorded once the shards are found and the checkpoint restored: a refused start (a checkpoint of another
     # model config) leaves the folder, or its run's record, as it was; a new folder is not told it holds a run.
     resolved = {**to_plain(config), "model": {**to_plain(config.model), **parts.resolved()}}

@@ -39,9 +39,8 @@ from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.pipeline.images import to_pil
 from ldm.runtime import derive_seed
 from ldm.train.autoencoder_loss import AutoencoderLoss, AutoencoderLossConfig
-from ldm.train.batches import DataCounts, TrainState, batch_stream, note_stream_change, stream_settings
-from ldm.train.checkpointing import (accelerate_files, after_resume, export_failures, load_checkpoint,
-                                    resolve_resume, save_checkpoint)
+from ldm.train.batches import DataCounts, batch_stream, stream_settings
+from ldm.train.checkpointing import accelerate_files, export_failures, resolve_resume, save_checkpoint, start_state
 from ldm.train.config import EMAConfig, OptimConfig
 from ldm.train.ema import EMA
 from ldm.train.optim import lr_at, make_optimizer, set_lr
@@ -264,16 +263,9 @@ def train_autoencoder(config: VAETrainConfig, resume: str | None = None, overwri
     last_layer = autoencoder.decoder.conv_out.weight  # the adaptive GAN weight compares gradients here
 
     loader = make_loader(config.data, rank=rank, world_size=world)  # not prepared: the stream is already per-rank
-    state = TrainState()
-    stream = stream_settings(config.data, loader.urls, world)
     checkpoint = resolve_resume(out, resume, accelerate_files(accelerator))
-    if checkpoint is not None:
-        state = TrainState.from_saved(load_checkpoint(accelerator, checkpoint, ema))
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-        after_resume(accelerator, out, state.step, config.max_steps)
-        if accelerator.is_main_process:
-            note_stream_change(state.stream, stream)
-    state.stream = stream  # recorded in trainer_state.json: what the data position counts in
+    state = start_state(accelerator, checkpoint, ema, out, config.max_steps,
+                        stream_settings(config.data, loader.urls, world))
     if accelerator.is_main_process:  # once the checkpoint is restored: a refused --resume leaves the run's record alone
         save_yaml(to_plain(config), out / "config.yaml")
     saved_step = state.step if checkpoint is not None else None
