@@ -70,6 +70,10 @@ def test_dry_run_takes_every_path_of_the_guided_step_and_its_levers(tmp_path):
     assert len(sums) == 2 and all(line["ours_ms"] > 0 for line in sums), "the channel-sums levers ran"
     # traced by dynamo (the eager backend) the norms ran as channel sums: the same within bf16's rounding (~0.6%)
     assert all(0 <= line["group_norm_change"] < 0.05 for line in sums)
+    attention = [line for line in lines if "cuDNN attention" in line["config"]]
+    assert len(attention) == 2 and all(line["ours_ms"] > 0 for line in attention), "the cuDNN attention levers ran"
+    # on the CPU no SDPA kernel preference applies: the same attention, traced by dynamo
+    assert all(0 <= line["attention_change"] < 1e-5 for line in attention)
 
 
 def _bench(**kwargs):

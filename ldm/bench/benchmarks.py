@@ -205,7 +205,8 @@ def eager_levers(b: Bench, unet, x, t, c, mask) -> None:
 class Lever:
     """One compiled configuration of the guided step: compile keywords (over the run's backend), the seconds it
     needs at least, and whether it keeps the all-True mask, runs FP8 or the Triton GroupNorm, profiles kernels, or
-    compiles the peer's U-Net instead of ours (its time goes to the lever line's `peer_ms`)."""
+    compiles the peer's U-Net instead of ours (its time goes to the lever line's `peer_ms`), or prefers other SDPA
+    kernels."""
 
     name: str
     options: dict
@@ -217,6 +218,7 @@ class Lever:
     channel_sums: bool = False
     profile: bool = False
     peer: bool = False
+    sdpa: tuple[str, ...] = ()  # SDPA kernels to prefer (set_sdpa_kernels), the run's --sdpa otherwise
 
 
 COMPILED_LEVERS = (  # in priority order: what a window that runs out first loses least
@@ -224,6 +226,19 @@ COMPILED_LEVERS = (  # in priority order: what a window that runs out first lose
           90, profile=True),
     Lever("torch.compile reduce-overhead: the fast path, again in this process", {"mode": "reduce-overhead"}, 60),
     Lever("+ FP8 transformer linears (ldm.models.float8)", {"mode": "reduce-overhead"}, 90, fp8=True),
+    # run 5's profile: attention ~1.0 ms of the step; PyTorch prefers flash (FA2, not written for Hopper) for the
+    # unmasked attentions; cuDNN's fused attention is Hopper's own. Run 2 timed it only eagerly and with the mask
+    Lever("+ SDPA prefers cuDNN attention (Hopper's fused attention), graphed", {"mode": "reduce-overhead"}, 90,
+          sdpa=("cudnn",)),
+    # ~1 ms of the graphed step is gaps between ~660 kernels (graphed 7.14 against 6.18 ms of GPU time, run 10):
+    # Hopper's programmatic dependent launch lets a Triton kernel start while its predecessor drains; combo kernels
+    # merge independent small kernels into one launch
+    Lever("+ programmatic dependent launch (inductor triton.enable_pdl), graphed",
+          {"options": {"triton.cudagraphs": True, "triton.enable_pdl": True}}, 90),
+    Lever("+ combo kernels (inductor combo_kernels: independent kernels merged), graphed",
+          {"options": {"triton.cudagraphs": True, "combo_kernels": True}}, 90),
+    Lever("torch.compile default + cuDNN attention: GPU time by kernel kind", {"mode": "default"}, 90,
+          sdpa=("cudnn",), profile=True),
     # run 9's profile: normalisation took 1.36 of compile default's 6.30 ms (inductor reduces NHWC GroupNorms with
     # strided loads); ldm.models.group_norm_kernel reads whole pixels. Run 10: 3-17% slower in the step
     Lever("+ Triton GroupNorm(+SiLU) kernel (NHWC, two-phase)", {"mode": "reduce-overhead"}, 90,
@@ -320,6 +335,10 @@ def compiled_levers(b: Bench) -> None:
                     with eager():
                         reference = call().float()
                     use_channel_sums_group_norm(unet)
+                if lever.sdpa:
+                    with eager():
+                        reference = call().float()
+                    set_sdpa_kernels(list(lever.sdpa))
                 network.compile(dynamic=False, **_lever_options(b, lever))
                 call()  # the compile
                 extra["compile_s"] = round(time.monotonic() - started, 1)
@@ -327,6 +346,8 @@ def compiled_levers(b: Bench) -> None:
                     extra["fp8_change"] = relative_l2(call(), reference)
                 if lever.group_norm_kernel or lever.channel_sums:
                     extra["group_norm_change"] = relative_l2(call(), reference)
+                if lever.sdpa:
+                    extra["attention_change"] = relative_l2(call(), reference)
                 if lever.profile and b.device.type == "cuda":
                     extra["profile"] = kernel_breakdown(call)
                 ms = _step_ms(b, call)
@@ -340,6 +361,7 @@ def compiled_levers(b: Bench) -> None:
             from_float8(unet)  # the next lever runs plain products and norms (nothing to undo after the others)
             use_fused_group_norm(unet, False)
             use_channel_sums_group_norm(unet, False)
+            set_sdpa_kernels(b.sdpa)
 
 
 def _plain_output(unet, call) -> torch.Tensor:
