@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="reduce-overhead", choices=COMPILE_MODES, help="torch.compile mode, both sides")
     p.add_argument("--sdpa", nargs="+", default=None, metavar="KERNEL",
                    help="preferred SDPA kernels for ours (flash, cudnn, efficient, math)")
+    p.add_argument("--cudnn-heuristics", action="store_true", help="both sides with cuDNN's heuristic convolution "
+                   "algorithms (torch.backends.cudnn.benchmark off; on by default, as in ldm's fast path)")
     p.add_argument("--no-peer", action="store_true", help="ours only (no diffusers)")
     p.add_argument("--no-train-compile", action="store_true", help="eager training steps on both sides")
     p.add_argument("--eager", action="store_true", help="no torch.compile anywhere, both sides (fused q|k|v and "
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         raise LdmError("tools/bench.py times GPUs and found no CUDA device; use --cpu for the CPU row "
                        "(or --dry-run to exercise the code paths)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not args.cudnn_heuristics
     if args.compiled_levers_only and (not args.levers or args.eager):
         raise LdmError("--compiled-levers-only needs --levers FILE and compiled networks: add --levers, drop --eager")
     if args.train_both_compiled and (args.eager or args.no_train_compile or args.no_peer):

@@ -2,7 +2,12 @@
 # Issue 12's missing rows in one GPU window of at most ~9 minutes, each benchmark in its own process under a hard
 # timeout (a hang or a slow compile costs only its own step), in the priority order PLAN names:
 #
-# PLAN=run13 (the default: three levers never timed graphed, and the 50-step image)
+# PLAN=run14 (the default: what cuDNN's algorithm search is worth: cudnn.benchmark, on in tools/bench.py, off in
+#   the CLIs; run 12 measured it)
+#   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: the fast path, and without cudnn.benchmark (~60 + 60 s)
+#   2. vae_encode_256 with cuDNN's heuristics, both sides (the row with the search: run 7)
+#   3. txt2img_sd15_512_50steps_b1 with cuDNN's heuristics, both sides (the row with the search: run 11)
+# PLAN=run13 (three levers never timed graphed, and the 50-step image)
 #   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: the fast path, SDPA preferring cuDNN attention, inductor's
 #      programmatic dependent launch, combo kernels, cuDNN attention profiled, GroupNorm as channel sums (run 10's
 #      unexplained -9.4%) (~60 + 5 x 90 s)
@@ -85,7 +90,7 @@ set -u
 OUT=${OUT:?set OUT to the folder that receives results.jsonl, levers.jsonl and perf.log}
 BUDGET_S=${BUDGET_S:-$([ -n "${DRY_RUN:-}" ] && echo 1500 || echo 500)}
 PY=${PYTHON:-python3}
-PLAN=${PLAN:-run13}
+PLAN=${PLAN:-run14}
 FROM=${FROM:-1}
 TO=${TO:-9}
 mkdir -p "$OUT"
@@ -181,8 +186,8 @@ nth() {
 }
 
 case $PLAN in
-    run3|run4|run5|run6|run7|run8|run9|run10|run11|run12|run13) ;;
-    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run13 (the default), run12, run11, run10, run9, run8, run7, run6, run5, run4 or run3" >&2
+    run3|run4|run5|run6|run7|run8|run9|run10|run11|run12|run13|run14) ;;
+    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run14 (the default), run13, run12, run11, run10, run9, run8, run7, run6, run5, run4 or run3" >&2
        exit 2 ;;
 esac
 case $FROM in
@@ -205,6 +210,11 @@ if [ "$PLAN" = run3 ]; then
     nth 2 train_sd15_unet_512 300 120
     nth 3 train_sd15_unet_256 300 150
     nth 4 eval_generate_sd15_512_25steps 150 75 --eager
+elif [ "$PLAN" = run14 ]; then
+    nth 1 unet_step_sd15_512_b1_cfg 200 130 --levers "$OUT/levers.jsonl" --compiled-levers-only --no-peer \
+        --lever-names "the fast path, again" "cudnn.benchmark" --budget-s 100000
+    nth 2 vae_encode_256 150 60 --cudnn-heuristics
+    nth 3 txt2img_sd15_512_50steps_b1 250 170 --cudnn-heuristics
 elif [ "$PLAN" = run13 ]; then
     nth 1 unet_step_sd15_512_b1_cfg 560 200 --levers "$OUT/levers.jsonl" --compiled-levers-only --no-peer \
         --lever-names "the fast path, again" "prefers cuDNN" "programmatic dependent" "combo kernels" \

@@ -61,6 +61,7 @@ class Bench:
     cache: dict = field(default_factory=dict)
 
     def row(self, name, ours, peer, peer_name, unit, mfu_value, details) -> Row:
+        details = {**details, "cudnn_benchmark": torch.backends.cudnn.benchmark}
         if self.tiny:
             details = {**details, "dry_run": "toy-width networks on the CPU: plumbing only, not a measurement"}
         return make_row(name, ours, peer if self.peer else None, peer_name if self.peer else None, unit,
@@ -219,6 +220,7 @@ class Lever:
     profile: bool = False
     peer: bool = False
     sdpa: tuple[str, ...] = ()  # SDPA kernels to prefer (set_sdpa_kernels), the run's --sdpa otherwise
+    cudnn_benchmark: bool | None = None  # torch.backends.cudnn.benchmark for this lever (None: the run's setting)
 
 
 COMPILED_LEVERS = (  # in priority order: what a window that runs out first loses least
@@ -233,6 +235,10 @@ COMPILED_LEVERS = (  # in priority order: what a window that runs out first lose
     # ~1 ms of the graphed step is gaps between ~660 kernels (graphed 7.14 against 6.18 ms of GPU time, run 10):
     # Hopper's programmatic dependent launch lets a Triton kernel start while its predecessor drains; combo kernels
     # merge independent small kernels into one launch
+    # tools/bench.py sets torch.backends.cudnn.benchmark (cuDNN times its algorithms per shape); ldm-txt2img
+    # --compile, ldm-eval and training leave cuDNN's heuristic choice: the same fast path as they run it (run 12: equal)
+    Lever("- cudnn.benchmark (cuDNN's heuristic algorithm choice, as the CLIs run), graphed",
+          {"mode": "reduce-overhead"}, 60, cudnn_benchmark=False),
     Lever("+ programmatic dependent launch (inductor triton.enable_pdl), graphed",
           {"options": {"triton.cudagraphs": True, "triton.enable_pdl": True}}, 90),
     Lever("+ combo kernels (inductor combo_kernels: independent kernels merged), graphed",
@@ -313,6 +319,7 @@ def compiled_levers(b: Bench) -> None:
             write_lever(b, lever.name, None, skipped="diffusers is not installed (or --no-peer)")
             continue
         torch._dynamo.reset()  # the next compile starts clean (inductor's on-disk caches still help)
+        cudnn_benchmark = torch.backends.cudnn.benchmark
         network, call = unet, (lambda: unet(x, t, context=c))
         if lever.mask:
             call = lambda: unet(x, t, context=c, context_mask=mask)  # noqa: E731
@@ -339,6 +346,8 @@ def compiled_levers(b: Bench) -> None:
                     with eager():
                         reference = call().float()
                     set_sdpa_kernels(list(lever.sdpa))
+                if lever.cudnn_benchmark is not None:
+                    torch.backends.cudnn.benchmark = lever.cudnn_benchmark
                 network.compile(dynamic=False, **_lever_options(b, lever))
                 call()  # the compile
                 extra["compile_s"] = round(time.monotonic() - started, 1)
@@ -362,6 +371,7 @@ def compiled_levers(b: Bench) -> None:
             use_fused_group_norm(unet, False)
             use_channel_sums_group_norm(unet, False)
             set_sdpa_kernels(b.sdpa)
+            torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 def _plain_output(unet, call) -> torch.Tensor:
