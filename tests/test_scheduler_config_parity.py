@@ -1,6 +1,6 @@
 """A scheduler_config.json's sampling keys give diffusers' schedule: DDIM / DDPM "linspace" timesteps (rounded),
-use_karras_sigmas and final_sigmas_type, each on the samplers whose diffusers scheduler reads them, and ignored by
-the others as diffusers ignores them."""
+use_karras_sigmas (use_exponential_sigmas, use_beta_sigmas) and final_sigmas_type, each on the samplers whose
+diffusers scheduler reads them, and ignored by the others as diffusers ignores them."""
 import json
 import shutil
 
@@ -48,12 +48,13 @@ def test_ddim_and_ddpm_linspace_timesteps_are_rounded_as_diffusers(sampler, step
     assert_close_to_ref(ours, ref)
 
 
+@pytest.mark.parametrize("key", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("sampler", ["euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "dpm_2"])
-def test_karras_sigmas_match_diffusers(sampler, spacing):
-    config = {**KARRAS, "timestep_spacing": spacing}
+def test_converted_sigmas_match_diffusers(sampler, spacing, key):
+    config = {**SD15_SCHEDULER, key: True, "timestep_spacing": spacing}
     plan = sampling_plan(config, sampler, 8)
-    plain = sampling_plan({**config, "use_karras_sigmas": False}, sampler, 8)
+    plain = sampling_plan({**config, key: False}, sampler, 8)
     assert not torch.allclose(plan.sigmas, plain.sigmas)  # the key reached the plan
     # the timesteps diffusers reports: rounded for DPM-Solver / UniPC, float log-sigma interpolation for the others
     theirs = diffusers_timesteps(sampler, config, 8)
@@ -61,22 +62,27 @@ def test_karras_sigmas_match_diffusers(sampler, spacing):
         theirs = theirs[::2]
     ref, ref_t = run_diffusers(sampler, config, 8, SHAPE, seed=1)
     ours, our_t = run_ours(sampler, config, 8, SHAPE, seed=1)
-    if sampler == "dpm_2":  # KDPM2 rounds the timesteps of its Karras sigmas, ours are the sigmas' own (docs/samplers.md)
+    if sampler == "dpm_2" and key == "use_karras_sigmas":  # KDPM2 rounds Karras timesteps, ours are the sigmas' own
         np.testing.assert_allclose(plan.timesteps.numpy(), theirs, atol=0.5)
         np.testing.assert_allclose(our_t, ref_t, atol=0.5)
         return assert_close_to_ref(ours, ref, rel=1e-4)
     # diffusers' own timesteps (log-sigma interpolation; rounded by DPM-Solver / UniPC), and the network sees them
-    np.testing.assert_array_equal(plan.timesteps.numpy(), theirs)
-    assert our_t == ref_t
+    if sampler == "dpm_2":  # KDPM2 interleaves them with the midpoints', whose sigmas it computes in float32
+        np.testing.assert_allclose(plan.timesteps.numpy(), theirs, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(our_t, ref_t, rtol=0, atol=2e-4)
+    else:
+        np.testing.assert_array_equal(plan.timesteps.numpy(), theirs)
+        assert our_t == ref_t
     assert_close_to_ref(ours, ref, rel=2e-6)
 
 
 @pytest.mark.parametrize("steps", [8, 16])
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
-@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
-def test_final_sigma_min_matches_diffusers(sampler, steps, karras):
+@pytest.mark.parametrize("key", [None, "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"],
+                         ids=["spaced", "karras", "exponential", "beta"])
+def test_final_sigma_min_matches_diffusers(sampler, steps, key):
     """The last step ends at the first training sigma; DPM-Solver's short runs take it at first order."""
-    config = {**SIGMA_MIN, "use_karras_sigmas": karras}
+    config = {**SIGMA_MIN, **({key: True} if key else {})}
     plan = sampling_plan(config, sampler, steps)
     assert float(plan.sigmas[-1]) > 0
     ref, _ = run_diffusers(sampler, config, steps, SHAPE, seed=2)
