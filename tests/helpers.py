@@ -413,8 +413,8 @@ def run_ours(name: str, config: dict, steps: int, shape, seed: int = 0, eta: flo
     net = GaussianNet(alphas_cumprod, schedule_config.prediction_type, config.get("variance_type") == "learned_range")
     denoiser = DiscreteDenoiser(net, schedule, schedule_config.prediction_type)
     plan = sampling_plan(schedule_config, name, steps, sigmas)
-    if plan.quantize_timesteps:  # Karras sigmas under DPM-Solver / UniPC: the network sees rounded timesteps
-        denoiser = denoiser.quantized()
+    if plan.network_timesteps:  # Karras / exponential / beta sigmas: the network sees diffusers' timesteps of them
+        denoiser = denoiser.at_timesteps(plan.sigmas[:len(plan.timesteps)], plan.timesteps)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator) * plan.init_noise_scale
     extra = {"eta": eta} if name == "ddim" else {}

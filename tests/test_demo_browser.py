@@ -1,8 +1,9 @@
 """ldm-demo in a real browser: Debian's chromium, headless, driven by playwright against one local server.
 
-The page's PNG equals ldm-txt2img's for the same settings (pixels and metadata), the Advanced sampler reaches the
-PNG's metadata, bad input shows the CLI's message and the page stays usable, two requests at once both finish,
-compare mode puts A and B side by side, and the page asks nothing of any host but 127.0.0.1.
+The page's PNG equals ldm-txt2img's for the same settings (pixels and metadata), the Advanced sampler and sigma
+schedule reach the PNG's metadata, bad input (a sampler without the sigma schedule too) shows the CLI's message and the
+page stays usable, two requests at once both finish, compare mode puts A and B side by side, and the page asks nothing
+of any host but 127.0.0.1.
 """
 import io
 import json
@@ -176,6 +177,24 @@ def test_bad_input_shows_the_cli_message_and_the_page_stays_usable(page, model, 
     sync_api.expect(page.locator("#message")).to_have_text(cli_line)  # ... and the page says the same
     fill(page, **FAST)
     assert len(generate(page, "a cat")) == 1  # the next request works
+    sync_api.expect(page.locator("#message")).to_be_hidden()
+
+
+def test_sigma_schedule_from_advanced_reaches_the_png_and_a_sampler_without_it_is_the_clis_message(page, model,
+                                                                                                  tmp_path, capsys):
+    assert txt2img.main(["a cat", "--model", str(model), "--sampler", "ddim", "--sigmas", "karras",
+                         "--out", str(tmp_path / "o")]) == 2
+    (cli_line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    fill(page, **FAST)
+    choose(page, "sampler", "ddim")
+    choose(page, "sigmas", "karras")
+    page.locator("#prompt textarea").fill("a cat")
+    page.locator("#generate").click()
+    sync_api.expect(page.locator("#message")).to_have_text(cli_line)  # refused on the page, as on the command line
+    choose(page, "sampler", "euler")
+    (served,) = generate(page, "a cat")
+    _, metadata = png(served)
+    assert (metadata["sampler"], metadata["sigmas"]) == ("euler", "karras")
     sync_api.expect(page.locator("#message")).to_be_hidden()
 
 

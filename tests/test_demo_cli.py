@@ -157,3 +157,33 @@ def test_blank_boxes_are_the_models_own_defaults_as_the_flags_left_out(model, tm
     a = np.asarray(Image.open(path), dtype=float)
     b = np.asarray(Image.open(tmp_path / "cli" / cli_record["file_name"]), dtype=float)
     assert np.array_equal(a, b)
+
+
+def test_the_sigma_schedule_from_the_page_is_the_clis_and_recorded(model, tmp_path, capsys):
+    generator = demo_page.Generator(load_pipeline(model, device="cpu"), tmp_path / "page")
+    ((path, record),) = generator.generate("a cat", seed=3, sampler="euler", steps=4, height=16, width=16,
+                                           sigmas="exponential")
+    code, err = run_cli(txt2img.main, ["a cat", "--model", model, "--seed", "3", "--sampler", "euler", "--steps", "4",
+                                       "--height", "16", "--width", "16", "--sigmas", "exponential",
+                                       "--out", tmp_path / "cli"], capsys)
+    assert code == 0, err
+    (cli_record,) = [json.loads(line) for line in (tmp_path / "cli" / "metadata.jsonl").read_text().splitlines()]
+    assert record["sigmas"] == cli_record["sigmas"] == "exponential"
+    assert {k: v for k, v in record.items() if k != "file_name"} == \
+        {k: v for k, v in cli_record.items() if k != "file_name"}
+    a = np.asarray(Image.open(path), dtype=float)
+    assert np.array_equal(a, np.asarray(Image.open(tmp_path / "cli" / cli_record["file_name"]), dtype=float))
+    assert "(exponential sigmas)" in demo_page.caption(record)
+    ((plain_path, plain),) = generator.generate("a cat", seed=3, sampler="euler", steps=4, height=16, width=16,
+                                                sigmas=None)  # a cleared dropdown: the model's own schedule
+    assert plain["sigmas"] == "model" and not np.array_equal(a, np.asarray(Image.open(plain_path), dtype=float))
+
+
+def test_a_sampler_without_the_sigma_schedule_is_the_clis_refusal_not_a_crash(model, tmp_path, capsys):
+    code, err = run_cli(txt2img.main, ["a cat", "--model", model, "--sampler", "ddim", "--sigmas", "karras",
+                                       "--out", tmp_path / "cli"], capsys)
+    (cli_line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    generator = demo_page.Generator(load_pipeline(model, device="cpu"), tmp_path / "page")
+    with pytest.raises(LdmError) as refused:
+        generator.generate("a cat", sampler="ddim", steps=2, height=16, width=16, sigmas="karras")
+    assert code == 2 and cli_line == f"error: {refused.value}" and "the samplers that take it are euler" in cli_line

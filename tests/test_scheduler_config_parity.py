@@ -1,6 +1,6 @@
 """A scheduler_config.json's sampling keys give diffusers' schedule: DDIM / DDPM "linspace" timesteps (rounded),
-use_karras_sigmas and final_sigmas_type, each on the samplers whose diffusers scheduler reads them, and ignored by
-the others as diffusers ignores them."""
+use_karras_sigmas (use_exponential_sigmas, use_beta_sigmas) and final_sigmas_type, each on the samplers whose
+diffusers scheduler reads them, and ignored by the others as diffusers ignores them."""
 import json
 import shutil
 
@@ -14,7 +14,6 @@ from helpers import (
     assert_same_image,
     diffusers_scheduler,
     diffusers_sd_folder,
-    diffusers_tolerance,
     run_diffusers,
     run_ours,
 )
@@ -49,36 +48,41 @@ def test_ddim_and_ddpm_linspace_timesteps_are_rounded_as_diffusers(sampler, step
     assert_close_to_ref(ours, ref)
 
 
+@pytest.mark.parametrize("key", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("sampler", ["euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "dpm_2"])
-def test_karras_sigmas_match_diffusers(sampler, spacing):
-    config = {**KARRAS, "timestep_spacing": spacing}
+def test_converted_sigmas_match_diffusers(sampler, spacing, key):
+    config = {**SD15_SCHEDULER, key: True, "timestep_spacing": spacing}
     plan = sampling_plan(config, sampler, 8)
-    plain = sampling_plan({**config, "use_karras_sigmas": False}, sampler, 8)
+    plain = sampling_plan({**config, key: False}, sampler, 8)
     assert not torch.allclose(plan.sigmas, plain.sigmas)  # the key reached the plan
     # the timesteps diffusers reports: rounded for DPM-Solver / UniPC, float log-sigma interpolation for the others
     theirs = diffusers_timesteps(sampler, config, 8)
     if sampler in ("heun", "dpm_2"):  # two network calls a step: the step's own timestep, then the next / midpoint
         theirs = theirs[::2]
-    # KDPM2 rounds the timesteps of its Karras sigmas, ours are the sigmas' own (docs/samplers.md)
-    np.testing.assert_allclose(plan.timesteps.numpy(), theirs, atol=0.5 if sampler == "dpm_2" else 1e-3)
     ref, ref_t = run_diffusers(sampler, config, 8, SHAPE, seed=1)
     ours, our_t = run_ours(sampler, config, 8, SHAPE, seed=1)
-    if plan.quantize_timesteps:  # the network is called at the very same integer timesteps
-        assert our_t == ref_t and all(t == round(t) for t in our_t)
-    # Euler and kin: diffusers maps a Karras sigma to its timestep by log-sigma interpolation, ours by the exact
-    # inverse of the linear sigma(t) (docs/samplers.md), ~1e-3 of a timestep apart
-    t_atol, rel = diffusers_tolerance(sampler)
-    np.testing.assert_allclose(our_t, ref_t, atol=0.5 if sampler == "dpm_2" else max(t_atol, 1e-2))
-    assert_close_to_ref(ours, ref, rel=max(rel, 2e-5) if sampler != "dpm_2" else 1e-4)
+    if sampler == "dpm_2" and key == "use_karras_sigmas":  # KDPM2 rounds Karras timesteps, ours are the sigmas' own
+        np.testing.assert_allclose(plan.timesteps.numpy(), theirs, atol=0.5)
+        np.testing.assert_allclose(our_t, ref_t, atol=0.5)
+        return assert_close_to_ref(ours, ref, rel=1e-4)
+    # diffusers' own timesteps (log-sigma interpolation; rounded by DPM-Solver / UniPC), and the network sees them
+    if sampler == "dpm_2":  # KDPM2 interleaves them with the midpoints', whose sigmas it computes in float32
+        np.testing.assert_allclose(plan.timesteps.numpy(), theirs, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(our_t, ref_t, rtol=0, atol=2e-4)
+    else:
+        np.testing.assert_array_equal(plan.timesteps.numpy(), theirs)
+        assert our_t == ref_t
+    assert_close_to_ref(ours, ref, rel=2e-6)
 
 
 @pytest.mark.parametrize("steps", [8, 16])
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
-@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
-def test_final_sigma_min_matches_diffusers(sampler, steps, karras):
+@pytest.mark.parametrize("key", [None, "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"],
+                         ids=["spaced", "karras", "exponential", "beta"])
+def test_final_sigma_min_matches_diffusers(sampler, steps, key):
     """The last step ends at the first training sigma; DPM-Solver's short runs take it at first order."""
-    config = {**SIGMA_MIN, "use_karras_sigmas": karras}
+    config = {**SIGMA_MIN, **({key: True} if key else {})}
     plan = sampling_plan(config, sampler, steps)
     assert float(plan.sigmas[-1]) > 0
     ref, _ = run_diffusers(sampler, config, steps, SHAPE, seed=2)
@@ -90,7 +94,7 @@ def test_final_sigma_min_matches_diffusers(sampler, steps, karras):
 def test_samplers_whose_diffusers_scheduler_ignores_the_keys_ignore_them(sampler):
     both = {**KARRAS, "final_sigmas_type": "sigma_min"}
     plan, plain = sampling_plan(both, sampler, 8), sampling_plan(SD15_SCHEDULER, sampler, 8)
-    assert torch.equal(plan.sigmas, plain.sigmas) and not plan.quantize_timesteps
+    assert torch.equal(plan.sigmas, plain.sigmas) and not plan.network_timesteps
     ref, _ = run_diffusers(sampler, both, 8, SHAPE, seed=3)
     ours, _ = run_ours(sampler, both, 8, SHAPE, seed=3)
     assert_close_to_ref(ours, ref)
@@ -131,9 +135,10 @@ def test_a_diffusers_export_keeps_the_sampling_choices_only_where_made():
     from ldm.io.diffusers_format import scheduler_config_dict
 
     plain = scheduler_config_dict(ScheduleConfig())
-    assert "use_karras_sigmas" not in plain and "final_sigmas_type" not in plain
-    chosen = ScheduleConfig(use_karras_sigmas=True, final_sigmas_type="sigma_min")
-    assert ScheduleConfig.from_diffusers(scheduler_config_dict(chosen)) == chosen
+    assert not {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "final_sigmas_type"} & set(plain)
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+        chosen = ScheduleConfig(**{key: True}, final_sigmas_type="sigma_min")
+        assert ScheduleConfig.from_diffusers(scheduler_config_dict(chosen)) == chosen
 
 
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
@@ -147,11 +152,11 @@ def test_a_scheduler_config_at_its_defaults_needs_no_note(name):
 def test_unreproduced_sampling_keys_are_a_load_note(karras_folder, tmp_path):
     folder = shutil.copytree(karras_folder[0], tmp_path / "pipe")
     path = folder / "scheduler" / "scheduler_config.json"
-    config = {**json.loads(path.read_text()), "use_exponential_sigmas": True, "use_karras_sigmas": False,
+    config = {**json.loads(path.read_text()), "use_lu_lambdas": True, "use_karras_sigmas": False,
               "final_sigmas_type": "sigma_min", "lower_order_final": False}
     path.write_text(json.dumps(config))
     notes = load_model(str(folder)).notes
-    assert any("use_exponential_sigmas=True, lower_order_final=False" in note for note in notes), notes
-    config.update(use_exponential_sigmas=False, final_sigmas_type="zero")  # lower_order_final: no effect then
+    assert any("use_lu_lambdas=True, lower_order_final=False" in note for note in notes), notes
+    config.update(use_lu_lambdas=False, final_sigmas_type="zero")  # lower_order_final: no effect then
     path.write_text(json.dumps(config))
     assert not any("scheduler_config.json asks" in note for note in load_model(str(folder)).notes)

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from ldm.cli.txt2img import build_parser as txt2img_parser
-from ldm.diffusion.sampler_registry import sampler_names
+from ldm.diffusion.sampler_registry import SIGMA_SCHEDULES, sampler_names
 from ldm.errors import LdmError
 from ldm.eval.prompts import load_prompts
 from ldm.pipeline.cascade import use_model_defaults
@@ -44,7 +44,7 @@ def import_gradio():
 def cli_defaults() -> dict:
     """ldm-txt2img's defaults, so that a field left as it is means what leaving out the flag means."""
     parser = txt2img_parser()
-    return {name: parser.get_default(name) for name in ("sampler", "steps", "guidance", "seed", "n")}
+    return {name: parser.get_default(name) for name in ("sampler", "steps", "guidance", "seed", "n", "sigmas")}
 
 
 def example_prompts(prompt_set: str, per_category: int = 2) -> list[str]:
@@ -92,7 +92,7 @@ class Generator:
                  steps: int | None = None, guidance: float | None = None, seed: int | None = None,
                  n: int | None = None, height: int | None = None, width: int | None = None,
                  stage_steps: list | None = None, aug_level: float | None = None,
-                 clip_skip: int | None = None) -> list[tuple[Path, dict]]:
+                 clip_skip: int | None = None, sigmas: str | None = None) -> list[tuple[Path, dict]]:
         """(PNG path, record) per image, exactly as `ldm-txt2img` with these flags writes them (blank = its default)."""
         d = self.defaults
         folder = self._folder()
@@ -107,12 +107,15 @@ class Generator:
             n_per_prompt=d["n"] if n is None else n, height=height, width=width,
             negative_prompt=negative_prompt or None,  # an empty box is no negative prompt, as the flag left out
             clip_skip=clip_skip or None,  # gradio sends a blank box as 0: the model's own layer, as blank
+            sigmas=sigmas or d["sigmas"],  # a cleared dropdown is the flag left out: the model's own schedule
         )
         return [(folder / r["file_name"], r) for r in records]
 
 
 def caption(record: dict) -> str:
-    return f"seed {record['seed']} · {record['sampler']} · {record['steps']} steps · guidance {record['guidance']:g}"
+    sigmas = record.get("sigmas", "model")
+    return (f"seed {record['seed']} · {record['sampler']}{'' if sigmas == 'model' else f' ({sigmas} sigmas)'} · "
+            f"{record['steps']} steps · guidance {record['guidance']:g}")
 
 
 def _number(value, kind=int):
@@ -136,7 +139,7 @@ def build_page(generator: Generator, *, examples: list[str] = (), title: str = "
                     guidance=_number(v[guidance], float), seed=_number(v[seed]), n=_number(v[n]),
                     width=None if cascade else _number(v[width]), height=None if cascade else _number(v[height]),
                     aug_level=_number(v[aug_level], float), stage_steps=[_number(v[s]) for s in stage_steps],
-                    clip_skip=_number(v[clip_skip]))
+                    clip_skip=_number(v[clip_skip]), sigmas=v[sigmas])
 
     def run(call, outputs: int):
         """The outputs and a hidden message; on bad input the CLI's `error: ...` line and the outputs left as they were."""
@@ -174,6 +177,9 @@ def build_page(generator: Generator, *, examples: list[str] = (), title: str = "
                     with gr.Row():
                         sampler = gr.Dropdown(samplers, value=d["sampler"], label="Sampler", elem_id="sampler")
                         steps = gr.Number(d["steps"], precision=0, label="Steps", elem_id="steps")
+                    sigmas = gr.Dropdown(list(SIGMA_SCHEDULES), value=d["sigmas"], elem_id="sigmas",
+                                         label="Sigma schedule (model: the model's scheduler config; karras, "
+                                         "exponential, beta: not for ddim, ddpm, euler_a)")
                     with gr.Row():
                         guidance = gr.Number(d["guidance"], label="Guidance (<= 1: off)", step=0.5,
                                              elem_id="guidance")
@@ -210,7 +216,7 @@ def build_page(generator: Generator, *, examples: list[str] = (), title: str = "
                         image_a, image_b = (gr.Image(label=side, type="filepath", format="png", height=300,
                                                      buttons=["download"], elem_id=f"image-{side.lower()}")
                                             for side in ("A", "B"))
-        fields = {prompt, negative, sampler, steps, guidance, seed, width, height, n, aug_level, clip_skip,
+        fields = {prompt, negative, sampler, steps, guidance, seed, width, height, n, aug_level, clip_skip, sigmas,
                   *stage_steps}
 
         # The seed is drawn first and shown, so a failed request leaves the seed box as it was.

@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--sigmas", default="model", choices=list(SIGMA_SCHEDULES),
-                   help="the sigma schedule for every image: model (default) = the model's scheduler config; karras = "
-                   "diffusers' use_karras_sigmas=True (not for ddpm, ddim or euler_a)")
+                   help="the sigma schedule for every image: model (default) = the model's scheduler config; karras, "
+                   "exponential, beta = diffusers' use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas=True "
+                   "(not for ddpm, ddim or euler_a)")
     g.add_argument("--clip-skip", type=layer_count, default=None, metavar="N",
                    help="diffusers' clip_skip for every image (default: the model's own layer; 1 is A1111's "
                    "'Clip skip 2')")

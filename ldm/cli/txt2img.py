@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigmas", default="model", choices=list(SIGMA_SCHEDULES),
                    help="the sigma schedule: model (default) = the model's scheduler config; karras = Karras et al.'s "
                    "sigmas, as diffusers' use_karras_sigmas=True (A1111's 'DPM++ 2M Karras' is --sampler dpmpp_2m "
-                   "--sigmas karras); not for ddpm, ddim or euler_a, whose diffusers schedulers lack it")
+                   "--sigmas karras); exponential = log-spaced sigmas (use_exponential_sigmas=True); beta = "
+                   "Beta(0.6, 0.6)-spaced sigmas (use_beta_sigmas=True); none of them for ddpm, ddim or euler_a, "
+                   "whose diffusers schedulers lack these keys")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own: DeepFloyd IF "
                    "100, its stage II 50, the x4 upscaler 75, else 30; in a cascade each stage's)")
     p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale, 0 or more "

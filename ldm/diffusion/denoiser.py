@@ -71,22 +71,27 @@ class Denoiser(nn.Module):
 class DiscreteDenoiser(Denoiser):
     """A network trained on discrete timesteps (eps / v / x0), called as `network(x * c_in, t, **cond)`.
 
-    t = schedule.sigma_to_t(sigma) is a float32 timestep, an exact integer at the training sigmas. With `quantize` the
-    network sees the nearest training timestep instead (`schedule.nearest_t`) while the scalings keep sigma itself.
+    t = schedule.sigma_to_t(sigma) is a float32 timestep, an exact integer at the training sigmas. `at_timesteps`
+    gives the network a plan's own timesteps instead (the scalings keep sigma itself).
     """
 
     def __init__(self, network, schedule: DiscreteSchedule, prediction: str = "epsilon",
-                 dtype: torch.dtype | None = None, quantize: bool = False, variance_type: str | None = None):
+                 dtype: torch.dtype | None = None, variance_type: str | None = None,
+                 timesteps: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__(network, scaling_for(prediction), dtype, variance_type)
         self.schedule = schedule
         self.prediction = prediction
-        self.quantize = quantize
+        self.timesteps = timesteps  # (sigmas, their timesteps) of `at_timesteps`, or None
 
-    def quantized(self) -> "DiscreteDenoiser":
-        """The same network and schedule, fed the nearest training timestep of each sigma (a plan that asks for it:
-        Karras sigmas under diffusers' DPM-Solver / UniPC, which round their timesteps)."""
-        return DiscreteDenoiser(self.network, self.schedule, self.prediction, self.network_dtype, quantize=True,
-                                variance_type=self.variance_type)
+    def at_timesteps(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> "DiscreteDenoiser":
+        """The same network and schedule, fed `timesteps[i]` at `sigmas[i]` and diffusers' log-sigma-interpolated
+        timestep (`schedule.log_sigma_to_t`) at any other sigma: what diffusers' schedulers feed the network for a plan
+        of Karras, exponential or beta sigmas (`SamplingPlan.network_timesteps`), whose timesteps they derive from the
+        sigmas by log-sigma interpolation (rounded or truncated by DPM-Solver and UniPC), and at KDPM2's midpoints."""
+        # float32, as the samplers pass sigmas and the network receives timesteps (diffusers' are float32 or int64)
+        table = (torch.as_tensor(sigmas).float().cpu(), torch.as_tensor(timesteps).float().cpu())
+        return DiscreteDenoiser(self.network, self.schedule, self.prediction, self.network_dtype,
+                                variance_type=self.variance_type, timesteps=table)
 
     @property
     def sigma_min(self) -> float:
@@ -97,9 +102,12 @@ class DiscreteDenoiser(Denoiser):
         return self.schedule.sigma_max
 
     def noise_input(self, c_noise: torch.Tensor) -> torch.Tensor:
-        if self.quantize:
-            return self.schedule.nearest_t(c_noise).float()
-        return self.schedule.sigma_to_t(c_noise).float()
+        if self.timesteps is None:
+            return self.schedule.sigma_to_t(c_noise).float()
+        sigmas, timesteps = (v.to(c_noise.device) for v in self.timesteps)
+        t = self.schedule.log_sigma_to_t(c_noise)
+        hit = c_noise.float()[:, None] == sigmas[None, :]  # (b, plan sigmas): exactly a plan sigma
+        return torch.where(hit.any(1), timesteps[hit.int().argmax(1)].to(t.dtype), t).float()
 
 
 class EDMDenoiser(Denoiser):

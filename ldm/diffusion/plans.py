@@ -4,8 +4,9 @@ The pipeline does `x = randn(shape, generator) * plan.init_noise_scale; x = run_
 latents = x * plan.final_scale`. Each sampler follows the timestep selection of the diffusers scheduler it mirrors
 (read from diffusers 0.42), named by its registry entry's timestep kind: DDIMScheduler ("ddim"), DDPMScheduler
 ("ddpm"), DPMSolverMultistepScheduler and UniPCMultistepScheduler ("dpm_multistep"), EulerDiscreteScheduler and its
-kin Euler a, Heun and LMS ("euler_discrete"). A scheduler config's use_karras_sigmas and final_sigmas_type change the
-plan of the samplers whose diffusers scheduler reads them (`SamplerSpec.config_keys`).
+kin Euler a, Heun and LMS ("euler_discrete"). A scheduler config's use_karras_sigmas / use_exponential_sigmas /
+use_beta_sigmas and final_sigmas_type change the plan of the samplers whose diffusers scheduler reads them
+(`SamplerSpec.config_keys`).
 """
 from __future__ import annotations
 
@@ -16,9 +17,20 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ldm.diffusion.sampler_registry import check_sigmas, get_sampler
-from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig, karras_sigmas
+from ldm.diffusion.sampler_registry import SIGMA_SCHEDULES, check_sigmas, get_sampler
+from ldm.diffusion.schedules import (
+    SIGMA_CONFIG_KEYS,
+    DiscreteSchedule,
+    ScheduleConfig,
+    beta_sigmas,
+    exponential_sigmas,
+    karras_sigmas,
+)
 from ldm.errors import ConfigError
+
+# The sigmas each SIGMA_CONFIG_KEYS key puts in place of the spaced timesteps': (n, sigma_min, sigma_max) -> (n + 1,)
+CONVERTED_SIGMAS = {"use_karras_sigmas": karras_sigmas, "use_exponential_sigmas": exponential_sigmas,
+                    "use_beta_sigmas": beta_sigmas}
 
 @dataclass(frozen=True)
 class SamplingPlan:
@@ -29,9 +41,11 @@ class SamplingPlan:
     final_scale: float  # maps the sampler's VE output back to diffusers' output scale
     timesteps: torch.Tensor  # the (steps,) diffusers timesteps, for reference
     sampler_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the sampler (DDIM's sigmas_next)
-    # The network sees the nearest training timestep of each sigma (`DiscreteDenoiser.quantized`): diffusers'
-    # DPM-Solver and UniPC round the timesteps of Karras sigmas.
-    quantize_timesteps: bool = False
+    # The network sees `timesteps[i]` at `sigmas[i]`, and diffusers' log-sigma-interpolated timestep at any other
+    # sigma (`DiscreteDenoiser.at_timesteps`): a plan of Karras, exponential or beta sigmas, whose timesteps diffusers
+    # derives from the sigmas by log-sigma interpolation (rounded, or truncated, by DPM-Solver and UniPC). Otherwise
+    # it sees the exact inverse of sigma(t), which gives back the plan's own (spaced) timesteps.
+    network_timesteps: bool = False
 
     def skip(self, start: int) -> "SamplingPlan":
         """The plan without its first `start` steps (img2img starts part-way down the schedule)."""
@@ -70,19 +84,18 @@ def _interp_sigmas(table: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     return np.interp(timesteps, np.arange(len(table)), table)
 
 
-def _log_sigma_timesteps(table: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
-    """The (float) timesteps of `sigmas`, interpolated linearly in log sigma as diffusers maps Karras sigmas back."""
-    return np.interp(np.log(np.maximum(sigmas, 1e-10)), np.log(table.astype(np.float64)), np.arange(len(table)))
+def _converted(schedule: DiscreteSchedule, key: str, steps: int, sigma_min: float, sigma_max: float):
+    """(`steps` sigmas of the kind `key` names from sigma_max down to sigma_min, without the final 0, and their float
+    timesteps): float64, as diffusers computes both (its timesteps by log-sigma interpolation, `_sigma_to_t`)."""
+    sigmas = CONVERTED_SIGMAS[key](steps, float(sigma_min), float(sigma_max), dtype=torch.float64)[:-1]
+    return sigmas.numpy(), schedule.log_sigma_to_t(sigmas).numpy()
 
 
-def _karras(steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
-    """`steps` Karras sigmas from sigma_max down to sigma_min (rho 7), without the final 0."""
-    return karras_sigmas(steps, float(sigma_min), float(sigma_max))[:-1].numpy()
-
-
-def _ddim_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str, ddpm: bool = False, **_):
+def _ddim_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, spacing: str, ddpm: bool = False,
+               **_):
     """DDIMScheduler / DDPMScheduler: integer timesteps, a unit-variance VP x_T and a VP result (neither reads
-    use_karras_sigmas or final_sigmas_type)."""
+    use_karras_sigmas, its exponential / beta twins or final_sigmas_type)."""
+    table = schedule.sigmas.numpy()
     num_train = config.num_train_timesteps
     # Rounded, not truncated: "linspace" gives fractional points (8 steps: 999 * 5 / 7 = 713.6 -> 714, 142.7 -> 143)
     timesteps = _timesteps(spacing, steps, num_train, config.steps_offset).round().astype(np.int64)
@@ -111,17 +124,22 @@ def _ddim_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: s
     return timesteps, sigmas, init, final, kwargs, False
 
 
-def _ddpm_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str, **_):
-    return _ddim_plan(config, table, steps, spacing, ddpm=True)
+def _ddpm_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, spacing: str, **_):
+    return _ddim_plan(config, schedule, steps, spacing, ddpm=True)
 
 
-def _dpm_multistep_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str, karras: bool = False,
-                        last: float = 0.0):
+def _dpm_multistep_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, spacing: str,
+                        converted: str | None = None, last: float = 0.0):
     """DPMSolverMultistepScheduler / UniPCMultistepScheduler: VP x_T with init_noise_sigma = 1, a VP result at the
-    last sigma. Karras sigmas span the whole training range whatever the spacing, at rounded timesteps."""
-    if karras:
-        sigmas = _karras(steps, table[0], table[-1])
-        timesteps = _log_sigma_timesteps(table, sigmas).round().astype(np.int64)
+    last sigma. Karras, exponential and beta sigmas span the whole training range whatever the spacing; the network
+    sees their timesteps rounded (Karras) or truncated (exponential, beta: diffusers casts them to int64 unrounded,
+    so the first of sigma_max is 998, not 999)."""
+    table = schedule.sigmas.numpy()
+    if converted is not None:
+        sigmas, timesteps = _converted(schedule, converted, steps, table[0], table[-1])
+        if converted == "use_karras_sigmas":
+            timesteps = timesteps.round()
+        timesteps = timesteps.astype(np.int64)
     else:
         timesteps = _dpm_timesteps(spacing, steps, config.num_train_timesteps, config.steps_offset).astype(np.int64)
         sigmas = _interp_sigmas(table, timesteps)
@@ -131,23 +149,24 @@ def _dpm_multistep_plan(config: ScheduleConfig, table: np.ndarray, steps: int, s
     if last > 0 and steps < DPM_LOWER_ORDER_FINAL_STEPS:
         # diffusers' lower_order_final: a short run ends with a first-order step, also to a non-zero sigma
         kwargs["first_order"] = torch.arange(steps) == steps - 1
-    return timesteps, sigmas, init, 1 / math.sqrt(1 + float(sigmas[-1]) ** 2), kwargs, karras
+    return timesteps, sigmas, init, 1 / math.sqrt(1 + float(sigmas[-1]) ** 2), kwargs, converted is not None
 
 
-def _euler_discrete_plan(config: ScheduleConfig, table: np.ndarray, steps: int, spacing: str, karras: bool = False,
-                         last: float = 0.0):
-    """EulerDiscreteScheduler and kin: VE samplers with float timesteps, a VE result. Karras sigmas span the
-    spaced timesteps' sigma range, at the float timesteps of their log sigmas."""
+def _euler_discrete_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, spacing: str,
+                         converted: str | None = None, last: float = 0.0):
+    """EulerDiscreteScheduler and kin: VE samplers with float timesteps, a VE result. Karras, exponential and beta
+    sigmas span the spaced timesteps' sigma range, at the float timesteps of their log sigmas."""
+    table = schedule.sigmas.numpy()
     timesteps = _timesteps(spacing, steps, config.num_train_timesteps, config.steps_offset).astype(np.float32)
     sigmas = _interp_sigmas(table, timesteps)
-    if karras:
-        sigmas = _karras(steps, sigmas[-1], sigmas[0])
-        timesteps = _log_sigma_timesteps(table, sigmas).astype(np.float32)
+    if converted is not None:
+        sigmas, timesteps = _converted(schedule, converted, steps, sigmas[-1], sigmas[0])
+        timesteps = timesteps.astype(np.float32)
     sigmas = np.append(sigmas, last).astype(np.float32)
     top = float(sigmas.max())
     # diffusers' init_noise_sigma: sigma_max for linspace / trailing, sqrt(sigma_max^2 + 1) for leading.
     init = top if spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
-    return timesteps, sigmas, init, 1.0, {}, False
+    return timesteps, sigmas, init, 1.0, {}, converted is not None
 
 
 # One function per timestep kind of the sampler registry (TIMESTEP_KINDS).
@@ -163,11 +182,12 @@ def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: 
                   sigmas: str = "model") -> SamplingPlan:
     """The sigmas, initial noise scale and final scale with which `sampler` reproduces its diffusers scheduler.
 
-    `sigmas` (SIGMA_SCHEDULES): "model" follows the config; "karras" plans as the config with use_karras_sigmas=true
-    does (a sampler whose diffusers scheduler does not read use_karras_sigmas refuses it, `check_sigmas`).
+    `sigmas` (SIGMA_SCHEDULES): "model" follows the config; "karras", "exponential" and "beta" plan as the config with
+    use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas=true (and the other two false) does (a sampler whose
+    diffusers scheduler does not read that key refuses it, `check_sigmas`).
 
     An EDM schedule (prediction_type "edm") gets `edm_sampling_plan` for every sampler: Karras sigmas from
-    sigma_max to sigma_min, x_T = randn * sigma_max, no final rescaling.
+    sigma_max to sigma_min, x_T = randn * sigma_max, no final rescaling; it refuses "exponential" and "beta".
 
     DDIM note: diffusers' DDIM steps from t to t - T // steps, which with "linspace" spacing or a "trailing" step
     count that does not divide T is not the next timestep it evaluates; the plan then carries
@@ -179,9 +199,10 @@ def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: 
         schedule_config = ScheduleConfig.from_diffusers(schedule_config)
     spec = get_sampler(sampler)
     check_sigmas(sampler, sigmas)
-    if sigmas == "karras":
-        schedule_config = replace(schedule_config, use_karras_sigmas=True)
     if schedule_config.is_edm:  # continuous sigma: every sampler walks the same Karras sigmas
+        if sigmas not in ("model", "karras"):
+            raise ConfigError(f"--sigmas {sigmas} does not apply to an EDM model (continuous sigma, sampled on its own "
+                              "Karras sigmas from sigma_max to sigma_min); leave --sigmas out (model) or use karras")
         if steps < 1:
             raise ConfigError(f"steps must be at least 1, got {steps}")
         c = schedule_config
@@ -190,13 +211,18 @@ def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: 
     if not 1 <= steps <= num_train:
         raise ConfigError(f"steps must lie in [1, {num_train}] (the training timesteps), got {steps}")
     spacing = schedule_config.timestep_spacing or spec.default_spacing
-    table = DiscreteSchedule.from_config(schedule_config).sigmas.numpy()
-    # use_karras_sigmas / final_sigmas_type apply where the mirrored diffusers scheduler reads them
-    karras = schedule_config.use_karras_sigmas and "use_karras_sigmas" in spec.config_keys
+    if SIGMA_SCHEDULES[sigmas] is not None:  # the one key asked for, on; the other two off
+        schedule_config = replace(schedule_config, **{key: key == SIGMA_SCHEDULES[sigmas] for key in SIGMA_CONFIG_KEYS})
+    schedule = DiscreteSchedule.from_config(schedule_config)
+    # the sigma keys and final_sigmas_type apply where the mirrored diffusers scheduler reads them
+    converted = next((key for key in SIGMA_CONFIG_KEYS
+                      if getattr(schedule_config, key) and key in spec.config_keys), None)
     sigma_min_last = schedule_config.final_sigmas_type == "sigma_min" and "final_sigmas_type" in spec.config_keys
-    timesteps, sigmas, init, final, kwargs, quantize = _KIND_PLANS[spec.timestep_kind](
-        schedule_config, table, steps, spacing, karras=karras, last=float(table[0]) if sigma_min_last else 0.0)
-    return SamplingPlan(torch.from_numpy(sigmas), init, final, torch.from_numpy(timesteps.copy()), kwargs, quantize)
+    timesteps, sigmas, init, final, kwargs, network_timesteps = _KIND_PLANS[spec.timestep_kind](
+        schedule_config, schedule, steps, spacing, converted=converted,
+        last=schedule.sigma_min if sigma_min_last else 0.0)
+    return SamplingPlan(torch.from_numpy(sigmas), init, final, torch.from_numpy(timesteps.copy()), kwargs,
+                        network_timesteps)
 
 
 def edm_sampling_plan(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> SamplingPlan:

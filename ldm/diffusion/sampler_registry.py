@@ -34,7 +34,7 @@ from ldm.diffusion.samplers import (
     sample_lms,
     sample_unipc,
 )
-from ldm.diffusion.schedules import TIMESTEP_SPACINGS
+from ldm.diffusion.schedules import SIGMA_CONFIG_KEYS, TIMESTEP_SPACINGS
 from ldm.errors import ConfigError, LdmError
 
 # The timestep selections of diffusers' schedulers that `sampling_plan` reproduces (see plans.py):
@@ -50,11 +50,14 @@ _RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "first_
 # Sampling keys of a scheduler config that some diffusers schedulers read and others ignore (SamplerSpec.config_keys).
 # clip_sample: only DDPMScheduler, DDIMScheduler and HeunDiscreteScheduler clip x0 (`Stage.thresholding`: a pixel
 # model's, with dynamic thresholding off); DPM-Solver, UniPC, Euler and the rest have no such key.
-CONFIG_KEYS = ("use_karras_sigmas", "final_sigmas_type", "clip_sample")
+CONFIG_KEYS = (*SIGMA_CONFIG_KEYS, "final_sigmas_type", "clip_sample")
 # A generation's sigma schedule (`--sigmas`, `pipe(..., sigmas=)`): "model" follows the model's scheduler config;
 # "karras" asks for Karras sigmas as that config's use_karras_sigmas=true would (diffusers'
-# `Scheduler.from_config(config, use_karras_sigmas=True)`, A1111's "Karras" samplers), for the samplers that read it.
-SIGMA_SCHEDULES = {"model": None, "karras": "use_karras_sigmas"}
+# `Scheduler.from_config(config, use_karras_sigmas=True)`, A1111's "Karras" samplers), "exponential" and "beta" for
+# log-spaced and Beta(0.6, 0.6)-spaced sigmas likewise (use_exponential_sigmas, use_beta_sigmas), each for the
+# samplers that read its key.
+SIGMA_SCHEDULES = {"model": None, "karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas",
+                   "beta": "use_beta_sigmas"}
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,8 @@ class SamplerSpec:
     default_spacing: str  # the mirrored diffusers scheduler's own timestep_spacing default
     options: Mapping[str, float] = field(default_factory=dict)  # user-settable keywords and their defaults
     # The scheduler-config sampling keys (CONFIG_KEYS) the mirrored diffusers scheduler reads; a model's
-    # use_karras_sigmas / final_sigmas_type reach this sampler's plan, and its clip_sample this sampler's x0
-    # (`Stage.thresholding`), only where they are named here.
+    # use_karras_sigmas (and its exponential / beta twins) / final_sigmas_type reach this sampler's plan, and its
+    # clip_sample this sampler's x0 (`Stage.thresholding`), only where they are named here.
     config_keys: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -251,29 +254,30 @@ def run_sampler(name: str, denoiser: Callable, x: torch.Tensor, plan, cond=None,
 
 
 _CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}  # EDM Alg. 2, k-diffusion's names
-_KARRAS = ("use_karras_sigmas",)  # the schedulers that read use_karras_sigmas but not final_sigmas_type
-_BOTH = ("use_karras_sigmas", "final_sigmas_type")  # Euler, DPM-Solver multistep and UniPC read both
+# diffusers' schedulers read use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas together (0.42: the same 14)
+_SIGMAS = SIGMA_CONFIG_KEYS  # ... and some read them but not final_sigmas_type
+_BOTH = (*_SIGMAS, "final_sigmas_type")  # Euler, DPM-Solver multistep and UniPC read both
 _CLIP = ("clip_sample",)  # DDPMScheduler and DDIMScheduler clip x0 (neither reads the sigma keys)
-_KARRAS_CLIP = ("use_karras_sigmas", "clip_sample")  # HeunDiscreteScheduler
+_SIGMAS_CLIP = (*_SIGMAS, "clip_sample")  # HeunDiscreteScheduler
 for _spec in (
     SamplerSpec("ddpm", sample_ddpm, "ddpm", "leading", {}, _CLIP),
     SamplerSpec("ddim", sample_ddim, "ddim", "leading", {"eta": 0.0}, _CLIP),
     SamplerSpec("euler", sample_euler, "euler_discrete", "linspace", _CHURN, _BOTH),
     SamplerSpec("euler_a", sample_euler_ancestral, "euler_discrete", "linspace", {"eta": 1.0, "s_noise": 1.0}),
-    SamplerSpec("heun", sample_heun, "euler_discrete", "linspace", _CHURN, _KARRAS_CLIP),
-    SamplerSpec("lms", sample_lms, "euler_discrete", "linspace", {"order": 4}, _KARRAS),
+    SamplerSpec("heun", sample_heun, "euler_discrete", "linspace", _CHURN, _SIGMAS_CLIP),
+    SamplerSpec("lms", sample_lms, "euler_discrete", "linspace", {"order": 4}, _SIGMAS),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "dpm_multistep", "linspace", {}, _BOTH),
     SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpm_multistep", "linspace", {"eta": 1.0, "s_noise": 1.0},
                 _BOTH),
     SamplerSpec("unipc", sample_unipc, "dpm_multistep", "linspace", {}, _BOTH),
     # k-diffusion's DPM-Solver family (dpm_solvers.py), on the timesteps of the diffusers scheduler users compare:
-    SamplerSpec("dpm_2", sample_dpm_2, "euler_discrete", "linspace", _CHURN, _KARRAS),  # KDPM2DiscreteScheduler
+    SamplerSpec("dpm_2", sample_dpm_2, "euler_discrete", "linspace", _CHURN, _SIGMAS),  # KDPM2DiscreteScheduler
     SamplerSpec("dpm_2_ancestral", sample_dpm_2_ancestral, "euler_discrete", "linspace",  # KDPM2Ancestral...
-                {"eta": 1.0, "s_noise": 1.0}, _KARRAS),
+                {"eta": 1.0, "s_noise": 1.0}, _SIGMAS),
     SamplerSpec("dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral, "euler_discrete", "linspace",  # (no diffusers peer)
-                {"eta": 1.0, "s_noise": 1.0}, _KARRAS),
+                {"eta": 1.0, "s_noise": 1.0}, _SIGMAS),
     SamplerSpec("dpmpp_sde", sample_dpmpp_sde, "euler_discrete", "linspace",  # DPMSolverSDEScheduler
-                {"eta": 1.0, "s_noise": 1.0, "r": 0.5}, _KARRAS),
+                {"eta": 1.0, "s_noise": 1.0, "r": 0.5}, _SIGMAS),
     SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "dpm_multistep", "linspace",  # DPMSolverMultistep, order 3
                 {"eta": 1.0, "s_noise": 1.0}, _BOTH),
 ):

@@ -1,4 +1,5 @@
-"""Noise schedules: beta schedules, zero-terminal-SNR rescaling, Karras sigmas, and discrete timestep <-> sigma maps."""
+"""Noise schedules: beta schedules, zero-terminal-SNR rescaling, sampling sigmas (Karras, exponential, beta), and
+discrete timestep <-> sigma maps."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from ldm.config import from_dict
@@ -18,6 +20,8 @@ PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 EDM_DEFAULTS = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "rho": 7.0}
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+# The scheduler-config keys that replace the spaced timesteps' sigmas (diffusers allows one at a time).
+SIGMA_CONFIG_KEYS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 # diffusers' DDPMScheduler variance types. A fixed one is the DDPM sampler's variance whatever the network outputs
 # (IFPipeline drops a learned half when the scheduler says fixed): beta_tilde for fixed_small, beta for fixed_large.
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -72,12 +76,37 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """n noise levels spaced uniformly in sigma^(1/rho) (Karras et al. 2022, eq. 5), followed by a final 0: (n+1,)."""
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n noise levels spaced uniformly in sigma^(1/rho) (Karras et al. 2022, eq. 5), followed by a final 0: (n+1,).
+    Computed in float64 and returned in `dtype`."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n noise levels from sigma_max down to sigma_min, evenly spaced in log sigma, followed by a final 0: (n+1,)
+    (k-diffusion's `get_sigmas_exponential`, diffusers' use_exponential_sigmas)."""
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+
+# The Beta(alpha, beta) distribution whose quantiles place beta sigmas: diffusers' fixed 0.6, 0.6 (Lee et al. 2024,
+# "Beta Sampling is All You Need", arXiv:2407.12173), denser at both ends of the sigma range than in the middle.
+BETA_SIGMAS_ALPHA = BETA_SIGMAS_BETA = 0.6
+
+
+def beta_sigmas(n: int, sigma_min: float, sigma_max: float, alpha: float = BETA_SIGMAS_ALPHA,
+                beta: float = BETA_SIGMAS_BETA, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n noise levels from sigma_max down to sigma_min: sigma_min + q (sigma_max - sigma_min) at the Beta(alpha, beta)
+    quantiles q of 1 - linspace(0, 1, n) (diffusers' use_beta_sigmas), followed by a final 0: (n+1,)."""
+    import scipy.stats  # ~0.3 s to import, and only beta sigmas need it
+
+    quantiles = torch.from_numpy(scipy.stats.beta.ppf(1 - np.linspace(0, 1, n), alpha, beta))
+    sigmas = sigma_min + quantiles * (sigma_max - sigma_min)
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
 
 
 @dataclass
@@ -101,9 +130,12 @@ class ScheduleConfig:
     steps_offset: int = 0
     set_alpha_to_one: bool | None = None  # DDIM's final alpha; None = diffusers' default (True)
     # Sampling choices a diffusers scheduler_config.json carries (plans.py; the samplers whose diffusers peer reads
-    # them, `SamplerSpec.config_keys`): Karras-spaced sigmas (Karras et al. 2022, eq. 5) in place of the spaced
-    # timesteps, and the last sigma, 0 ("zero") or the first training sigma ("sigma_min").
+    # them, `SamplerSpec.config_keys`): Karras-spaced sigmas (Karras et al. 2022, eq. 5), log-spaced ones
+    # (exponential) or Beta(0.6, 0.6) quantiles (beta) in place of the spaced timesteps, at most one of the three;
+    # and the last sigma, 0 ("zero") or the first training sigma ("sigma_min").
     use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
     final_sigmas_type: str = "zero"  # zero | sigma_min
     # diffusers' DDPM / DDIM clip x0 to [-clip_sample_range, clip_sample_range] when dynamic thresholding is off
     # (DeepFloyd IF's configs say true); ldm does so for every sampler of a pixel model, never for a latent one
@@ -138,6 +170,10 @@ class ScheduleConfig:
         if self.variance_type is not None and self.variance_type not in VARIANCE_TYPES:
             raise ConfigError(f"schedule: unknown variance_type {self.variance_type!r}; use one of "
                               f"{', '.join(VARIANCE_TYPES)}")
+        chosen = [key for key in SIGMA_CONFIG_KEYS if getattr(self, key)]
+        if len(chosen) > 1:
+            raise ConfigError(f"schedule: {' and '.join(chosen)} are both set; a schedule samples one kind of sigmas, "
+                              "so set at most one of them")
         if not self.clip_sample_range > 0:
             raise ConfigError(f"schedule: clip_sample_range={self.clip_sample_range} must be positive")
         if self.prediction_type != "edm":
@@ -199,8 +235,8 @@ class ScheduleConfig:
 
 
 # Sampling keys of diffusers' schedulers that no ldm plan reproduces, with the values that change nothing.
-UNREPRODUCED_SAMPLING_KEYS = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-                              "use_flow_sigmas": False, "interpolation_type": "linear", "timestep_type": "discrete"}
+UNREPRODUCED_SAMPLING_KEYS = {"use_lu_lambdas": False, "use_flow_sigmas": False, "interpolation_type": "linear",
+                              "timestep_type": "discrete"}
 # DPM-Solver's choices of order on the last step: they change a step to sigma_min, never one to sigma 0.
 FINAL_ORDER_KEYS = {"euler_at_final": False, "lower_order_final": True}
 
@@ -208,13 +244,13 @@ FINAL_ORDER_KEYS = {"euler_at_final": False, "lower_order_final": True}
 def unreproduced_sampling_keys(config: Mapping[str, Any]) -> list[str]:
     """The `key=value` settings of a diffusers scheduler config that ldm's plans do not follow (a load note says so:
     the images then differ from that scheduler's). Karras sigmas between a config's own sigma_min / sigma_max count
-    too: ldm's span the schedule's range."""
+    too (exponential and beta ones alike): ldm's span the schedule's range."""
     keys = dict(UNREPRODUCED_SAMPLING_KEYS)
     if config.get("final_sigmas_type") == "sigma_min":
         keys.update(FINAL_ORDER_KEYS)
     found = [f"{k}={config[k]!r}" for k, plain in keys.items() if config.get(k, plain) not in (plain, None)]
     edm = str(config.get("_class_name", "")).startswith("EDM") or config.get("prediction_type") == "edm"
-    if config.get("use_karras_sigmas") and not edm:
+    if any(config.get(key) for key in SIGMA_CONFIG_KEYS) and not edm:
         found += [f"{k}={config[k]!r}" for k in ("sigma_min", "sigma_max") if config.get(k) is not None]
     return found
 
@@ -248,7 +284,10 @@ class DiscreteSchedule:
         if not bool((self.sigmas[1:] > self.sigmas[:-1]).all()):
             raise ValueError("sigmas must increase strictly with t (alphas_cumprod must decrease)")
         self._table = self.sigmas.double()
+        # numpy's float32 log, bit for bit the log table diffusers' `_sigma_to_t` interpolates in (`log_sigma_to_t`)
+        self._log_sigmas = torch.from_numpy(np.log(self.sigmas.float().numpy()))
         self._tables: dict[torch.device, torch.Tensor] = {}
+        self._log_tables: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, config: ScheduleConfig) -> "DiscreteSchedule":
@@ -297,15 +336,19 @@ class DiscreteSchedule:
         nearest = t.round()
         return torch.where((t - nearest).abs() < snap, nearest, t)
 
-    def nearest_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The training timestep whose sigma is nearest to `sigma` in log sigma (float64, an integer value): the
-        timestep diffusers' DPM-Solver and UniPC give the network for a Karras sigma."""
+    def log_sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The timestep diffusers' `_sigma_to_t` gives a sigma: t linear in log sigma between training timesteps, over
+        the float32 logs of the sigmas (as diffusers takes them); float64 (float32 on MPS). What its Euler-family
+        schedulers feed the network at Karras, exponential and beta sigmas and at KDPM2's / DPM++ SDE's midpoints."""
         sigma = torch.as_tensor(sigma)
-        log_table = self._sigmas_on(sigma.device).log()
+        if sigma.device not in self._log_tables:
+            dtype = self._sigmas_on(sigma.device).dtype
+            self._log_tables[sigma.device] = self._log_sigmas.to(device=sigma.device, dtype=dtype)
+        log_table = self._log_tables[sigma.device]
         s = sigma.to(log_table.dtype).clamp_min(1e-10).log()
         low = (torch.searchsorted(log_table, s.contiguous(), right=True) - 1).clamp(0, self.num_timesteps - 2)
         w = ((s - log_table[low]) / (log_table[low + 1] - log_table[low])).clamp(0, 1)
-        return (low + (w >= 0.5).to(low.dtype)).to(log_table.dtype)
+        return low + w
 
     def sigma_prev(self, t: torch.Tensor) -> torch.Tensor:
         """sigma of the training timestep before integer t (0 before t = 0): the DDPM chain's next noise level."""

@@ -9,7 +9,7 @@ import torch
 
 from ldm.atomic import atomic_path, atomic_write_text
 from ldm.config import to_plain
-from ldm.diffusion.schedules import ScheduleConfig, sampling_keys_note
+from ldm.diffusion.schedules import SIGMA_CONFIG_KEYS, ScheduleConfig, sampling_keys_note
 from ldm.errors import CheckpointError, ConfigError, LdmError
 from ldm.io.checkpoint import read_state_dict, weight_file_names, write_safetensors
 from ldm.io.components import ModelParts, check_can_hold, make_parts, text_config
@@ -184,8 +184,9 @@ def scheduler_config_dict(schedule: ScheduleConfig) -> dict:
                 "rho": schedule.rho, "num_train_timesteps": schedule.num_train_timesteps}
     cfg = {k: v for k, v in to_plain(schedule).items() if v is not None}
     # the sampling choices only where the model makes one (DDIMScheduler itself has neither key)
-    if not cfg.get("use_karras_sigmas"):
-        cfg.pop("use_karras_sigmas", None)
+    for key in SIGMA_CONFIG_KEYS:
+        if not cfg.get(key):
+            cfg.pop(key, None)
     if cfg.get("final_sigmas_type") == "zero":
         cfg.pop("final_sigmas_type", None)
     if cfg.get("beta_schedule") == "cosine":

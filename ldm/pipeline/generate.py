@@ -174,7 +174,7 @@ def generate_to_folder(
     noise_level: int | None = None,  # a latent upscaler's (x4) used alone; a cascade takes it from load_cascade
     micro_conditioning: dict | None = None,  # SDXL: original_size, crops_coords_top_left, target_size, aesthetic_score
     clip_skip: int | None = None,  # diffusers' clip_skip: CLIP text layers left out (None: the model's own layer)
-    sigmas: str = "model",  # the sigma schedule: "model" (its scheduler config) or "karras" (use_karras_sigmas)
+    sigmas: str = "model",  # the sigma schedule: "model" (its scheduler config), "karras", "exponential", "beta"
 ) -> list[dict]:
     """Generate `n_per_prompt` images per prompt; return the metadata records written to `out_dir/metadata.jsonl`.
 
@@ -237,7 +237,7 @@ def generate_to_folder(
                 "guidance": guidance,
                 "guidance_rescale": guidance_rescale or None,
                 "clip_skip": clip_skip,  # None: the text encoder's own layer
-                "sigmas": sigmas,  # "model": the model's scheduler config; "karras": its use_karras_sigmas=true
+                "sigmas": sigmas,  # "model": the model's scheduler config; "karras": its use_karras_sigmas=true, ...
                 "height": image.height,
                 "width": image.width,
                 "model": pipe.model_name,

@@ -41,7 +41,9 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
     plan = sampling_plan(stage.schedule_config, s.sampler, s.steps, s.sigmas)
     if cond is None:
         cond = stage.conditioning(prompts, negative_prompts, s.n, s.guidance, s.clip_skip)
-    base = stage.denoiser.quantized() if plan.quantize_timesteps else stage.denoiser  # Karras + DPM-Solver / UniPC
+    base = stage.denoiser
+    if plan.network_timesteps:  # Karras / exponential / beta sigmas: the network sees diffusers' timesteps of them
+        base = base.at_timesteps(plan.sigmas[:len(plan.timesteps)], plan.timesteps)
     denoiser = cfg(base, s.guidance, rescale=s.guidance_rescale) if s.guidance > 1.0 else base
     shape = stage.shape(len(prompts) * s.n, s.height, s.width)
     cond = stage.micro_conditioning(cond, shape, s.micro_conditioning)  # SDXL's sizes, crop, aesthetic score

@@ -41,7 +41,8 @@ class GenerationSettings:
     # own; 1 is A1111's "Clip skip 2"), for the prompt and the negative prompt alike (docs/clip-skip.md)
     clip_skip: int | None = None
     # The sigma schedule (sampler_registry.SIGMA_SCHEDULES): "model" = the model's scheduler config; "karras" = its
-    # use_karras_sigmas=true (diffusers' from_config(..., use_karras_sigmas=True)), for the samplers that read it
+    # use_karras_sigmas=true (diffusers' from_config(..., use_karras_sigmas=True)), "exponential" / "beta" its
+    # use_exponential_sigmas / use_beta_sigmas=true, for the samplers that read that key
     sigmas: str = "model"
 
     @classmethod
