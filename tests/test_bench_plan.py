@@ -185,3 +185,20 @@ def test_eval_batches_picks_the_prompt_set_batch_sizes_and_refuses_a_zero(tmp_pa
     assert tool.main(["--dry-run", "--out", str(out), "--only", "eval_generate_sd15_512_25steps",
                       "--eval-batches", "4", "16"]) == 0
     assert seen["batches"] == (4, 16) and len(read_rows(out)) == 1
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_recomputes_both_sides_blocks_and_counts_model_flops(monkeypatch):
+    pytest.importorskip("diffusers")  # the peer
+    from ldm.models import unet_blocks
+
+    calls = []
+    real = unet_blocks.checkpoint
+    monkeypatch.setattr(unet_blocks, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    plain = benchmarks.train(_bench(), 256, 2, compile_=False)
+    assert calls == [] and "activation_checkpointing" not in plain.details
+    row = benchmarks.train(_bench(checkpointing=True), 256, 2, compile_=False)
+    assert calls, "ours ran its blocks under checkpoint"
+    assert "both sides" in row.details["activation_checkpointing"]
+    assert row.details["flops_per_step"] == plain.details["flops_per_step"]  # MFU counts the model's FLOPs only
+    assert row.ours > 0 and row.peer > 0

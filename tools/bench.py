@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-both-compiled", action="store_true",
                    help="train_*: only the both-compiled row (no eager timing, no ours-compiled row against the "
                    "eager peer), for a window after one that measured those")
+    p.add_argument("--activation-checkpointing", action="store_true", help="training rows: both sides recompute "
+                   "their blocks' activations in the backward (for the larger batches --batch-512/--batch-256 give)")
     p.add_argument("--fp8", action="store_true", help="training rows: ours with its transformer linears in FP8 "
                    "(the peer as it is); the rows say so in details.fp8")
     p.add_argument("--dry-run", action="store_true", help="toy-width networks on the CPU, torch.compile's eager "
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                     mode=None if args.eager else args.mode, peer=not args.no_peer and _has_diffusers(),
                     backend="eager" if args.dry_run else "inductor", tiny=args.dry_run, sdpa=args.sdpa,
                     levers=args.levers, lever_names=tuple(args.lever_names), fp8=args.fp8,
+                    checkpointing=args.activation_checkpointing,
                     deadline=None if args.budget_s is None else start + args.budget_s)
     if b.peak_flops:
         print(f"measured peak: {b.peak_flops / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul)", flush=True)

@@ -2,7 +2,11 @@
 # Issue 12's missing rows in one GPU window of at most ~9 minutes, each benchmark in its own process under a hard
 # timeout (a hang or a slow compile costs only its own step), in the priority order PLAN names:
 #
-# PLAN=run14 (the default: what cuDNN's algorithm search is worth: cudnn.benchmark, on in tools/bench.py, off in
+# PLAN=run15 (the default: the issue's last unmeasured lever, the largest training batch, with and without activation
+#   checkpointing; run 3's 135.0 img/s was batch 32 without)
+#   1. train_sd15_unet_512 --batch-512 64, compiled, ours alone (~250 s)
+#   2. train_sd15_unet_512 --batch-512 128 --activation-checkpointing, compiled, ours alone (~250 s)
+# PLAN=run14 (what cuDNN's algorithm search is worth: cudnn.benchmark, on in tools/bench.py, off in
 #   the CLIs; run 12 measured it)
 #   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: the fast path, and without cudnn.benchmark (~60 + 60 s)
 #   2. vae_encode_256 with cuDNN's heuristics, both sides (the row with the search: run 7)
@@ -90,7 +94,7 @@ set -u
 OUT=${OUT:?set OUT to the folder that receives results.jsonl, levers.jsonl and perf.log}
 BUDGET_S=${BUDGET_S:-$([ -n "${DRY_RUN:-}" ] && echo 1500 || echo 500)}
 PY=${PYTHON:-python3}
-PLAN=${PLAN:-run14}
+PLAN=${PLAN:-run15}
 FROM=${FROM:-1}
 TO=${TO:-9}
 mkdir -p "$OUT"
@@ -186,8 +190,8 @@ nth() {
 }
 
 case $PLAN in
-    run3|run4|run5|run6|run7|run8|run9|run10|run11|run12|run13|run14) ;;
-    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run14 (the default), run13, run12, run11, run10, run9, run8, run7, run6, run5, run4 or run3" >&2
+    run3|run4|run5|run6|run7|run8|run9|run10|run11|run12|run13|run14|run15) ;;
+    *) echo "tools/device_perf.sh: unknown PLAN=$PLAN; choose run15 (the default), run14, run13, run12, run11, run10, run9, run8, run7, run6, run5, run4 or run3" >&2
        exit 2 ;;
 esac
 case $FROM in
@@ -210,6 +214,9 @@ if [ "$PLAN" = run3 ]; then
     nth 2 train_sd15_unet_512 300 120
     nth 3 train_sd15_unet_256 300 150
     nth 4 eval_generate_sd15_512_25steps 150 75 --eager
+elif [ "$PLAN" = run15 ]; then
+    nth 1 train_sd15_unet_512 280 200 --batch-512 64 --no-peer
+    nth 2 train_sd15_unet_512 280 200 --batch-512 128 --activation-checkpointing --no-peer
 elif [ "$PLAN" = run14 ]; then
     nth 1 unet_step_sd15_512_b1_cfg 200 130 --levers "$OUT/levers.jsonl" --compiled-levers-only --no-peer \
         --lever-names "the fast path, again" "cudnn.benchmark" --budget-s 100000

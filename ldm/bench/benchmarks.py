@@ -58,6 +58,7 @@ class Bench:
     lever_names: tuple[str, ...] = ()  # only the compiled levers whose names contain one of these (all when empty)
     deadline: float | None = None  # time.monotonic() after which optional extras are skipped
     fp8: bool = False  # training rows: ours with FP8 transformer linears (ldm.models.float8)
+    checkpointing: bool = False  # training rows: activation (gradient) checkpointing on both sides
     cache: dict = field(default_factory=dict)
 
     def row(self, name, ours, peer, peer_name, unit, mfu_value, details) -> Row:
@@ -451,9 +452,15 @@ def train(b: Bench, resolution: int, batch: int, compile_: bool = True, record=N
             opt.step()
             opt.zero_grad(set_to_none=True)
         steps[name] = step
-    flops = count_flops(steps["ours"])
+    flops = count_flops(steps["ours"])  # the model's FLOPs: counted before checkpointing adds its recomputation
     details = {"batch": batch, "resolution": resolution, "compile": compile_, "flops_per_step": flops,
                **({"fp8": "ours: transformer linears in FP8 (tensorwise e4m3 / e5m2 gradients)"} if b.fp8 else {})}
+    if b.checkpointing:  # ResBlocks and transformer blocks recompute their forward in the backward, both sides
+        unet.set_gradient_checkpointing(True)
+        if b.peer:
+            models["peer"].enable_gradient_checkpointing()
+        details["activation_checkpointing"] = ("both sides (ldm's use_checkpoint, diffusers' "
+                                               "enable_gradient_checkpointing); MFU counts model FLOPs only")
     if both_compiled_only:
         times, details["note"] = None, "both compiled; the eager timing and the ours-compiled row were skipped"
     else:
