@@ -438,21 +438,23 @@ def train(b: Bench, resolution: int, batch: int, compile_: bool = True, record=N
     t = torch.randint(0, 1000, (batch,), device=b.device, generator=g).float()
     c = torch.randn(batch, 77, unet.config.context_dim, device=b.device, generator=g)
     target = torch.randn(x.shape, device=b.device, generator=g)
-    calls = {"ours": lambda m: m(x, t, context=c),
-             "peer": lambda m: m(x, t, encoder_hidden_states=c, return_dict=False)[0]}
+    calls = {"ours": lambda m, n: m(x[:n], t[:n], context=c[:n]),
+             "peer": lambda m, n: m(x[:n], t[:n], encoder_hidden_states=c[:n], return_dict=False)[0]}
     steps = {}
     for name, model in models.items():
         model.to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=b.device.type == "cuda")
 
-        def step(model=model, opt=opt, call=calls[name]):
+        def step(n=batch, model=model, opt=opt, call=calls[name]):
             with torch.autocast(b.device.type, dtype=torch.bfloat16):
-                loss = F.mse_loss(call(model).float(), target)
+                loss = F.mse_loss(call(model, n).float(), target[:n])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         steps[name] = step
-    flops = count_flops(steps["ours"])  # the model's FLOPs: counted before checkpointing adds its recomputation
+    # the model's FLOPs (linear in the batch), counted before checkpointing adds its recomputation; with
+    # checkpointing from one sample, as the batch it makes room for would not fit without it
+    flops = count_flops(lambda: steps["ours"](1)) * batch if b.checkpointing else count_flops(steps["ours"])
     details = {"batch": batch, "resolution": resolution, "compile": compile_, "flops_per_step": flops,
                **({"fp8": "ours: transformer linears in FP8 (tensorwise e4m3 / e5m2 gradients)"} if b.fp8 else {})}
     if b.checkpointing:  # ResBlocks and transformer blocks recompute their forward in the backward, both sides
