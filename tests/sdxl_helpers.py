@@ -30,11 +30,12 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedu
 SDXL_SCHEDULER_EXTRA = dict(clip_sample=False, set_alpha_to_one=False, sample_max_value=1.0)
 
 
-def tiny_sdxl_diffusers(seed: int = 0, refiner: bool = False, bigg_width: int = 32) -> dict:
+def tiny_sdxl_diffusers(seed: int = 0, refiner: bool = False, bigg_width: int = 32, bigg_heads: int = 4) -> dict:
     """diffusers' SDXL pipeline components (realistic random weights, eval mode); `refiner`: no text_encoder.
 
     `bigg_width`: text_encoder_2's width. diffusers' tests make both encoders 32 wide; `from_single_file` tells the
     two towers apart by their widths (768 and 1280 in the real model), so its tests need them to differ.
+    `bigg_heads`: its heads; a published file does not store them, and ldm then assumes the real model's 64-wide ones.
     """
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -48,7 +49,7 @@ def tiny_sdxl_diffusers(seed: int = 0, refiner: bool = False, bigg_width: int = 
                                   latent_channels=4, sample_size=128)  # diffusers' own initialisation
     config = CLIPTextConfig(**TEXT_HF)
     text_encoder = None if refiner else realistic_weights(CLIPTextModel(config), seed + 2)
-    config_2 = CLIPTextConfig(**{**TEXT_HF, "hidden_size": bigg_width})
+    config_2 = CLIPTextConfig(**{**TEXT_HF, "hidden_size": bigg_width, "num_attention_heads": bigg_heads})
     text_encoder_2 = realistic_weights(CLIPTextModelWithProjection(config_2), seed + 3)
     scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
     parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -60,11 +61,11 @@ def tiny_sdxl_diffusers(seed: int = 0, refiner: bool = False, bigg_width: int = 
     return parts
 
 
-def save_diffusers_sdxl(folder, *, seed: int = 0, refiner: bool = False, bigg_width: int = 32):
+def save_diffusers_sdxl(folder, *, seed: int = 0, refiner: bool = False, bigg_width: int = 32, bigg_heads: int = 4):
     """(folder, pipe): a tiny StableDiffusionXL(Img2Img)Pipeline saved as a diffusers folder."""
     import diffusers
 
-    parts = tiny_sdxl_diffusers(seed, refiner, bigg_width)
+    parts = tiny_sdxl_diffusers(seed, refiner, bigg_width, bigg_heads)
     if refiner:
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True,
                                                           force_zeros_for_empty_prompt=False)

@@ -21,6 +21,7 @@ import torch
 
 from ldm.cli.scripts import interrupted
 from ldm.diffusion.sampler_registry import check_option_values
+from ldm.diffusion.schedules import PREDICTION_ALIASES
 from ldm.errors import LdmError, write_failure
 
 
@@ -74,6 +75,30 @@ def parse_sampler_options(pairs: list[str]) -> dict[str, float]:
         options[name.strip()] = number
     check_option_values(options)
     return options
+
+
+SINGLE_FILE_PREDICTIONS = ("epsilon", "v_prediction", "sample")  # what a single file's weights cannot tell apart
+
+
+def prediction_type(text: str) -> str:
+    """An argparse `type=` for `--prediction-type`: diffusers' name of it (eps / v / x0 accepted), refused before
+    the model loads."""
+    name = PREDICTION_ALIASES.get(text, text)
+    if name not in SINGLE_FILE_PREDICTIONS:
+        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(SINGLE_FILE_PREDICTIONS)} "
+                                         f"(or {', '.join(PREDICTION_ALIASES)})")
+    return name
+
+
+def add_single_file_options(p: argparse.ArgumentParser, model: str) -> None:
+    """`--config` and `--prediction-type`: what a single-file checkpoint's weights cannot say (ldm-convert,
+    ldm-txt2img); `model` names the argument they describe."""
+    p.add_argument("--config", help=f"original-layout YAML describing a single-file {model} (e.g. "
+                   "v2-inference-v.yaml; default: a <name>.yaml beside the file, else the architecture read from "
+                   "the tensor shapes)")
+    p.add_argument("--prediction-type", type=prediction_type,
+                   help="epsilon | v_prediction | sample, or eps | v | x0 (SD-2 768-v models: v); the weights "
+                   "cannot tell, and a single file without a YAML is read as epsilon")
 
 
 def launched_accelerator(device: str | None):

@@ -10,13 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.cli.common import cli_main
-from ldm.diffusion.schedules import PREDICTION_ALIASES
+from ldm.cli.common import add_single_file_options, cli_main
 from ldm.errors import LdmError
 from ldm.io.formats import load_model, save
 from ldm.writable import check_output_path
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the weights cannot tell apart
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,16 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="output: a *.safetensors file for --to original, else a folder")
     p.add_argument("--to", required=True, choices=("original", "diffusers", "native"), help="output format")
-    p.add_argument("--config", help="original-layout YAML describing a single-file SRC (default: read the "
-                                    "architecture from the tensor shapes)")
+    add_single_file_options(p, "SRC")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow .ckpt files that need arbitrary Python objects; only for files you trust")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="cast the weights (default: keep)")
     p.add_argument("--no-ema", dest="ema", action="store_false",
                    help="a single-file SRC holding both U-Net weight sets: convert the non-EMA ones, as diffusers' "
                    "from_single_file does (default: the EMA ones, as CompVis' scripts use them)")
-    p.add_argument("--prediction-type", help="epsilon | v_prediction | sample (SD-2 768-v models: v_prediction); "
-                                             "the weights cannot tell")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
@@ -47,13 +41,8 @@ def run(args: argparse.Namespace) -> list[str]:
     if args.to == "original" and dst.suffix.lower() != ".safetensors":
         raise LdmError(f"{dst}: --to original writes one .safetensors file; name DST *.safetensors")
     check_output_path(dst, "DST", folder=args.to != "original", overwrite=args.overwrite)  # before loading SRC
-    prediction = args.prediction_type
-    if prediction is not None:
-        prediction = PREDICTION_ALIASES.get(prediction, prediction)
-        if prediction not in PREDICTION_TYPES:
-            raise LdmError(f"--prediction-type {args.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
     components = load_model(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle, config=args.config,
-                            prediction_type=prediction, ema=args.ema)
+                            prediction_type=args.prediction_type, ema=args.ema)
     save(components, dst, args.to)
     own = {k: v for k, v in (components.config.get("stage") or {}).items()
            if k in ("steps", "guidance", "sampler") and v is not None}

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.cli.common import cli_main, finite_float, layer_count, parse_sampler_options
+from ldm.cli.common import add_single_file_options, cli_main, finite_float, layer_count, parse_sampler_options
 from ldm.diffusion.sampler_registry import SIGMA_SCHEDULES, check_sampler_options, check_sigmas, sampler_names
 from ldm.errors import LdmError
 from ldm.models.attention import set_attention_backend
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a single-file checkpoint holding both U-Net weight sets: use the non-EMA ones, "
                    "as diffusers' from_single_file and A1111 do (default: the EMA ones, as CompVis' "
                    "scripts do)")
+    add_single_file_options(p, "--model")
     return p
 
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.refiner is not None and args.upscaler:
         raise LdmError("--refiner and --upscaler: an SDXL ensemble and a pixel cascade do not combine")
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                         vae=args.vae, ema=args.ema)
+                         vae=args.vae, ema=args.ema, config=args.config, prediction_type=args.prediction_type)
     if args.refiner is not None:
         refiner = load_pipeline(args.refiner, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
                                 vae=args.vae, ema=args.ema)

@@ -10,6 +10,7 @@ from typing import Mapping
 
 import torch
 
+from ldm.diffusion.schedules import canonical_prediction
 from ldm.errors import CheckpointError, ConfigError
 from ldm.io.checkpoint import WEIGHT_SUFFIXES
 from ldm.io.components import ModelParts, SDComponents
@@ -52,10 +53,12 @@ def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu", dt
     precision). Diffusers and original files hold Stable Diffusion models; native folders any registered parts.
 
     `config`: an original-layout YAML (path or dict) for single-file checkpoints; `prediction_type`
-    ("epsilon" | "v_prediction" | "sample") overrides the schedule's (weights cannot tell eps from v). `ema=False`:
+    ("epsilon" | "v_prediction" | "sample", or eps / v / x0) overrides the schedule's (weights cannot tell eps from v). `ema=False`:
     a single file's non-EMA U-Net weights where it holds both (diffusers' `from_single_file` default); folders hold
     one set.
     """
+    if prediction_type is not None:
+        prediction_type = canonical_prediction(prediction_type)  # eps / v / x0 too, as on the command line
     text = str(path_or_id)
     path = Path(text).expanduser()
     if not path.exists() and looks_like_hub_id(text):
