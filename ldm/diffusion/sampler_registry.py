@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ldm.diffusion.dpm_singlestep import sample_dpm_adaptive, sample_dpm_fast
 from ldm.diffusion.dpm_solvers import (
     sample_dpm_2,
     sample_dpm_2_ancestral,
@@ -43,7 +44,9 @@ from ldm.errors import ConfigError, LdmError
 #   dpm_multistep   DPMSolverMultistepScheduler / UniPCMultistepScheduler: steps + 1 points less the last, VP start
 #   euler_discrete  EulerDiscreteScheduler and kin (Heun, LMS, KDPM2, KDPM2Ancestral, DPMSolverSDE): float
 #                   timesteps, VE start (init_noise_sigma)
-TIMESTEP_KINDS = ("ddim", "ddpm", "dpm_multistep", "euler_discrete")
+#   sigma_range     (no diffusers peer) k-diffusion's DPM fast / adaptive: the model's sigma_max down to sigma_min,
+#                   steps + 1 points, no final 0, VE start
+TIMESTEP_KINDS = ("ddim", "ddpm", "dpm_multistep", "euler_discrete", "sigma_range")
 # Keywords every sampler takes from `run_sampler` or from the plan: never user options.
 _RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "first_order", "noise_sampler",
              "noised_steps"}
@@ -70,6 +73,9 @@ class SamplerSpec:
     # use_karras_sigmas / final_sigmas_type reach this sampler's plan, and its clip_sample this sampler's x0
     # (`Stage.thresholding`), only where they are named here.
     config_keys: tuple[str, ...] = ()
+    # What the options must satisfy together, beyond each one's range: `check(options)` (the defaults with the user's
+    # options over them) returns a refusal's reason, or None (dpm_adaptive's order is 2 or 3).
+    check: Callable[[Mapping[str, Any]], str | None] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -110,6 +116,14 @@ OPTION_RANGES: Mapping[str, OptionRange] = MappingProxyType({
     "s_tmax": OptionRange("the highest noise level (sigma) that is churned; leave it out for no limit", low=0.0),
     "r": OptionRange("where the intermediate point lies within the step, as a fraction of its log-SNR change",
                      low=0.0, high=1.0, low_open=True, high_open=True),
+    # dpm_adaptive's step-size control (k-diffusion's names): a step is accepted where its error estimate, scaled by
+    # max(atol, rtol * |x|), is small enough
+    "rtol": OptionRange("the relative error tolerance of each adaptive step (0: atol alone)", low=0.0, high_open=True),
+    "atol": OptionRange("the absolute error tolerance of each adaptive step, in the sample's units", low=0.0,
+                        low_open=True, high_open=True),
+    "h_init": OptionRange("the first adaptive step's length in log-SNR", low=0.0, low_open=True, high_open=True),
+    "accept_safety": OptionRange("the smallest step-size factor for which a step is accepted", low=0.0, high=1.0,
+                                 low_open=True),
 })
 
 
@@ -219,6 +233,8 @@ def check_sampler_options(name: str, options: Mapping[str, Any] | None) -> dict:
                 raise ConfigError(f"sampler option {key}={value!r} must be a whole number >= 1; {_describe(spec)}")
             value = int(value)
         checked[key] = value if isinstance(value, int) else float(value)
+    if spec.check is not None and (reason := spec.check({**spec.options, **checked})):
+        raise ConfigError(f"sampler {name!r}: {reason}")
     return checked
 
 
@@ -255,6 +271,19 @@ _KARRAS = ("use_karras_sigmas",)  # the schedulers that read use_karras_sigmas b
 _BOTH = ("use_karras_sigmas", "final_sigmas_type")  # Euler, DPM-Solver multistep and UniPC read both
 _CLIP = ("clip_sample",)  # DDPMScheduler and DDIMScheduler clip x0 (neither reads the sigma keys)
 _KARRAS_CLIP = ("use_karras_sigmas", "clip_sample")  # HeunDiscreteScheduler
+_ADAPTIVE = {"order": 3, "rtol": 0.05, "atol": 0.0078, "h_init": 0.05, "pcoeff": 0.0, "icoeff": 1.0, "dcoeff": 0.0,
+             "accept_safety": 0.81, "eta": 0.0, "s_noise": 1.0}  # k-diffusion's defaults
+
+
+def _check_adaptive(options: Mapping[str, Any]) -> str | None:
+    """dpm_adaptive: an embedded pair of orders 1-2 or 2-3, and a controller whose step size answers the error."""
+    if options["order"] not in (2, 3):
+        return (f"order={options['order']} is not 2 or 3: dpm_adaptive compares DPM-Solver steps of orders 1 and 2 "
+                "(order=2) or 2 and 3 (order=3, the default)")
+    if options["pcoeff"] + options["icoeff"] + options["dcoeff"] <= 0:
+        return (f"pcoeff + icoeff + dcoeff = {options['pcoeff'] + options['icoeff'] + options['dcoeff']:g} is not "
+                "positive, so the step size would not shrink where the error is large; keep icoeff=1 (the default)")
+    return None
 for _spec in (
     SamplerSpec("ddpm", sample_ddpm, "ddpm", "leading", {}, _CLIP),
     SamplerSpec("ddim", sample_ddim, "ddim", "leading", {"eta": 0.0}, _CLIP),
@@ -276,5 +305,9 @@ for _spec in (
                 {"eta": 1.0, "s_noise": 1.0, "r": 0.5}, _KARRAS),
     SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "dpm_multistep", "linspace",  # DPMSolverMultistep, order 3
                 {"eta": 1.0, "s_noise": 1.0}, _BOTH),
+    # k-diffusion's singlestep DPM-Solver over the model's sigma range (dpm_singlestep.py; no diffusers peer): --steps
+    # is dpm_fast's number of model evaluations; dpm_adaptive's follows rtol / atol (its steps only place a strength)
+    SamplerSpec("dpm_fast", sample_dpm_fast, "sigma_range", "linspace", {"eta": 0.0, "s_noise": 1.0}),
+    SamplerSpec("dpm_adaptive", sample_dpm_adaptive, "sigma_range", "linspace", _ADAPTIVE, check=_check_adaptive),
 ):
     register_sampler(_spec)
