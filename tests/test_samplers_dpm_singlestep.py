@@ -13,7 +13,7 @@ from helpers import gaussian_denoiser, exact_ode, convergence_slope
 from ldm.diffusion import ScheduleConfig, sampling_plan
 from ldm.diffusion.dpm_singlestep import dpm_fast_orders, sample_dpm_adaptive, sample_dpm_fast
 from ldm.diffusion.sampler_registry import check_sampler_options, run_sampler
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, LdmError
 from ldm.runtime import ImageGenerators
 
 X_T = torch.linspace(-20, 20, 9, dtype=torch.float64).view(9, 1)  # noise-level-10 samples, far into the tails
@@ -149,6 +149,17 @@ def test_the_plan_is_the_models_whole_sigma_range_and_steps_is_dpm_fasts_budget(
     calls = []
     run_sampler("dpm_fast", lambda x, s, c: calls.append(s) or gaussian_denoiser(x, s), X_T.clone(), plan)
     assert len(calls) == 10
+
+
+def test_a_stiff_problem_stops_at_max_nfe_with_the_way_out():
+    """Strong classifier-like guidance at a large sigma: the steps stay tiny; an error, not an endless run."""
+
+    def stiff(x, sigma, cond=None):
+        return gaussian_denoiser(x, sigma) - 0.1 * sigma.view(-1, 1) ** 2 * x
+
+    with pytest.raises(LdmError, match=r"dpm_adaptive stopped after 60 model evaluations \(max_nfe\) at sigma .* on its "
+                                       r"way from 2e\+04 to 0.05.*Loosen rtol / atol, raise max_nfe, or use dpm_fast"):
+        sample_dpm_adaptive(stiff, X_T.clone() * 2000, _range(20000.0, 0.05), max_nfe=60)
 
 
 @pytest.mark.parametrize("options, message", [

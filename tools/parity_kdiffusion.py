@@ -70,6 +70,10 @@ CASES = [
 ]
 # k-diffusion functions that take (sigma_min, sigma_max[, n]) in place of sigmas
 RANGE_SAMPLERS = {"sample_dpm_fast", "sample_dpm_adaptive"}
+# float32 rounding that a sampler amplifies: dpm_adaptive's step-size control turns it into other step sizes (an
+# accept or reject on the tolerance's edge), so its float32 sample lies ~5e-4 from the float64 one, k-diffusion's too
+# (ours 5.2e-4 / 7.8e-4 / 4.9e-4 from float64 where k-diffusion's is 6.0e-4 / 9.8e-4 / 4.6e-4: defaults, PID, tight)
+FLOAT32_ROUNDING = {"dpm_adaptive": 1e-3}
 # Cases where we differ on purpose (docs/samplers.md): reported with status "known", not "DIFF".
 KNOWN = {
     ("dpm_2_ancestral", "sample_dpm_2_ancestral", (("eta", 1.5),), "fresh"):
@@ -216,7 +220,9 @@ def main() -> None:
                 print(json.dumps({"sampler": ours_name, "k_diffusion": kd_name, "options": options,
                                   "denoiser": den_name, "sigmas": sig_name, "dtype": args.dtype,
                                   "max_rel_diff": float(f"{rel:.3g}"), "max_abs_kd": round(scale, 4),
-                                  "status": _status(rel, rounding, (ours_name, kd_name, options, noise))}))
+                                  "status": _status(rel, FLOAT32_ROUNDING.get(ours_name, rounding) if
+                                                    dtype == torch.float32 else rounding,
+                                                    (ours_name, kd_name, options, noise))}))
 
 
 if __name__ == "__main__":

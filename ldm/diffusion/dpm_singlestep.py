@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.diffusion.samplers import _noise, _sigma_list
+from ldm.errors import LdmError
 from ldm.runtime import ImageGenerators, randn
 
 _DONE = 1e-5  # a row within this much lambda of the end has arrived (k-diffusion's tolerance)
@@ -196,12 +197,14 @@ def _scaled_error(low, high, x_prev, rtol, atol) -> torch.Tensor:
 @torch.no_grad()
 def sample_dpm_adaptive(denoiser, x, sigmas, cond=None, *, generator=None, callback=None, disable_progress=True,
                         order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0,
-                        accept_safety=0.81, eta=0.0, s_noise=1.0):
+                        accept_safety=0.81, eta=0.0, s_noise=1.0, max_nfe=10000):
     """DPM-Solver-12 / -23 with adaptive step size (k-diffusion's "DPM adaptive", Lu et al. 2022, Sec. 3.4 and App. C):
     each step computes orders `order` - 1 and `order` from shared stages, scores their difference against
     max(atol, rtol * |x|) (RMS over the image), and lets a PID controller set the next step. From sigmas[0] to the
     last nonzero sigma; the number of model evaluations follows the tolerances, not len(sigmas). Returns x at that
-    sigma. eta > 0: ancestral steps, noise from `generator` on accepted steps.
+    sigma. eta > 0: ancestral steps, noise from `generator` on accepted steps. More than `max_nfe` model evaluations
+    is an error (k-diffusion has no limit): a stiff problem, e.g. strong classifier guidance at a pixel model's sigma_max,
+    keeps the steps tiny for as long as one cares to wait.
     """
     if order not in (2, 3):
         raise ValueError(f"order must be 2 or 3, got {order}")
@@ -234,4 +237,10 @@ def sample_dpm_adaptive(denoiser, x, sigmas, cond=None, *, generator=None, callb
             _report(callback, x, i, math.exp(-float(lam.min())), denoised, nfe=stages.nfe, n_accept=accepted,
                     n_reject=rejected)
             i += 1
+            if stages.nfe >= max_nfe and bool((lam < lam_end - _DONE).any()):
+                raise LdmError(f"dpm_adaptive stopped after {stages.nfe} model evaluations (max_nfe) at sigma "
+                               f"{math.exp(-float(lam.min())):.4g}, on its way from {sigma_max:.4g} to {sigma_min:.4g}: "
+                               f"its error estimate keeps the steps tiny (last {float(control.h.min()):.2g} in log-SNR; "
+                               "a stiff problem, e.g. strong guidance). Loosen rtol / atol, raise max_nfe, or use "
+                               "dpm_fast")
     return x

@@ -58,6 +58,9 @@ CONFIG_KEYS = ("use_karras_sigmas", "final_sigmas_type", "clip_sample")
 # "karras" asks for Karras sigmas as that config's use_karras_sigmas=true would (diffusers'
 # `Scheduler.from_config(config, use_karras_sigmas=True)`, A1111's "Karras" samplers), for the samplers that read it.
 SIGMA_SCHEDULES = {"model": None, "karras": "use_karras_sigmas"}
+# Samplers that size their own steps: `--steps` does not set their number of model evaluations (dpm_adaptive's
+# rtol / atol do); it only places img2img's start, as for the others.
+ADAPTIVE_SAMPLERS = ("dpm_adaptive",)
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,10 @@ def check_sigmas(sampler: str, schedule: str) -> None:
         raise ConfigError(f"--sigmas {schedule!r} is not a sigma schedule; use one of {', '.join(SIGMA_SCHEDULES)}")
     spec = get_sampler(sampler)
     key = SIGMA_SCHEDULES[schedule]
+    if key is not None and spec.timestep_kind == "sigma_range":
+        raise ConfigError(f"--sigmas {schedule} does not apply to {sampler}: it walks the model's whole sigma range "
+                          "in its own steps, so only the range's ends count; the samplers that take it are "
+                          f"{', '.join(sigma_samplers(schedule))}")
     if key is not None and key not in spec.config_keys:
         raise ConfigError(f"--sigmas {schedule} does not apply to {sampler}: its diffusers scheduler has no {key}; "
                           f"the samplers that take it are {', '.join(sigma_samplers(schedule))}")
@@ -272,7 +279,8 @@ _BOTH = ("use_karras_sigmas", "final_sigmas_type")  # Euler, DPM-Solver multiste
 _CLIP = ("clip_sample",)  # DDPMScheduler and DDIMScheduler clip x0 (neither reads the sigma keys)
 _KARRAS_CLIP = ("use_karras_sigmas", "clip_sample")  # HeunDiscreteScheduler
 _ADAPTIVE = {"order": 3, "rtol": 0.05, "atol": 0.0078, "h_init": 0.05, "pcoeff": 0.0, "icoeff": 1.0, "dcoeff": 0.0,
-             "accept_safety": 0.81, "eta": 0.0, "s_noise": 1.0}  # k-diffusion's defaults
+             "accept_safety": 0.81, "eta": 0.0, "s_noise": 1.0,  # k-diffusion's defaults
+             "max_nfe": 10000}  # ours: an error past this many model evaluations, not an endless run
 
 
 def _check_adaptive(options: Mapping[str, Any]) -> str | None:
