@@ -65,6 +65,14 @@ class ImageGenerators:
     def __len__(self) -> int:
         return len(self.generators)
 
+    def subset(self, rows: list[int]) -> "ImageGenerators":
+        """The generators of images `rows` (the same objects: a draw from the subset advances them), for a sampler
+        that draws noise for some images of the batch only (`dpm_adaptive`'s accepted steps)."""
+        subset = ImageGenerators([])
+        subset.seeds = [self.seeds[k] for k in rows]
+        subset.generators = [self.generators[k] for k in rows]
+        return subset
+
 
 def randn(shape: tuple[int, ...], generator: torch.Generator | ImageGenerators,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -9,6 +9,11 @@ k-diffusion is not a dependency: install it beside the project and point PYTHONP
 Only `k_diffusion/sampling.py` is loaded (its package `__init__` pulls in training dependencies). The noise k-diffusion
 draws is replaced by ours: its churn's `torch.randn_like` and its `noise_sampler` draw from a generator seeded like
 ours; the Brownian samplers get our `BrownianNoise` on that generator (torchsde's tree is another random path).
+
+DPM fast and DPM adaptive take (sigma_min, sigma_max, n) in k-diffusion: they get the sigma set's first sigma, its last
+nonzero one and its number of steps, with torch's default dtype set to the run's (k-diffusion builds its times with
+`torch.tensor(sigma)`). k-diffusion's dpm_adaptive sizes one step for the whole batch from the batch's error norm, ours
+each image's from its own (docs/samplers.md): it runs image by image, as a batch of one each, against our batch.
 """
 import argparse
 import importlib.util
@@ -22,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.diffusion import SAMPLERS, BrownianNoise, ScheduleConfig, karras_sigmas, sampling_plan  # noqa: E402
-from ldm.runtime import randn  # noqa: E402
+from ldm.runtime import ImageGenerators, randn  # noqa: E402
 
 SEED = 1234
 CHURN = {"s_churn": 2.0, "s_tmin": 0.3, "s_tmax": 5.0, "s_noise": 1.003}  # a window: some steps churn, some not
@@ -52,7 +57,23 @@ CASES = [
     ("dpmpp_3m_sde", "sample_dpmpp_3m_sde", {}, "fresh"),
     ("dpmpp_3m_sde", "sample_dpmpp_3m_sde", {"eta": 0.0}, None),
     ("dpmpp_3m_sde", "sample_dpmpp_3m_sde", {"eta": 0.5, "s_noise": 0.9}, "fresh"),
+    ("dpm_fast", "sample_dpm_fast", {}, None),
+    ("dpm_fast", "sample_dpm_fast", {"eta": 0.5, "s_noise": 0.9}, "fresh"),
+    ("dpm_fast", "sample_dpm_fast", {"eta": 1.0}, "fresh"),
+    ("dpm_adaptive", "sample_dpm_adaptive", {}, None),
+    ("dpm_adaptive", "sample_dpm_adaptive", {"order": 2}, None),
+    ("dpm_adaptive", "sample_dpm_adaptive", {"rtol": 0.001, "atol": 0.0001}, None),
+    ("dpm_adaptive", "sample_dpm_adaptive", {"rtol": 0.1, "atol": 0.05, "h_init": 0.2}, None),
+    ("dpm_adaptive", "sample_dpm_adaptive", {"pcoeff": 0.3, "icoeff": 0.9, "dcoeff": 0.1, "accept_safety": 0.9}, None),
+    ("dpm_adaptive", "sample_dpm_adaptive", {"eta": 1.0}, "fresh"),
+    ("dpm_adaptive", "sample_dpm_adaptive", {"eta": 0.5, "s_noise": 0.9, "order": 2}, "fresh"),
 ]
+# k-diffusion functions that take (sigma_min, sigma_max[, n]) in place of sigmas
+RANGE_SAMPLERS = {"sample_dpm_fast", "sample_dpm_adaptive"}
+# float32 rounding that a sampler amplifies: dpm_adaptive's step-size control turns it into other step sizes (an
+# accept or reject on the tolerance's edge), so its float32 sample lies ~5e-4 from the float64 one, k-diffusion's too
+# (ours 5.2e-4 / 7.8e-4 / 4.9e-4 from float64 where k-diffusion's is 6.0e-4 / 9.8e-4 / 4.6e-4: defaults, PID, tight)
+FLOAT32_ROUNDING = {"dpm_adaptive": 1e-3}
 # Cases where we differ on purpose (docs/samplers.md): reported with status "known", not "DIFF".
 KNOWN = {
     ("dpm_2_ancestral", "sample_dpm_2_ancestral", (("eta", 1.5),), "fresh"):
@@ -113,6 +134,8 @@ class _Torch(types.SimpleNamespace):
 
 
 def run_case(kd, ours_name, kd_name, options, noise, denoiser, sigmas, x):
+    if kd_name in RANGE_SAMPLERS:
+        return run_range_case(getattr(kd, kd_name), SAMPLERS[ours_name], options, noise, denoiser, sigmas, x)
     ours = SAMPLERS[ours_name](denoiser, x.clone(), sigmas, None, generator=torch.Generator().manual_seed(SEED),
                                **options)
     generator = torch.Generator().manual_seed(SEED)
@@ -127,6 +150,37 @@ def run_case(kd, ours_name, kd_name, options, noise, denoiser, sigmas, x):
     finally:
         kd.torch = torch
     return ((ours - ref).abs().max() / ref.abs().max()).item(), ref.abs().max().item()
+
+
+def run_range_case(function, ours_function, options, noise, denoiser, sigmas, x):
+    """DPM fast / adaptive: k-diffusion over our sigmas' range (sigmas[0], the last nonzero one, len(sigmas) - 1
+    evaluations for fast), in x's dtype. Adaptive runs k-diffusion image by image, image k's noise from seed SEED + k
+    (ours: per-image generators of those seeds, `ImageGenerators`)."""
+    nonzero = sigmas[sigmas > 0]
+    sigma_min, sigma_max = nonzero[-1].item(), sigmas[0].item()
+    fast = function.__name__ == "sample_dpm_fast"
+    generator = torch.Generator().manual_seed(SEED) if fast else ImageGenerators([SEED + k for k in range(len(x))])
+    ours = ours_function(denoiser, x.clone(), sigmas, None, generator=generator, **options)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(x.dtype)  # k-diffusion's times: torch.tensor(sigma), float32 otherwise
+    try:
+        if fast:
+            generator = torch.Generator().manual_seed(SEED)
+            kwargs = {**options, "noise_sampler": lambda sigma, sigma_next: randn(x.shape, generator, x.dtype)}
+            ref = function(denoiser, x.clone(), sigma_min, sigma_max, len(sigmas) - 1, disable=True, **kwargs)
+        else:
+            ref = torch.cat([function(denoiser, x[k:k + 1].clone(), sigma_min, sigma_max, disable=True,
+                                      noise_sampler=_fresh_noise(x[k:k + 1], SEED + k), **options)
+                             for k in range(len(x))])
+    finally:
+        torch.set_default_dtype(dtype)
+    return ((ours - ref).abs().max() / ref.abs().max()).item(), ref.abs().max().item()
+
+
+def _fresh_noise(x, seed):
+    """k-diffusion's `noise_sampler`: a fresh normal like x per call, from a generator seeded `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda sigma, sigma_next: randn(x.shape, generator, x.dtype)
 
 
 def _status(rel: float, rounding: float, case) -> str:
@@ -147,6 +201,8 @@ def main() -> None:
     sigma_sets = {
         "karras": karras_sigmas(args.steps, 0.0292, 14.6146).to(dtype),
         "discrete": sampling_plan(ScheduleConfig(), "euler", args.steps).sigmas.to(dtype),  # SD's VP schedule
+        # DPM fast / adaptive's own plan: SD's whole sigma range, no final 0 (only they walk it)
+        "sigma_range": sampling_plan(ScheduleConfig(), "dpm_fast", args.steps).sigmas.to(dtype),
     }
     denoisers = {"gaussian": gaussian_denoiser, "convnet": ConvDenoiser(dtype=dtype).eval()}
     rounding = 1e-12 if dtype == torch.float64 else 1e-5
@@ -156,13 +212,17 @@ def main() -> None:
             continue
         for den_name, denoiser in denoisers.items():
             for sig_name, sigmas in sigma_sets.items():
+                if sig_name == "sigma_range" and kd_name not in RANGE_SAMPLERS:
+                    continue
                 x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7), dtype=dtype) * sigmas[0]
                 with torch.no_grad():
                     rel, scale = run_case(kd, ours_name, kd_name, options, noise, denoiser, sigmas, x)
                 print(json.dumps({"sampler": ours_name, "k_diffusion": kd_name, "options": options,
                                   "denoiser": den_name, "sigmas": sig_name, "dtype": args.dtype,
                                   "max_rel_diff": float(f"{rel:.3g}"), "max_abs_kd": round(scale, 4),
-                                  "status": _status(rel, rounding, (ours_name, kd_name, options, noise))}))
+                                  "status": _status(rel, FLOAT32_ROUNDING.get(ours_name, rounding) if
+                                                    dtype == torch.float32 else rounding,
+                                                    (ours_name, kd_name, options, noise))}))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 from ldm.cli.common import add_single_file_options, cli_main, finite_float, layer_count, parse_sampler_options
-from ldm.diffusion.sampler_registry import SIGMA_SCHEDULES, check_sampler_options, check_sigmas, sampler_names
+from ldm.diffusion.sampler_registry import (
+    ADAPTIVE_SAMPLERS,
+    SIGMA_SCHEDULES,
+    check_sampler_options,
+    check_sigmas,
+    sampler_names,
+)
 from ldm.errors import LdmError
 from ldm.models.attention import set_attention_backend
 from ldm.pipeline.cascade import load_cascade, use_model_defaults
@@ -35,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help=f"one of {', '.join(sampler_names())} (default: the model's own, "
                    "e.g. ddpm for DeepFloyd IF, else dpmpp_2m)")
     p.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="a sampler option, repeatable: e.g. eta=0.5 (ddim, euler_a, dpmpp_2m_sde), s_churn=10 (heun)")
+                   help="a sampler option, repeatable: e.g. eta=0.5 (ddim, euler_a, dpmpp_2m_sde), s_churn=10 (heun), "
+                   "rtol=0.01 atol=0.001 (dpm_adaptive's error tolerances)")
     p.add_argument("--sigmas", default="model", choices=list(SIGMA_SCHEDULES),
                    help="the sigma schedule: model (default) = the model's scheduler config; karras = Karras et al.'s "
                    "sigmas, as diffusers' use_karras_sigmas=True (A1111's 'DPM++ 2M Karras' is --sampler dpmpp_2m "
@@ -43,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Beta(0.6, 0.6)-spaced sigmas (use_beta_sigmas=True); none of them for ddpm, ddim or euler_a, "
                    "whose diffusers schedulers lack these keys")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own: DeepFloyd IF "
-                   "100, its stage II 50, the x4 upscaler 75, else 30; in a cascade each stage's)")
+                   "100, its stage II 50, the x4 upscaler 75, else 30; in a cascade each stage's); dpm_fast: its "
+                   "number of model evaluations; dpm_adaptive: unused but for --strength (rtol / atol set its work)")
     p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale, 0 or more "
                    "(<= 1 disables it; default: the model's own: DeepFloyd IF 7, its stage II 4, the x4 upscaler 9, "
                    "else 7.5)")
@@ -221,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         if given:
             raise LdmError(f"{', '.join(given)}: cascade options; give the super-resolution stages with --upscaler")
     chosen = use_model_defaults(pipe, sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+    if args.steps is not None and chosen["sampler"] in ADAPTIVE_SAMPLERS and args.init_image is None:
+        print(f"note: --steps {args.steps} does not set {chosen['sampler']}'s work: it sizes its own steps to its error "
+              "tolerances (--sampler-option rtol=... atol=...); --steps only places --strength's start",
+              file=sys.stderr)
     if len(pipe.stages) == 1:  # a cascade checks each stage's sampler against the options itself
         check_sampler_options(chosen["sampler"], sampler_options)
     if args.compile or args.fp8 or args.group_norm_kernel:

@@ -1,6 +1,7 @@
 """The diffusion core: schedules, parameterisations, denoisers, samplers, guidance and losses (no networks)."""
 from ldm.diffusion.brownian import BrownianNoise
 from ldm.diffusion.denoiser import DiscreteDenoiser, Denoiser, EDMDenoiser, append_dims, batch_sigma, build_denoiser
+from ldm.diffusion.dpm_singlestep import sample_dpm_adaptive, sample_dpm_fast
 from ldm.diffusion.dpm_solvers import (
     sample_dpm_2,
     sample_dpm_2_ancestral,

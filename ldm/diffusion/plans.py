@@ -4,7 +4,8 @@ The pipeline does `x = randn(shape, generator) * plan.init_noise_scale; x = run_
 latents = x * plan.final_scale`. Each sampler follows the timestep selection of the diffusers scheduler it mirrors
 (read from diffusers 0.42), named by its registry entry's timestep kind: DDIMScheduler ("ddim"), DDPMScheduler
 ("ddpm"), DPMSolverMultistepScheduler and UniPCMultistepScheduler ("dpm_multistep"), EulerDiscreteScheduler and its
-kin Euler a, Heun and LMS ("euler_discrete"). A scheduler config's use_karras_sigmas / use_exponential_sigmas /
+kin Euler a, Heun and LMS ("euler_discrete"); k-diffusion's DPM fast and DPM adaptive, which diffusers lacks, take
+the model's whole sigma range ("sigma_range"). A scheduler config's use_karras_sigmas / use_exponential_sigmas /
 use_beta_sigmas and final_sigmas_type change the plan of the samplers whose diffusers scheduler reads them
 (`SamplerSpec.config_keys`).
 """
@@ -169,12 +170,24 @@ def _euler_discrete_plan(config: ScheduleConfig, schedule: DiscreteSchedule, ste
     return timesteps, sigmas, init, 1.0, {}, converted is not None
 
 
+def _sigma_range_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, spacing: str, **_):
+    """DPM fast / DPM adaptive (k-diffusion's `sample_dpm_fast(model, x, sigma_min, sigma_max, n)`): the model's whole
+    training sigma range, as A1111 passes it, whatever the config's spacing or Karras setting. steps + 1 points from
+    sigma_max to sigma_min and no final 0: the sampler ends at sigma_min (and `dpm_fast` spends len(sigmas) - 1 = steps
+    model evaluations). The points between sit at Euler's linspace timesteps, so img2img's strength and a refiner's
+    split start where Euler's would for that many steps; x_T = randn * sigma_max, a VE result."""
+    timesteps = np.linspace(0, config.num_train_timesteps - 1, steps + 1)[::-1].astype(np.float32)
+    sigmas = _interp_sigmas(schedule.sigmas.numpy(), timesteps).astype(np.float32)
+    return timesteps[:-1].copy(), sigmas, float(sigmas[0]), 1.0, {}, False
+
+
 # One function per timestep kind of the sampler registry (TIMESTEP_KINDS).
 _KIND_PLANS = {
     "ddim": _ddim_plan,
     "ddpm": _ddpm_plan,
     "dpm_multistep": _dpm_multistep_plan,
     "euler_discrete": _euler_discrete_plan,
+    "sigma_range": _sigma_range_plan,
 }
 
 
@@ -187,7 +200,8 @@ def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: 
     diffusers scheduler does not read that key refuses it, `check_sigmas`).
 
     An EDM schedule (prediction_type "edm") gets `edm_sampling_plan` for every sampler: Karras sigmas from
-    sigma_max to sigma_min, x_T = randn * sigma_max, no final rescaling; it refuses "exponential" and "beta".
+    sigma_max to sigma_min, x_T = randn * sigma_max, no final rescaling; it refuses "exponential" and "beta". The
+    "sigma_range" samplers (dpm_fast, dpm_adaptive) get steps + 1 of them ending at sigma_min, without the final 0.
 
     DDIM note: diffusers' DDIM steps from t to t - T // steps, which with "linspace" spacing or a "trailing" step
     count that does not divide T is not the next timestep it evaluates; the plan then carries
@@ -206,6 +220,9 @@ def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: 
         if steps < 1:
             raise ConfigError(f"steps must be at least 1, got {steps}")
         c = schedule_config
+        if spec.timestep_kind == "sigma_range":  # steps + 1 points down to sigma_min, no final 0 (see above)
+            sigmas = karras_sigmas(steps + 1, c.sigma_min, c.sigma_max, c.rho)[:-1]
+            return SamplingPlan(sigmas, float(sigmas[0]), 1.0, sigmas[:-1].clone())
         return edm_sampling_plan(steps, c.sigma_min, c.sigma_max, c.rho)
     num_train = schedule_config.num_train_timesteps
     if not 1 <= steps <= num_train:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ldm.diffusion.dpm_singlestep import sample_dpm_adaptive, sample_dpm_fast
 from ldm.diffusion.dpm_solvers import (
     sample_dpm_2,
     sample_dpm_2_ancestral,
@@ -43,7 +44,9 @@ from ldm.errors import ConfigError, LdmError
 #   dpm_multistep   DPMSolverMultistepScheduler / UniPCMultistepScheduler: steps + 1 points less the last, VP start
 #   euler_discrete  EulerDiscreteScheduler and kin (Heun, LMS, KDPM2, KDPM2Ancestral, DPMSolverSDE): float
 #                   timesteps, VE start (init_noise_sigma)
-TIMESTEP_KINDS = ("ddim", "ddpm", "dpm_multistep", "euler_discrete")
+#   sigma_range     (no diffusers peer) k-diffusion's DPM fast / adaptive: the model's sigma_max down to sigma_min,
+#                   steps + 1 points, no final 0, VE start
+TIMESTEP_KINDS = ("ddim", "ddpm", "dpm_multistep", "euler_discrete", "sigma_range")
 # Keywords every sampler takes from `run_sampler` or from the plan: never user options.
 _RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "first_order", "noise_sampler",
              "noised_steps"}
@@ -58,6 +61,9 @@ CONFIG_KEYS = (*SIGMA_CONFIG_KEYS, "final_sigmas_type", "clip_sample")
 # samplers that read its key.
 SIGMA_SCHEDULES = {"model": None, "karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas",
                    "beta": "use_beta_sigmas"}
+# Samplers that size their own steps: `--steps` does not set their number of model evaluations (dpm_adaptive's
+# rtol / atol do); it only places img2img's start, as for the others.
+ADAPTIVE_SAMPLERS = ("dpm_adaptive",)
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,9 @@ class SamplerSpec:
     # use_karras_sigmas (and its exponential / beta twins) / final_sigmas_type reach this sampler's plan, and its
     # clip_sample this sampler's x0 (`Stage.thresholding`), only where they are named here.
     config_keys: tuple[str, ...] = ()
+    # What the options must satisfy together, beyond each one's range: `check(options)` (the defaults with the user's
+    # options over them) returns a refusal's reason, or None (dpm_adaptive's order is 2 or 3).
+    check: Callable[[Mapping[str, Any]], str | None] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -113,6 +122,14 @@ OPTION_RANGES: Mapping[str, OptionRange] = MappingProxyType({
     "s_tmax": OptionRange("the highest noise level (sigma) that is churned; leave it out for no limit", low=0.0),
     "r": OptionRange("where the intermediate point lies within the step, as a fraction of its log-SNR change",
                      low=0.0, high=1.0, low_open=True, high_open=True),
+    # dpm_adaptive's step-size control (k-diffusion's names): a step is accepted where its error estimate, scaled by
+    # max(atol, rtol * |x|), is small enough
+    "rtol": OptionRange("the relative error tolerance of each adaptive step (0: atol alone)", low=0.0, high_open=True),
+    "atol": OptionRange("the absolute error tolerance of each adaptive step, in the sample's units", low=0.0,
+                        low_open=True, high_open=True),
+    "h_init": OptionRange("the first adaptive step's length in log-SNR", low=0.0, low_open=True, high_open=True),
+    "accept_safety": OptionRange("the smallest step-size factor for which a step is accepted", low=0.0, high=1.0,
+                                 low_open=True),
 })
 
 
@@ -222,6 +239,8 @@ def check_sampler_options(name: str, options: Mapping[str, Any] | None) -> dict:
                 raise ConfigError(f"sampler option {key}={value!r} must be a whole number >= 1; {_describe(spec)}")
             value = int(value)
         checked[key] = value if isinstance(value, int) else float(value)
+    if spec.check is not None and (reason := spec.check({**spec.options, **checked})):
+        raise ConfigError(f"sampler {name!r}: {reason}")
     return checked
 
 
@@ -237,6 +256,10 @@ def check_sigmas(sampler: str, schedule: str) -> None:
         raise ConfigError(f"--sigmas {schedule!r} is not a sigma schedule; use one of {', '.join(SIGMA_SCHEDULES)}")
     spec = get_sampler(sampler)
     key = SIGMA_SCHEDULES[schedule]
+    if key is not None and spec.timestep_kind == "sigma_range":
+        raise ConfigError(f"--sigmas {schedule} does not apply to {sampler}: it walks the model's whole sigma range "
+                          "in its own steps, so only the range's ends count; the samplers that take it are "
+                          f"{', '.join(sigma_samplers(schedule))}")
     if key is not None and key not in spec.config_keys:
         raise ConfigError(f"--sigmas {schedule} does not apply to {sampler}: its diffusers scheduler has no {key}; "
                           f"the samplers that take it are {', '.join(sigma_samplers(schedule))}")
@@ -259,6 +282,20 @@ _SIGMAS = SIGMA_CONFIG_KEYS  # ... and some read them but not final_sigmas_type
 _BOTH = (*_SIGMAS, "final_sigmas_type")  # Euler, DPM-Solver multistep and UniPC read both
 _CLIP = ("clip_sample",)  # DDPMScheduler and DDIMScheduler clip x0 (neither reads the sigma keys)
 _SIGMAS_CLIP = (*_SIGMAS, "clip_sample")  # HeunDiscreteScheduler
+_ADAPTIVE = {"order": 3, "rtol": 0.05, "atol": 0.0078, "h_init": 0.05, "pcoeff": 0.0, "icoeff": 1.0, "dcoeff": 0.0,
+             "accept_safety": 0.81, "eta": 0.0, "s_noise": 1.0,  # k-diffusion's defaults
+             "max_nfe": 10000}  # ours: an error past this many model evaluations, not an endless run
+
+
+def _check_adaptive(options: Mapping[str, Any]) -> str | None:
+    """dpm_adaptive: an embedded pair of orders 1-2 or 2-3, and a controller whose step size answers the error."""
+    if options["order"] not in (2, 3):
+        return (f"order={options['order']} is not 2 or 3: dpm_adaptive compares DPM-Solver steps of orders 1 and 2 "
+                "(order=2) or 2 and 3 (order=3, the default)")
+    if options["pcoeff"] + options["icoeff"] + options["dcoeff"] <= 0:
+        return (f"pcoeff + icoeff + dcoeff = {options['pcoeff'] + options['icoeff'] + options['dcoeff']:g} is not "
+                "positive, so the step size would not shrink where the error is large; keep icoeff=1 (the default)")
+    return None
 for _spec in (
     SamplerSpec("ddpm", sample_ddpm, "ddpm", "leading", {}, _CLIP),
     SamplerSpec("ddim", sample_ddim, "ddim", "leading", {"eta": 0.0}, _CLIP),
@@ -280,5 +317,9 @@ for _spec in (
                 {"eta": 1.0, "s_noise": 1.0, "r": 0.5}, _SIGMAS),
     SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "dpm_multistep", "linspace",  # DPMSolverMultistep, order 3
                 {"eta": 1.0, "s_noise": 1.0}, _BOTH),
+    # k-diffusion's singlestep DPM-Solver over the model's sigma range (dpm_singlestep.py; no diffusers peer): --steps
+    # is dpm_fast's number of model evaluations; dpm_adaptive's follows rtol / atol (its steps only place a strength)
+    SamplerSpec("dpm_fast", sample_dpm_fast, "sigma_range", "linspace", {"eta": 0.0, "s_noise": 1.0}),
+    SamplerSpec("dpm_adaptive", sample_dpm_adaptive, "sigma_range", "linspace", _ADAPTIVE, check=_check_adaptive),
 ):
     register_sampler(_spec)
