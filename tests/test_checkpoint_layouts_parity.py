@@ -207,6 +207,35 @@ def sd2_v(tmp_path_factory):
     return folder, schedule, path, yaml
 
 
+def fit_output_to_noise(unet, context_dim: int) -> None:
+    """Refit a diffusers U-Net's output convolution (least squares) so that at the last timestep it returns its input,
+    as a trained eps model does: ldm's probe then reads a slope of ~0.7 (random weights read ~0, as a v model)."""
+    conv, features = unet.conv_out, {}
+    hook = conv.register_forward_hook(lambda module, inputs, output: features.update(x=inputs[0]))
+    x = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(SEED + 1))
+    with torch.no_grad():
+        unet(x, 999, encoder_hidden_states=torch.zeros(64, 1, context_dim))
+        hook.remove()
+        columns = torch.nn.functional.unfold(features["x"], 3, padding=1).transpose(1, 2)  # b (h w) (c 3 3)
+        a = torch.cat([columns.reshape(-1, columns.shape[2]), torch.ones(columns.shape[0] * columns.shape[1], 1)], 1)
+        solution = torch.linalg.lstsq(a.double(), x.permute(0, 2, 3, 1).reshape(-1, 4).double()).solution.float()
+        conv.weight.copy_(solution[:-1].T.reshape(conv.weight.shape))
+        conv.bias.copy_(solution[-1])
+
+
+@pytest.fixture(scope="module")
+def sd2_base(tmp_path_factory):
+    """(folder, eps scheduler config, bare single file) of a tiny SD-2-base-like model: SD-2 shapes, an output layer
+    fitted to return the noise at the last timestep (eps-like), no YAML, no global_step."""
+    root = tmp_path_factory.mktemp("sd2-base")
+    folder, schedule = sd_folder(root, sd2=True)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    fit_output_to_noise(unet, unet.config.cross_attention_dim)
+    unet.save_pretrained(folder / "unet")
+    path = published(to_original(folder, root / "512-base-ema.safetensors"))
+    return folder, {**schedule, "prediction_type": "epsilon"}, path
+
+
 @pytest.mark.slow
 def test_sd2_768_v_with_its_yaml_gives_diffusers_image(sd2_v, tmp_path):
     """`parameterization: "v"` in the YAML given with the file (`--config`, `load_pipeline(config=)`, or the YAML
@@ -225,9 +254,30 @@ def test_sd2_768_v_with_its_yaml_gives_diffusers_image(sd2_v, tmp_path):
     assert relative_l2(ldm_image(load_pipeline(beside, device="cpu"), sampler="dpmpp_2m"), want) < FP32_TOLERANCE
     by_flag = load_pipeline(path, device="cpu", prediction_type="v")  # shapes + the prediction type
     assert relative_l2(ldm_image(by_flag, sampler="dpmpp_2m"), want) < FP32_TOLERANCE
-    eps = load_pipeline(path, device="cpu")  # neither: eps assumed, and the image is another one
+    # neither: inferred v from the U-Net (a random one reads as v: it does not return the noise), as diffusers'
+    # from_single_file reads a full-size SD-2 file without global_step (stable-diffusion-2-1's config, 768 px)
+    bare = load_pipeline(path, device="cpu")
+    assert bare.schedule_config.prediction_type == "v_prediction" and bare.stage.default_size == 96 * 2
+    assert relative_l2(ldm_image(bare, sampler="dpmpp_2m"), want) < FP32_TOLERANCE
+    eps = load_pipeline(path, device="cpu", prediction_type="eps")  # the flag wins, and the image is another one
     assert eps.schedule_config.prediction_type == "epsilon"
     assert relative_l2(ldm_image(eps, sampler="dpmpp_2m"), want) > 0.1
+
+
+@pytest.mark.slow
+def test_bare_sd2_base_file_samples_as_eps_as_diffusers_told_eps(sd2_base):
+    """A bare SD-2-base-like file (no YAML, no global_step, the U-Net returns the noise at the last timestep): ldm's
+    probe reads eps, and its image is diffusers' from_single_file of the same file with an eps scheduler. (diffusers'
+    own rule would read a full-size file of this kind as v: any SD-2 file without global_step 875000 is
+    stable-diffusion-2-1 to it, test_sd2_prediction.py shows; this tiny one's 64-wide text is not SD-2 to it.)"""
+    folder, schedule, path = sd2_base
+    ours = load_pipeline(path, device="cpu")
+    assert ours.schedule_config.prediction_type == "epsilon" and ours.stage.default_size == 64 * 2  # 512-base: latent 64
+    want = diffusers_image(from_single_file(path, folder), "euler", schedule)
+    error = relative_l2(ldm_image(ours, sampler="euler"), want)
+    assert error < FP32_TOLERANCE, error
+    v = diffusers_image(from_single_file(path, folder), "euler", {**schedule, "prediction_type": "v_prediction"})
+    assert relative_l2(ldm_image(ours, sampler="euler"), v) > 0.1  # the other reading is another image
 
 
 @pytest.mark.slow

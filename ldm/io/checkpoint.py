@@ -110,21 +110,50 @@ def _is_pickle(path: Path) -> bool:
     return True
 
 
-def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """Unwrap Lightning's {'state_dict': ...} (possibly nested) and check that every value is a tensor."""
+STEP_KEY = "global_step"  # Lightning's count of optimizer steps, saved beside the weights
+
+
+def _as_step(value) -> int | None:
+    """A whole number of steps (an int or a one-element integer tensor), or None."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _pop_step(sd: dict) -> int | None:
+    """Take a `global_step` number out of a state dict's own entries (a flat file's) and return it."""
+    step = _as_step(sd.get(STEP_KEY))
+    if step is not None:
+        del sd[STEP_KEY]
+    return step
+
+
+def _unwrap(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """Unwrap Lightning's {'state_dict': ..., 'global_step': ...} (possibly nested), check that every value is a
+    tensor; return it with the step found on the way (None if none)."""
+    step = None
     while isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        step = _as_step(obj.get(STEP_KEY)) if step is None else step
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), "
                               f"found {type(obj).__name__}")
+    obj = dict(obj)
+    inner = _pop_step(obj)
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}; is this a model checkpoint?")
-    return {str(k): v for k, v in obj.items()}
+    return {str(k): v for k, v in obj.items()}, inner if step is None else step
 
 
 def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read a weights file into a CPU state dict; never runs pickled code unless `allow_pickle`."""
+    return read_weights(path, allow_pickle=allow_pickle)[0]
+
+
+def read_weights(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], int | None]:
+    """(CPU state dict, the training step the file records or None): Lightning's `global_step`, beside the state
+    dict or (a flat file's) among its entries, where it is taken out. Never runs pickled code unless `allow_pickle`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
@@ -135,9 +164,10 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            sd = load_file(str(path), device="cpu")
         except Exception as e:  # SafetensorError, OSError, ...
             raise CheckpointError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
+        return sd, _pop_step(sd)
     if suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown weights format {suffix!r}; expected one of {list(WEIGHT_SUFFIXES)}")
     try:

@@ -247,15 +247,29 @@ def infer_text_encoder(sd: Mapping[str, torch.Tensor]) -> dict:
                           "cond_stage_model.model.* for OpenCLIP) in the checkpoint")
 
 
-def infer_original_config(sd: Mapping[str, torch.Tensor], *,
-                          prediction_type: str | None = None) -> tuple[dict, list[str]]:
-    """An original-layout config for a single-file state dict, and notes on what was assumed."""
+SD2_V_IMAGE_SIZE = 96  # latent pixels: the SD-2 768-v models' size (diffusers' v2 default, 768 px)
+
+
+def prediction_note(prediction_type: str, why: str) -> str:
+    """The load note for a prediction type ldm chose for the user (`why`: what it was inferred from)."""
+    short = {v: k for k, v in _PREDICTION.items()}.get(prediction_type, prediction_type)
+    return f"prediction type: {short} (inferred from {why}); override with --prediction-type"
+
+
+def infer_original_config(sd: Mapping[str, torch.Tensor], *, prediction_type: str | None = None,
+                          sd2_prediction=None) -> tuple[dict, list[str]]:
+    """An original-layout config for a single-file state dict, and notes on what was assumed.
+
+    `sd2_prediction(unet_params) -> (prediction type, why)` decides a plain SD-2.x text-to-image file's prediction
+    type when `prediction_type` is None (`ldm.io.sd2_prediction`); without it eps is assumed, and said.
+    """
     unet = infer_unet(sd)
     text = infer_text_encoder(sd)
     autoencoder = infer_autoencoder(sd)
     upscaler = looks_like_latent_upscaler(unet, autoencoder)
     sd2 = text["type"] == "openclip" or unet["use_linear_in_transformer"]
     family = "SD x4 upscaler" if upscaler else "SD-2.x" if sd2 else "SD-1.x"
+    sd2_text_to_image = sd2 and not upscaler and unet["in_channels"] == unet["out_channels"]
     if upscaler:  # x4-upscaling.yaml: 8 heads at every level (not SD-2's 64-channel heads)
         unet.pop("num_head_channels", None)
         unet["num_heads"] = X4_HEADS
@@ -269,12 +283,22 @@ def infer_original_config(sd: Mapping[str, torch.Tensor], *,
     if upscaler:
         notes.append("the x4 upscaler's schedule, latent scale, noise-level schedule and v-prediction are not stored "
                      f"in the weights; assumed x4-upscaling.yaml's ({X4_DIFFUSION})")
+    if prediction_type is None and sd2_text_to_image and sd2_prediction is not None:
+        prediction_type, why = sd2_prediction(unet)
+        notes.append(prediction_note(prediction_type, why))
     if upscaler and prediction_type is None:
         parameterization = "v"
-    elif prediction_type is None:
+    elif prediction_type is None and sd2 and unet["in_channels"] == 9:
+        parameterization = "eps"
+        notes.append(prediction_note("epsilon", "the shapes: SD-2 inpainting models are eps (stable-diffusion-2-"
+                                                "inpainting; diffusers' rule)"))
+    elif prediction_type is None and sd2:
         parameterization = "eps"
         notes.append("prediction type cannot be read from the weights; assumed eps (noise). SD-2 768-v models need "
                      "--prediction-type v_prediction or a config with `parameterization: v`")
+    elif prediction_type is None:
+        parameterization = "eps"
+        notes.append(prediction_note("epsilon", f"the shapes: {family} models are eps"))
     else:
         parameterization = {v: k for k, v in _PREDICTION.items()}.get(prediction_type, prediction_type)
     config = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
@@ -285,6 +309,11 @@ def infer_original_config(sd: Mapping[str, torch.Tensor], *,
         "cond_stage_config": {"target": OPENCLIP_TARGET if text["type"] == "openclip" else CLIP_TARGET,
                               "params": {"layer": text["layer"]}},
     }}}
+    if sd2_text_to_image and parameterization == "v":  # the 768-v models: sample at 768 px unless told otherwise
+        config["model"]["params"]["image_size"] = SD2_V_IMAGE_SIZE
+        pixels = SD2_V_IMAGE_SIZE * 2 ** (len(autoencoder["ddconfig"]["ch_mult"]) - 1)
+        notes.append(f"default image size {pixels} px (latent {SD2_V_IMAGE_SIZE}), the SD-2 768-v models' "
+                     "(diffusers' v2 default); set --height/--width for another")
     if upscaler:
         config["model"]["params"].update(X4_DIFFUSION)
         config = add_to_original(config, {})

@@ -10,13 +10,14 @@ import torch
 from ldm.config import load_yaml, save_yaml, to_plain
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.errors import CheckpointError, ConfigError, LdmError
-from ldm.io.checkpoint import read_safetensors_metadata, read_state_dict, write_safetensors
-from ldm.io.components import (ModelParts, autoencoder_config, check_can_hold, make_parts, text_config,
+from ldm.io.checkpoint import read_safetensors_metadata, read_weights, write_safetensors
+from ldm.io.components import (ModelParts, autoencoder_config, build_module, check_can_hold, make_parts, text_config,
                                text_config_from_dims, unet_config)
 from ldm.io.infer import (CLIP_PREFIX, OPENCLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, infer_original_config,
                           infer_text_encoder, normalize_text_keys, original_config_from_sections,
                           missing_networks, sections_from_original_config, select_ema, strip_prefix, what_else)
 from ldm.io.latent_upscale_format import LATENT_UPSCALE_SECTION, add_to_original, section_from_original
+from ldm.io.sd2_prediction import noise_slope, sd2_prediction
 from ldm.io.sdxl_original import is_sdxl, is_sdxl_original, load_sdxl_original, save_sdxl_original
 
 METADATA_KEY = "ldm_config"  # resolved config stored in the header of the files we write
@@ -64,7 +65,7 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
     (`extract_ema=False`, its default) and A1111 do.
     """
     path = Path(path)
-    raw = read_state_dict(path, allow_pickle=allow_pickle)
+    raw, global_step = read_weights(path, allow_pickle=allow_pickle)
     normalized = normalize_text_keys(raw)
     if ema:
         sd, used_ema = select_ema(normalized)
@@ -92,7 +93,8 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
     if ignored:
         notes.append(f"ignored {len(ignored)} key(s) outside the three networks, e.g. {ignored[0]} "
                      "(training-time buffers such as the noise schedule)")
-    metadata = read_safetensors_metadata(path).get(METADATA_KEY)
+    header = read_safetensors_metadata(path)
+    metadata = header.get(METADATA_KEY)
     beside = path.with_suffix(".yaml")
     if config is None and metadata is None and beside.is_file():
         config = beside  # the convention of SD web UIs: `model.yaml` next to `model.safetensors`
@@ -119,7 +121,10 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
                      "scheduler": ScheduleConfig.from_diffusers(resolved["scheduler"])}
             upscale = resolved.get(LATENT_UPSCALE_SECTION)
         else:
-            original, inferred = infer_original_config(sd, prediction_type=prediction_type)
+            def decide(unet: dict) -> tuple[str, str]:  # SD-2-base (eps) or 768-v: the header, the step, the U-Net
+                return sd2_prediction(header, global_step, lambda: _probe(sd, unet, path))
+
+            original, inferred = infer_original_config(sd, prediction_type=prediction_type, sd2_prediction=decide)
             notes += inferred
             sections = sections_from_original_config(original)
             built = {"unet": unet_config(sections["unet"]), "autoencoder": autoencoder_config(sections["autoencoder"]),
@@ -146,6 +151,14 @@ def load_original(path: str | Path, *, device="cpu", dtype=None, allow_pickle: b
     if upscale is not None:  # the SD x4 upscaler: the low-res image's noise schedule
         parts.config[LATENT_UPSCALE_SECTION] = upscale
     return parts
+
+
+def _probe(sd: Mapping[str, torch.Tensor], unet: Mapping, path: Path) -> float:
+    """`noise_slope` of the file's U-Net (inferred config `unet`), built for it on the CPU in float32 and dropped."""
+    network = build_module(unet_config(unet), strip_prefix(sd, UNET_PREFIX), source=f"{path} (U-Net)", device="cpu",
+                           dtype=torch.float32).eval()
+    return noise_slope(network, in_channels=unet["in_channels"], context_dim=unet["context_dim"],
+                       timestep=ScheduleConfig().num_train_timesteps - 1, factor=2 ** (len(unet["channel_mult"]) - 1))
 
 
 def original_config(components: ModelParts) -> dict:
