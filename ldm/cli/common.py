@@ -90,15 +90,27 @@ def prediction_type(text: str) -> str:
     return name
 
 
+def original_yaml(text: str) -> str:
+    """An argparse `type=` for `--config`: an existing file, refused before the model loads."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file" + (" (it is a folder)" if os.path.isdir(text) else "")
+                                         + "; give the original YAML (e.g. v2-inference-v.yaml) as a file path")
+    return text
+
+
 def add_single_file_options(p: argparse.ArgumentParser, model: str) -> None:
-    """`--config` and `--prediction-type`: what a single-file checkpoint's weights cannot say (ldm-convert,
-    ldm-txt2img); `model` names the argument they describe."""
-    p.add_argument("--config", help=f"original-layout YAML describing a single-file {model} (e.g. "
+    """`--config`, `--prediction-type` and `--no-ema`: what a single-file checkpoint's weights cannot say, or hold
+    twice (ldm-txt2img, ldm-convert, ldm-eval, ldm-demo); `model` names the argument they describe."""
+    p.add_argument("--config", type=original_yaml, help=f"original-layout YAML describing a single-file {model} (e.g. "
                    "v2-inference-v.yaml; default: a <name>.yaml beside the file, else the architecture read from "
                    "the tensor shapes)")
     p.add_argument("--prediction-type", type=prediction_type,
-                   help="epsilon | v_prediction | sample, or eps | v | x0 (SD-2 768-v models: v); the weights "
-                   "cannot tell, and a single file without a YAML is read as epsilon")
+                   help="epsilon | v_prediction | sample, or eps | v | x0 (SD-2 768-v models: v); default: the YAML's; "
+                   "without one, SD-1 files are eps and SD-2 files are read as the file's header, its global_step "
+                   "(diffusers' rule) or its U-Net on a test input say (README: Models and weights)")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help=f"a single-file {model} holding both U-Net weight sets: use the non-EMA ones, as diffusers' "
+                   "from_single_file and A1111 do (default: the EMA ones, as CompVis' scripts do)")
 
 
 def launched_accelerator(device: str | None):

@@ -28,9 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow .ckpt files that need arbitrary Python objects; only for files you trust")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="cast the weights (default: keep)")
-    p.add_argument("--no-ema", dest="ema", action="store_false",
-                   help="a single-file SRC holding both U-Net weight sets: convert the non-EMA ones, as diffusers' "
-                   "from_single_file does (default: the EMA ones, as CompVis' scripts use them)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 

@@ -10,7 +10,7 @@ import argparse
 import signal
 import sys
 
-from ldm.cli.common import cli_main
+from ldm.cli.common import add_single_file_options, cli_main
 from ldm.cli.demo_page import Generator, build_page, example_prompts, import_gradio, launch, output_root, \
     remove_output_root
 from ldm.models.attention import set_attention_backend
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"])
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
+    add_single_file_options(p, "--model")
     return p
 
 
@@ -50,7 +51,8 @@ def _port(text: str) -> int:
 def load_model(args):
     """The pipeline (or cascade) the page serves, loaded as ldm-txt2img loads it: a model that fails stops start-up."""
     set_attention_backend(args.attention)
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, ema=args.ema,
+                         config=args.config, prediction_type=args.prediction_type)
     if args.upscaler:
         pipe = load_cascade(pipe, args.upscaler, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     return pipe

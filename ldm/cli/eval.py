@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli.common import cli_main, finite_floats, launched_accelerator, layer_count, parse_sampler_options
+from ldm.cli.common import (add_single_file_options, cli_main, finite_floats, launched_accelerator, layer_count,
+                            parse_sampler_options)
 from ldm.diffusion.sampler_registry import SIGMA_SCHEDULES, check_sampler_options, check_sigmas
 from ldm.errors import LdmError
 from ldm.eval.clip_score import ClipModel
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers' clip_skip for every image (default: the model's own layer; 1 is A1111's "
                    "'Clip skip 2')")
     g.add_argument("--dtype", default=None, help="generation dtype, e.g. float16, bfloat16")
+    add_single_file_options(g, "--model")
     g.add_argument("--compile", default="auto", choices=("auto", "off", *COMPILE_MODES),
                    help=f"the fast generation path (fused q|k|v, channels_last, compiled networks): auto = {DEFAULT_MODE} "
                         "(CUDA graphs) on a GPU, off on the CPU")
@@ -228,6 +230,9 @@ def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
     }
     if args.clip_skip is not None:  # only when given: the settings.json of earlier runs stay as they were
         common["clip_skip"] = args.clip_skip
+    single_file = {"config": args.config and str(Path(args.config).resolve()), "prediction_type": args.prediction_type,
+                   "ema": None if args.ema else False}  # likewise: each only when given (other weights, another image)
+    common.update({k: v for k, v in single_file.items() if v is not None})
     if args.sigmas != "model":  # likewise
         common["sigmas"] = args.sigmas
     if args.n_per_prompt < 1:
@@ -260,9 +265,9 @@ def _sweep(args, grid, texts: list[str], device: torch.device) -> list[dict]:
 def _load(args, device: torch.device):
     """The model (a cascade with --upscaler), loaded once."""
     model = None if args.model == "default" else args.model  # "default": the bundled model
-    if args.upscaler:
-        return load_cascade(model, args.upscaler, device=str(device), dtype=args.dtype)
-    return load_pipeline(model, device=str(device), dtype=args.dtype)
+    pipe = load_pipeline(model, device=str(device), dtype=args.dtype, ema=args.ema, config=args.config,
+                         prediction_type=args.prediction_type)  # the single-file options describe --model alone
+    return load_cascade(pipe, args.upscaler, device=str(device), dtype=args.dtype) if args.upscaler else pipe
 
 
 def _checked_pipeline(args, sweep: list[dict], device: torch.device, pipe=None):

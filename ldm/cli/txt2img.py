@@ -128,10 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "slower eagerly (its first design), docs/benchmarks/README.md run 10); "
                         "without --compile it also fuses q|k|v and stores the networks NHWC, as the fast path does")
     p.add_argument("--allow-pickle", action="store_true", help="allow legacy pickled .ckpt files (trusted files only)")
-    p.add_argument("--no-ema", dest="ema", action="store_false",
-                   help="a single-file checkpoint holding both U-Net weight sets: use the non-EMA ones, "
-                   "as diffusers' from_single_file and A1111 do (default: the EMA ones, as CompVis' "
-                   "scripts do)")
     add_single_file_options(p, "--model")
     return p
 
