@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from helpers import run_cli
 from PIL import Image
 
@@ -43,10 +44,11 @@ def test_dpm_fast_spends_steps_evaluations_from_the_models_sigma_max(pipe):
     noisy = pipe("a cat", sampler="dpm_fast", steps=7, sampler_options={"eta": 1.0}, **KW)[0]
     assert noisy.tobytes() != image.tobytes()
     assert pipe("a cat", sampler="dpm_fast", steps=7, eta=1.0, **KW)[0].tobytes() == noisy.tobytes()  # seeded
-    calls.clear()  # img2img: int(steps * strength) evaluations from the noise level euler's plan starts at
+    calls.clear()  # img2img: int(steps * strength) evaluations from the plan's point at timestep 999 * strength
     pipe("a cat", sampler="dpm_fast", steps=10, init_image=Image.new("RGB", (16, 16), (200, 30, 30)), strength=0.5,
          wrappers=(wrap,), **KW)
     assert len(calls) == 5
+    assert calls[0] == pytest.approx(pipe.stage.denoiser.schedule.t_to_sigma(torch.tensor(499.5)).item(), rel=1e-5)
 
 
 def test_dpm_adaptive_options_change_its_work_and_a_batch_image_is_the_image_alone(pipe):
@@ -115,3 +117,19 @@ def test_ldm_eval_sweeps_them_with_their_options(tiny_sd_folder, tiny_clip_confi
     assert eval_cli.main([str(a) for a in argv]) == 0
     record = json.loads((out / "samples" / "dpm_fast-steps4-cfg3" / "metadata.jsonl").read_text().splitlines()[0])
     assert record["sampler"] == "dpm_fast" and record["sampler_options"] == {"eta": 0.5} and record["steps"] == 4
+
+
+def test_the_sigmas_help_names_every_sampler_that_refuses_a_sigma_schedule():
+    """ldm-txt2img's and ldm-eval's --sigmas help list the samplers that refuse karras / exponential / beta: dpm_fast
+    and dpm_adaptive too (the help listed only ddpm, ddim and euler_a)."""
+    from ldm.cli.txt2img import build_parser
+    from ldm.diffusion.sampler_registry import check_sigmas, samplers_without_sigmas
+
+    refusing = samplers_without_sigmas()
+    assert set(refusing) == {"ddim", "ddpm", "euler_a", "dpm_fast", "dpm_adaptive"}
+    for name in refusing:
+        with pytest.raises(LdmError, match=f"--sigmas beta does not apply to {name}"):
+            check_sigmas(name, "beta")
+    for parser in (build_parser(), eval_cli.build_parser()):
+        (action,) = [a for a in parser._actions if "--sigmas" in a.option_strings]
+        assert all(name in action.help for name in refusing), action.help

@@ -282,3 +282,16 @@ def test_hub_downloads_what_sdxl_if_and_sharded_components_need():
     only_fp16 = ["text_encoder/model.safetensors.index.fp16.json", "text_encoder/model.fp16-00001-of-00002.safetensors",
                  "text_encoder/model.fp16-00002-of-00002.safetensors"]
     assert sorted(_pick_files(only_fp16)) == sorted(only_fp16)
+
+
+@pytest.mark.parametrize("prediction", ["edm", "flow"])
+def test_prediction_type_override_is_a_network_prediction_checked_before_loading(tiny_sd_folder, tmp_path, prediction):
+    """`load_model` / `load_pipeline(prediction_type=)` take what a network may predict (eps / v / x0): "edm" made an
+    SD model an EDM one (EDM's c_noise fed to a network trained on timesteps: noise out, no error)."""
+    from ldm.pipeline.load import load_pipeline
+
+    with pytest.raises(ConfigError, match=rf"prediction_type=.*{prediction}.*epsilon, v_prediction, sample"):
+        load_model(tmp_path / "no-such-model.safetensors", prediction_type=prediction)  # refused before the file
+    with pytest.raises(ConfigError, match="epsilon, v_prediction, sample"):
+        load_pipeline(tiny_sd_folder, device="cpu", prediction_type=prediction)
+    assert load_model(tiny_sd_folder, prediction_type="v").schedule.prediction_type == "v_prediction"

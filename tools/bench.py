@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdpa", nargs="+", default=None, metavar="KERNEL",
                    help="preferred SDPA kernels for ours (flash, cudnn, efficient, math)")
     p.add_argument("--cudnn-heuristics", action="store_true", help="both sides with cuDNN's heuristic convolution "
-                   "algorithms (torch.backends.cudnn.benchmark off; on by default, as in ldm's fast path)")
+                   "algorithms (torch.backends.cudnn.benchmark off, as ldm-txt2img, ldm-eval and training run; "
+                   "this tool turns it on by default)")
     p.add_argument("--no-peer", action="store_true", help="ours only (no diffusers)")
     p.add_argument("--no-train-compile", action="store_true", help="eager training steps on both sides")
     p.add_argument("--eager", action="store_true", help="no torch.compile anywhere, both sides (fused q|k|v and "

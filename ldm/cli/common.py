@@ -21,7 +21,7 @@ import torch
 
 from ldm.cli.scripts import interrupted
 from ldm.diffusion.sampler_registry import check_option_values
-from ldm.diffusion.schedules import PREDICTION_ALIASES
+from ldm.diffusion.schedules import NETWORK_PREDICTIONS, PREDICTION_ALIASES
 from ldm.errors import LdmError, write_failure
 
 
@@ -77,15 +77,12 @@ def parse_sampler_options(pairs: list[str]) -> dict[str, float]:
     return options
 
 
-SINGLE_FILE_PREDICTIONS = ("epsilon", "v_prediction", "sample")  # what a single file's weights cannot tell apart
-
-
 def prediction_type(text: str) -> str:
     """An argparse `type=` for `--prediction-type`: diffusers' name of it (eps / v / x0 accepted), refused before
     the model loads."""
     name = PREDICTION_ALIASES.get(text, text)
-    if name not in SINGLE_FILE_PREDICTIONS:
-        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(SINGLE_FILE_PREDICTIONS)} "
+    if name not in NETWORK_PREDICTIONS:
+        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(NETWORK_PREDICTIONS)} "
                                          f"(or {', '.join(PREDICTION_ALIASES)})")
     return name
 

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from ldm.cli.txt2img import build_parser as txt2img_parser
-from ldm.diffusion.sampler_registry import SIGMA_SCHEDULES, sampler_names
+from ldm.diffusion.sampler_registry import SIGMA_SCHEDULES, sampler_names, samplers_without_sigmas
 from ldm.errors import LdmError
 from ldm.eval.prompts import load_prompts
 from ldm.pipeline.cascade import use_model_defaults
@@ -179,7 +179,7 @@ def build_page(generator: Generator, *, examples: list[str] = (), title: str = "
                         steps = gr.Number(d["steps"], precision=0, label="Steps", elem_id="steps")
                     sigmas = gr.Dropdown(list(SIGMA_SCHEDULES), value=d["sigmas"], elem_id="sigmas",
                                          label="Sigma schedule (model: the model's scheduler config; karras, "
-                                         "exponential, beta: not for ddim, ddpm, euler_a)")
+                                         f"exponential, beta: not for {', '.join(samplers_without_sigmas())})")
                     with gr.Row():
                         guidance = gr.Number(d["guidance"], label="Guidance (<= 1: off)", step=0.5,
                                              elem_id="guidance")

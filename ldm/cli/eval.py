@@ -28,7 +28,12 @@ import torch
 
 from ldm.cli.common import (add_single_file_options, cli_main, finite_floats, launched_accelerator, layer_count,
                             parse_sampler_options)
-from ldm.diffusion.sampler_registry import SIGMA_SCHEDULES, check_sampler_options, check_sigmas
+from ldm.diffusion.sampler_registry import (
+    SIGMA_SCHEDULES,
+    check_sampler_options,
+    check_sigmas,
+    samplers_without_sigmas,
+)
 from ldm.errors import LdmError
 from ldm.eval.clip_score import ClipModel
 from ldm.eval.evaluate import Reference, check_set_size, score_folder
@@ -84,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sigmas", default="model", choices=list(SIGMA_SCHEDULES),
                    help="the sigma schedule for every image: model (default) = the model's scheduler config; karras, "
                    "exponential, beta = diffusers' use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas=True "
-                   "(not for ddpm, ddim or euler_a)")
+                   f"(not for {', '.join(samplers_without_sigmas())})")
     g.add_argument("--clip-skip", type=layer_count, default=None, metavar="N",
                    help="diffusers' clip_skip for every image (default: the model's own layer; 1 is A1111's "
                    "'Clip skip 2')")

@@ -17,6 +17,7 @@ from ldm.diffusion.sampler_registry import (
     check_sampler_options,
     check_sigmas,
     sampler_names,
+    samplers_without_sigmas,
 )
 from ldm.errors import LdmError
 from ldm.models.attention import set_attention_backend
@@ -47,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sigma schedule: model (default) = the model's scheduler config; karras = Karras et al.'s "
                    "sigmas, as diffusers' use_karras_sigmas=True (A1111's 'DPM++ 2M Karras' is --sampler dpmpp_2m "
                    "--sigmas karras); exponential = log-spaced sigmas (use_exponential_sigmas=True); beta = "
-                   "Beta(0.6, 0.6)-spaced sigmas (use_beta_sigmas=True); none of them for ddpm, ddim or euler_a, "
-                   "whose diffusers schedulers lack these keys")
+                   "Beta(0.6, 0.6)-spaced sigmas (use_beta_sigmas=True); none of them for "
+                   f"{', '.join(samplers_without_sigmas())} (their diffusers schedulers lack these keys, or they walk "
+                   "the model's whole sigma range)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own: DeepFloyd IF "
                    "100, its stage II 50, the x4 upscaler 75, else 30; in a cascade each stage's); dpm_fast: its "
                    "number of model evaluations; dpm_adaptive: unused but for --strength (rtol / atol set its work)")

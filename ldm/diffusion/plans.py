@@ -174,8 +174,9 @@ def _sigma_range_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps:
     """DPM fast / DPM adaptive (k-diffusion's `sample_dpm_fast(model, x, sigma_min, sigma_max, n)`): the model's whole
     training sigma range, as A1111 passes it, whatever the config's spacing or Karras setting. steps + 1 points from
     sigma_max to sigma_min and no final 0: the sampler ends at sigma_min (and `dpm_fast` spends len(sigmas) - 1 = steps
-    model evaluations). The points between sit at Euler's linspace timesteps, so img2img's strength and a refiner's
-    split start where Euler's would for that many steps; x_T = randn * sigma_max, a VE result."""
+    model evaluations). The points between sit at the timesteps linspace(T - 1, 0, steps + 1), so img2img's strength s
+    starts at about timestep s (T - 1) (10 steps at 0.5: 499.5, where Euler's 10-step plan starts at 444) and a
+    refiner's split falls where diffusers' denoising_end puts it; x_T = randn * sigma_max, a VE result."""
     timesteps = np.linspace(0, config.num_train_timesteps - 1, steps + 1)[::-1].astype(np.float32)
     sigmas = _interp_sigmas(schedule.sigmas.numpy(), timesteps).astype(np.float32)
     return timesteps[:-1].copy(), sigmas, float(sigmas[0]), 1.0, {}, False

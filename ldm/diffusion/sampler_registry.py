@@ -250,6 +250,13 @@ def sigma_samplers(schedule: str) -> list[str]:
     return [name for name in sampler_names() if key is None or key in get_sampler(name).config_keys]
 
 
+def samplers_without_sigmas() -> list[str]:
+    """The samplers that take no sigma schedule but the model's: their diffusers scheduler lacks the keys (ddim, ddpm,
+    euler_a), or they walk the model's whole sigma range (dpm_fast, dpm_adaptive). The three keys go together."""
+    takers = set(sigma_samplers("karras"))
+    return [name for name in sampler_names() if name not in takers]
+
+
 def check_sigmas(sampler: str, schedule: str) -> None:
     """Refuse a sigma schedule that is not one, or that `sampler`'s diffusers scheduler does not read."""
     if schedule not in SIGMA_SCHEDULES:

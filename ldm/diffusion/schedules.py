@@ -16,6 +16,9 @@ from ldm.errors import ConfigError
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm")
 # The short names (CompVis' `parameterization`, and the loss weightings) of diffusers' prediction types.
 PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+# What a discrete-timestep network's output may be: the weights cannot tell these apart, so a loader may be told
+# (`load_model(prediction_type=)`, `--prediction-type`); "edm" is a schedule a model's own config declares.
+NETWORK_PREDICTIONS = PREDICTION_TYPES[:3]
 # Fields only an EDM (continuous-sigma) model uses, with EDM's defaults (Karras et al. 2022, Table 1 and Sec. 5).
 EDM_DEFAULTS = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "rho": 7.0}
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")

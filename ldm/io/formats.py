@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from ldm.diffusion.schedules import canonical_prediction
+from ldm.diffusion.schedules import NETWORK_PREDICTIONS, PREDICTION_ALIASES
 from ldm.errors import CheckpointError, ConfigError
 from ldm.io.checkpoint import WEIGHT_SUFFIXES
 from ldm.io.components import ModelParts, SDComponents
@@ -58,7 +58,12 @@ def load_model(path_or_id: str | Path, *, device: str | torch.device = "cpu", dt
     one set.
     """
     if prediction_type is not None:
-        prediction_type = canonical_prediction(prediction_type)  # eps / v / x0 too, as on the command line
+        name = PREDICTION_ALIASES.get(prediction_type, prediction_type)  # eps / v / x0 too, as on the command line
+        if name not in NETWORK_PREDICTIONS:  # "edm" would feed an SD network EDM's c_noise: noise out, no error
+            raise ConfigError(f"prediction_type={prediction_type!r}: give what the network predicts, one of "
+                              f"{', '.join(NETWORK_PREDICTIONS)} (or {', '.join(PREDICTION_ALIASES)}), or leave it out "
+                              "(an EDM model's own config says edm)")
+        prediction_type = name
     text = str(path_or_id)
     path = Path(text).expanduser()
     if not path.exists() and looks_like_hub_id(text):
