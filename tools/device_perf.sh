@@ -5,7 +5,8 @@
 # PLAN=run15 (the default: the issue's last unmeasured lever, the largest training batch, with and without activation
 #   checkpointing; run 3's 135.0 img/s was batch 32 without)
 #   1. train_sd15_unet_512 --batch-512 64, compiled, ours alone (~250 s)
-#   2. train_sd15_unet_512 --batch-512 128 --activation-checkpointing, compiled, ours alone (~250 s)
+#   2. train_sd15_unet_512 --batch-512 128 --activation-checkpointing, compiled, ours alone (~90 s eager + a
+#      187 s compile + timing: run 13's 280 s cut it; give it its own window, FROM=2 BUDGET_S=500)
 # PLAN=run14 (what cuDNN's algorithm search is worth: cudnn.benchmark, on in tools/bench.py, off in
 #   the CLIs; run 12 measured it)
 #   1. unet_step_sd15_512_b1_cfg --compiled-levers-only: the fast path, and without cudnn.benchmark (~60 + 60 s)
@@ -216,7 +217,7 @@ if [ "$PLAN" = run3 ]; then
     nth 4 eval_generate_sd15_512_25steps 150 75 --eager
 elif [ "$PLAN" = run15 ]; then
     nth 1 train_sd15_unet_512 280 200 --batch-512 64 --no-peer
-    nth 2 train_sd15_unet_512 280 200 --batch-512 128 --activation-checkpointing --no-peer
+    nth 2 train_sd15_unet_512 480 330 --batch-512 128 --activation-checkpointing --no-peer
 elif [ "$PLAN" = run14 ]; then
     nth 1 unet_step_sd15_512_b1_cfg 200 130 --levers "$OUT/levers.jsonl" --compiled-levers-only --no-peer \
         --lever-names "the fast path, again" "cudnn.benchmark" --budget-s 100000
