@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import GaussianNet, run_cli, tiny_components
 from safetensors.torch import load_file, save_file
-from test_checkpoint_layouts_parity import sd1, sd2_base, sd2_v  # noqa: F401  (module fixtures)
+from single_files import sd1, sd2_base, sd2_v  # noqa: F401  (module fixtures)
 
 from ldm.cli import demo
 from ldm.cli import eval as eval_cli
