@@ -188,7 +188,7 @@ KD_CASES = [("dpm_fast", "sample_dpm_fast", {}, None), ("dpm_fast", "sample_dpm_
 
 @pytest.fixture(scope="module")
 def parity():
-    if importlib.util.find_spec("k_diffusion") is None:
+    if "k_diffusion.sampling" not in sys.modules and importlib.util.find_spec("k_diffusion") is None:
         pytest.skip("k-diffusion is not importable (pip install --target DIR --no-deps k-diffusion; PYTHONPATH=DIR)")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import parity_kdiffusion

@@ -94,7 +94,7 @@ def test_final_sigma_min_matches_diffusers(sampler, steps, key):
 def test_samplers_whose_diffusers_scheduler_ignores_the_keys_ignore_them(sampler):
     both = {**KARRAS, "final_sigmas_type": "sigma_min"}
     plan, plain = sampling_plan(both, sampler, 8), sampling_plan(SD15_SCHEDULER, sampler, 8)
-    assert torch.equal(plan.sigmas, plain.sigmas) and not plan.network_timesteps
+    assert torch.equal(plan.sigmas, plain.sigmas) and torch.equal(plan.timesteps, plain.timesteps)
     ref, _ = run_diffusers(sampler, both, 8, SHAPE, seed=3)
     ours, _ = run_ours(sampler, both, 8, SHAPE, seed=3)
     assert_close_to_ref(ours, ref)

@@ -45,10 +45,10 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guida
                        for s in seeds]).to(pipe.device, pipe.stage.sample_dtype)  # x in float32, as pipe() keeps it
     plan = sampling_plan(pipe.schedule_config, sampler, steps)
     cond = pipe.encode_prompts(prompts)
-    denoiser = pipe.denoiser
+    denoiser = plan.with_network_timesteps(pipe.denoiser)  # the timesteps diffusers' network sees, as pipe() does
     if guidance > 1.0:
         uncond = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in pipe.encode_prompts([""]).items()}
-        cond, denoiser = {"cond": cond, "uncond": uncond}, cfg(pipe.denoiser, guidance)
+        cond, denoiser = {"cond": cond, "uncond": uncond}, cfg(denoiser, guidance)
     x = run_sampler(sampler, denoiser, noise * plan.init_noise_scale, plan, cond,
                     generator=torch.Generator("cpu").manual_seed(seeds[0]))
     return to_pil(pipe.autoencoder.decode_latents((x * plan.final_scale).to(pipe.dtype)))

@@ -83,7 +83,9 @@ KNOWN = {
 
 
 def load_kdiffusion_sampling():
-    """`k_diffusion/sampling.py` alone, with the one helper it takes from `k_diffusion.utils`."""
+    """`k_diffusion/sampling.py` alone, with the one helper it takes from `k_diffusion.utils` (loaded once)."""
+    if "k_diffusion.sampling" in sys.modules:  # the stub package below has no spec for find_spec to read
+        return sys.modules["k_diffusion.sampling"]
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
         sys.exit("k-diffusion is not importable: install it and set PYTHONPATH (see this script's docstring)")
@@ -97,6 +99,7 @@ def load_kdiffusion_sampling():
     module_spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    sys.modules["k_diffusion.sampling"] = module
     return module
 
 

@@ -5,11 +5,31 @@ arguments or None. The network is any callable `network(x_in, c_noise, **cond)`;
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import nn
 
 from ldm.diffusion.scalings import EDMScaling, scaling_for
 from ldm.diffusion.schedules import FIXED_VARIANCE_TYPES, DiscreteSchedule, ScheduleConfig
+
+
+# True while a sampler evaluates between the plan's sigmas (`between_plan_sigmas`).
+_BETWEEN_PLAN_SIGMAS = ContextVar("between_plan_sigmas", default=False)
+
+
+@contextmanager
+def between_plan_sigmas():
+    """Mark the denoiser calls inside as a step's inner stage (a midpoint), not a call at one of the plan's sigmas: a
+    `DiscreteDenoiser.at_timesteps` then feeds the log-sigma timestep even where the sigma equals a plan sigma, as
+    diffusers' KDPM2 ancestral scheduler and k-diffusion do at the DPM2 / DPM++ 2S ancestral midpoint at eta 1 (the
+    geometric mean of sigma and sigma_down = sigma_next^2 / sigma is sigma_next itself). Passes through any wrapper."""
+    token = _BETWEEN_PLAN_SIGMAS.set(True)
+    try:
+        yield
+    finally:
+        _BETWEEN_PLAN_SIGMAS.reset(token)
 
 
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -71,8 +91,9 @@ class Denoiser(nn.Module):
 class DiscreteDenoiser(Denoiser):
     """A network trained on discrete timesteps (eps / v / x0), called as `network(x * c_in, t, **cond)`.
 
-    t = schedule.sigma_to_t(sigma) is a float32 timestep, an exact integer at the training sigmas. `at_timesteps`
-    gives the network a plan's own timesteps instead (the scalings keep sigma itself).
+    t = schedule.sigma_to_t(sigma) is a float32 timestep, an exact integer at the training sigmas (training, and any
+    caller without a plan). `at_timesteps` gives the network what the peers feed it when sampling a plan instead (the
+    scalings keep sigma itself).
     """
 
     def __init__(self, network, schedule: DiscreteSchedule, prediction: str = "epsilon",
@@ -84,10 +105,11 @@ class DiscreteDenoiser(Denoiser):
         self.timesteps = timesteps  # (sigmas, their timesteps) of `at_timesteps`, or None
 
     def at_timesteps(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> "DiscreteDenoiser":
-        """The same network and schedule, fed `timesteps[i]` at `sigmas[i]` and diffusers' log-sigma-interpolated
-        timestep (`schedule.log_sigma_to_t`) at any other sigma: what diffusers' schedulers feed the network for a plan
-        of Karras, exponential or beta sigmas (`SamplingPlan.network_timesteps`), whose timesteps they derive from the
-        sigmas by log-sigma interpolation (rounded or truncated by DPM-Solver and UniPC), and at KDPM2's midpoints."""
+        """The same network and schedule, fed `timesteps[i]` at `sigmas[i]` and the log-sigma-interpolated timestep
+        (`schedule.log_sigma_to_t`) at any other sigma (every sigma, for empty tensors; also at a plan sigma inside
+        `between_plan_sigmas`): what diffusers' schedulers feed
+        the network at a plan's sigmas (`SamplingPlan.with_network_timesteps`) and at KDPM2's and DPM++ SDE's
+        midpoints, and what k-diffusion's CompVisDenoiser feeds it at every sigma (dpm_fast, dpm_adaptive)."""
         # float32, as the samplers pass sigmas and the network receives timesteps (diffusers' are float32 or int64)
         table = (torch.as_tensor(sigmas).float().cpu(), torch.as_tensor(timesteps).float().cpu())
         return DiscreteDenoiser(self.network, self.schedule, self.prediction, self.network_dtype,
@@ -106,6 +128,8 @@ class DiscreteDenoiser(Denoiser):
             return self.schedule.sigma_to_t(c_noise).float()
         sigmas, timesteps = (v.to(c_noise.device) for v in self.timesteps)
         t = self.schedule.log_sigma_to_t(c_noise)
+        if not len(sigmas) or _BETWEEN_PLAN_SIGMAS.get():
+            return t.float()
         hit = c_noise.float()[:, None] == sigmas[None, :]  # (b, plan sigmas): exactly a plan sigma
         return torch.where(hit.any(1), timesteps[hit.int().argmax(1)].to(t.dtype), t).float()
 

@@ -12,6 +12,7 @@ import math
 import torch
 
 from ldm.diffusion.brownian import BrownianNoise
+from ldm.diffusion.denoiser import between_plan_sigmas
 from ldm.diffusion.samplers import (
     _ancestral,
     _call,
@@ -21,6 +22,12 @@ from ldm.diffusion.samplers import (
     _noise,
     ancestral_step,
 )
+
+
+def _call_between(denoiser, x: torch.Tensor, sigma: float, cond) -> torch.Tensor:
+    """A step's inner (midpoint) evaluation: the network's timestep is the log-sigma one, never a plan's (denoiser.py)."""
+    with between_plan_sigmas():
+        return _call(denoiser, x, sigma, cond)
 
 
 def _dpm_solver_2(denoiser, cond):
@@ -35,7 +42,7 @@ def _dpm_solver_2(denoiser, cond):
             return _euler_to(x, denoised, sigma, sigma_to)
         sigma_mid = math.sqrt(sigma * sigma_to)
         x_mid = _euler_to(x, denoised, sigma, sigma_mid)
-        d_mid = (x_mid - _call(denoiser, x_mid, sigma_mid, cond)) / sigma_mid
+        d_mid = (x_mid - _call_between(denoiser, x_mid, sigma_mid, cond)) / sigma_mid
         return x + d_mid * (sigma_to - sigma)
 
     return step
@@ -74,7 +81,7 @@ def _dpmpp_2s(denoiser, cond):
             return _euler_to(x, denoised, sigma, sigma_to)
         sigma_mid = math.sqrt(sigma * sigma_to)  # lambda + h / 2
         x_mid = _exp_step(x, denoised, sigma, sigma_mid)
-        return _exp_step(x, _call(denoiser, x_mid, sigma_mid, cond), sigma, sigma_to)
+        return _exp_step(x, _call_between(denoiser, x_mid, sigma_mid, cond), sigma, sigma_to)
 
     return step
 
@@ -105,7 +112,7 @@ def sample_dpmpp_sde(denoiser, x, sigmas, cond=None, *, generator=None, callback
         x_mid = _exp_step(x, denoised, sigma, sigma_down)
         if sigma_up > 0:
             x_mid = x_mid + noise_sampler(sigma, sigma_mid) * s_noise * sigma_up
-        denoised_mid = _call(denoiser, x_mid, sigma_mid, cond)
+        denoised_mid = _call_between(denoiser, x_mid, sigma_mid, cond)
         fac = 1 / (2 * r)  # stage 2: the whole step on the first-order-corrected data prediction
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = _exp_step(x, (1 - fac) * denoised + fac * denoised_mid, sigma, sigma_down)

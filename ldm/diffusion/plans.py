@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ldm.diffusion.denoiser import DiscreteDenoiser
 from ldm.diffusion.sampler_registry import SIGMA_SCHEDULES, check_sigmas, get_sampler
 from ldm.diffusion.schedules import (
     SIGMA_CONFIG_KEYS,
@@ -42,11 +43,20 @@ class SamplingPlan:
     final_scale: float  # maps the sampler's VE output back to diffusers' output scale
     timesteps: torch.Tensor  # the (steps,) diffusers timesteps, for reference
     sampler_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the sampler (DDIM's sigmas_next)
-    # The network sees `timesteps[i]` at `sigmas[i]`, and diffusers' log-sigma-interpolated timestep at any other
-    # sigma (`DiscreteDenoiser.at_timesteps`): a plan of Karras, exponential or beta sigmas, whose timesteps diffusers
-    # derives from the sigmas by log-sigma interpolation (rounded, or truncated, by DPM-Solver and UniPC). Otherwise
-    # it sees the exact inverse of sigma(t), which gives back the plan's own (spaced) timesteps.
+    # The network sees `timesteps[i]` at `sigmas[i]` (a plan of a discrete model's diffusers scheduler: its spaced
+    # timesteps, or those it derives from Karras, exponential or beta sigmas by log-sigma interpolation, rounded or
+    # truncated as it does). False: the timesteps only place img2img's start (dpm_fast / dpm_adaptive) or there are
+    # none (EDM). Either way a discrete model's network sees the log-sigma-interpolated timestep at any other sigma
+    # (midpoints, churn, DPM-Solver's stages), as diffusers and k-diffusion do (`with_network_timesteps`).
     network_timesteps: bool = False
+
+    def with_network_timesteps(self, denoiser):
+        """`denoiser` as this plan's sampler must call it: a `DiscreteDenoiser` fed the plan's timesteps at its sigmas
+        (where `network_timesteps`) and log-sigma-interpolated ones at any other sigma; any other denoiser unchanged."""
+        if not isinstance(denoiser, DiscreteDenoiser):
+            return denoiser
+        n = len(self.timesteps) if self.network_timesteps else 0
+        return denoiser.at_timesteps(self.sigmas[:n], self.timesteps[:n])
 
     def skip(self, start: int) -> "SamplingPlan":
         """The plan without its first `start` steps (img2img starts part-way down the schedule)."""
@@ -85,11 +95,18 @@ def _interp_sigmas(table: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     return np.interp(timesteps, np.arange(len(table)), table)
 
 
-def _converted(schedule: DiscreteSchedule, key: str, steps: int, sigma_min: float, sigma_max: float):
+def _converted(config: ScheduleConfig, schedule: DiscreteSchedule, key: str, steps: int, sigma_min: float,
+               sigma_max: float, karras_timesteps: str):
     """(`steps` sigmas of the kind `key` names from sigma_max down to sigma_min, without the final 0, and their float
-    timesteps): float64, as diffusers computes both (its timesteps by log-sigma interpolation, `_sigma_to_t`)."""
+    timesteps): float64, as diffusers computes both (its timesteps by log-sigma interpolation, `_sigma_to_t`), those of
+    Karras sigmas rounded where the sampler's scheduler rounds them (`SamplerSpec.karras_timesteps`)."""
     sigmas = CONVERTED_SIGMAS[key](steps, float(sigma_min), float(sigma_max), dtype=torch.float64)[:-1]
-    return sigmas.numpy(), schedule.log_sigma_to_t(sigmas).numpy()
+    timesteps = schedule.log_sigma_to_t(sigmas).numpy()
+    cosine = config.beta_schedule in ("cosine", "squaredcos_cap_v2")  # diffusers reads the name, trained betas or not
+    if key == "use_karras_sigmas" and (karras_timesteps == "rounded"
+                                       or karras_timesteps == "rounded_except_cosine" and not cosine):
+        timesteps = timesteps.round()
+    return sigmas.numpy(), timesteps
 
 
 def _ddim_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, spacing: str, ddpm: bool = False,
@@ -122,7 +139,7 @@ def _ddim_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, s
             kwargs = {"sigmas_next": torch.from_numpy(targets)}
     init = math.sqrt(1 + float(sigmas[0]) ** 2)
     final = 1 / math.sqrt(1 + float(sigmas[-1]) ** 2)
-    return timesteps, sigmas, init, final, kwargs, False
+    return timesteps, sigmas, init, final, kwargs, True
 
 
 def _ddpm_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, spacing: str, **_):
@@ -130,16 +147,14 @@ def _ddpm_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, s
 
 
 def _dpm_multistep_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, spacing: str,
-                        converted: str | None = None, last: float = 0.0):
+                        converted: str | None = None, last: float = 0.0, karras_timesteps: str = "unrounded"):
     """DPMSolverMultistepScheduler / UniPCMultistepScheduler: VP x_T with init_noise_sigma = 1, a VP result at the
     last sigma. Karras, exponential and beta sigmas span the whole training range whatever the spacing; the network
-    sees their timesteps rounded (Karras) or truncated (exponential, beta: diffusers casts them to int64 unrounded,
-    so the first of sigma_max is 998, not 999)."""
+    sees their timesteps rounded (Karras, but DPM-Solver's on the cosine schedule) or truncated (exponential, beta:
+    diffusers casts them to int64 unrounded, so the first of sigma_max is 998, not 999)."""
     table = schedule.sigmas.numpy()
     if converted is not None:
-        sigmas, timesteps = _converted(schedule, converted, steps, table[0], table[-1])
-        if converted == "use_karras_sigmas":
-            timesteps = timesteps.round()
+        sigmas, timesteps = _converted(config, schedule, converted, steps, table[0], table[-1], karras_timesteps)
         timesteps = timesteps.astype(np.int64)
     else:
         timesteps = _dpm_timesteps(spacing, steps, config.num_train_timesteps, config.steps_offset).astype(np.int64)
@@ -150,24 +165,25 @@ def _dpm_multistep_plan(config: ScheduleConfig, schedule: DiscreteSchedule, step
     if last > 0 and steps < DPM_LOWER_ORDER_FINAL_STEPS:
         # diffusers' lower_order_final: a short run ends with a first-order step, also to a non-zero sigma
         kwargs["first_order"] = torch.arange(steps) == steps - 1
-    return timesteps, sigmas, init, 1 / math.sqrt(1 + float(sigmas[-1]) ** 2), kwargs, converted is not None
+    return timesteps, sigmas, init, 1 / math.sqrt(1 + float(sigmas[-1]) ** 2), kwargs, True
 
 
 def _euler_discrete_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, spacing: str,
-                         converted: str | None = None, last: float = 0.0):
+                         converted: str | None = None, last: float = 0.0, karras_timesteps: str = "unrounded"):
     """EulerDiscreteScheduler and kin: VE samplers with float timesteps, a VE result. Karras, exponential and beta
-    sigmas span the spaced timesteps' sigma range, at the float timesteps of their log sigmas."""
+    sigmas span the spaced timesteps' sigma range, at the float timesteps of their log sigmas (KDPM2's Karras ones
+    rounded)."""
     table = schedule.sigmas.numpy()
     timesteps = _timesteps(spacing, steps, config.num_train_timesteps, config.steps_offset).astype(np.float32)
     sigmas = _interp_sigmas(table, timesteps)
     if converted is not None:
-        sigmas, timesteps = _converted(schedule, converted, steps, sigmas[-1], sigmas[0])
+        sigmas, timesteps = _converted(config, schedule, converted, steps, sigmas[-1], sigmas[0], karras_timesteps)
         timesteps = timesteps.astype(np.float32)
     sigmas = np.append(sigmas, last).astype(np.float32)
     top = float(sigmas.max())
     # diffusers' init_noise_sigma: sigma_max for linspace / trailing, sqrt(sigma_max^2 + 1) for leading.
     init = top if spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
-    return timesteps, sigmas, init, 1.0, {}, converted is not None
+    return timesteps, sigmas, init, 1.0, {}, True
 
 
 def _sigma_range_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps: int, spacing: str, **_):
@@ -176,7 +192,8 @@ def _sigma_range_plan(config: ScheduleConfig, schedule: DiscreteSchedule, steps:
     sigma_max to sigma_min and no final 0: the sampler ends at sigma_min (and `dpm_fast` spends len(sigmas) - 1 = steps
     model evaluations). The points between sit at the timesteps linspace(T - 1, 0, steps + 1), so img2img's strength s
     starts at about timestep s (T - 1) (10 steps at 0.5: 499.5, where Euler's 10-step plan starts at 444) and a
-    refiner's split falls where diffusers' denoising_end puts it; x_T = randn * sigma_max, a VE result."""
+    refiner's split falls where diffusers' denoising_end puts it; x_T = randn * sigma_max, a VE result. The network
+    sees the log-sigma-interpolated timestep of every sigma they evaluate, as under k-diffusion's CompVisDenoiser."""
     timesteps = np.linspace(0, config.num_train_timesteps - 1, steps + 1)[::-1].astype(np.float32)
     sigmas = _interp_sigmas(schedule.sigmas.numpy(), timesteps).astype(np.float32)
     return timesteps[:-1].copy(), sigmas, float(sigmas[0]), 1.0, {}, False
@@ -238,7 +255,7 @@ def sampling_plan(schedule_config: ScheduleConfig | Mapping[str, Any], sampler: 
     sigma_min_last = schedule_config.final_sigmas_type == "sigma_min" and "final_sigmas_type" in spec.config_keys
     timesteps, sigmas, init, final, kwargs, network_timesteps = _KIND_PLANS[spec.timestep_kind](
         schedule_config, schedule, steps, spacing, converted=converted,
-        last=schedule.sigma_min if sigma_min_last else 0.0)
+        last=schedule.sigma_min if sigma_min_last else 0.0, karras_timesteps=spec.karras_timesteps)
     return SamplingPlan(torch.from_numpy(sigmas), init, final, torch.from_numpy(timesteps.copy()), kwargs,
                         network_timesteps)
 

@@ -47,6 +47,11 @@ from ldm.errors import ConfigError, LdmError
 #   sigma_range     (no diffusers peer) k-diffusion's DPM fast / adaptive: the model's sigma_max down to sigma_min,
 #                   steps + 1 points, no final 0, VE start
 TIMESTEP_KINDS = ("ddim", "ddpm", "dpm_multistep", "euler_discrete", "sigma_range")
+# What the mirrored diffusers scheduler does to the log-sigma timesteps of Karras sigmas before the network sees them
+# (SamplerSpec.karras_timesteps): "unrounded" keeps them (Euler, Heun, LMS, DPMSolverSDE; a dpm_multistep plan's int64
+# cast then truncates them), "rounded" rounds them (KDPM2 and its ancestral twin, UniPC), "rounded_except_cosine"
+# rounds them but on the cosine schedule, where they stay unrounded (DPMSolverMultistepScheduler: truncated).
+KARRAS_TIMESTEPS = ("unrounded", "rounded", "rounded_except_cosine")
 # Keywords every sampler takes from `run_sampler` or from the plan: never user options.
 _RESERVED = {"generator", "callback", "disable_progress", "sigmas_next", "first_order", "noise_sampler",
              "noised_steps"}
@@ -82,6 +87,7 @@ class SamplerSpec:
     # What the options must satisfy together, beyond each one's range: `check(options)` (the defaults with the user's
     # options over them) returns a refusal's reason, or None (dpm_adaptive's order is 2 or 3).
     check: Callable[[Mapping[str, Any]], str | None] | None = None
+    karras_timesteps: str = "unrounded"  # one of KARRAS_TIMESTEPS
 
     def __post_init__(self):
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -160,6 +166,9 @@ def register_sampler(spec: SamplerSpec, *, replace: bool = False) -> SamplerSpec
     if spec.timestep_kind not in TIMESTEP_KINDS:
         raise LdmError(f"sampler {spec.name!r}: timestep_kind must be one of {', '.join(TIMESTEP_KINDS)}, "
                        f"got {spec.timestep_kind!r}")
+    if spec.karras_timesteps not in KARRAS_TIMESTEPS:
+        raise LdmError(f"sampler {spec.name!r}: karras_timesteps must be one of {', '.join(KARRAS_TIMESTEPS)}, "
+                       f"got {spec.karras_timesteps!r}")
     unknown = set(spec.config_keys) - set(CONFIG_KEYS)
     if unknown:
         raise LdmError(f"sampler {spec.name!r}: config_keys must be among {', '.join(CONFIG_KEYS)}, got "
@@ -310,20 +319,22 @@ for _spec in (
     SamplerSpec("euler_a", sample_euler_ancestral, "euler_discrete", "linspace", {"eta": 1.0, "s_noise": 1.0}),
     SamplerSpec("heun", sample_heun, "euler_discrete", "linspace", _CHURN, _SIGMAS_CLIP),
     SamplerSpec("lms", sample_lms, "euler_discrete", "linspace", {"order": 4}, _SIGMAS),
-    SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "dpm_multistep", "linspace", {}, _BOTH),
+    SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "dpm_multistep", "linspace", {}, _BOTH,
+                karras_timesteps="rounded_except_cosine"),
     SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpm_multistep", "linspace", {"eta": 1.0, "s_noise": 1.0},
-                _BOTH),
-    SamplerSpec("unipc", sample_unipc, "dpm_multistep", "linspace", {}, _BOTH),
+                _BOTH, karras_timesteps="rounded_except_cosine"),
+    SamplerSpec("unipc", sample_unipc, "dpm_multistep", "linspace", {}, _BOTH, karras_timesteps="rounded"),
     # k-diffusion's DPM-Solver family (dpm_solvers.py), on the timesteps of the diffusers scheduler users compare:
-    SamplerSpec("dpm_2", sample_dpm_2, "euler_discrete", "linspace", _CHURN, _SIGMAS),  # KDPM2DiscreteScheduler
+    SamplerSpec("dpm_2", sample_dpm_2, "euler_discrete", "linspace", _CHURN, _SIGMAS,  # KDPM2DiscreteScheduler
+                karras_timesteps="rounded"),
     SamplerSpec("dpm_2_ancestral", sample_dpm_2_ancestral, "euler_discrete", "linspace",  # KDPM2Ancestral...
-                {"eta": 1.0, "s_noise": 1.0}, _SIGMAS),
+                {"eta": 1.0, "s_noise": 1.0}, _SIGMAS, karras_timesteps="rounded"),
     SamplerSpec("dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral, "euler_discrete", "linspace",  # (no diffusers peer)
                 {"eta": 1.0, "s_noise": 1.0}, _SIGMAS),
     SamplerSpec("dpmpp_sde", sample_dpmpp_sde, "euler_discrete", "linspace",  # DPMSolverSDEScheduler
                 {"eta": 1.0, "s_noise": 1.0, "r": 0.5}, _SIGMAS),
     SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "dpm_multistep", "linspace",  # DPMSolverMultistep, order 3
-                {"eta": 1.0, "s_noise": 1.0}, _BOTH),
+                {"eta": 1.0, "s_noise": 1.0}, _BOTH, karras_timesteps="rounded_except_cosine"),
     # k-diffusion's singlestep DPM-Solver over the model's sigma range (dpm_singlestep.py; no diffusers peer): --steps
     # is dpm_fast's number of model evaluations; dpm_adaptive's follows rtol / atol (its steps only place a strength)
     SamplerSpec("dpm_fast", sample_dpm_fast, "sigma_range", "linspace", {"eta": 0.0, "s_noise": 1.0}),

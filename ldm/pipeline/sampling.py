@@ -41,9 +41,7 @@ def sample(stage: Stage, prompts: list[str], settings: GenerationSettings, *,
     plan = sampling_plan(stage.schedule_config, s.sampler, s.steps, s.sigmas)
     if cond is None:
         cond = stage.conditioning(prompts, negative_prompts, s.n, s.guidance, s.clip_skip)
-    base = stage.denoiser
-    if plan.network_timesteps:  # Karras / exponential / beta sigmas: the network sees diffusers' timesteps of them
-        base = base.at_timesteps(plan.sigmas[:len(plan.timesteps)], plan.timesteps)
+    base = plan.with_network_timesteps(stage.denoiser)  # the timesteps diffusers' / k-diffusion's network sees
     denoiser = cfg(base, s.guidance, rescale=s.guidance_rescale) if s.guidance > 1.0 else base
     shape = stage.shape(len(prompts) * s.n, s.height, s.width)
     cond = stage.micro_conditioning(cond, shape, s.micro_conditioning)  # SDXL's sizes, crop, aesthetic score
