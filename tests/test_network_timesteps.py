@@ -179,3 +179,20 @@ def test_dpm_fast_and_adaptive_are_k_diffusions_on_its_sd_wrapper(kd, sampler, o
     finally:
         torch.set_default_dtype(default)
     assert_close_to_ref(ours, theirs, rel=1e-12, floor=0)
+
+
+def test_the_plan_timesteps_are_copied_to_the_device_once_not_at_every_step(monkeypatch):
+    """A host-to-device copy of pageable memory waits for the GPU: the table goes to each device once."""
+    schedule = DiscreteSchedule.from_config(ScheduleConfig.from_diffusers(SD15_SCHEDULER))
+    plan = sampling_plan(SD15_SCHEDULER, "euler", 4)
+    base = DiscreteDenoiser(lambda x, t, **c: x * 0, schedule)
+    denoiser = plan.with_network_timesteps(base)
+    sigmas, timesteps = denoiser.timesteps
+    copies = []
+    for tensor in (sigmas, timesteps):
+        real = tensor.to
+        monkeypatch.setattr(tensor, "to", lambda *a, real=real, **k: copies.append(a) or real(*a, **k), raising=False)
+    for sigma in plan.sigmas[:-1]:
+        t = denoiser.noise_input(torch.full((2,), float(sigma)))
+        assert torch.equal(t, plan.timesteps[plan.sigmas[:-1].tolist().index(float(sigma))].expand(2).float())
+    assert len(copies) == 2  # sigmas and timesteps, once each

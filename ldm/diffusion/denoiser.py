@@ -103,6 +103,7 @@ class DiscreteDenoiser(Denoiser):
         self.schedule = schedule
         self.prediction = prediction
         self.timesteps = timesteps  # (sigmas, their timesteps) of `at_timesteps`, or None
+        self._timesteps_on: dict = {}  # device -> `timesteps` there, copied once (no host-to-device copy per step)
 
     def at_timesteps(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> "DiscreteDenoiser":
         """The same network and schedule, fed `timesteps[i]` at `sigmas[i]` and the log-sigma-interpolated timestep
@@ -126,7 +127,9 @@ class DiscreteDenoiser(Denoiser):
     def noise_input(self, c_noise: torch.Tensor) -> torch.Tensor:
         if self.timesteps is None:
             return self.schedule.sigma_to_t(c_noise).float()
-        sigmas, timesteps = (v.to(c_noise.device) for v in self.timesteps)
+        if c_noise.device not in self._timesteps_on:  # a pageable copy would sync the host with the GPU every step
+            self._timesteps_on[c_noise.device] = tuple(v.to(c_noise.device) for v in self.timesteps)
+        sigmas, timesteps = self._timesteps_on[c_noise.device]
         t = self.schedule.log_sigma_to_t(c_noise)
         if not len(sigmas) or _BETWEEN_PLAN_SIGMAS.get():
             return t.float()
